@@ -1,5 +1,8 @@
 #![doc = include_str!("../README.md")]
 
+pub mod atomic;
 pub mod error;
+pub mod localnet;
+pub mod optim;
 
 pub use error::{Error, Result};

@@ -1,0 +1,334 @@
+//! The building blocks of LocalNet, each named as in MONAI's `regunet_block.py` so that the
+//! variable paths reproduce MONAI's `state_dict` names.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand::Rng;
+
+use crate::ops;
+
+/// Where a tensor of the model lives and whether the optimiser updates it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TensorKind {
+    /// A trainable parameter (conv weight, BN weight and bias).
+    Parameter,
+    /// A BN running statistic (running_mean, running_var).
+    Buffer,
+}
+
+/// A named variable of the model, in MONAI `state_dict` order.
+#[derive(Clone, Debug)]
+pub struct NamedVar {
+    /// The MONAI `state_dict` name.
+    pub name: String,
+    /// Parameter or buffer.
+    pub kind: TensorKind,
+    /// The variable itself.
+    pub var: Var,
+}
+
+/// How a convolution weight is initialised (MONAI / PyTorch defaults, see monai-spec §1.4).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum Init {
+    /// `nn.init.kaiming_normal_`: N(0, 2 / fan_in).
+    KaimingNormal,
+    /// PyTorch's default conv init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+    TorchDefault,
+    /// All zeros (MONAI's `out_kernel_initializer="zeros"`).
+    Zeros,
+}
+
+/// Creates a weight of `shape` with `fan_in` for the initialiser.
+pub(crate) fn init_weight(
+    shape: &[usize],
+    fan_in: usize,
+    init: Init,
+    rng: &mut impl Rng,
+    dtype: DType,
+    device: &Device,
+) -> candle_core::Result<Var> {
+    let n: usize = shape.iter().product();
+    let values: Vec<f32> = match init {
+        Init::Zeros => vec![0.0; n],
+        Init::TorchDefault => {
+            let bound = (1.0 / fan_in as f64).sqrt() as f32;
+            (0..n).map(|_| rng.gen_range(-bound..bound)).collect()
+        }
+        Init::KaimingNormal => {
+            let std = (2.0 / fan_in as f64).sqrt();
+            (0..n)
+                .map(|_| {
+                    // Box-Muller; two uniforms per sample keep the stream simple.
+                    let u1: f64 = rng.gen_range(f64::EPSILON..1.0);
+                    let u2: f64 = rng.gen();
+                    ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * std)
+                        as f32
+                })
+                .collect()
+        }
+    };
+    Var::from_tensor(&Tensor::from_vec(values, shape, device)?.to_dtype(dtype)?)
+}
+
+/// `nn.BatchNorm3d(C)` with eps 1e-5 and momentum 0.1.
+#[derive(Debug)]
+pub struct BatchNorm3d {
+    prefix: String,
+    weight: Var,
+    bias: Var,
+    running_mean: Var,
+    running_var: Var,
+    num_batches_tracked: AtomicI64,
+}
+
+impl BatchNorm3d {
+    const EPS: f64 = 1e-5;
+    const MOMENTUM: f64 = 0.1;
+
+    pub(crate) fn new(
+        prefix: String,
+        channels: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        Ok(Self {
+            prefix,
+            weight: Var::ones(channels, dtype, device)?,
+            bias: Var::zeros(channels, dtype, device)?,
+            running_mean: Var::zeros(channels, dtype, device)?,
+            running_var: Var::ones(channels, dtype, device)?,
+            num_batches_tracked: AtomicI64::new(0),
+        })
+    }
+
+    /// Normalises `x`; in training mode with the batch statistics (and updates the running
+    /// statistics), otherwise with the running statistics.
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        if train {
+            let stats = ops::batch_norm3d_train(x, &self.weight, &self.bias, Self::EPS)?;
+            let m = Self::MOMENTUM;
+            let rm = ((self.running_mean.as_tensor() * (1.0 - m))? + (stats.mean * m)?)?;
+            let rv = ((self.running_var.as_tensor() * (1.0 - m))? + (stats.var_unbiased * m)?)?;
+            self.running_mean.set(&rm.detach())?;
+            self.running_var.set(&rv.detach())?;
+            self.num_batches_tracked.fetch_add(1, Ordering::Relaxed);
+            Ok(stats.output)
+        } else {
+            ops::batch_norm3d_eval(
+                x,
+                &self.weight,
+                &self.bias,
+                &self.running_mean,
+                &self.running_var,
+                Self::EPS,
+            )
+        }
+    }
+
+    /// The number of training batches seen (`num_batches_tracked`).
+    pub fn num_batches_tracked(&self) -> i64 {
+        self.num_batches_tracked.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_num_batches_tracked(&self, n: i64) {
+        self.num_batches_tracked.store(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn counter_name(&self) -> String {
+        format!("{}.num_batches_tracked", self.prefix)
+    }
+
+    pub(crate) fn collect(&self, out: &mut Vec<NamedVar>) {
+        let p = &self.prefix;
+        for (suffix, kind, var) in [
+            ("weight", TensorKind::Parameter, &self.weight),
+            ("bias", TensorKind::Parameter, &self.bias),
+            ("running_mean", TensorKind::Buffer, &self.running_mean),
+            ("running_var", TensorKind::Buffer, &self.running_var),
+        ] {
+            out.push(NamedVar {
+                name: format!("{p}.{suffix}"),
+                kind,
+                var: var.clone(),
+            });
+        }
+    }
+
+    pub(crate) fn collect_self<'a>(&'a self, out: &mut Vec<&'a BatchNorm3d>) {
+        out.push(self);
+    }
+}
+
+/// MONAI `get_conv_block`: conv (no bias, "same" padding) -> BatchNorm -> ReLU.
+/// Names: `<prefix>.conv.weight`, `<prefix>.adn.N.*`.
+#[derive(Debug)]
+pub struct ConvBlock {
+    prefix: String,
+    weight: Var,
+    norm: BatchNorm3d,
+}
+
+impl ConvBlock {
+    pub(crate) fn new(
+        prefix: String,
+        c_in: usize,
+        c_out: usize,
+        kernel: usize,
+        rng: &mut impl Rng,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        let fan_in = c_in * kernel.pow(3);
+        let weight = init_weight(
+            &[c_out, c_in, kernel, kernel, kernel],
+            fan_in,
+            Init::KaimingNormal,
+            rng,
+            dtype,
+            device,
+        )?;
+        let norm = BatchNorm3d::new(format!("{prefix}.adn.N"), c_out, dtype, device)?;
+        Ok(Self {
+            prefix,
+            weight,
+            norm,
+        })
+    }
+
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let h = ops::conv3d(x, &self.weight, None)?;
+        self.norm.forward_t(&h, train)?.relu()
+    }
+
+    pub(crate) fn collect(&self, out: &mut Vec<NamedVar>) {
+        out.push(NamedVar {
+            name: format!("{}.conv.weight", self.prefix),
+            kind: TensorKind::Parameter,
+            var: self.weight.clone(),
+        });
+        self.norm.collect(out);
+    }
+
+    pub(crate) fn norms<'a>(&'a self, out: &mut Vec<&'a BatchNorm3d>) {
+        self.norm.collect_self(out);
+    }
+}
+
+/// MONAI `RegistrationResidualConvBlock` with two layers:
+/// `x -> ReLU(BN0(conv0(x))) -> ReLU(BN1(conv1(.)) + x)`.
+/// Names: `<prefix>.layers.{0,1}.conv.weight`, `<prefix>.norms.{0,1}.*`.
+#[derive(Debug)]
+pub struct ResidualBlock {
+    prefix: String,
+    weights: [Var; 2],
+    norms: [BatchNorm3d; 2],
+}
+
+impl ResidualBlock {
+    pub(crate) fn new(
+        prefix: String,
+        channels: usize,
+        kernel: usize,
+        rng: &mut impl Rng,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        let shape = [channels, channels, kernel, kernel, kernel];
+        let fan_in = channels * kernel.pow(3);
+        let w0 = init_weight(&shape, fan_in, Init::TorchDefault, rng, dtype, device)?;
+        let w1 = init_weight(&shape, fan_in, Init::TorchDefault, rng, dtype, device)?;
+        let n0 = BatchNorm3d::new(format!("{prefix}.norms.0"), channels, dtype, device)?;
+        let n1 = BatchNorm3d::new(format!("{prefix}.norms.1"), channels, dtype, device)?;
+        Ok(Self {
+            prefix,
+            weights: [w0, w1],
+            norms: [n0, n1],
+        })
+    }
+
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let h = ops::conv3d(x, &self.weights[0], None)?;
+        let h = self.norms[0].forward_t(&h, train)?.relu()?;
+        let h = ops::conv3d(&h, &self.weights[1], None)?;
+        (self.norms[1].forward_t(&h, train)? + x)?.relu()
+    }
+
+    pub(crate) fn collect(&self, out: &mut Vec<NamedVar>) {
+        for (i, w) in self.weights.iter().enumerate() {
+            out.push(NamedVar {
+                name: format!("{}.layers.{i}.conv.weight", self.prefix),
+                kind: TensorKind::Parameter,
+                var: w.clone(),
+            });
+        }
+        for n in &self.norms {
+            n.collect(out);
+        }
+    }
+
+    pub(crate) fn norms<'a>(&'a self, out: &mut Vec<&'a BatchNorm3d>) {
+        for n in &self.norms {
+            n.collect_self(out);
+        }
+    }
+}
+
+/// MONAI `AdditiveUpSampleBlock`: `ReLU(BN(ConvT(x))) + sum of the two channel halves of
+/// nearest-upsampled x`. Names: `<prefix>.deconv.conv.weight`, `<prefix>.deconv.adn.N.*`.
+#[derive(Debug)]
+pub struct AdditiveUpSample {
+    prefix: String,
+    weight: Var,
+    norm: BatchNorm3d,
+    c_out: usize,
+}
+
+impl AdditiveUpSample {
+    pub(crate) fn new(
+        prefix: String,
+        c_in: usize,
+        c_out: usize,
+        rng: &mut impl Rng,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        // torch computes the transposed conv's fan_in from weight.shape[1] * k^3 = c_out * 27.
+        let weight = init_weight(
+            &[c_in, c_out, 3, 3, 3],
+            c_out * 27,
+            Init::TorchDefault,
+            rng,
+            dtype,
+            device,
+        )?;
+        let norm = BatchNorm3d::new(format!("{prefix}.deconv.adn.N"), c_out, dtype, device)?;
+        Ok(Self {
+            prefix,
+            weight,
+            norm,
+            c_out,
+        })
+    }
+
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let deconved = ops::conv_transpose3d(x, &self.weight)?;
+        let deconved = self.norm.forward_t(&deconved, train)?.relu()?;
+        // Nearest upsampling copies values, so summing the halves first is exact and cheaper.
+        let halves = (x.narrow(1, 0, self.c_out)? + x.narrow(1, self.c_out, self.c_out)?)?;
+        deconved + ops::upsample_nearest3d(&halves, 2)?
+    }
+
+    pub(crate) fn collect(&self, out: &mut Vec<NamedVar>) {
+        out.push(NamedVar {
+            name: format!("{}.deconv.conv.weight", self.prefix),
+            kind: TensorKind::Parameter,
+            var: self.weight.clone(),
+        });
+        self.norm.collect(out);
+    }
+
+    pub(crate) fn norms<'a>(&'a self, out: &mut Vec<&'a BatchNorm3d>) {
+        self.norm.collect_self(out);
+    }
+}
