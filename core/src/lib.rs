@@ -3,6 +3,7 @@
 pub mod atomic;
 pub mod error;
 pub mod localnet;
+pub mod ops;
 pub mod optim;
 
 pub use error::{Error, Result};

@@ -1,0 +1,454 @@
+//! 3D convolution and transposed convolution, as used by MONAI's LocalNet blocks
+//! (`monai/networks/blocks/regunet_block.py`: `get_conv_block`, `get_deconv_block`), with the
+//! PyTorch semantics of `nn.Conv3d(k, stride=1, padding=(k-1)//2)` and
+//! `nn.ConvTranspose3d(3, stride=2, padding=1, output_padding=1, bias=False)`.
+//!
+//! On the CPU, [`conv3d`] runs a candle custom op whose forward and backward passes are
+//! GEMMs over a zero-padded copy of the input (see `cpu.rs`). On other devices, and in
+//! [`conv3d_generic`], it is a sum over the depth taps of candle `conv2d`s, whose gradient
+//! candle already knows. [`conv_transpose3d`] follows the recipe of monai-spec §1.2: insert
+//! zeros with stride 2, then run a "same" 3x3x3 convolution with the kernel flipped in all
+//! three spatial axes and its two channel axes swapped.
+
+mod cpu;
+#[cfg(test)]
+mod tests;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+
+use cpu::{Element, PaddedVolume, Scatter, TapGroup};
+
+/// 3D cross-correlation with stride 1 and zero "same" padding `(k-1)/2`, as PyTorch's
+/// `F.conv3d(x, w, bias, padding=(k-1)//2)`.
+///
+/// `x` is `(B, Ci, H, W, D)`, `w` is `(Co, Ci, k, k, k)` with `k` odd, `bias` is `(Co)`.
+/// Returns `(B, Co, H, W, D)`. Differentiable with respect to all three inputs. CPU tensors
+/// of dtype f32 or f64 take the fast path; everything else runs [`conv3d_generic`].
+pub fn conv3d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    check_conv3d("conv3d", x, w, bias)?;
+    if !has_fast_path(x) {
+        return conv3d_generic(x, w, bias);
+    }
+    let y = x.contiguous()?.apply_op2(&w.contiguous()?, ConvKernel(Pass::Forward))?;
+    add_bias(y, bias)
+}
+
+/// [`conv3d`] built only from candle ops (`pad_with_zeros`, `conv2d`, sums), so it runs
+/// on every device and gets its gradient from candle's autograd. Same contract as
+/// [`conv3d`]; public so that tests can compare it with the CPU fast path.
+pub fn conv3d_generic(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
+    check_conv3d("conv3d_generic", x, w, bias)?;
+    let (b, ci, h, wd, d) = x.dims5()?;
+    let (co, _, k, _, _) = w.dims5()?;
+    let pad = (k - 1) / 2;
+    // Depth becomes a batch axis: (B, D + 2p, Ci, H, W).
+    let xt = x.permute((0, 4, 1, 2, 3))?.pad_with_zeros(1, pad, pad)?;
+    let mut acc: Option<Tensor> = None;
+    for c in 0..k {
+        let slab = xt.narrow(1, c, d)?.reshape((b * d, ci, h, wd))?;
+        let kernel = w.narrow(4, c, 1)?.squeeze(4)?.contiguous()?;
+        let y = slab.conv2d(&kernel, pad, 1, 1, 1)?;
+        acc = Some(match acc {
+            None => y,
+            Some(a) => (a + y)?,
+        });
+    }
+    let acc = acc.expect("the kernel has at least one depth tap");
+    let y = acc
+        .reshape((b, d, co, h, wd))?
+        .permute((0, 2, 3, 4, 1))?
+        .contiguous()?;
+    add_bias(y, bias)
+}
+
+/// PyTorch `ConvTranspose3d(Ci, Co, kernel_size=3, stride=2, padding=1, output_padding=1,
+/// bias=False)`: `x` is `(B, Ci, H, W, D)`, `w` is `(Ci, Co, 3, 3, 3)` (PyTorch's layout),
+/// the result is `(B, Co, 2H, 2W, 2D)` with `out[2i - 1 + a] += x[i] * w[a]` per axis.
+/// Differentiable with respect to `x` and `w`.
+pub fn conv_transpose3d(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    check_conv_transpose3d("conv_transpose3d", x, w)?;
+    conv3d(&dilate2(x)?, &flip_transpose(w)?, None)
+}
+
+/// [`conv_transpose3d`] on top of [`conv3d_generic`], for every device. Same contract.
+pub fn conv_transpose3d_generic(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    check_conv_transpose3d("conv_transpose3d_generic", x, w)?;
+    conv3d_generic(&dilate2(x)?, &flip_transpose(w)?, None)
+}
+
+/// Whether `x` can run the CPU kernels.
+fn has_fast_path(x: &Tensor) -> bool {
+    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
+}
+
+fn add_bias(y: Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    match bias {
+        None => Ok(y),
+        Some(bias) => {
+            let co = bias.dim(0)?;
+            y.broadcast_add(&bias.reshape((1, co, 1, 1, 1))?)
+        }
+    }
+}
+
+/// Checks shapes, dtypes and devices of a [`conv3d`] call.
+fn check_conv3d(
+    op: &'static str,
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+) -> candle_core::Result<()> {
+    if x.rank() != 5 || w.rank() != 5 {
+        bail!(
+            "{op}: expected x (B, Ci, H, W, D) and w (Co, Ci, k, k, k), got x {:?} and w {:?}",
+            x.dims(),
+            w.dims()
+        );
+    }
+    let (_, ci, h, wd, d) = x.dims5()?;
+    let (co, wci, k0, k1, k2) = w.dims5()?;
+    if wci != ci {
+        bail!(
+            "{op}: x has {ci} channels but w expects {wci} (x {:?}, w {:?})",
+            x.dims(),
+            w.dims()
+        );
+    }
+    if k0 != k1 || k1 != k2 || k0 % 2 == 0 {
+        bail!("{op}: the kernel must be cubic with an odd size, got w {:?}", w.dims());
+    }
+    if h == 0 || wd == 0 || d == 0 {
+        bail!("{op}: empty spatial size in x {:?}", x.dims());
+    }
+    if let Some(bias) = bias {
+        if bias.dims() != [co] {
+            bail!(
+                "{op}: bias must be ({co}) for w {:?}, got {:?}",
+                w.dims(),
+                bias.dims()
+            );
+        }
+    }
+    for (name, t) in [("w", Some(w)), ("bias", bias)] {
+        let Some(t) = t else { continue };
+        if t.dtype() != x.dtype() {
+            bail!("{op}: {name} is {:?} but x is {:?}", t.dtype(), x.dtype());
+        }
+        if !t.device().same_device(x.device()) {
+            bail!("{op}: {name} and x are on different devices");
+        }
+    }
+    Ok(())
+}
+
+/// Checks the shapes of a [`conv_transpose3d`] call.
+fn check_conv_transpose3d(op: &'static str, x: &Tensor, w: &Tensor) -> candle_core::Result<()> {
+    if x.rank() != 5 || w.rank() != 5 {
+        bail!(
+            "{op}: expected x (B, Ci, H, W, D) and w (Ci, Co, 3, 3, 3), got x {:?} and w {:?}",
+            x.dims(),
+            w.dims()
+        );
+    }
+    if w.dim(0)? != x.dim(1)? || w.dims()[2..] != [3, 3, 3] {
+        bail!(
+            "{op}: w must be (Ci={}, Co, 3, 3, 3), got x {:?} and w {:?}",
+            x.dim(1)?,
+            x.dims(),
+            w.dims()
+        );
+    }
+    Ok(())
+}
+
+/// Inserts a zero after every voxel along the three spatial axes:
+/// `(B, C, H, W, D) -> (B, C, 2H, 2W, 2D)` with `out[2i] = x[i]`, `out[2i + 1] = 0`.
+fn dilate2(x: &Tensor) -> candle_core::Result<Tensor> {
+    let mut y = x.clone();
+    for dim in 2..5 {
+        let zeros = y.zeros_like()?;
+        y = Tensor::stack(&[&y, &zeros], dim + 1)?.flatten(dim, dim + 1)?;
+    }
+    Ok(y)
+}
+
+/// `(Ci, Co, k, k, k) -> (Co, Ci, k, k, k)` with the kernel reversed along its three
+/// spatial axes: the correlation kernel equivalent to a transposed convolution.
+fn flip_transpose(w: &Tensor) -> candle_core::Result<Tensor> {
+    let mut w = w.transpose(0, 1)?;
+    for dim in 2..5 {
+        let n = w.dim(dim)?;
+        let rev: Vec<u32> = (0..n as u32).rev().collect();
+        let rev = Tensor::new(rev.as_slice(), w.device())?;
+        w = w.contiguous()?.index_select(&rev, dim)?;
+    }
+    w.contiguous()
+}
+
+/// Sizes of one convolution call.
+#[derive(Debug, Clone, Copy)]
+struct ConvDims {
+    batch: usize,
+    in_channels: usize,
+    out_channels: usize,
+    size: [usize; 3],
+    kernel: usize,
+}
+
+impl ConvDims {
+    fn new(x: &Layout, w: &Layout) -> candle_core::Result<Self> {
+        let (batch, in_channels, h, wd, d) = x.shape().dims5()?;
+        let (out_channels, _, kernel, _, _) = w.shape().dims5()?;
+        Ok(Self {
+            batch,
+            in_channels,
+            out_channels,
+            size: [h, wd, d],
+            kernel,
+        })
+    }
+
+    fn pad(&self) -> usize {
+        (self.kernel - 1) / 2
+    }
+
+    fn voxels(&self) -> usize {
+        self.size.iter().product()
+    }
+
+    /// Voxel strides `(Wp*Dp, Dp)` of the padded volume.
+    fn padded_strides(&self) -> [usize; 2] {
+        let p = 2 * self.pad();
+        [(self.size[1] + p) * (self.size[2] + p), self.size[2] + p]
+    }
+
+    /// The tap groups of the correlation with `w` (`(Co, Ci, k, k, k)`, row-major), one
+    /// per `(a, b)`. With `adjoint`, the groups of the input gradient instead: the kernel
+    /// flipped in all axes, with `Ci` and `Co` swapped.
+    fn groups<T: Element>(&self, w: &[T], adjoint: bool) -> Vec<TapGroup<T>> {
+        let (ci, co, k) = (self.in_channels, self.out_channels, self.kernel);
+        let [s0, s1] = self.padded_strides();
+        let at = |o: usize, i: usize, a: usize, b: usize, c: usize| {
+            w[(((o * ci + i) * k + a) * k + b) * k + c]
+        };
+        let (rows, cols) = if adjoint { (ci, co) } else { (co, ci) };
+        let mut groups = Vec::with_capacity(k * k);
+        for a in 0..k {
+            for b in 0..k {
+                let mut weights = Vec::with_capacity(rows * k * cols);
+                for r in 0..rows {
+                    for c in 0..k {
+                        for s in 0..cols {
+                            weights.push(if adjoint {
+                                at(s, r, k - 1 - a, k - 1 - b, k - 1 - c)
+                            } else {
+                                at(r, s, a, b, c)
+                            });
+                        }
+                    }
+                }
+                groups.push(TapGroup {
+                    offset: a * s0 + b * s1,
+                    taps: k,
+                    weights,
+                });
+            }
+        }
+        groups
+    }
+}
+
+/// Runs the correlation `groups` on every batch item of the channels-first `x`
+/// (`in_channels` wide) and returns the channels-first result (`out_channels` wide).
+fn correlate_batch<T: Element>(
+    x: &[T],
+    groups: &[TapGroup<T>],
+    dims: &ConvDims,
+    in_channels: usize,
+    out_channels: usize,
+) -> Vec<T> {
+    let n = dims.voxels();
+    let p = dims.pad();
+    let strides = dims.padded_strides();
+    let span = cpu::span(dims.size, strides);
+    let scatter = Scatter::crop(dims.size, strides);
+    let mut out = vec![T::default(); dims.batch * out_channels * n];
+    for (xb, ob) in x
+        .chunks_exact(in_channels * n)
+        .zip(out.chunks_exact_mut(out_channels * n))
+    {
+        let padded = PaddedVolume::new(xb, in_channels, dims.size, [p; 3], [p; 3]);
+        let result = cpu::correlate(&padded, groups, out_channels, span);
+        scatter.run(&result, out_channels, ob);
+    }
+    out
+}
+
+/// The weight gradient `(Co, Ci, k, k, k)` from the input `x` and output gradient `g`.
+fn weight_grad<T: Element>(x: &[T], g: &[T], dims: &ConvDims) -> Vec<T> {
+    let (ci, co, k) = (dims.in_channels, dims.out_channels, dims.kernel);
+    let n = dims.voxels();
+    let p = dims.pad();
+    let [s0, s1] = dims.padded_strides();
+    let span = cpu::span(dims.size, [s0, s1]);
+    let groups: Vec<(usize, usize)> = (0..k * k)
+        .map(|ab| ((ab / k) * s0 + (ab % k) * s1, k))
+        .collect();
+    // Output position f sits at padded voxel f + p*(s0 + s1 + 1) of the padded gradient,
+    // whose padding supplies the zeros at the invalid positions.
+    let shift = p * (s0 + s1 + 1);
+    let mut dw = vec![T::default(); co * ci * k * k * k];
+    for (xb, gb) in x.chunks_exact(ci * n).zip(g.chunks_exact(co * n)) {
+        let xp = PaddedVolume::new(xb, ci, dims.size, [p; 3], [p; 3]);
+        let gp = PaddedVolume::new(gb, co, dims.size, [p; 3], [p; 3]);
+        let per_group = cpu::correlate_weight_grad(&xp, &gp, shift, &groups, span);
+        for (ab, gw) in per_group.iter().enumerate() {
+            let (a, b) = (ab / k, ab % k);
+            for o in 0..co {
+                for c in 0..k {
+                    for i in 0..ci {
+                        dw[(((o * ci + i) * k + a) * k + b) * k + c] += gw[(o * k + c) * ci + i];
+                    }
+                }
+            }
+        }
+    }
+    dw
+}
+
+/// The contiguous slice of a CPU tensor's storage.
+fn slice<'a, T>(data: &'a [T], layout: &Layout, op: &str) -> candle_core::Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => bail!("{op}: expected a contiguous tensor, got layout {layout:?}"),
+    }
+}
+
+/// Which computation a [`ConvKernel`] runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    /// `conv3d(x, w)`: arguments `(x, w)`.
+    Forward,
+    /// Input gradient: arguments `(grad_out, w)`.
+    InputGrad,
+    /// Weight gradient: arguments `(grad_out, x)`, kernel size from the op.
+    WeightGrad { kernel: usize },
+}
+
+/// The CPU custom op of [`conv3d`]; only [`Pass::Forward`] has a backward pass.
+#[derive(Debug, Clone, Copy)]
+struct ConvKernel(Pass);
+
+impl ConvKernel {
+    fn run<T: Element>(
+        &self,
+        a: &[T],
+        la: &Layout,
+        b: &[T],
+        lb: &Layout,
+    ) -> candle_core::Result<(Vec<T>, Shape)> {
+        let name = self.name_str();
+        let a = slice(a, la, name)?;
+        let b = slice(b, lb, name)?;
+        match self.0 {
+            Pass::Forward => {
+                let dims = ConvDims::new(la, lb)?;
+                let groups = dims.groups(b, false);
+                let out =
+                    correlate_batch(a, &groups, &dims, dims.in_channels, dims.out_channels);
+                let [h, w, d] = dims.size;
+                Ok((out, Shape::from((dims.batch, dims.out_channels, h, w, d))))
+            }
+            Pass::InputGrad => {
+                // a = grad_out (B, Co, H, W, D), b = w (Co, Ci, k, k, k).
+                let (batch, co, h, wd, d) = la.shape().dims5()?;
+                let (_, ci, kernel, _, _) = lb.shape().dims5()?;
+                let dims = ConvDims {
+                    batch,
+                    in_channels: ci,
+                    out_channels: co,
+                    size: [h, wd, d],
+                    kernel,
+                };
+                let groups = dims.groups(b, true);
+                let out = correlate_batch(a, &groups, &dims, co, ci);
+                Ok((out, Shape::from((batch, ci, h, wd, d))))
+            }
+            Pass::WeightGrad { kernel } => {
+                // a = grad_out (B, Co, H, W, D), b = x (B, Ci, H, W, D).
+                let (batch, co, h, wd, d) = la.shape().dims5()?;
+                let ci = lb.shape().dims5()?.1;
+                let dims = ConvDims {
+                    batch,
+                    in_channels: ci,
+                    out_channels: co,
+                    size: [h, wd, d],
+                    kernel,
+                };
+                let dw = weight_grad(b, a, &dims);
+                Ok((dw, Shape::from((co, ci, kernel, kernel, kernel))))
+            }
+        }
+    }
+
+    fn name_str(&self) -> &'static str {
+        match self.0 {
+            Pass::Forward => "conv3d",
+            Pass::InputGrad => "conv3d-input-grad",
+            Pass::WeightGrad { .. } => "conv3d-weight-grad",
+        }
+    }
+}
+
+impl CustomOp2 for ConvKernel {
+    fn name(&self) -> &'static str {
+        self.name_str()
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        match (s1, s2) {
+            (CpuStorage::F32(a), CpuStorage::F32(b)) => {
+                let (out, shape) = self.run(a, l1, b, l2)?;
+                Ok((CpuStorage::F32(out), shape))
+            }
+            (CpuStorage::F64(a), CpuStorage::F64(b)) => {
+                let (out, shape) = self.run(a, l1, b, l2)?;
+                Ok((CpuStorage::F64(out), shape))
+            }
+            _ => bail!(
+                "{}: unsupported dtypes {:?} and {:?} (f32 or f64 expected)",
+                self.name_str(),
+                s1.dtype(),
+                s2.dtype()
+            ),
+        }
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        if self.0 != Pass::Forward {
+            bail!("{}: no second-order gradient", self.name_str());
+        }
+        let grad = grad.contiguous()?;
+        let kernel = w.dim(2)?;
+        let dx = grad.apply_op2_no_bwd(w, &ConvKernel(Pass::InputGrad))?;
+        let dw = grad.apply_op2_no_bwd(x, &ConvKernel(Pass::WeightGrad { kernel }))?;
+        Ok((Some(dx), Some(dw)))
+    }
+}

@@ -1,0 +1,288 @@
+//! CPU kernels of the 3D convolution: one GEMM per group of kernel taps on a zero-padded,
+//! channels-last copy of the input, without an im2col buffer.
+//!
+//! Let `Xp` be the input padded to `(Hp, Wp, Dp)` and stored channels-last, so voxel `q`
+//! of channel `i` sits at `Xp[q * Ci + i]`. Index the outputs by their padded-stride
+//! position `f = h*Wp*Dp + w*Dp + d`; the input that kernel tap `(a, b, c)` reads for `f`
+//! is then voxel `f + a*Wp*Dp + b*Dp + c`. For a fixed `(a, b)` the `k` taps along the
+//! last axis read consecutive voxels, so their `k * Ci` input rows are one matrix with row
+//! stride 1 and column stride `Ci`, and
+//! `out[f, :] += W_ab[Co, k*Ci] x Xp[(f + a*Wp*Dp + b*Dp)*Ci ..]`
+//! is a single GEMM with an inner dimension of `k * Ci`. Positions `f` with `w >= W` or
+//! `d >= D` are computed too (they read the padding of the next row) and dropped when the
+//! result is cropped; the waste is about `Wp*Dp / (W*D)`.
+
+use gemm::{gemm, Parallelism};
+use rayon::prelude::*;
+
+/// The element types the kernels run on (those of the `gemm` crate that candle tensors use).
+pub(super) trait Element:
+    Copy + Default + Send + Sync + 'static + std::ops::AddAssign + std::fmt::Debug
+{
+    /// The multiplicative identity.
+    const ONE: Self;
+}
+
+impl Element for f32 {
+    const ONE: Self = 1.0;
+}
+
+impl Element for f64 {
+    const ONE: Self = 1.0;
+}
+
+/// Output voxels per GEMM in the forward sweep: small enough that a block of outputs stays
+/// in the L2 cache while all tap groups accumulate into it.
+const VOXELS_PER_BLOCK: usize = 1024;
+
+/// A zero-padded, channels-last copy of one volume.
+#[derive(Debug)]
+pub(super) struct PaddedVolume<T> {
+    /// `data[((h * wp) + w) * dp + d) * channels + c]`.
+    pub data: Vec<T>,
+    /// Number of channels (the fastest axis).
+    pub channels: usize,
+    /// Padded spatial size `(Hp, Wp, Dp)`.
+    pub dims: [usize; 3],
+}
+
+impl<T: Element> PaddedVolume<T> {
+    /// Copies a channels-first `(C, H, W, D)` volume, with `lo[i]` zero voxels before and
+    /// `hi[i]` after it along spatial axis `i`.
+    pub fn new(src: &[T], channels: usize, size: [usize; 3], lo: [usize; 3], hi: [usize; 3]) -> Self {
+        let [h, w, d] = size;
+        let dims = [h + lo[0] + hi[0], w + lo[1] + hi[1], d + lo[2] + hi[2]];
+        let mut data = vec![T::default(); dims[0] * dims[1] * dims[2] * channels];
+        let plane = h * w * d;
+        debug_assert_eq!(src.len(), plane * channels);
+        for ih in 0..h {
+            for iw in 0..w {
+                let row = ((ih + lo[0]) * dims[1] + iw + lo[1]) * dims[2] + lo[2];
+                let dst = &mut data[row * channels..(row + d) * channels];
+                let src_row = (ih * w + iw) * d;
+                for c in 0..channels {
+                    let src_c = &src[c * plane + src_row..c * plane + src_row + d];
+                    for (id, &v) in src_c.iter().enumerate() {
+                        dst[id * channels + c] = v;
+                    }
+                }
+            }
+        }
+        Self {
+            data,
+            channels,
+            dims,
+        }
+    }
+
+    /// Voxel stride of spatial axis 0 (`Wp * Dp`).
+    pub fn stride0(&self) -> usize {
+        self.dims[1] * self.dims[2]
+    }
+}
+
+/// Copies the valid positions of a padded-stride, channels-last result (`src[f * C + c]`,
+/// `f = h*Wp*Dp + w*Dp + d`) into a channels-first `(C, H, W, D)` block of `dst`, using
+/// `stride = (Step_h, Step_w, Step_d)` and `start = (h0, w0, d0)` to place the output
+/// voxel `(h, w, d)` at `(h0 + h*Step_h, ...)` of a `dst_size` volume.
+pub(super) struct Scatter {
+    /// Spatial size of the valid result.
+    pub size: [usize; 3],
+    /// Voxel strides `(Wp*Dp, Dp)` of the padded-stride layout.
+    pub src_strides: [usize; 2],
+    /// Spatial size of the destination volume.
+    pub dst_size: [usize; 3],
+    /// Step between neighbouring result voxels in the destination.
+    pub step: [usize; 3],
+    /// Destination position of result voxel `(0, 0, 0)`.
+    pub start: [usize; 3],
+}
+
+impl Scatter {
+    /// A plain crop: the result has the destination's size and lands on it one to one.
+    pub fn crop(size: [usize; 3], src_strides: [usize; 2]) -> Self {
+        Self {
+            size,
+            src_strides,
+            dst_size: size,
+            step: [1, 1, 1],
+            start: [0, 0, 0],
+        }
+    }
+
+    /// Writes `src` (channels-last, `channels` wide) into channels-first `dst`.
+    pub fn run<T: Element>(&self, src: &[T], channels: usize, dst: &mut [T]) {
+        let [h, w, d] = self.size;
+        let [dh, dw, dd] = self.dst_size;
+        let plane = dh * dw * dd;
+        debug_assert_eq!(dst.len(), plane * channels);
+        for ih in 0..h {
+            for iw in 0..w {
+                let f0 = ih * self.src_strides[0] + iw * self.src_strides[1];
+                let oh = self.start[0] + ih * self.step[0];
+                let ow = self.start[1] + iw * self.step[1];
+                let o0 = (oh * dw + ow) * dd + self.start[2];
+                for c in 0..channels {
+                    let dst_c = &mut dst[c * plane..(c + 1) * plane];
+                    for id in 0..d {
+                        dst_c[o0 + id * self.step[2]] = src[(f0 + id) * channels + c];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Kernel taps that read consecutive voxels, run as one GEMM.
+#[derive(Debug, Clone)]
+pub(super) struct TapGroup<T> {
+    /// Voxel offset (in the padded volume) that the first tap reads for output `f = 0`.
+    pub offset: usize,
+    /// Number of taps; tap `t` reads voxel `offset + t`.
+    pub taps: usize,
+    /// Row-major `(Co, taps * Ci)` weights; column `t * Ci + i` multiplies input channel
+    /// `i` read by tap `t`.
+    pub weights: Vec<T>,
+}
+
+/// Number of padded-stride positions that cover every valid output voxel of a `size`
+/// volume: `(H-1)*Wp*Dp + (W-1)*Dp + D`.
+pub(super) fn span(size: [usize; 3], strides: [usize; 2]) -> usize {
+    (size[0] - 1) * strides[0] + (size[1] - 1) * strides[1] + size[2]
+}
+
+/// Computes `out[f * Co + o] = sum_groups W_g[o, :] . Xp[(f + offset_g) * Ci ..]` for the
+/// first `span` positions `f`, in parallel over blocks of positions.
+pub(super) fn correlate<T: Element>(
+    input: &PaddedVolume<T>,
+    groups: &[TapGroup<T>],
+    out_channels: usize,
+    span: usize,
+) -> Vec<T> {
+    let ci = input.channels;
+    let co = out_channels;
+    let mut out = vec![T::default(); span * co];
+    if span == 0 || co == 0 {
+        return out;
+    }
+    out.par_chunks_mut(VOXELS_PER_BLOCK * co)
+        .enumerate()
+        .for_each(|(block, dst)| {
+            let f0 = block * VOXELS_PER_BLOCK;
+            let n = dst.len() / co;
+            for (gi, group) in groups.iter().enumerate() {
+                let k = group.taps * ci;
+                let first = (f0 + group.offset) * ci;
+                // The GEMM reads rows first .. first + (n - 1 + taps) * ci of the input.
+                let needed = first + (n - 1 + group.taps) * ci;
+                assert!(
+                    needed <= input.data.len() && group.weights.len() == co * k,
+                    "conv3d kernel: tap group out of the padded input"
+                );
+                // SAFETY: dst is (co x n) with column stride co and row stride 1 inside
+                // `dst`; lhs is the (co x k) row-major weight matrix; rhs (k x n) reads
+                // input.data[first + j*ci + kk] for kk < k, j < n, whose largest index is
+                // first + (n-1)*ci + taps*ci - 1 < needed <= input.data.len() (asserted).
+                unsafe {
+                    gemm(
+                        co,
+                        n,
+                        k,
+                        dst.as_mut_ptr(),
+                        co as isize,
+                        1,
+                        gi > 0,
+                        group.weights.as_ptr(),
+                        1,
+                        k as isize,
+                        input.data.as_ptr().add(first),
+                        ci as isize,
+                        1,
+                        T::ONE,
+                        T::ONE,
+                        false,
+                        false,
+                        false,
+                        Parallelism::None,
+                    );
+                }
+            }
+        });
+    out
+}
+
+/// Gradient of [`correlate`] with respect to the group weights:
+/// `dW_g[o, t*Ci + i] = sum_f G[f, o] * Xp[(f + offset_g + t) * Ci + i]`, where `grad`
+/// holds `G[f, o]` at `grad.data[(f + grad_shift) * Co + o]` (zero at the positions that
+/// are not valid outputs). Returns one weight vector per group, laid out as
+/// [`TapGroup::weights`].
+pub(super) fn correlate_weight_grad<T: Element>(
+    input: &PaddedVolume<T>,
+    grad: &PaddedVolume<T>,
+    grad_shift: usize,
+    groups: &[(usize, usize)],
+    span: usize,
+) -> Vec<Vec<T>> {
+    let ci = input.channels;
+    let co = grad.channels;
+    let sizes: Vec<usize> = groups.iter().map(|&(_, taps)| co * taps * ci).collect();
+    let zero = || sizes.iter().map(|&s| vec![T::default(); s]).collect::<Vec<_>>();
+    if span == 0 {
+        return zero();
+    }
+    let blocks = (rayon::current_num_threads() * 2).clamp(1, span);
+    let block_len = span.div_ceil(blocks);
+    (0..span.div_ceil(block_len))
+        .into_par_iter()
+        .map(|block| {
+            let f0 = block * block_len;
+            let n = block_len.min(span - f0);
+            let mut acc = zero();
+            for (&(offset, taps), dst) in groups.iter().zip(acc.iter_mut()) {
+                let k = taps * ci;
+                let rhs_first = (f0 + offset) * ci;
+                let lhs_first = (f0 + grad_shift) * co;
+                assert!(
+                    rhs_first + (n - 1 + taps) * ci <= input.data.len()
+                        && lhs_first + n * co <= grad.data.len(),
+                    "conv3d weight gradient: tap group out of the padded volumes"
+                );
+                // SAFETY: dst is (co x k) row-major; lhs (co x n) reads
+                // grad.data[lhs_first + j*co + o] < lhs_first + n*co; rhs (n x k) reads
+                // input.data[rhs_first + j*ci + kk] < rhs_first + (n-1+taps)*ci; both
+                // bounds are asserted above.
+                unsafe {
+                    gemm(
+                        co,
+                        k,
+                        n,
+                        dst.as_mut_ptr(),
+                        1,
+                        k as isize,
+                        false,
+                        grad.data.as_ptr().add(lhs_first),
+                        co as isize,
+                        1,
+                        input.data.as_ptr().add(rhs_first),
+                        1,
+                        ci as isize,
+                        T::ONE,
+                        T::ONE,
+                        false,
+                        false,
+                        false,
+                        Parallelism::None,
+                    );
+                }
+            }
+            acc
+        })
+        .reduce(zero, |mut a, b| {
+            for (x, y) in a.iter_mut().zip(b) {
+                for (p, q) in x.iter_mut().zip(y) {
+                    *p += q;
+                }
+            }
+            a
+        })
+}

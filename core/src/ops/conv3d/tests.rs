@@ -1,0 +1,347 @@
+//! Tests of the 3D convolutions against direct f64 loops written from PyTorch's definitions
+//! (`torch.nn.Conv3d` / `torch.nn.ConvTranspose3d` docs), and of their gradients against
+//! central finite differences.
+
+use super::*;
+use candle_core::{Device, Var};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+type Conv = fn(&Tensor, &Tensor, Option<&Tensor>) -> candle_core::Result<Tensor>;
+type ConvT = fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>;
+
+fn random(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f64> = (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+}
+
+fn values(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// PyTorch Conv3d by definition: `out[o,h,w,d] = bias[o] + sum x[i, h+a-p, w+b-p, d+c-p] *
+/// wt[o,i,a,b,c]`, zero outside the volume.
+fn naive_conv3d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Vec<f64> {
+    let (bn, ci, h, wd, d) = x.dims5().unwrap();
+    let (co, _, k, _, _) = w.dims5().unwrap();
+    let p = (k - 1) as isize / 2;
+    let (xv, wv) = (values(x), values(w));
+    let bv = bias.map(values).unwrap_or_else(|| vec![0.0; co]);
+    let mut out = vec![0.0; bn * co * h * wd * d];
+    let xi = |b, i, u: usize, v: usize, s: usize| (((b * ci + i) * h + u) * wd + v) * d + s;
+    for b in 0..bn {
+        for o in 0..co {
+            for u in 0..h {
+                for v in 0..wd {
+                    for s in 0..d {
+                        let mut acc = bv[o];
+                        for i in 0..ci {
+                            for a in 0..k {
+                                for bb in 0..k {
+                                    for c in 0..k {
+                                        let (uu, vv, ss) = (
+                                            u as isize + a as isize - p,
+                                            v as isize + bb as isize - p,
+                                            s as isize + c as isize - p,
+                                        );
+                                        if uu < 0
+                                            || vv < 0
+                                            || ss < 0
+                                            || uu >= h as isize
+                                            || vv >= wd as isize
+                                            || ss >= d as isize
+                                        {
+                                            continue;
+                                        }
+                                        acc += xv[xi(b, i, uu as usize, vv as usize, ss as usize)]
+                                            * wv[(((o * ci + i) * k + a) * k + bb) * k + c];
+                                    }
+                                }
+                            }
+                        }
+                        out[(((b * co + o) * h + u) * wd + v) * d + s] = acc;
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// PyTorch ConvTranspose3d(k=3, s=2, p=1, output_padding=1) by definition, as a scatter:
+/// `out[o, 2u-1+a, 2v-1+b, 2s-1+c] += x[i, u, v, s] * w[i, o, a, b, c]`, dropping the
+/// positions outside `(2H, 2W, 2D)`.
+fn naive_conv_transpose3d(x: &Tensor, w: &Tensor) -> Vec<f64> {
+    let (bn, ci, h, wd, d) = x.dims5().unwrap();
+    let co = w.dim(1).unwrap();
+    let (oh, ow, od) = (2 * h, 2 * wd, 2 * d);
+    let (xv, wv) = (values(x), values(w));
+    let mut out = vec![0.0; bn * co * oh * ow * od];
+    for b in 0..bn {
+        for i in 0..ci {
+            for u in 0..h {
+                for v in 0..wd {
+                    for s in 0..d {
+                        let xval = xv[(((b * ci + i) * h + u) * wd + v) * d + s];
+                        for o in 0..co {
+                            for a in 0..3 {
+                                for bb in 0..3 {
+                                    for c in 0..3 {
+                                        let (tu, tv, ts) = (2 * u + a, 2 * v + bb, 2 * s + c);
+                                        if tu < 1 || tv < 1 || ts < 1 {
+                                            continue;
+                                        }
+                                        let (tu, tv, ts) = (tu - 1, tv - 1, ts - 1);
+                                        if tu >= oh || tv >= ow || ts >= od {
+                                            continue;
+                                        }
+                                        out[(((b * co + o) * oh + tu) * ow + tv) * od + ts] +=
+                                            xval * wv[(((i * co + o) * 3 + a) * 3 + bb) * 3 + c];
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+fn assert_close(got: &[f64], want: &[f64], tol: f64, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let scale = want.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+    for (idx, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g - w).abs() <= tol * scale,
+            "{what}: element {idx}: got {g}, want {w}"
+        );
+    }
+}
+
+#[test]
+fn conv3d_matches_direct_loops_k3_and_k7() {
+    for (conv, name) in [
+        (conv3d as Conv, "fast"),
+        (conv3d_generic as Conv, "generic"),
+    ] {
+        for (k, size) in [(3, [6, 5, 7]), (7, [8, 8, 8]), (1, [3, 4, 5])] {
+            for dtype in [DType::F64, DType::F32] {
+                let x = random(&[2, 3, size[0], size[1], size[2]], 1, dtype);
+                let w = random(&[4, 3, k, k, k], 2, dtype);
+                let bias = random(&[4], 3, dtype);
+                let tol = if dtype == DType::F64 { 1e-12 } else { 1e-5 };
+                for b in [None, Some(&bias)] {
+                    let y = conv(&x, &w, b).unwrap();
+                    assert_eq!(y.dims(), &[2, 4, size[0], size[1], size[2]]);
+                    assert_eq!(y.dtype(), dtype);
+                    let what = format!("{name} k={k} {dtype:?} bias={}", b.is_some());
+                    assert_close(&values(&y), &naive_conv3d(&x, &w, b), tol, &what);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn conv3d_accepts_non_contiguous_inputs() {
+    let x = random(&[2, 5, 6, 3, 7], 4, DType::F64).transpose(1, 3).unwrap();
+    let w = random(&[3, 4, 3, 3, 3], 5, DType::F64)
+        .transpose(0, 1)
+        .unwrap();
+    let want = naive_conv3d(&x, &w, None);
+    assert_close(&values(&conv3d(&x, &w, None).unwrap()), &want, 1e-12, "strided");
+}
+
+#[test]
+fn conv_transpose3d_matches_scatter_reference() {
+    for (conv, name) in [
+        (conv_transpose3d as ConvT, "fast"),
+        (conv_transpose3d_generic as ConvT, "generic"),
+    ] {
+        for dtype in [DType::F64, DType::F32] {
+            let x = random(&[2, 3, 3, 4, 2], 6, dtype);
+            let w = random(&[3, 5, 3, 3, 3], 7, dtype);
+            let y = conv(&x, &w).unwrap();
+            assert_eq!(y.dims(), &[2, 5, 6, 8, 4], "{name}");
+            let tol = if dtype == DType::F64 { 1e-12 } else { 1e-5 };
+            assert_close(
+                &values(&y),
+                &naive_conv_transpose3d(&x, &w),
+                tol,
+                &format!("{name} {dtype:?}"),
+            );
+        }
+    }
+}
+
+/// Checks the autograd gradients of `loss(inputs)` against central differences at a few
+/// entries of every input. The losses here are linear in each input, so the differences
+/// are exact up to rounding.
+fn check_gradients(inputs: &[Tensor], loss: &dyn Fn(&[Tensor]) -> Tensor, what: &str) {
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|t| Var::from_tensor(t).unwrap())
+        .collect();
+    let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let grads = loss(&tensors).backward().unwrap();
+    let eps = 1e-4;
+    let mut rng = ChaCha8Rng::seed_from_u64(99);
+    for (n, var) in vars.iter().enumerate() {
+        let analytic = values(grads.get(var).expect("a gradient for every input"));
+        let base = values(var.as_tensor());
+        assert_eq!(analytic.len(), base.len());
+        let picks: Vec<usize> = if base.len() <= 40 {
+            (0..base.len()).collect()
+        } else {
+            (0..40).map(|_| rng.gen_range(0..base.len())).collect()
+        };
+        for idx in picks {
+            let eval = |delta: f64| {
+                let mut v = base.clone();
+                v[idx] += delta;
+                let t = Tensor::from_vec(v, inputs[n].shape(), &Device::Cpu).unwrap();
+                let mut args = inputs.to_vec();
+                args[n] = t;
+                loss(&args).to_scalar::<f64>().unwrap()
+            };
+            let numeric = (eval(eps) - eval(-eps)) / (2.0 * eps);
+            assert!(
+                (numeric - analytic[idx]).abs() <= 1e-7 * (1.0 + numeric.abs()),
+                "{what}: input {n} element {idx}: autograd {} vs finite difference {numeric}",
+                analytic[idx]
+            );
+        }
+    }
+}
+
+#[test]
+fn conv3d_gradients_match_finite_differences() {
+    for (conv, name) in [
+        (conv3d as Conv, "fast"),
+        (conv3d_generic as Conv, "generic"),
+    ] {
+        for (k, size) in [(3, [6, 5, 7]), (7, [8, 8, 8])] {
+            let x = random(&[2, 3, size[0], size[1], size[2]], 10, DType::F64);
+            let w = random(&[2, 3, k, k, k], 11, DType::F64);
+            let bias = random(&[2], 12, DType::F64);
+            let r = random(&[2, 2, size[0], size[1], size[2]], 13, DType::F64);
+            let loss = |t: &[Tensor]| {
+                conv(&t[0], &t[1], Some(&t[2]))
+                    .unwrap()
+                    .mul(&r)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+            };
+            check_gradients(&[x, w, bias], &loss, &format!("{name} k={k}"));
+        }
+    }
+}
+
+#[test]
+fn conv_transpose3d_gradients_match_finite_differences() {
+    for (conv, name) in [
+        (conv_transpose3d as ConvT, "fast"),
+        (conv_transpose3d_generic as ConvT, "generic"),
+    ] {
+        let x = random(&[2, 3, 3, 4, 2], 20, DType::F64);
+        let w = random(&[3, 2, 3, 3, 3], 21, DType::F64);
+        let r = random(&[2, 2, 6, 8, 4], 22, DType::F64);
+        let loss = |t: &[Tensor]| {
+            conv(&t[0], &t[1])
+                .unwrap()
+                .mul(&r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+        };
+        check_gradients(&[x, w], &loss, name);
+    }
+}
+
+#[test]
+fn generic_path_equals_fast_path_with_gradients() {
+    let x = random(&[2, 4, 5, 6, 4], 30, DType::F32);
+    let w = random(&[3, 4, 3, 3, 3], 31, DType::F32);
+    let bias = random(&[3], 32, DType::F32);
+    let r = random(&[2, 3, 5, 6, 4], 33, DType::F32);
+    let run = |conv: Conv| {
+        let (xv, wv, bv) = (
+            Var::from_tensor(&x).unwrap(),
+            Var::from_tensor(&w).unwrap(),
+            Var::from_tensor(&bias).unwrap(),
+        );
+        let y = conv(xv.as_tensor(), wv.as_tensor(), Some(bv.as_tensor())).unwrap();
+        let grads = y.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+        let mut all = vec![values(&y)];
+        for v in [&xv, &wv, &bv] {
+            all.push(values(grads.get(v).unwrap()));
+        }
+        all
+    };
+    let (fast, generic) = (run(conv3d), run(conv3d_generic));
+    for (n, (f, g)) in fast.iter().zip(&generic).enumerate() {
+        assert_close(f, g, 1e-5, &format!("output/grad {n}"));
+    }
+}
+
+#[test]
+fn invalid_shapes_are_rejected_with_the_op_name() {
+    let x = random(&[1, 3, 4, 4, 4], 40, DType::F32);
+    let cases = [
+        (random(&[2, 4, 3, 3, 3], 41, DType::F32), "channels"),
+        (random(&[2, 3, 2, 2, 2], 42, DType::F32), "odd"),
+        (random(&[2, 3, 3, 3, 5], 43, DType::F32), "cubic"),
+    ];
+    for (w, why) in cases {
+        let err = conv3d(&x, &w, None).unwrap_err().to_string();
+        assert!(err.contains("conv3d"), "{why}: {err}");
+    }
+    let w = random(&[2, 3, 3, 3, 3], 44, DType::F32);
+    let flat = random(&[3, 4, 4, 4], 45, DType::F32);
+    assert!(conv3d(&flat, &w, None).is_err());
+    let bad_bias = random(&[3], 46, DType::F32);
+    assert!(conv3d(&x, &w, Some(&bad_bias)).is_err());
+    let f64_w = w.to_dtype(DType::F64).unwrap();
+    assert!(conv3d(&x, &f64_w, None).is_err());
+    let wt = random(&[4, 2, 3, 3, 3], 47, DType::F32);
+    let err = conv_transpose3d(&x, &wt).unwrap_err().to_string();
+    assert!(err.contains("conv_transpose3d"), "{err}");
+}
+
+/// Prints the speed of the CPU path on a LocalNet level-0 sized problem:
+/// `cargo test -p medray-core --release --lib conv3d::tests::timing -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn timing() {
+    let x = random(&[1, 32, 32, 32, 32], 50, DType::F32);
+    let w = random(&[32, 32, 7, 7, 7], 51, DType::F32);
+    let xv = Var::from_tensor(&x).unwrap();
+    let wv = Var::from_tensor(&w).unwrap();
+    for _ in 0..3 {
+        let t0 = std::time::Instant::now();
+        let y = conv3d(xv.as_tensor(), wv.as_tensor(), None).unwrap();
+        let t1 = std::time::Instant::now();
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        let t2 = std::time::Instant::now();
+        assert!(grads.get(&wv).is_some());
+        println!(
+            "conv3d B=1 Ci=Co=32 k=7 32^3 f32: forward {:.3} s, backward {:.3} s ({} threads)",
+            (t1 - t0).as_secs_f64(),
+            (t2 - t1).as_secs_f64(),
+            rayon::current_num_threads()
+        );
+    }
+}
