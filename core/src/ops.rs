@@ -1,10 +1,24 @@
-//! Differentiable 3D tensor operations that candle does not provide, on (B, C, H, W, D)
-//! volumes in PyTorch's NCDHW order, as MONAI's LocalNet uses them.
+//! Differentiable 3D tensor operations that candle 0.11 lacks, on (B, C, H, W, D) volumes in
+//! PyTorch's NCDHW order, as MONAI's LocalNet uses them.
 //!
-//! Every op works on any [`candle_core::Device`] and records its gradient in candle's
-//! autograd graph. On the CPU the heavy ops run hand-written kernels; elsewhere they are
-//! composed from candle ops that already have a gradient.
+//! Every op works on any [`candle_core::Device`], for f32 and f64 tensors, and records its
+//! gradient in candle's autograd graph unless its docs say otherwise. On the CPU the heavy
+//! ops run hand-written kernels; elsewhere they are composed from candle ops that already
+//! have a gradient. The semantics follow the PyTorch/MONAI functions named in each module
+//! (see `shared/docs/monai-spec.md`).
 
+mod batch_norm;
 mod conv3d;
+#[cfg(test)]
+mod grad_check;
+mod pool;
+mod resize;
+mod upsample;
+mod warp;
 
+pub use batch_norm::{batch_norm3d_eval, batch_norm3d_train, BatchNormStats};
 pub use conv3d::{conv3d, conv3d_generic, conv_transpose3d, conv_transpose3d_generic};
+pub use pool::max_pool3d;
+pub use resize::resize_trilinear;
+pub use upsample::{upsample_nearest3d, upsample_nearest3d_to};
+pub use warp::{warp, warp_nearest, Padding};
