@@ -3,6 +3,8 @@
 pub mod atomic;
 pub mod error;
 pub mod localnet;
+pub mod losses;
+pub mod metrics;
 pub mod ops;
 pub mod optim;
 
