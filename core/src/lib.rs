@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 
 pub mod error;
+pub mod nifti_io;
 
 pub use error::{Error, Result};
