@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 pub mod error;
+pub mod keypoints;
 pub mod nifti_io;
 
 pub use error::{Error, Result};
