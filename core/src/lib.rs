@@ -3,5 +3,6 @@
 pub mod error;
 pub mod keypoints;
 pub mod nifti_io;
+pub mod ops;
 
 pub use error::{Error, Result};
