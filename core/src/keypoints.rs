@@ -140,10 +140,7 @@ fn read_rows(path: &Path, columns: usize) -> Result<Vec<Vec<f64>>> {
             if fields.len() != columns {
                 return Err(bad(
                     line,
-                    format!(
-                        "header has {} columns, expected {columns}",
-                        fields.len()
-                    ),
+                    format!("header has {} columns, expected {columns}", fields.len()),
                 ));
             }
             continue;

@@ -4,5 +4,6 @@ pub mod error;
 pub mod keypoints;
 pub mod nifti_io;
 pub mod ops;
+pub mod preprocess;
 
 pub use error::{Error, Result};

@@ -461,7 +461,10 @@ pub fn tensor_to_array3(tensor: &Tensor) -> Result<Array3<f32>> {
         });
     }
     let shape = (dims[rank - 3], dims[rank - 2], dims[rank - 1]);
-    let values = tensor.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let values = tensor
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
     Ok(Array3::from_shape_vec(shape, values).expect("element count matches the tensor shape"))
 }
 
@@ -485,7 +488,10 @@ pub fn tensor_to_ddf_array(tensor: &Tensor) -> Result<Array4<f32>> {
     }
     let r = dims.len();
     let shape = (3, dims[r - 3], dims[r - 2], dims[r - 1]);
-    let values = tensor.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let values = tensor
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
     Ok(Array4::from_shape_vec(shape, values).expect("element count matches the tensor shape"))
 }
 
@@ -605,12 +611,7 @@ struct HeaderFields {
 }
 
 impl HeaderFields {
-    fn new(
-        shape: [usize; 3],
-        affine: &[[f64; 4]; 4],
-        datatype: i16,
-        bytes: usize,
-    ) -> Result<Self> {
+    fn new(shape: [usize; 3], affine: &[[f64; 4]; 4], datatype: i16, bytes: usize) -> Result<Self> {
         if shape.iter().any(|&n| n == 0 || n > i16::MAX as usize) {
             return Err(Error::invalid(
                 "volume shape",
@@ -618,7 +619,10 @@ impl HeaderFields {
             ));
         }
         if affine.iter().flatten().any(|v| !v.is_finite()) {
-            return Err(Error::invalid("affine", format!("{affine:?} is not finite")));
+            return Err(Error::invalid(
+                "affine",
+                format!("{affine:?} is not finite"),
+            ));
         }
         let (quatern, spacing, qfac) = affine_to_qform(affine)?;
         let mut pixdim = [1.0f32; 8];

@@ -41,7 +41,11 @@ impl RawNifti {
             qform_code: 0,
             sform_code: 0,
             quatern: [0.0; 6],
-            srow: [[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]],
+            srow: [
+                [1.0, 0.0, 0.0, 0.0],
+                [0.0, 1.0, 0.0, 0.0],
+                [0.0, 0.0, 1.0, 0.0],
+            ],
             big_endian: false,
             payload,
         }
@@ -158,17 +162,83 @@ fn reads_every_datatype_with_scaling_and_byte_order() {
     // (datatype code from nifti1.h, bitpix, payload, big endian)
     let cases: Vec<(&str, i16, i16, Vec<u8>, bool)> = vec![
         ("u8", 2, 8, payload(shape, |v| v as u8, |v| vec![v]), le),
-        ("i8", 256, 8, payload(shape, |v| (v - 50) as i8, |v| v.to_le_bytes().to_vec()), le),
-        ("i16", 4, 16, payload(shape, |v| (v - 50) as i16, |v| v.to_le_bytes().to_vec()), le),
-        ("i16be", 4, 16, payload(shape, |v| (v - 50) as i16, |v| v.to_be_bytes().to_vec()), be),
-        ("u16", 512, 16, payload(shape, |v| v as u16, |v| v.to_le_bytes().to_vec()), le),
-        ("i32", 8, 32, payload(shape, |v| (v - 50) as i32, |v| v.to_le_bytes().to_vec()), le),
-        ("u32", 768, 32, payload(shape, |v| v as u32, |v| v.to_le_bytes().to_vec()), le),
-        ("i64", 1024, 64, payload(shape, |v| v - 50, |v| v.to_le_bytes().to_vec()), le),
-        ("u64", 1280, 64, payload(shape, |v| v as u64, |v| v.to_le_bytes().to_vec()), le),
-        ("f32", 16, 32, payload(shape, |v| v as f32 - 50.0, |v| v.to_le_bytes().to_vec()), le),
-        ("f32be", 16, 32, payload(shape, |v| v as f32 - 50.0, |v| v.to_be_bytes().to_vec()), be),
-        ("f64", 64, 64, payload(shape, |v| v as f64 - 50.0, |v| v.to_le_bytes().to_vec()), le),
+        (
+            "i8",
+            256,
+            8,
+            payload(shape, |v| (v - 50) as i8, |v| v.to_le_bytes().to_vec()),
+            le,
+        ),
+        (
+            "i16",
+            4,
+            16,
+            payload(shape, |v| (v - 50) as i16, |v| v.to_le_bytes().to_vec()),
+            le,
+        ),
+        (
+            "i16be",
+            4,
+            16,
+            payload(shape, |v| (v - 50) as i16, |v| v.to_be_bytes().to_vec()),
+            be,
+        ),
+        (
+            "u16",
+            512,
+            16,
+            payload(shape, |v| v as u16, |v| v.to_le_bytes().to_vec()),
+            le,
+        ),
+        (
+            "i32",
+            8,
+            32,
+            payload(shape, |v| (v - 50) as i32, |v| v.to_le_bytes().to_vec()),
+            le,
+        ),
+        (
+            "u32",
+            768,
+            32,
+            payload(shape, |v| v as u32, |v| v.to_le_bytes().to_vec()),
+            le,
+        ),
+        (
+            "i64",
+            1024,
+            64,
+            payload(shape, |v| v - 50, |v| v.to_le_bytes().to_vec()),
+            le,
+        ),
+        (
+            "u64",
+            1280,
+            64,
+            payload(shape, |v| v as u64, |v| v.to_le_bytes().to_vec()),
+            le,
+        ),
+        (
+            "f32",
+            16,
+            32,
+            payload(shape, |v| v as f32 - 50.0, |v| v.to_le_bytes().to_vec()),
+            le,
+        ),
+        (
+            "f32be",
+            16,
+            32,
+            payload(shape, |v| v as f32 - 50.0, |v| v.to_be_bytes().to_vec()),
+            be,
+        ),
+        (
+            "f64",
+            64,
+            64,
+            payload(shape, |v| v as f64 - 50.0, |v| v.to_le_bytes().to_vec()),
+            le,
+        ),
     ];
     for (name, datatype, bitpix, bytes, big_endian) in cases {
         let signed_offset = if name.starts_with('u') { 0.0 } else { -50.0 };
@@ -244,8 +314,8 @@ fn write_volume_round_trips_data_affine_and_spacing() {
             let vol = read_volume(&path).unwrap();
             assert_eq!(vol.data, data, "{name}: float32 must round-trip exactly");
             assert_affine_close(&vol.affine, affine, &name);
-            let want_spacing = [0usize, 1, 2]
-                .map(|c| (0..3).map(|r| affine[r][c].powi(2)).sum::<f64>().sqrt());
+            let want_spacing =
+                [0usize, 1, 2].map(|c| (0..3).map(|r| affine[r][c].powi(2)).sum::<f64>().sqrt());
             for a in 0..3 {
                 assert!((vol.spacing[a] - want_spacing[a]).abs() < 1e-6, "{name}");
             }
@@ -276,7 +346,12 @@ fn typed_writer_rounds_and_clamps() {
     let p8 = dir.path().join("m.nii.gz");
     write_volume_as(&p8, &data, &identity, StoredType::Uint8).unwrap();
     assert_eq!(
-        read_volume(&p8).unwrap().data.iter().copied().collect::<Vec<_>>(),
+        read_volume(&p8)
+            .unwrap()
+            .data
+            .iter()
+            .copied()
+            .collect::<Vec<_>>(),
         vec![0.0, 1.0, 255.0, 1.0]
     );
     let p16 = dir.path().join("s.nii");
@@ -285,7 +360,12 @@ fn typed_writer_rounds_and_clamps() {
     assert_eq!(header.datatype, 4);
     assert_eq!(header.bitpix, 16);
     assert_eq!(
-        read_volume(&p16).unwrap().data.iter().copied().collect::<Vec<_>>(),
+        read_volume(&p16)
+            .unwrap()
+            .data
+            .iter()
+            .copied()
+            .collect::<Vec<_>>(),
         vec![-3.0, 1.0, 300.0, 1.0]
     );
 }
@@ -385,7 +465,11 @@ fn refuses_broken_files_with_clear_messages() {
     two_d.write(&path("flat.nii"));
     assert!(err_string(&path("flat.nii")).contains("2-D"));
 
-    for (name, spacing) in [("zero.nii", 0.0f32), ("neg.nii", -1.0), ("nan.nii", f32::NAN)] {
+    for (name, spacing) in [
+        ("zero.nii", 0.0f32),
+        ("neg.nii", -1.0),
+        ("nan.nii", f32::NAN),
+    ] {
         let mut raw = good();
         raw.pixdim[2] = spacing;
         raw.write(&path(name));
