@@ -209,10 +209,7 @@ mod tests {
             .unwrap();
         let y = max_pool3d(&x, 2).unwrap();
         assert_eq!(y.dims(), &[1, 1, 1, 1, 2]);
-        assert_eq!(
-            y.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            [13., 15.]
-        );
+        assert_eq!(y.flatten_all().unwrap().to_vec1::<f32>().unwrap(), [13., 15.]);
     }
 
     #[test]
@@ -224,9 +221,7 @@ mod tests {
 
     #[test]
     fn cpu_and_generic_paths_agree() {
-        let x = smooth_tensor(&[2, 3, 4, 6, 8], 0.1)
-            .to_dtype(DType::F32)
-            .unwrap();
+        let x = smooth_tensor(&[2, 3, 4, 6, 8], 0.1).to_dtype(DType::F32).unwrap();
         let relu = x.relu().unwrap(); // many ties at zero
         for input in [&x, &relu] {
             let a = max_pool3d(input, 2).unwrap();

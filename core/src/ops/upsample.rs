@@ -99,13 +99,7 @@ mod tests {
     #[test]
     fn gradients_match_finite_differences() {
         let x = smooth_tensor(&[1, 2, 2, 3, 2], 0.2);
-        check_grad(
-            &|a| upsample_nearest3d(&a[0], 2),
-            &[x.clone()],
-            0,
-            1e-6,
-            1e-7,
-        );
+        check_grad(&|a| upsample_nearest3d(&a[0], 2), &[x.clone()], 0, 1e-6, 1e-7);
         check_grad(
             &|a| upsample_nearest3d_to(&a[0], [5, 2, 3]),
             &[x],
