@@ -2,10 +2,13 @@
 
 pub mod atomic;
 pub mod error;
+pub mod keypoints;
 pub mod localnet;
 pub mod losses;
 pub mod metrics;
+pub mod nifti_io;
 pub mod ops;
 pub mod optim;
+pub mod preprocess;
 
 pub use error::{Error, Result};
