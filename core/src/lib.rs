@@ -10,5 +10,6 @@ pub mod nifti_io;
 pub mod ops;
 pub mod optim;
 pub mod preprocess;
+pub mod registration;
 
 pub use error::{Error, Result};

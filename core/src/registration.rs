@@ -12,7 +12,7 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::losses::{
-    mse_loss, BendingEnergyLoss, DiceLoss, GlobalMutualInformationLoss, MultiScaleLoss,
+    mse_loss, BendingEnergyLoss, GlobalMutualInformationLoss, MultiScaleLoss,
 };
 use crate::ops::{self, Padding};
 use crate::{Error, Result};
@@ -118,7 +118,7 @@ impl RegistrationLoss {
             preset,
             mi: GlobalMutualInformationLoss::default(),
             bending: BendingEnergyLoss::default(),
-            multi_scale: MultiScaleLoss::new(DiceLoss::default(), vec![0.0, 1.0, 2.0, 4.0, 8.0, 16.0]),
+            multi_scale: MultiScaleLoss::default(),
         }
     }
 
