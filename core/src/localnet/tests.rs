@@ -278,7 +278,7 @@ fn bad_weights_are_refused_with_the_tensor_named() {
     let mut sd = good.clone();
     sd.insert(
         "bottom_block.conv.weight".into(),
-        Tensor::zeros((16, 8, 3, 3, 3), DType::F32, &Device::Cpu).unwrap(),
+        Tensor::zeros((16, 4, 3, 3, 3), DType::F32, &Device::Cpu).unwrap(),
     );
     let path = dir.path().join("shape.safetensors");
     candle_core::safetensors::save(&sd, &path).unwrap();
