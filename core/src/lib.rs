@@ -1,15 +1,20 @@
 #![doc = include_str!("../README.md")]
 
 pub mod atomic;
+pub mod dataset;
 pub mod error;
+pub mod evaluate;
 pub mod keypoints;
 pub mod localnet;
 pub mod losses;
 pub mod metrics;
+pub mod model;
 pub mod nifti_io;
 pub mod ops;
 pub mod optim;
+pub mod predict;
 pub mod preprocess;
 pub mod registration;
+pub mod train;
 
 pub use error::{Error, Result};
