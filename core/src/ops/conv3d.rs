@@ -30,7 +30,9 @@ pub fn conv3d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> candle_core::Res
     if !has_fast_path(x) {
         return conv3d_generic(x, w, bias);
     }
-    let y = x.contiguous()?.apply_op2(&w.contiguous()?, ConvKernel(Pass::Forward))?;
+    let y = x
+        .contiguous()?
+        .apply_op2(&w.contiguous()?, ConvKernel(Pass::Forward))?;
     add_bias(y, bias)
 }
 
@@ -120,7 +122,10 @@ fn check_conv3d(
         );
     }
     if k0 != k1 || k1 != k2 || k0 % 2 == 0 {
-        bail!("{op}: the kernel must be cubic with an odd size, got w {:?}", w.dims());
+        bail!(
+            "{op}: the kernel must be cubic with an odd size, got w {:?}",
+            w.dims()
+        );
     }
     if h == 0 || wd == 0 || d == 0 {
         bail!("{op}: empty spatial size in x {:?}", x.dims());
@@ -359,8 +364,7 @@ impl ConvKernel {
             Pass::Forward => {
                 let dims = ConvDims::new(la, lb)?;
                 let groups = dims.groups(b, false);
-                let out =
-                    correlate_batch(a, &groups, &dims, dims.in_channels, dims.out_channels);
+                let out = correlate_batch(a, &groups, &dims, dims.in_channels, dims.out_channels);
                 let [h, w, d] = dims.size;
                 Ok((out, Shape::from((dims.batch, dims.out_channels, h, w, d))))
             }

@@ -42,14 +42,18 @@ pub(super) struct PaddedVolume<T> {
     pub data: Vec<T>,
     /// Number of channels (the fastest axis).
     pub channels: usize,
-    /// Padded spatial size `(Hp, Wp, Dp)`.
-    pub dims: [usize; 3],
 }
 
 impl<T: Element> PaddedVolume<T> {
     /// Copies a channels-first `(C, H, W, D)` volume, with `lo[i]` zero voxels before and
     /// `hi[i]` after it along spatial axis `i`.
-    pub fn new(src: &[T], channels: usize, size: [usize; 3], lo: [usize; 3], hi: [usize; 3]) -> Self {
+    pub fn new(
+        src: &[T],
+        channels: usize,
+        size: [usize; 3],
+        lo: [usize; 3],
+        hi: [usize; 3],
+    ) -> Self {
         let [h, w, d] = size;
         let dims = [h + lo[0] + hi[0], w + lo[1] + hi[1], d + lo[2] + hi[2]];
         let mut data = vec![T::default(); dims[0] * dims[1] * dims[2] * channels];
@@ -68,16 +72,7 @@ impl<T: Element> PaddedVolume<T> {
                 }
             }
         }
-        Self {
-            data,
-            channels,
-            dims,
-        }
-    }
-
-    /// Voxel stride of spatial axis 0 (`Wp * Dp`).
-    pub fn stride0(&self) -> usize {
-        self.dims[1] * self.dims[2]
+        Self { data, channels }
     }
 }
 
@@ -226,7 +221,12 @@ pub(super) fn correlate_weight_grad<T: Element>(
     let ci = input.channels;
     let co = grad.channels;
     let sizes: Vec<usize> = groups.iter().map(|&(_, taps)| co * taps * ci).collect();
-    let zero = || sizes.iter().map(|&s| vec![T::default(); s]).collect::<Vec<_>>();
+    let zero = || {
+        sizes
+            .iter()
+            .map(|&s| vec![T::default(); s])
+            .collect::<Vec<_>>()
+    };
     if span == 0 {
         return zero();
     }
