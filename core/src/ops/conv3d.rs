@@ -17,7 +17,7 @@ mod tests;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 
-use cpu::{Element, PaddedVolume, Scatter, TapGroup};
+use cpu::{Element, PaddedVolume, TapGroup};
 
 /// 3D cross-correlation with stride 1 and zero "same" padding `(k-1)/2`, as PyTorch's
 /// `F.conv3d(x, w, bias, padding=(k-1)//2)`.
@@ -281,7 +281,6 @@ fn correlate_batch<T: Element>(
     let p = dims.pad();
     let strides = dims.padded_strides();
     let span = cpu::span(dims.size, strides);
-    let scatter = Scatter::crop(dims.size, strides);
     let mut out = vec![T::default(); dims.batch * out_channels * n];
     for (xb, ob) in x
         .chunks_exact(in_channels * n)
@@ -289,7 +288,7 @@ fn correlate_batch<T: Element>(
     {
         let padded = PaddedVolume::new(xb, in_channels, dims.size, [p; 3], [p; 3]);
         let result = cpu::correlate(&padded, groups, out_channels, span);
-        scatter.run(&result, out_channels, ob);
+        cpu::crop(&result, out_channels, dims.size, strides, ob);
     }
     out
 }
