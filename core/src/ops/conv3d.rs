@@ -17,7 +17,7 @@ mod tests;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 
-use cpu::{Element, PaddedVolume, Scatter, TapGroup};
+use cpu::{Element, PaddedVolume, TapGroup};
 
 /// 3D cross-correlation with stride 1 and zero "same" padding `(k-1)/2`, as PyTorch's
 /// `F.conv3d(x, w, bias, padding=(k-1)//2)`.
@@ -30,7 +30,9 @@ pub fn conv3d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> candle_core::Res
     if !has_fast_path(x) {
         return conv3d_generic(x, w, bias);
     }
-    let y = x.contiguous()?.apply_op2(&w.contiguous()?, ConvKernel(Pass::Forward))?;
+    let y = x
+        .contiguous()?
+        .apply_op2(&w.contiguous()?, ConvKernel(Pass::Forward))?;
     add_bias(y, bias)
 }
 
@@ -120,7 +122,10 @@ fn check_conv3d(
         );
     }
     if k0 != k1 || k1 != k2 || k0 % 2 == 0 {
-        bail!("{op}: the kernel must be cubic with an odd size, got w {:?}", w.dims());
+        bail!(
+            "{op}: the kernel must be cubic with an odd size, got w {:?}",
+            w.dims()
+        );
     }
     if h == 0 || wd == 0 || d == 0 {
         bail!("{op}: empty spatial size in x {:?}", x.dims());
@@ -276,7 +281,6 @@ fn correlate_batch<T: Element>(
     let p = dims.pad();
     let strides = dims.padded_strides();
     let span = cpu::span(dims.size, strides);
-    let scatter = Scatter::crop(dims.size, strides);
     let mut out = vec![T::default(); dims.batch * out_channels * n];
     for (xb, ob) in x
         .chunks_exact(in_channels * n)
@@ -284,7 +288,7 @@ fn correlate_batch<T: Element>(
     {
         let padded = PaddedVolume::new(xb, in_channels, dims.size, [p; 3], [p; 3]);
         let result = cpu::correlate(&padded, groups, out_channels, span);
-        scatter.run(&result, out_channels, ob);
+        cpu::crop(&result, out_channels, dims.size, strides, ob);
     }
     out
 }
@@ -359,8 +363,7 @@ impl ConvKernel {
             Pass::Forward => {
                 let dims = ConvDims::new(la, lb)?;
                 let groups = dims.groups(b, false);
-                let out =
-                    correlate_batch(a, &groups, &dims, dims.in_channels, dims.out_channels);
+                let out = correlate_batch(a, &groups, &dims, dims.in_channels, dims.out_channels);
                 let [h, w, d] = dims.size;
                 Ok((out, Shape::from((dims.batch, dims.out_channels, h, w, d))))
             }

@@ -42,14 +42,18 @@ pub(super) struct PaddedVolume<T> {
     pub data: Vec<T>,
     /// Number of channels (the fastest axis).
     pub channels: usize,
-    /// Padded spatial size `(Hp, Wp, Dp)`.
-    pub dims: [usize; 3],
 }
 
 impl<T: Element> PaddedVolume<T> {
     /// Copies a channels-first `(C, H, W, D)` volume, with `lo[i]` zero voxels before and
     /// `hi[i]` after it along spatial axis `i`.
-    pub fn new(src: &[T], channels: usize, size: [usize; 3], lo: [usize; 3], hi: [usize; 3]) -> Self {
+    pub fn new(
+        src: &[T],
+        channels: usize,
+        size: [usize; 3],
+        lo: [usize; 3],
+        hi: [usize; 3],
+    ) -> Self {
         let [h, w, d] = size;
         let dims = [h + lo[0] + hi[0], w + lo[1] + hi[1], d + lo[2] + hi[2]];
         let mut data = vec![T::default(); dims[0] * dims[1] * dims[2] * channels];
@@ -68,65 +72,31 @@ impl<T: Element> PaddedVolume<T> {
                 }
             }
         }
-        Self {
-            data,
-            channels,
-            dims,
-        }
-    }
-
-    /// Voxel stride of spatial axis 0 (`Wp * Dp`).
-    pub fn stride0(&self) -> usize {
-        self.dims[1] * self.dims[2]
+        Self { data, channels }
     }
 }
 
 /// Copies the valid positions of a padded-stride, channels-last result (`src[f * C + c]`,
-/// `f = h*Wp*Dp + w*Dp + d`) into a channels-first `(C, H, W, D)` block of `dst`, using
-/// `stride = (Step_h, Step_w, Step_d)` and `start = (h0, w0, d0)` to place the output
-/// voxel `(h, w, d)` at `(h0 + h*Step_h, ...)` of a `dst_size` volume.
-pub(super) struct Scatter {
-    /// Spatial size of the valid result.
-    pub size: [usize; 3],
-    /// Voxel strides `(Wp*Dp, Dp)` of the padded-stride layout.
-    pub src_strides: [usize; 2],
-    /// Spatial size of the destination volume.
-    pub dst_size: [usize; 3],
-    /// Step between neighbouring result voxels in the destination.
-    pub step: [usize; 3],
-    /// Destination position of result voxel `(0, 0, 0)`.
-    pub start: [usize; 3],
-}
-
-impl Scatter {
-    /// A plain crop: the result has the destination's size and lands on it one to one.
-    pub fn crop(size: [usize; 3], src_strides: [usize; 2]) -> Self {
-        Self {
-            size,
-            src_strides,
-            dst_size: size,
-            step: [1, 1, 1],
-            start: [0, 0, 0],
-        }
-    }
-
-    /// Writes `src` (channels-last, `channels` wide) into channels-first `dst`.
-    pub fn run<T: Element>(&self, src: &[T], channels: usize, dst: &mut [T]) {
-        let [h, w, d] = self.size;
-        let [dh, dw, dd] = self.dst_size;
-        let plane = dh * dw * dd;
-        debug_assert_eq!(dst.len(), plane * channels);
-        for ih in 0..h {
-            for iw in 0..w {
-                let f0 = ih * self.src_strides[0] + iw * self.src_strides[1];
-                let oh = self.start[0] + ih * self.step[0];
-                let ow = self.start[1] + iw * self.step[1];
-                let o0 = (oh * dw + ow) * dd + self.start[2];
-                for c in 0..channels {
-                    let dst_c = &mut dst[c * plane..(c + 1) * plane];
-                    for id in 0..d {
-                        dst_c[o0 + id * self.step[2]] = src[(f0 + id) * channels + c];
-                    }
+/// `f = h*Wp*Dp + w*Dp + d`, with `src_strides = (Wp*Dp, Dp)`) into a channels-first
+/// `(C, H, W, D)` volume `dst` of spatial `size`.
+pub(super) fn crop<T: Element>(
+    src: &[T],
+    channels: usize,
+    size: [usize; 3],
+    src_strides: [usize; 2],
+    dst: &mut [T],
+) {
+    let [h, w, d] = size;
+    let plane = h * w * d;
+    debug_assert_eq!(dst.len(), plane * channels);
+    for ih in 0..h {
+        for iw in 0..w {
+            let f0 = ih * src_strides[0] + iw * src_strides[1];
+            let o0 = (ih * w + iw) * d;
+            for c in 0..channels {
+                let dst_c = &mut dst[c * plane + o0..c * plane + o0 + d];
+                for (id, v) in dst_c.iter_mut().enumerate() {
+                    *v = src[(f0 + id) * channels + c];
                 }
             }
         }
@@ -226,7 +196,12 @@ pub(super) fn correlate_weight_grad<T: Element>(
     let ci = input.channels;
     let co = grad.channels;
     let sizes: Vec<usize> = groups.iter().map(|&(_, taps)| co * taps * ci).collect();
-    let zero = || sizes.iter().map(|&s| vec![T::default(); s]).collect::<Vec<_>>();
+    let zero = || {
+        sizes
+            .iter()
+            .map(|&s| vec![T::default(); s])
+            .collect::<Vec<_>>()
+    };
     if span == 0 {
         return zero();
     }

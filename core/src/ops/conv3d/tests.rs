@@ -2,6 +2,8 @@
 //! (`torch.nn.Conv3d` / `torch.nn.ConvTranspose3d` docs), and of their gradients against
 //! central finite differences.
 
+#![allow(clippy::unwrap_used)]
+
 use super::*;
 use candle_core::{Device, Var};
 use rand::{Rng, SeedableRng};
@@ -156,12 +158,19 @@ fn conv3d_matches_direct_loops_k3_and_k7() {
 
 #[test]
 fn conv3d_accepts_non_contiguous_inputs() {
-    let x = random(&[2, 5, 6, 3, 7], 4, DType::F64).transpose(1, 3).unwrap();
+    let x = random(&[2, 5, 6, 3, 7], 4, DType::F64)
+        .transpose(1, 3)
+        .unwrap();
     let w = random(&[3, 4, 3, 3, 3], 5, DType::F64)
         .transpose(0, 1)
         .unwrap();
     let want = naive_conv3d(&x, &w, None);
-    assert_close(&values(&conv3d(&x, &w, None).unwrap()), &want, 1e-12, "strided");
+    assert_close(
+        &values(&conv3d(&x, &w, None).unwrap()),
+        &want,
+        1e-12,
+        "strided",
+    );
 }
 
 #[test]
