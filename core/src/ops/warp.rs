@@ -149,7 +149,10 @@ fn source_coordinate(
     let last = (n_axis - 1) as f64;
     // MONAI: grid * 2 / (dim - 1) - 1, a true division as in PyTorch's CPU kernel.
     let divisor = Tensor::new(last, ddf.device())?.to_dtype(ddf.dtype())?;
-    let g = q.affine(2.0, 0.0)?.broadcast_div(&divisor)?.affine(1.0, -1.0)?;
+    let g = q
+        .affine(2.0, 0.0)?
+        .broadcast_div(&divisor)?
+        .affine(1.0, -1.0)?;
     // PyTorch grid_sampler_unnormalize (align_corners): ((coord + 1) / 2) * (size - 1).
     let q = g.affine(1.0, 1.0)?.affine(0.5, 0.0)?.affine(last, 0.0)?;
     match padding {
@@ -162,7 +165,12 @@ fn source_coordinate(
 }
 
 /// The voxel index along `axis` of every flat position, (1, N), in `dtype`.
-fn reference_grid(axis: usize, spatial: [usize; 3], dtype: DType, device: &Device) -> Result<Tensor> {
+fn reference_grid(
+    axis: usize,
+    spatial: [usize; 3],
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
     let mut shape = [1usize; 3];
     shape[axis] = spatial[axis];
     Tensor::arange(0u32, spatial[axis] as u32, device)?
@@ -186,9 +194,8 @@ fn axis_taps(q: &Tensor, n_axis: usize, stride: usize, padding: Padding) -> Resu
     let last = (n_axis - 1) as f64;
     let lo = q.floor()?.detach();
     let hi = lo.affine(1.0, 1.0)?;
-    let in_volume = |i: &Tensor| -> Result<Tensor> {
-        i.ge(0.0)?.mul(&i.le(last)?)?.to_dtype(q.dtype())
-    };
+    let in_volume =
+        |i: &Tensor| -> Result<Tensor> { i.ge(0.0)?.mul(&i.le(last)?)?.to_dtype(q.dtype()) };
     let weight_lo = hi.sub(q)?;
     let weight_hi = q.sub(&lo)?;
     let (weight_lo, weight_hi) = match padding {
