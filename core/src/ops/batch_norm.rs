@@ -121,6 +121,7 @@ fn check_channel_param(name: &str, t: &Tensor, channels: usize) -> Result<()> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may unwrap (COMMON.md)
 mod tests {
     use super::*;
     use crate::ops::grad_check::{check_grad, smooth_tensor, value_at};
@@ -190,7 +191,12 @@ mod tests {
         let rm = Tensor::new(&[0.2f64, -0.1, 0.0], &Device::Cpu).unwrap();
         let rv = Tensor::new(&[1.5f64, 0.5, 2.0], &Device::Cpu).unwrap();
         let y = batch_norm3d_eval(&x, &w, &b, &rm, &rv, 1e-5).unwrap();
-        let (wv, bv, mv, vv) = ([1.2, 0.7, -0.4], [0.1, -0.3, 0.5], [0.2, -0.1, 0.0], [1.5, 0.5, 2.0]);
+        let (wv, bv, mv, vv) = (
+            [1.2, 0.7, -0.4],
+            [0.1, -0.3, 0.5],
+            [0.2, -0.1, 0.0],
+            [1.5, 0.5, 2.0],
+        );
         for idx in [[0, 0, 1, 2, 3], [1, 2, 0, 1, 0], [1, 1, 1, 0, 2]] {
             let c = idx[1];
             let want = (value_at(&x, idx) - mv[c]) / (vv[c] + 1e-5f64).sqrt() * wv[c] + bv[c];

@@ -1,4 +1,5 @@
 //! Test helper: compares candle's autograd gradients with central finite differences.
+#![allow(clippy::unwrap_used)] // test-only code may unwrap (COMMON.md)
 
 use candle_core::{DType, Device, Tensor, Var};
 
@@ -26,7 +27,11 @@ pub(crate) fn check_grad(
     h: f64,
     tol: f64,
 ) {
-    assert_eq!(inputs[wrt].dtype(), DType::F64, "gradient checks run in f64");
+    assert_eq!(
+        inputs[wrt].dtype(),
+        DType::F64,
+        "gradient checks run in f64"
+    );
     let var = Var::from_tensor(&inputs[wrt]).unwrap();
     let mut args: Vec<Tensor> = inputs.to_vec();
     args[wrt] = var.as_tensor().clone();

@@ -155,9 +155,10 @@ fn max_pool_bwd<T: WithDType>(src: &[T], shape: &Shape, grad: &[T], k: usize) ->
     out.par_chunks_mut(plane_in)
         .enumerate()
         .for_each(|(plane, chunk)| {
-            for o in plane * plane_out..(plane + 1) * plane_out {
-                let i = first_max_index(src, [h, w, d], k, o);
-                chunk[i - plane * plane_in] += grad[o];
+            let first = plane * plane_out;
+            for (o, g) in grad[first..first + plane_out].iter().enumerate() {
+                let i = first_max_index(src, [h, w, d], k, first + o);
+                chunk[i - plane * plane_in] += *g;
             }
         });
     Ok(out)
@@ -195,6 +196,7 @@ impl CustomOp2 for MaxPool3dGrad {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may unwrap (COMMON.md)
 mod tests {
     use super::*;
     use crate::ops::grad_check::{check_grad, smooth_tensor};
@@ -209,7 +211,10 @@ mod tests {
             .unwrap();
         let y = max_pool3d(&x, 2).unwrap();
         assert_eq!(y.dims(), &[1, 1, 1, 1, 2]);
-        assert_eq!(y.flatten_all().unwrap().to_vec1::<f32>().unwrap(), [13., 15.]);
+        assert_eq!(
+            y.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            [13., 15.]
+        );
     }
 
     #[test]
@@ -221,7 +226,9 @@ mod tests {
 
     #[test]
     fn cpu_and_generic_paths_agree() {
-        let x = smooth_tensor(&[2, 3, 4, 6, 8], 0.1).to_dtype(DType::F32).unwrap();
+        let x = smooth_tensor(&[2, 3, 4, 6, 8], 0.1)
+            .to_dtype(DType::F32)
+            .unwrap();
         let relu = x.relu().unwrap(); // many ties at zero
         for input in [&x, &relu] {
             let a = max_pool3d(input, 2).unwrap();
@@ -268,7 +275,13 @@ mod tests {
     #[test]
     fn gradient_matches_finite_differences() {
         let x = smooth_tensor(&[1, 2, 4, 4, 6], 0.7);
-        check_grad(&|a| max_pool3d(&a[0], 2), &[x.clone()], 0, 1e-6, 1e-6);
+        check_grad(
+            &|a| max_pool3d(&a[0], 2),
+            std::slice::from_ref(&x),
+            0,
+            1e-6,
+            1e-6,
+        );
         check_grad(&|a| max_pool3d_generic(&a[0], 2), &[x], 0, 1e-6, 1e-6);
     }
 }

@@ -51,8 +51,7 @@ fn resize_axis(x: &Tensor, dim: usize, n_in: usize, n_out: usize) -> Result<Tens
     let one_minus_t = t.affine(-1.0, 1.0)?;
     let lo = x.index_select(&index_tensor(lo, device)?, dim)?;
     let hi = x.index_select(&index_tensor(hi, device)?, dim)?;
-    lo.broadcast_mul(&one_minus_t)?
-        .add(&hi.broadcast_mul(&t)?)
+    lo.broadcast_mul(&one_minus_t)?.add(&hi.broadcast_mul(&t)?)
 }
 
 fn index_tensor(indices: Vec<u32>, device: &Device) -> Result<Tensor> {
@@ -115,6 +114,7 @@ where
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may unwrap (COMMON.md)
 mod tests {
     use super::*;
     use crate::ops::grad_check::{check_grad, smooth_tensor, value_at};
@@ -141,7 +141,11 @@ mod tests {
         for i in 0..n_out[0] {
             for j in 0..n_out[1] {
                 for k in 0..n_out[2] {
-                    let want = f(i as f64 * scale(0), j as f64 * scale(1), k as f64 * scale(2));
+                    let want = f(
+                        i as f64 * scale(0),
+                        j as f64 * scale(1),
+                        k as f64 * scale(2),
+                    );
                     let got = value_at(&y, [0, 0, i, j, k]);
                     assert!((got - want).abs() < 1e-12, "({i},{j},{k}): {got} vs {want}");
                 }
@@ -157,7 +161,10 @@ mod tests {
         assert_eq!(diff.to_scalar::<f64>().unwrap(), 0.0);
         // PyTorch with align_corners=True and an output of 1 samples index 0.
         let one = resize_trilinear(&x, [1, 4, 2]).unwrap();
-        assert_eq!(value_at(&one, [0, 1, 0, 2, 1]), value_at(&x, [0, 1, 0, 2, 1]));
+        assert_eq!(
+            value_at(&one, [0, 1, 0, 2, 1]),
+            value_at(&x, [0, 1, 0, 2, 1])
+        );
     }
 
     #[test]

@@ -56,6 +56,7 @@ fn nearest_sources(input: usize, output: usize, device: &Device) -> Result<Tenso
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may unwrap (COMMON.md)
 mod tests {
     use super::*;
     use crate::ops::grad_check::{check_grad, smooth_tensor, value_at};
@@ -99,7 +100,13 @@ mod tests {
     #[test]
     fn gradients_match_finite_differences() {
         let x = smooth_tensor(&[1, 2, 2, 3, 2], 0.2);
-        check_grad(&|a| upsample_nearest3d(&a[0], 2), &[x.clone()], 0, 1e-6, 1e-7);
+        check_grad(
+            &|a| upsample_nearest3d(&a[0], 2),
+            std::slice::from_ref(&x),
+            0,
+            1e-6,
+            1e-7,
+        );
         check_grad(
             &|a| upsample_nearest3d_to(&a[0], [5, 2, 3]),
             &[x],

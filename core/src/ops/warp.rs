@@ -54,6 +54,17 @@ pub fn warp(image: &Tensor, ddf: &Tensor, padding: Padding) -> Result<Tensor> {
         taps.push(axis_taps(&q, spatial[axis], strides[axis], padding)?);
     }
 
+    // Partial products shared by corners, in PyTorch's order: weight = (w_D * w_W) * w_H,
+    // flat index = (offset_H + offset_W) + offset_D.
+    let (tap_h, tap_w, tap_d) = (&taps[0], &taps[1], &taps[2]);
+    let mut weight_dw = Vec::with_capacity(4);
+    let mut offset_hw = Vec::with_capacity(4);
+    for lo_hi in 0..4 {
+        let (first, second) = (lo_hi >> 1, lo_hi & 1);
+        weight_dw.push(tap_d[second].weight.mul(&tap_w[first].weight)?); // [w][d]
+        offset_hw.push(tap_h[first].offset.add(&tap_w[second].offset)?); // [h][w]
+    }
+
     let flat = image.reshape((b, c, n))?;
     let mut items = Vec::with_capacity(b);
     for item in 0..b {
@@ -61,14 +72,13 @@ pub fn warp(image: &Tensor, ddf: &Tensor, padding: Padding) -> Result<Tensor> {
         let mut acc: Option<Tensor> = None;
         for corner in 0..8 {
             // Bit 2 picks H, bit 1 W, bit 0 D: PyTorch's tnw, tne, tsw, ... order.
-            let pick = |axis: usize| (corner >> (2 - axis)) & 1;
-            let [h, w, d] = [0, 1, 2].map(|axis| &taps[axis][pick(axis)]);
-            let index = (h.offset.get(item)? + w.offset.get(item)?)?.add(&d.offset.get(item)?)?;
-            let weight = d
-                .weight
+            let (h, w, d) = (corner >> 2, (corner >> 1) & 1, corner & 1);
+            let index = offset_hw[2 * h + w]
                 .get(item)?
-                .mul(&w.weight.get(item)?)?
-                .mul(&h.weight.get(item)?)?
+                .add(&tap_d[d].offset.get(item)?)?;
+            let weight = weight_dw[2 * w + d]
+                .get(item)?
+                .mul(&tap_h[h].weight.get(item)?)?
                 .unsqueeze(0)?; // (1, N)
             let term = values.index_select(&index, 1)?.broadcast_mul(&weight)?;
             acc = Some(match acc {
@@ -149,7 +159,10 @@ fn source_coordinate(
     let last = (n_axis - 1) as f64;
     // MONAI: grid * 2 / (dim - 1) - 1, a true division as in PyTorch's CPU kernel.
     let divisor = Tensor::new(last, ddf.device())?.to_dtype(ddf.dtype())?;
-    let g = q.affine(2.0, 0.0)?.broadcast_div(&divisor)?.affine(1.0, -1.0)?;
+    let g = q
+        .affine(2.0, 0.0)?
+        .broadcast_div(&divisor)?
+        .affine(1.0, -1.0)?;
     // PyTorch grid_sampler_unnormalize (align_corners): ((coord + 1) / 2) * (size - 1).
     let q = g.affine(1.0, 1.0)?.affine(0.5, 0.0)?.affine(last, 0.0)?;
     match padding {
@@ -162,7 +175,12 @@ fn source_coordinate(
 }
 
 /// The voxel index along `axis` of every flat position, (1, N), in `dtype`.
-fn reference_grid(axis: usize, spatial: [usize; 3], dtype: DType, device: &Device) -> Result<Tensor> {
+fn reference_grid(
+    axis: usize,
+    spatial: [usize; 3],
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
     let mut shape = [1usize; 3];
     shape[axis] = spatial[axis];
     Tensor::arange(0u32, spatial[axis] as u32, device)?
@@ -186,32 +204,36 @@ fn axis_taps(q: &Tensor, n_axis: usize, stride: usize, padding: Padding) -> Resu
     let last = (n_axis - 1) as f64;
     let lo = q.floor()?.detach();
     let hi = lo.affine(1.0, 1.0)?;
-    let in_volume = |i: &Tensor| -> Result<Tensor> {
-        i.ge(0.0)?.mul(&i.le(last)?)?.to_dtype(q.dtype())
-    };
+    let in_volume =
+        |i: &Tensor| -> Result<Tensor> { i.ge(0.0)?.mul(&i.le(last)?)?.to_dtype(q.dtype()) };
     let weight_lo = hi.sub(q)?;
     let weight_hi = q.sub(&lo)?;
     let (weight_lo, weight_hi) = match padding {
         // The clamped coordinate keeps the low tap inside; the high tap leaves only when
         // its weight is already 0, but mask it all the same as PyTorch skips it.
-        Padding::Border => (weight_lo, weight_hi.mul(&in_volume(&hi)?)?),
+        Padding::Border => (
+            weight_lo,
+            weight_hi.mul(&hi.le(last)?.to_dtype(q.dtype())?)?,
+        ),
         Padding::Zeros => (
             weight_lo.mul(&in_volume(&lo)?)?,
             weight_hi.mul(&in_volume(&hi)?)?,
         ),
     };
-    let offset = |i: &Tensor| -> Result<Tensor> {
-        i.clamp(0.0, last)?
-            .to_dtype(DType::U32)?
-            .affine(stride as f64, 0.0)
+    let to_offset =
+        |i: Tensor| -> Result<Tensor> { i.to_dtype(DType::U32)?.affine(stride as f64, 0.0) };
+    // Border: the clamped coordinate keeps `lo` in [0, n-1] and `hi` in [1, n].
+    let (lo_inside, hi_inside) = match padding {
+        Padding::Border => (lo.clone(), hi.minimum(last)?),
+        Padding::Zeros => (lo.clamp(0.0, last)?, hi.clamp(0.0, last)?),
     };
     Ok([
         Tap {
-            offset: offset(&lo)?,
+            offset: to_offset(lo_inside)?,
             weight: weight_lo,
         },
         Tap {
-            offset: offset(&hi)?,
+            offset: to_offset(hi_inside)?,
             weight: weight_hi,
         },
     ])
