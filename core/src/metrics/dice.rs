@@ -145,6 +145,9 @@ mod tests {
         let two = Tensor::cat(&[&fixed, &fixed], 1).unwrap();
         assert!(matches!(dice(&two, &two), Err(Error::ShapeMismatch { .. })));
         let cropped = fixed.narrow(2, 0, 8).unwrap();
-        assert!(matches!(dice(&fixed, &cropped), Err(Error::ShapeMismatch { .. })));
+        assert!(matches!(
+            dice(&fixed, &cropped),
+            Err(Error::ShapeMismatch { .. })
+        ));
     }
 }

@@ -41,7 +41,10 @@ mod tests {
     /// Half the voxels displaced by 2, half by 0: mean 1.
     #[test]
     fn averages_over_voxels() {
-        let ddf = grid([1, 3, 4, 2, 2], |_, c, i, _, _| if c == 1 && i < 2.0 { -2.0 } else { 0.0 });
+        let ddf = grid(
+            [1, 3, 4, 2, 2],
+            |_, c, i, _, _| if c == 1 && i < 2.0 { -2.0 } else { 0.0 },
+        );
         assert!((mean_displacement(&ddf, None).unwrap() - 1.0).abs() < 1e-12);
     }
 }

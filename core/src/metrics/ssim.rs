@@ -131,6 +131,9 @@ mod tests {
     #[test]
     fn rejects_volumes_smaller_than_the_window() {
         let small = grid([1, 1, 10, 12, 12], |_, _, i, _, _| i);
-        assert!(matches!(ssim(&small, &small), Err(Error::ShapeMismatch { .. })));
+        assert!(matches!(
+            ssim(&small, &small),
+            Err(Error::ShapeMismatch { .. })
+        ));
     }
 }
