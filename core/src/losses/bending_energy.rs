@@ -215,6 +215,7 @@ fn compact_second_derivative(x: &Tensor, a: usize, b: usize) -> candle_core::Res
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may unwrap (docs/STYLE.md)
 mod tests {
     use candle_core::{DType, Device, Tensor};
 

@@ -64,6 +64,7 @@ impl DiceLoss {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may unwrap (docs/STYLE.md)
 mod tests {
     use candle_core::DType;
 

@@ -95,6 +95,7 @@ pub(crate) fn sampled_gaussian_f32(sigma: f64) -> Vec<f32> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may unwrap (docs/STYLE.md)
 mod tests {
     use candle_core::DType;
 

@@ -255,4 +255,5 @@ fn mean_over_samples(weight: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may unwrap (docs/STYLE.md)
 mod tests;

@@ -25,6 +25,7 @@ pub fn mean_displacement(ddf: &Tensor, spacing_mm: Option<[f64; 3]>) -> Result<f
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may unwrap (docs/STYLE.md)
 mod tests {
     use super::*;
     use crate::losses::test_support::grid;

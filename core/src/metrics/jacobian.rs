@@ -97,6 +97,7 @@ fn det3(m: &[[f64; 3]; 3]) -> f64 {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may unwrap (docs/STYLE.md)
 mod tests {
     use super::*;
     use crate::losses::test_support::grid;

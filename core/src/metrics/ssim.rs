@@ -88,6 +88,7 @@ fn gaussian_window_f32() -> Vec<f32> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may unwrap (docs/STYLE.md)
 mod tests {
     use super::*;
     use crate::losses::test_support::{grid, image_a, image_b};

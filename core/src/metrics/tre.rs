@@ -122,6 +122,7 @@ pub(crate) fn sample_trilinear(field: &[f64], grid: [usize; 3], p: [f64; 3]) -> 
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may unwrap (docs/STYLE.md)
 mod tests {
     use candle_core::{Device, Tensor};
 
