@@ -23,7 +23,7 @@ pub(crate) enum Extent {
 }
 
 /// Cross-correlates `x` with `taps` along tensor dim `dim` (PyTorch convention: output
-/// `o` = Σ_t taps[t]·x[o + t - pad]). The taps are cast to `x`'s dtype.
+/// `o` = `Σ_t taps[t]·x[o + t - pad]`). The taps are cast to `x`'s dtype.
 pub(crate) fn filter_axis(
     x: &Tensor,
     dim: usize,
