@@ -69,4 +69,5 @@ pub(crate) fn clamp_torch(x: &Tensor, lo: f64, hi: f64) -> candle_core::Result<T
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may unwrap (docs/STYLE.md)
 pub(crate) mod test_support;

@@ -2,8 +2,8 @@
 //!
 //! | metric | source | spec |
 //! |---|---|---|
-//! | [`dice`], [`soft_dice`] | MONAI `metrics/meandice.py` (≥ 1.2 and 1.1.0 semantics) | §5.3 |
-//! | [`ssim`] | MONAI `metrics/regression.py::SSIMMetric` (≥ 1.2) | §6 |
+//! | [`dice()`], [`soft_dice`] | MONAI `metrics/meandice.py` (≥ 1.2 and 1.1.0 semantics) | §5.3 |
+//! | [`ssim()`] | MONAI `metrics/regression.py::SSIMMetric` (≥ 1.2) | §6 |
 //! | [`target_registration_error`] | keypoint distance in mm after warping | — |
 //! | [`jacobian_stats`] | folding of `x -> x + u(x)` | — |
 //! | [`mean_displacement`] | mean `‖u‖` | — |

@@ -13,7 +13,8 @@
 //! Both compute `E = Σ_d (∂²u/∂d²)² + 2 Σ_{d1<d2} (∂²u/∂d1∂d2)²` per voxel and channel and
 //! return its mean. With `normalize`, channel `c` of a derivative along axes `d1, d2` is scaled
 //! by `n_d1·n_d2 / n_c` (`n` = spatial sizes); MONAI computes these factors as float32
-//! tensors (`int / int64 tensor`), and so does this port, also for f64 input.
+//! tensors (`int / int64 tensor`, i.e. `reciprocal(n_c) * int`), and so does this port, also
+//! for f64 input.
 
 use candle_core::Tensor;
 
@@ -98,7 +99,8 @@ impl BendingEnergyLoss {
             for b in a + 1..3 {
                 let mut mixed = compact_second_derivative(x, a, b)?;
                 if self.normalize {
-                    mixed = mixed.broadcast_mul(&channel_factors(x, sizes, sizes[a] * sizes[b])?)?;
+                    mixed =
+                        mixed.broadcast_mul(&channel_factors(x, sizes, sizes[a] * sizes[b])?)?;
                 }
                 accumulate(&mut energy, (mixed.sqr()? * 2.0)?)?;
             }
@@ -144,11 +146,15 @@ fn accumulate(energy: &mut Option<Tensor>, term: Tensor) -> candle_core::Result<
 }
 
 /// The float32 factors `numerator / n_c` for channels c = 0, 1, 2, shaped `(1, 3, 1, 1, 1)`
-/// in `like`'s dtype and device (MONAI's `int / spatial_dims` int64 tensor gives float32).
+/// in `like`'s dtype and device.
+///
+/// MONAI writes `int / spatial_dims` with an int64 tensor; PyTorch evaluates that as
+/// `spatial_dims.reciprocal() * int`, in float32: the reciprocal is rounded first, then the
+/// product. The golden values only match with this exact rounding.
 fn channel_factors(like: &Tensor, sizes: [usize; 3], numerator: usize) -> Result<Tensor> {
     let factors: Vec<f32> = sizes
         .iter()
-        .map(|&n_c| numerator as f32 / n_c as f32)
+        .map(|&n_c| (1.0f32 / n_c as f32) * numerator as f32)
         .collect();
     Ok(Tensor::from_vec(factors, (1, 3, 1, 1, 1), like.device())?.to_dtype(like.dtype())?)
 }
@@ -198,7 +204,7 @@ fn compact_second_derivative(x: &Tensor, a: usize, b: usize) -> candle_core::Res
     };
     if a == b {
         let centre = at(&[])?;
-        ((at(&[(a, Shift::Plus)])? - (centre * 2.0)?)? + at(&[(a, Shift::Minus)])?)
+        (at(&[(a, Shift::Plus)])? - (centre * 2.0)?)? + at(&[(a, Shift::Minus)])?
     } else {
         let pp = at(&[(a, Shift::Plus), (b, Shift::Plus)])?;
         let pm = at(&[(a, Shift::Plus), (b, Shift::Minus)])?;
@@ -209,6 +215,7 @@ fn compact_second_derivative(x: &Tensor, a: usize, b: usize) -> candle_core::Res
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may unwrap (docs/STYLE.md)
 mod tests {
     use candle_core::{DType, Device, Tensor};
 
@@ -216,7 +223,11 @@ mod tests {
     use crate::losses::test_support::{bending_field, check_gradient, grid, scalar};
 
     fn energy(formula: BendingEnergyFormula, normalize: bool, ddf: &Tensor) -> f64 {
-        scalar(&BendingEnergyLoss::new(formula, normalize).forward(ddf).unwrap())
+        scalar(
+            &BendingEnergyLoss::new(formula, normalize)
+                .forward(ddf)
+                .unwrap(),
+        )
     }
 
     /// Reference values: spec §8 table "BendingEnergy", MONAI 1.6.1 and 1.5.0 in float64 on
@@ -243,7 +254,11 @@ mod tests {
     #[test]
     fn f32_matches_f64() {
         let ddf = bending_field();
-        let f32_value = energy(BendingEnergyFormula::Monai16, true, &ddf.to_dtype(DType::F32).unwrap());
+        let f32_value = energy(
+            BendingEnergyFormula::Monai16,
+            true,
+            &ddf.to_dtype(DType::F32).unwrap(),
+        );
         let f64_value = energy(BendingEnergyFormula::Monai16, true, &ddf);
         assert!((f32_value - f64_value).abs() <= 1e-5 * f64_value);
     }
@@ -252,7 +267,10 @@ mod tests {
     /// in channel 0 only, mean over the 3 channels).
     #[test]
     fn quadratic_field_gives_four_thirds_in_both_formulas() {
-        let ddf = grid([1, 3, 8, 7, 9], |_, c, i, _, _| if c == 0 { i * i } else { 0.0 });
+        let ddf = grid(
+            [1, 3, 8, 7, 9],
+            |_, c, i, _, _| if c == 0 { i * i } else { 0.0 },
+        );
         for formula in [BendingEnergyFormula::Monai15, BendingEnergyFormula::Monai16] {
             let got = energy(formula, false, &ddf);
             assert!((got - 4.0 / 3.0).abs() < 1e-12, "{formula:?}: {got}");
@@ -275,14 +293,23 @@ mod tests {
         let dev = Device::Cpu;
         let loss = BendingEnergyLoss::default();
         let two_channels = Tensor::zeros((1, 2, 8, 8, 8), DType::F32, &dev).unwrap();
-        assert!(matches!(loss.forward(&two_channels), Err(Error::ShapeMismatch { .. })));
+        assert!(matches!(
+            loss.forward(&two_channels),
+            Err(Error::ShapeMismatch { .. })
+        ));
         let four_d = Tensor::zeros((3, 8, 8, 8), DType::F32, &dev).unwrap();
-        assert!(matches!(loss.forward(&four_d), Err(Error::ShapeMismatch { .. })));
+        assert!(matches!(
+            loss.forward(&four_d),
+            Err(Error::ShapeMismatch { .. })
+        ));
         // 4 voxels are enough for 1.6 (> 2) but not for 1.5 (> 4).
         let small = Tensor::zeros((1, 3, 4, 8, 8), DType::F32, &dev).unwrap();
         assert!(loss.forward(&small).is_ok());
         let old = BendingEnergyLoss::new(BendingEnergyFormula::Monai15, false);
-        assert!(matches!(old.forward(&small), Err(Error::ShapeMismatch { .. })));
+        assert!(matches!(
+            old.forward(&small),
+            Err(Error::ShapeMismatch { .. })
+        ));
         let tiny = Tensor::zeros((1, 3, 2, 8, 8), DType::F32, &dev).unwrap();
         assert!(loss.forward(&tiny).is_err());
     }

@@ -23,7 +23,7 @@ pub(crate) enum Extent {
 }
 
 /// Cross-correlates `x` with `taps` along tensor dim `dim` (PyTorch convention: output
-/// `o` = Σ_t taps[t]·x[o + t - pad]). The taps are cast to `x`'s dtype.
+/// `o` = `Σ_t taps[t]·x[o + t - pad]`). The taps are cast to `x`'s dtype.
 pub(crate) fn filter_axis(
     x: &Tensor,
     dim: usize,
@@ -73,7 +73,11 @@ pub(crate) fn filter_axis(
 
 /// Filters the three spatial axes (tensor dims 2, 3, 4) of a `(B, C, H, W, D)` tensor with the
 /// same taps, in the order MONAI applies them (axis 0 first).
-pub(crate) fn filter_spatial(x: &Tensor, taps: &[f32], extent: Extent) -> candle_core::Result<Tensor> {
+pub(crate) fn filter_spatial(
+    x: &Tensor,
+    taps: &[f32],
+    extent: Extent,
+) -> candle_core::Result<Tensor> {
     let mut out = x.clone();
     for dim in 2..5 {
         out = filter_axis(&out, dim, taps, extent)?;
@@ -82,6 +86,7 @@ pub(crate) fn filter_spatial(x: &Tensor, taps: &[f32], extent: Extent) -> candle
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may unwrap (docs/STYLE.md)
 mod tests {
     use super::*;
     use crate::losses::test_support::grid;
@@ -115,11 +120,16 @@ mod tests {
     #[test]
     fn matches_direct_correlation_same_and_valid() {
         let shape = [2, 1, 3, 9, 4];
-        let x = grid(shape, |b, _, i, j, k| (1.0 + b as f64) * (0.7 * i + 1.3 * j - 0.2 * k).sin());
+        let x = grid(shape, |b, _, i, j, k| {
+            (1.0 + b as f64) * (0.7 * i + 1.3 * j - 0.2 * k).sin()
+        });
         let flat = x.flatten_all().unwrap().to_vec1::<f64>().unwrap();
         // Asymmetric taps so that a flipped (convolution) kernel would fail; 11 taps > 9 voxels
         // exercises padding wider than the axis.
-        for taps in [vec![0.5f32, -1.0, 2.0], (0..11).map(|t| t as f32 * 0.1 - 0.3).collect()] {
+        for taps in [
+            vec![0.5f32, -1.0, 2.0],
+            (0..11).map(|t| t as f32 * 0.1 - 0.3).collect(),
+        ] {
             for extent in [Extent::Same, Extent::Valid] {
                 if extent == Extent::Valid && taps.len() > 9 {
                     assert!(filter_axis(&x, 3, &taps, extent).is_err());

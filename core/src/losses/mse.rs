@@ -20,6 +20,7 @@ pub fn mse_loss(pred: &Tensor, target: &Tensor) -> Result<Tensor> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may unwrap (docs/STYLE.md)
 mod tests {
     use candle_core::DType;
 
@@ -42,7 +43,9 @@ mod tests {
 
     #[test]
     fn gradient_matches_finite_differences() {
-        let pred = grid([1, 1, 4, 5, 6], |_, _, i, j, k| (0.3 * i + 0.2 * j - 0.1 * k).sin());
+        let pred = grid([1, 1, 4, 5, 6], |_, _, i, j, k| {
+            (0.3 * i + 0.2 * j - 0.1 * k).sin()
+        });
         let target = grid([1, 1, 4, 5, 6], |_, _, i, j, k| (0.1 * i * j + k).cos());
         check_gradient(&pred, |x| mse_loss(x, &target).unwrap(), &[0, 7, 33, 119]);
     }

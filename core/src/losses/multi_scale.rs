@@ -95,6 +95,7 @@ pub(crate) fn sampled_gaussian_f32(sigma: f64) -> Vec<f32> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may unwrap (docs/STYLE.md)
 mod tests {
     use candle_core::DType;
 
@@ -104,7 +105,13 @@ mod tests {
     /// Reference: spec §5.2, kernel sums and tap counts of MONAI's unnormalised kernels.
     #[test]
     fn kernels_have_monai_taps_and_sums() {
-        let expected = [(1.0, 7, 0.99973), (2.0, 13, 0.99898), (4.0, 25, 0.99827), (8.0, 49, 0.99782), (16.0, 97, 0.99757)];
+        let expected = [
+            (1.0, 7, 0.99973),
+            (2.0, 13, 0.99898),
+            (4.0, 25, 0.99827),
+            (8.0, 49, 0.99782),
+            (16.0, 97, 0.99757),
+        ];
         for (s, taps, sum) in expected {
             let k = sampled_gaussian_f32(s);
             assert_eq!(k.len(), taps, "scale {s}");
@@ -133,10 +140,16 @@ mod tests {
         }
         let got32 = scalar(
             &loss
-                .forward(&pred.to_dtype(DType::F32).unwrap(), &target.to_dtype(DType::F32).unwrap())
+                .forward(
+                    &pred.to_dtype(DType::F32).unwrap(),
+                    &target.to_dtype(DType::F32).unwrap(),
+                )
                 .unwrap(),
         );
-        assert!((got32 - 0.6401643931).abs() < 1e-5 * 0.6401643931, "{got32}");
+        assert!(
+            (got32 - 0.6401643931).abs() < 1e-5 * 0.6401643931,
+            "{got32}"
+        );
     }
 
     #[test]
@@ -148,9 +161,18 @@ mod tests {
     #[test]
     fn gradient_matches_finite_differences() {
         let shape = [1, 1, 6, 7, 8];
-        let pred = grid(shape, |_, _, i, j, k| 0.5 + 0.4 * (0.9 * i + 0.5 * j - 0.3 * k).sin());
-        let target = grid(shape, |_, _, i, j, k| if i + j + k > 9.0 { 1.0 } else { 0.0 });
+        let pred = grid(shape, |_, _, i, j, k| {
+            0.5 + 0.4 * (0.9 * i + 0.5 * j - 0.3 * k).sin()
+        });
+        let target = grid(
+            shape,
+            |_, _, i, j, k| if i + j + k > 9.0 { 1.0 } else { 0.0 },
+        );
         let loss = MultiScaleLoss::new(DiceLoss::default(), vec![0.0, 1.0, 2.0]).unwrap();
-        check_gradient(&pred, |x| loss.forward(x, &target).unwrap(), &[0, 41, 100, 222, 335]);
+        check_gradient(
+            &pred,
+            |x| loss.forward(x, &target).unwrap(),
+            &[0, 41, 100, 222, 335],
+        );
     }
 }

@@ -70,8 +70,9 @@ pub fn ellipsoid() -> Tensor {
 /// The §8 soft mask: 1/(1 + exp(8(r-1))), r = sqrt(((i-8)/5)² + ((j-10)/7)² + ((k-11)/8)²).
 pub fn soft_mask() -> Tensor {
     grid(SHAPE, |_, _, i, j, k| {
-        let r = (((i - 8.0) / 5.0).powi(2) + ((j - 10.0) / 7.0).powi(2) + ((k - 11.0) / 8.0).powi(2))
-            .sqrt();
+        let r =
+            (((i - 8.0) / 5.0).powi(2) + ((j - 10.0) / 7.0).powi(2) + ((k - 11.0) / 8.0).powi(2))
+                .sqrt();
         1.0 / (1.0 + (8.0 * (r - 1.0)).exp())
     })
 }
@@ -120,5 +121,8 @@ pub fn check_gradient(x: &Tensor, loss: impl Fn(&Tensor) -> Tensor, probes: &[us
             nonzero += 1;
         }
     }
-    assert!(nonzero > 0, "every probed gradient is zero: the check proves nothing");
+    assert!(
+        nonzero > 0,
+        "every probed gradient is zero: the check proves nothing"
+    );
 }

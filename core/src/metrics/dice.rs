@@ -95,6 +95,7 @@ fn per_item(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may unwrap (docs/STYLE.md)
 mod tests {
     use candle_core::DType;
 
@@ -145,6 +146,9 @@ mod tests {
         let two = Tensor::cat(&[&fixed, &fixed], 1).unwrap();
         assert!(matches!(dice(&two, &two), Err(Error::ShapeMismatch { .. })));
         let cropped = fixed.narrow(2, 0, 8).unwrap();
-        assert!(matches!(dice(&fixed, &cropped), Err(Error::ShapeMismatch { .. })));
+        assert!(matches!(
+            dice(&fixed, &cropped),
+            Err(Error::ShapeMismatch { .. })
+        ));
     }
 }

@@ -25,6 +25,7 @@ pub fn mean_displacement(ddf: &Tensor, spacing_mm: Option<[f64; 3]>) -> Result<f
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may unwrap (docs/STYLE.md)
 mod tests {
     use super::*;
     use crate::losses::test_support::grid;
@@ -41,7 +42,10 @@ mod tests {
     /// Half the voxels displaced by 2, half by 0: mean 1.
     #[test]
     fn averages_over_voxels() {
-        let ddf = grid([1, 3, 4, 2, 2], |_, c, i, _, _| if c == 1 && i < 2.0 { -2.0 } else { 0.0 });
+        let ddf = grid(
+            [1, 3, 4, 2, 2],
+            |_, c, i, _, _| if c == 1 && i < 2.0 { -2.0 } else { 0.0 },
+        );
         assert!((mean_displacement(&ddf, None).unwrap() - 1.0).abs() < 1e-12);
     }
 }

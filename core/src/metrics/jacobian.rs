@@ -91,11 +91,13 @@ pub fn jacobian_stats(ddf: &Tensor) -> Result<JacobianStats> {
 
 /// Determinant of a 3x3 matrix (cofactor expansion along the first row).
 fn det3(m: &[[f64; 3]; 3]) -> f64 {
-    m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1]) - m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0])
+    m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1])
+        - m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0])
         + m[0][2] * (m[1][0] * m[2][1] - m[1][1] * m[2][0])
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may unwrap (docs/STYLE.md)
 mod tests {
     use super::*;
     use crate::losses::test_support::grid;
@@ -111,12 +113,13 @@ mod tests {
     }
 
     /// For u(x) = A·x + b every voxel (borders included: one-sided differences are exact on a
-    /// linear field) has det J = det(I + A), computed by hand for this A as 1.2·0.9·1.1 +
-    /// 0.1·... -> compared with `det3` of the same matrix and with a closed-form value.
+    /// linear field) has det J = det(I + A); the value is worked out by hand below.
     #[test]
     fn linear_map_has_constant_determinant() {
         let a = [[0.2, 0.1, 0.0], [0.0, -0.1, 0.3], [0.05, 0.0, 0.1]];
-        let ddf = grid([1, 3, 4, 5, 6], |_, c, i, j, k| a[c][0] * i + a[c][1] * j + a[c][2] * k + 0.7);
+        let ddf = grid([1, 3, 4, 5, 6], |_, c, i, j, k| {
+            a[c][0] * i + a[c][1] * j + a[c][2] * k + 0.7
+        });
         // det([[1.2, 0.1, 0], [0, 0.9, 0.3], [0.05, 0, 1.1]]) = 1.2·0.99 - 0.1·(0 - 0.015) = 1.1895
         let expected = 1.1895;
         for d in jacobian_determinant(&ddf).unwrap() {
@@ -128,7 +131,10 @@ mod tests {
     /// localised fold gives a percentage strictly between 0 and 100.
     #[test]
     fn folding_fields_are_detected() {
-        let everywhere = grid([1, 3, 4, 4, 4], |_, c, i, _, _| if c == 0 { -2.5 * i } else { 0.0 });
+        let everywhere = grid(
+            [1, 3, 4, 4, 4],
+            |_, c, i, _, _| if c == 0 { -2.5 * i } else { 0.0 },
+        );
         let stats = jacobian_stats(&everywhere).unwrap();
         assert_eq!(stats.folding_percent, 100.0);
         assert!((stats.min - -1.5).abs() < 1e-12);
@@ -142,14 +148,20 @@ mod tests {
             }
         });
         let stats = jacobian_stats(&local).unwrap();
-        assert!(stats.folding_percent > 0.0 && stats.folding_percent < 100.0, "{stats:?}");
+        assert!(
+            stats.folding_percent > 0.0 && stats.folding_percent < 100.0,
+            "{stats:?}"
+        );
         assert!(stats.min < 0.0);
     }
 
     /// numpy.gradient on [0, 1, 4, 9] along axis 0 = [1, 2, 4, 5]; det = 1 + that.
     #[test]
     fn borders_use_one_sided_differences() {
-        let ddf = grid([1, 3, 4, 2, 2], |_, c, i, _, _| if c == 0 { i * i } else { 0.0 });
+        let ddf = grid(
+            [1, 3, 4, 2, 2],
+            |_, c, i, _, _| if c == 0 { i * i } else { 0.0 },
+        );
         let dets = jacobian_determinant(&ddf).unwrap();
         let along_i: Vec<f64> = dets.chunks(4).map(|c| c[0]).collect();
         assert_eq!(along_i, vec![2.0, 3.0, 5.0, 6.0]);
@@ -158,6 +170,9 @@ mod tests {
     #[test]
     fn rejects_degenerate_grid() {
         let ddf = grid([1, 3, 1, 4, 4], |_, _, _, _, _| 0.0);
-        assert!(matches!(jacobian_determinant(&ddf), Err(Error::ShapeMismatch { .. })));
+        assert!(matches!(
+            jacobian_determinant(&ddf),
+            Err(Error::ShapeMismatch { .. })
+        ));
     }
 }

@@ -17,7 +17,7 @@
 use candle_core::{DType, Tensor};
 
 use crate::losses::filtering::{filter_spatial, Extent};
-use crate::losses::{dims5, same_dims5};
+use crate::losses::same_dims5;
 use crate::{Error, Result};
 
 /// Window size of MONAI's default SSIM.
@@ -49,7 +49,6 @@ pub fn ssim_per_item(x: &Tensor, y: &Tensor) -> Result<Vec<f64>> {
         });
     }
     let map = ssim_map(&x.to_dtype(DType::F32)?, &y.to_dtype(DType::F32)?)?;
-    dims5("ssim", &map)?;
     let per_item = map.reshape((batch, ()))?.mean(1)?;
     Ok(per_item.to_dtype(DType::F64)?.to_vec1::<f64>()?)
 }
@@ -88,6 +87,7 @@ fn gaussian_window_f32() -> Vec<f32> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may unwrap (docs/STYLE.md)
 mod tests {
     use super::*;
     use crate::losses::test_support::{grid, image_a, image_b};
@@ -131,6 +131,9 @@ mod tests {
     #[test]
     fn rejects_volumes_smaller_than_the_window() {
         let small = grid([1, 1, 10, 12, 12], |_, _, i, _, _| i);
-        assert!(matches!(ssim(&small, &small), Err(Error::ShapeMismatch { .. })));
+        assert!(matches!(
+            ssim(&small, &small),
+            Err(Error::ShapeMismatch { .. })
+        ));
     }
 }

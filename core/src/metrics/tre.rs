@@ -39,7 +39,11 @@ pub fn target_registration_error(
 }
 
 /// TRE of each keypoint pair before registration (zero displacement), in mm.
-pub fn tre_before(fixed: &[[f64; 3]], moving: &[[f64; 3]], spacing_mm: [f64; 3]) -> Result<Vec<f64>> {
+pub fn tre_before(
+    fixed: &[[f64; 3]],
+    moving: &[[f64; 3]],
+    spacing_mm: [f64; 3],
+) -> Result<Vec<f64>> {
     check_pairs(fixed, moving)?;
     Ok(fixed
         .iter()
@@ -118,6 +122,7 @@ pub(crate) fn sample_trilinear(field: &[f64], grid: [usize; 3], p: [f64; 3]) -> 
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may unwrap (docs/STYLE.md)
 mod tests {
     use candle_core::{Device, Tensor};
 
@@ -131,20 +136,31 @@ mod tests {
         let ddf = grid([1, 3, 5, 6, 7], |_, c, _, _, _| [1.0, -2.0, 0.5][c]);
         let spacing = [1.5, 0.5, 2.0];
         let fixed = [[1.0, 2.0, 3.0], [0.5, 4.25, 6.0], [4.0, 0.0, 0.0]];
-        let moved: Vec<[f64; 3]> = fixed.iter().map(|f| [f[0] + 1.0, f[1] - 2.0, f[2] + 0.5]).collect();
+        let moved: Vec<[f64; 3]> = fixed
+            .iter()
+            .map(|f| [f[0] + 1.0, f[1] - 2.0, f[2] + 0.5])
+            .collect();
         let tre = target_registration_error(&ddf, &fixed, &moved, spacing).unwrap();
         assert!(tre.iter().all(|v| v.abs() < 1e-12), "{tre:?}");
         let tre = target_registration_error(&ddf, &fixed, &fixed, spacing).unwrap();
-        assert!(tre.iter().all(|v| (v - 4.25f64.sqrt()).abs() < 1e-12), "{tre:?}");
+        assert!(
+            tre.iter().all(|v| (v - 4.25f64.sqrt()).abs() < 1e-12),
+            "{tre:?}"
+        );
         let before = tre_before(&fixed, &moved, spacing).unwrap();
-        assert!(before.iter().all(|v| (v - 4.25f64.sqrt()).abs() < 1e-12), "{before:?}");
+        assert!(
+            before.iter().all(|v| (v - 4.25f64.sqrt()).abs() < 1e-12),
+            "{before:?}"
+        );
     }
 
     /// A linear DDF is reproduced exactly by trilinear interpolation inside the grid, and the
     /// border clamp holds the edge value outside it. Accepts a (3, H, W, D) DDF.
     #[test]
     fn linear_ddf_interpolation_and_border_clamp() {
-        let ddf = grid([1, 3, 5, 6, 7], |_, c, i, j, k| (c as f64 + 1.0) * (0.5 * i - 0.25 * j + 0.1 * k));
+        let ddf = grid([1, 3, 5, 6, 7], |_, c, i, j, k| {
+            (c as f64 + 1.0) * (0.5 * i - 0.25 * j + 0.1 * k)
+        });
         let ddf = ddf.squeeze(0).unwrap();
         let (field, g) = ddf_to_host("test", &ddf).unwrap();
         let u = sample_trilinear(&field, g, [1.3, 2.7, 5.5]);

@@ -27,8 +27,12 @@ fn golden_gaussian_a_b() {
     let loss = GlobalMutualInformationLoss::default();
     let f64_value = gmi(&loss, &image_a(DType::F64), &image_b(DType::F64));
     assert!((f64_value - -0.7899865602).abs() < 1e-9, "f64 {f64_value}");
+    // The f32 path reproduces MONAI's f32 value to all 10 given digits.
     let f32_value = gmi(&loss, &image_a(DType::F32), &image_b(DType::F32));
-    assert!((f32_value - -0.7899865508).abs() < 1e-5 * 0.79, "f32 {f32_value}");
+    assert!(
+        (f32_value - -0.7899865508).abs() < 1e-7 * 0.79,
+        "f32 {f32_value}"
+    );
 }
 
 /// Reference: spec §8, GMI(A, A) in f32 = -1.8899403811.
@@ -36,7 +40,7 @@ fn golden_gaussian_a_b() {
 fn golden_gaussian_a_a() {
     let a = image_a(DType::F32);
     let got = gmi(&GlobalMutualInformationLoss::default(), &a, &a);
-    assert!((got - -1.8899403811).abs() < 1e-5 * 1.89, "{got}");
+    assert!((got - -1.8899403811).abs() < 2e-7 * 1.89, "{got}");
 }
 
 /// Reference: spec §8, GMI b-spline(A, B) in f64 = -0.8012393071.
@@ -46,7 +50,7 @@ fn golden_bspline_a_b() {
     let got = gmi(&loss, &image_a(DType::F64), &image_b(DType::F64));
     assert!((got - -0.8012393071).abs() < 1e-9, "{got}");
     let got32 = gmi(&loss, &image_a(DType::F32), &image_b(DType::F32));
-    assert!((got32 - -0.8012393071).abs() < 1e-5 * 0.8, "f32 {got32}");
+    assert!((got32 - -0.8012393071).abs() < 2e-7 * 0.8, "f32 {got32}");
 }
 
 /// The b-spline loss is asymmetric (cubic window for pred, order 0 for target).
@@ -75,7 +79,11 @@ fn batch_items_are_averaged() {
     let loss = GlobalMutualInformationLoss::default();
     let pred = Tensor::cat(&[&a, &a], 0).unwrap();
     let target = Tensor::cat(&[&b, &a], 0).unwrap();
-    let mi = loss.mutual_information(&pred, &target).unwrap().to_vec1::<f64>().unwrap();
+    let mi = loss
+        .mutual_information(&pred, &target)
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
     assert!((mi[0] - gmi(&loss, &a, &b).abs()).abs() < 1e-12);
     assert!((mi[1] - gmi(&loss, &a, &a).abs()).abs() < 1e-12);
     let mean = gmi(&loss, &pred, &target);
@@ -98,8 +106,12 @@ fn rejects_bad_inputs() {
 fn gradient_inputs() -> (Tensor, Tensor) {
     let shape = [1, 1, 5, 6, 7];
     // Values kept strictly inside (0, 1) so the clamp is inactive and the loss smooth.
-    let pred = grid(shape, |_, _, i, j, k| 0.5 + 0.4 * (0.9 * i + 0.5 * j - 0.3 * k).sin());
-    let target = grid(shape, |_, _, i, j, k| 0.5 + 0.3 * (0.4 * i - 0.6 * j + 0.2 * k).cos());
+    let pred = grid(shape, |_, _, i, j, k| {
+        0.5 + 0.4 * (0.9 * i + 0.5 * j - 0.3 * k).sin()
+    });
+    let target = grid(shape, |_, _, i, j, k| {
+        0.5 + 0.3 * (0.4 * i - 0.6 * j + 0.2 * k).cos()
+    });
     (pred, target)
 }
 
@@ -107,7 +119,11 @@ fn gradient_inputs() -> (Tensor, Tensor) {
 fn gaussian_gradient_matches_finite_differences() {
     let (pred, target) = gradient_inputs();
     let loss = GlobalMutualInformationLoss::default();
-    check_gradient(&pred, |x| loss.forward(x, &target).unwrap(), &[0, 13, 77, 150, 209]);
+    check_gradient(
+        &pred,
+        |x| loss.forward(x, &target).unwrap(),
+        &[0, 13, 77, 150, 209],
+    );
 }
 
 #[test]
@@ -116,7 +132,9 @@ fn bspline_gradient_matches_finite_differences() {
     let loss = GlobalMutualInformationLoss::new(23, 0.5, ParzenKernel::BSpline).unwrap();
     // Probes avoid the batch min/max voxels, where MONAI's max() gradient is a subgradient.
     let flat = pred.flatten_all().unwrap().to_vec1::<f64>().unwrap();
-    let (lo, hi) = flat.iter().fold((f64::MAX, f64::MIN), |(l, h), &v| (l.min(v), h.max(v)));
+    let (lo, hi) = flat
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(l, h), &v| (l.min(v), h.max(v)));
     let probes: Vec<usize> = [3, 20, 64, 101, 177]
         .into_iter()
         .filter(|&p| flat[p] != lo && flat[p] != hi)
@@ -128,12 +146,26 @@ fn bspline_gradient_matches_finite_differences() {
 #[test]
 fn gradient_flows_at_clamp_bound() {
     let shape = [1, 1, 4, 4, 4];
-    let pred = grid(shape, |_, _, i, j, _| if i == 0.0 { 0.0 } else { 0.1 * (i + j) / 7.0 + 0.3 });
+    let pred = grid(shape, |_, _, i, j, _| {
+        if i == 0.0 {
+            0.0
+        } else {
+            0.1 * (i + j) / 7.0 + 0.3
+        }
+    });
     let target = grid(shape, |_, _, i, j, k| 0.2 + 0.1 * (i + j + k) / 9.0);
     let var = candle_core::Var::from_tensor(&pred).unwrap();
-    let loss = GlobalMutualInformationLoss::default().forward(var.as_tensor(), &target).unwrap();
+    let loss = GlobalMutualInformationLoss::default()
+        .forward(var.as_tensor(), &target)
+        .unwrap();
     let grads = loss.backward().unwrap();
-    let g = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let g = grads
+        .get(var.as_tensor())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
     // Voxel 0 sits exactly on the bound 0; a smooth one-sided derivative exists there.
     assert!(g[0].abs() > 1e-9, "{}", g[0]);
 }
