@@ -1,1 +1,78 @@
-fn main() {}
+//! `medray`: the command-line tool. Thin: parse arguments, set up logging, call the library.
+
+mod predict;
+mod synth;
+mod train_local;
+
+use clap::{Parser, Subcommand};
+
+/// Deformable registration of paired lung CT (MONAI LocalNet in Rust).
+///
+/// Available now: `synth`, `predict`, `train-local`. The cluster commands (`head`, `worker`,
+/// `up`, `train`, `infer`, `ingest`, `models`, `results`) are not built yet.
+#[derive(Debug, Parser)]
+#[command(name = "medray", version, about, long_about = None)]
+struct Cli {
+    /// Run on this device: `cpu` or `cuda:N` (needs a build with `--features cuda`).
+    #[arg(long, global = true, default_value = "cpu", env = "MEDRAY_DEVICE")]
+    device: String,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Generate synthetic paired lung CT phantoms with a known deformation.
+    Synth(synth::Args),
+    /// Register one fixed/moving pair with trained weights and report its quality.
+    Predict(predict::Args),
+    /// Train LocalNet in this process on a Learn2Reg-layout folder.
+    TrainLocal(train_local::Args),
+}
+
+/// Parses `cpu` or `cuda:N`.
+fn parse_device(spec: &str) -> anyhow::Result<candle_core::Device> {
+    match spec {
+        "cpu" => Ok(candle_core::Device::Cpu),
+        s if s.starts_with("cuda") => {
+            let ordinal = match s.strip_prefix("cuda:") {
+                Some(n) => n
+                    .parse::<usize>()
+                    .map_err(|_| anyhow::anyhow!("--device {s}: expected cuda:N with N a number"))?,
+                None if s == "cuda" => 0,
+                None => anyhow::bail!("--device {s}: expected `cpu` or `cuda:N`"),
+            };
+            if !candle_core::utils::cuda_is_available() {
+                anyhow::bail!(
+                    "--device {s}: this medray was built without CUDA support (rebuild with --features cuda)"
+                );
+            }
+            Ok(candle_core::Device::new_cuda(ordinal)?)
+        }
+        other => anyhow::bail!("--device {other}: expected `cpu` or `cuda:N`"),
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = parse_device(&cli.device).and_then(|device| match cli.command {
+        Command::Synth(args) => synth::run(args),
+        Command::Predict(args) => predict::run(args, &device),
+        Command::TrainLocal(args) => train_local::run(args, &device),
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

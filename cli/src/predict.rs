@@ -1,0 +1,115 @@
+//! `medray predict`: register one pair with trained weights.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use medray_core::predict::{predict, KeypointFiles, OutputGrid, PredictRequest};
+
+/// Arguments of `medray predict`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// LocalNet weights (safetensors with MONAI state_dict names).
+    #[arg(long)]
+    weights: PathBuf,
+    /// Model config (JSON); default: the .json beside the weights, if any. Without one, no
+    /// intensity window and no resize are applied.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Fixed image (expiration), NIfTI.
+    #[arg(long)]
+    fixed: PathBuf,
+    /// Moving image (inspiration), NIfTI.
+    #[arg(long)]
+    moving: PathBuf,
+    /// Lung mask of the fixed image (enables Dice).
+    #[arg(long, requires = "moving_mask")]
+    fixed_mask: Option<PathBuf>,
+    /// Lung mask of the moving image.
+    #[arg(long, requires = "fixed_mask")]
+    moving_mask: Option<PathBuf>,
+    /// Keypoints of the fixed image, CSV of voxel coordinates (enables TRE).
+    #[arg(long, requires = "moving_keypoints", conflicts_with = "keypoints")]
+    fixed_keypoints: Option<PathBuf>,
+    /// Keypoints of the moving image, CSV of voxel coordinates.
+    #[arg(long, requires = "fixed_keypoints")]
+    moving_keypoints: Option<PathBuf>,
+    /// Keypoint pairs, 6-column CSV (fixed x y z, moving x y z), as `medray synth` writes.
+    #[arg(long)]
+    keypoints: Option<PathBuf>,
+    /// Where to write the DDF (NIfTI vector image, voxel units).
+    #[arg(long)]
+    out_ddf: PathBuf,
+    /// Where to write the warped moving image.
+    #[arg(long)]
+    out_warped: Option<PathBuf>,
+    /// Write the DDF and warped image on the original grid of the fixed image instead of the
+    /// network grid.
+    #[arg(long)]
+    original_grid: bool,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn fmt_opt(v: Option<f64>, digits: usize) -> String {
+    v.map(|v| format!("{v:.digits$}"))
+        .unwrap_or_else(|| "n/a".into())
+}
+
+pub fn run(args: Args, device: &candle_core::Device) -> anyhow::Result<()> {
+    let keypoints = match (args.keypoints, args.fixed_keypoints, args.moving_keypoints) {
+        (Some(p), _, _) => Some(KeypointFiles::Pairs(p)),
+        (None, Some(fixed), Some(moving)) => Some(KeypointFiles::Separate { fixed, moving }),
+        _ => None,
+    };
+    let request = PredictRequest {
+        weights: args.weights,
+        model_config: args.config,
+        fixed: args.fixed,
+        moving: args.moving,
+        fixed_mask: args.fixed_mask,
+        moving_mask: args.moving_mask,
+        keypoints,
+        out_ddf: args.out_ddf,
+        out_warped: args.out_warped,
+        output_grid: if args.original_grid {
+            OutputGrid::Original
+        } else {
+            OutputGrid::Network
+        },
+    };
+    let report = predict(&request, device).context("predict failed")?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(());
+    }
+    let m = &report.metrics;
+    println!(
+        "registered {:?} on {:?} ({}) in {:.0} ms (network {:.0} ms)",
+        report.original_size, report.network_size, report.device, report.runtime_ms, report.inference_ms
+    );
+    println!("  MI loss         {:.4}", m.mi_loss);
+    println!("  bending energy  {:.5}", m.bending_energy);
+    println!(
+        "  Dice            {} (before {})",
+        fmt_opt(m.dice, 4),
+        fmt_opt(m.dice_before, 4)
+    );
+    println!("  soft Dice       {}", fmt_opt(m.soft_dice, 4));
+    println!("  SSIM            {:.4}", m.ssim);
+    println!(
+        "  TRE             {} mm (before {} mm)",
+        fmt_opt(m.tre_mm, 2),
+        fmt_opt(m.tre_before_mm, 2)
+    );
+    println!(
+        "  folding         {:.3} % (min det J {:.3})",
+        m.folding_pct, m.jacobian_min
+    );
+    println!("  mean |DDF|      {:.3} voxels", m.ddf_magnitude);
+    println!("  DDF written to  {}", report.out_ddf.display());
+    if let Some(w) = &report.out_warped {
+        println!("  warped image    {}", w.display());
+    }
+    Ok(())
+}
