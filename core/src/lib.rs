@@ -5,5 +5,6 @@ pub mod keypoints;
 pub mod nifti_io;
 pub mod ops;
 pub mod preprocess;
+pub mod synth;
 
 pub use error::{Error, Result};
