@@ -15,6 +15,7 @@ pub mod optim;
 pub mod predict;
 pub mod preprocess;
 pub mod registration;
+pub mod synth;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -324,7 +324,7 @@ mod tests {
         assert_eq!(m.dims(), &[1, 1, 8, 8, 16]);
         let mv = values(&m);
         assert!(mv.iter().all(|&x| x == 0.0 || x == 1.0));
-        assert!(mv.iter().any(|&x| x == 1.0));
+        assert!(mv.contains(&1.0));
 
         // Without a resize, 12x10x9 cannot enter LocalNet: the error names file and size.
         let err = load_image(&ipath, &PreprocessConfig::default(), &Device::Cpu).unwrap_err();

@@ -316,8 +316,8 @@ fn write_volume_round_trips_data_affine_and_spacing() {
             assert_affine_close(&vol.affine, affine, &name);
             let want_spacing =
                 [0usize, 1, 2].map(|c| (0..3).map(|r| affine[r][c].powi(2)).sum::<f64>().sqrt());
-            for a in 0..3 {
-                assert!((vol.spacing[a] - want_spacing[a]).abs() < 1e-6, "{name}");
+            for (got, want) in vol.spacing.iter().zip(want_spacing) {
+                assert!((got - want).abs() < 1e-6, "{name}: spacing {got} vs {want}");
             }
 
             // The qform alone must give the same affine: clear sform_code and read again.
