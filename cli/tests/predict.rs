@@ -46,27 +46,33 @@ fn max_rel_err(got: &[f32], want: &[f32]) -> f64 {
 }
 
 /// Reads a DDF NIfTI written by medray back into (3, H, W, D) order, checking the header
-/// fields nibabel and ITK rely on.
+/// fields nibabel and ITK rely on (NIfTI-1: dim at byte 40, intent_code at 68, datatype at 70,
+/// vox_offset at 108).
 fn read_ddf(path: &Path) -> (Vec<usize>, Vec<f32>) {
-    use nifti::{NiftiObject, ReaderOptions};
-    let obj = ReaderOptions::new().read_file(path).expect("DDF readable");
-    let h = obj.header().clone();
-    assert_eq!(h.dim[0], 5, "5-D");
-    assert_eq!((h.dim[4], h.dim[5]), (1, 3), "(X, Y, Z, 1, 3)");
-    assert_eq!(h.intent_code, 1007, "NIFTI_INTENT_VECTOR");
-    assert_eq!(h.datatype, 16, "float32");
-    let (x, y, z) = (h.dim[1] as usize, h.dim[2] as usize, h.dim[3] as usize);
-    let arr = obj
-        .into_volume()
-        .into_ndarray::<f32>()
-        .expect("float data");
-    // arr is indexed [x, y, z, 0, c]; reorder to (c, x, y, z).
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    flate2::read::GzDecoder::new(std::fs::File::open(path).unwrap())
+        .read_to_end(&mut bytes)
+        .unwrap();
+    let i16_at = |o: usize| i16::from_le_bytes([bytes[o], bytes[o + 1]]);
+    let dim: Vec<i16> = (0..8).map(|i| i16_at(40 + 2 * i)).collect();
+    assert_eq!(dim[0], 5, "5-D");
+    assert_eq!((dim[4], dim[5]), (1, 3), "(X, Y, Z, 1, 3)");
+    assert_eq!(i16_at(68), 1007, "NIFTI_INTENT_VECTOR");
+    assert_eq!(i16_at(70), 16, "float32");
+    let offset = f32::from_le_bytes(bytes[108..112].try_into().unwrap()) as usize;
+    let (x, y, z) = (dim[1] as usize, dim[2] as usize, dim[3] as usize);
+    let value = |i: usize, j: usize, k: usize, c: usize| {
+        let idx = i + x * (j + y * (k + z * c));
+        let o = offset + 4 * idx;
+        f32::from_le_bytes(bytes[o..o + 4].try_into().unwrap())
+    };
     let mut out = Vec::with_capacity(3 * x * y * z);
     for c in 0..3 {
         for i in 0..x {
             for j in 0..y {
                 for k in 0..z {
-                    out.push(arr[[i, j, k, 0, c]]);
+                    out.push(value(i, j, k, c));
                 }
             }
         }
@@ -232,12 +238,12 @@ fn mismatched_shapes_two_d_images_and_nans_are_refused() {
     let err = predict_err(&i, &i.fixed, &other, &i.weights);
     assert!(err.contains("other.nii.gz") && err.contains("16, 16, 24"), "{err}");
 
-    // A 2-D image, written with the nifti crate's own writer.
+    // A 2-D image: a valid 16x16x1 file whose header says dim[0] = 2.
     let flat = i.dir.path().join("slice.nii");
-    let arr = ndarray::Array2::<f32>::zeros((16, 16));
-    nifti::writer::WriterOptions::new(&flat)
-        .write_nifti(&arr)
-        .unwrap();
+    write_volume(&flat, &ndarray::Array3::zeros((16, 16, 1)), &affine).unwrap();
+    let mut bytes = std::fs::read(&flat).unwrap();
+    bytes[40..42].copy_from_slice(&2i16.to_le_bytes());
+    std::fs::write(&flat, bytes).unwrap();
     let err = predict_err(&i, &flat, &i.moving, &i.weights);
     assert!(err.contains("slice.nii"), "{err}");
 
