@@ -37,9 +37,9 @@ fn parse_device(spec: &str) -> anyhow::Result<candle_core::Device> {
         "cpu" => Ok(candle_core::Device::Cpu),
         s if s.starts_with("cuda") => {
             let ordinal = match s.strip_prefix("cuda:") {
-                Some(n) => n
-                    .parse::<usize>()
-                    .map_err(|_| anyhow::anyhow!("--device {s}: expected cuda:N with N a number"))?,
+                Some(n) => n.parse::<usize>().map_err(|_| {
+                    anyhow::anyhow!("--device {s}: expected cuda:N with N a number")
+                })?,
                 None if s == "cuda" => 0,
                 None => anyhow::bail!("--device {s}: expected `cpu` or `cuda:N`"),
             };

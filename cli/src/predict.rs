@@ -86,7 +86,11 @@ pub fn run(args: Args, device: &candle_core::Device) -> anyhow::Result<()> {
     let m = &report.metrics;
     println!(
         "registered {:?} on {:?} ({}) in {:.0} ms (network {:.0} ms)",
-        report.original_size, report.network_size, report.device, report.runtime_ms, report.inference_ms
+        report.original_size,
+        report.network_size,
+        report.device,
+        report.runtime_ms,
+        report.inference_ms
     );
     println!("  MI loss         {:.4}", m.mi_loss);
     println!("  bending energy  {:.5}", m.bending_energy);

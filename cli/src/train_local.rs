@@ -64,8 +64,9 @@ struct Bars {
 impl TrainObserver for Bars {
     fn on_start(&mut self, first_epoch: usize, steps_per_epoch: usize, resumed_from: Option<u64>) {
         if let Some(step) = resumed_from {
-            self.bar
-                .println(format!("resuming at epoch {first_epoch}, after step {step}"));
+            self.bar.println(format!(
+                "resuming at epoch {first_epoch}, after step {step}"
+            ));
         }
         self.bar.set_length(steps_per_epoch as u64);
         self.bar.set_position(0);
@@ -130,8 +131,15 @@ pub fn run(args: Args, device: &candle_core::Device) -> anyhow::Result<()> {
             .progress_chars("=> "),
     );
     let mut bars = Bars { bar };
-    let summary = train_local(&args.data, &args.out, &config, args.resume, device, &mut bars)
-        .context("training failed")?;
+    let summary = train_local(
+        &args.data,
+        &args.out,
+        &config,
+        args.resume,
+        device,
+        &mut bars,
+    )
+    .context("training failed")?;
     bars.bar.finish_and_clear();
     let best = summary
         .history

@@ -150,7 +150,11 @@ fn predict_reproduces_monai_ddf_and_warped_image() {
     assert_eq!(warped.affine, fixed.affine);
 
     for (key, name) in [("mi_loss", "mi_loss"), ("bending_energy", "bending_energy")] {
-        let want = expected[name].to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
+        let want = expected[name]
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
         let got = report[key].as_f64().unwrap();
         assert!(
             (got - want).abs() <= 1e-4 * want.abs(),
@@ -236,7 +240,10 @@ fn mismatched_shapes_two_d_images_and_nans_are_refused() {
     let other = i.dir.path().join("other.nii.gz");
     write_volume(&other, &ndarray::Array3::zeros((16, 16, 24)), &affine).unwrap();
     let err = predict_err(&i, &i.fixed, &other, &i.weights);
-    assert!(err.contains("other.nii.gz") && err.contains("16, 16, 24"), "{err}");
+    assert!(
+        err.contains("other.nii.gz") && err.contains("16, 16, 24"),
+        "{err}"
+    );
 
     // A 2-D image: a valid 16x16x1 file whose header says dim[0] = 2.
     let flat = i.dir.path().join("slice.nii");
@@ -252,7 +259,10 @@ fn mismatched_shapes_two_d_images_and_nans_are_refused() {
     let nan_path = i.dir.path().join("nan.nii.gz");
     write_volume(&nan_path, &nan, &affine).unwrap();
     let err = predict_err(&i, &i.fixed, &nan_path, &i.weights);
-    assert!(err.contains("nan.nii.gz") && err.to_lowercase().contains("nan"), "{err}");
+    assert!(
+        err.contains("nan.nii.gz") && err.to_lowercase().contains("nan"),
+        "{err}"
+    );
 
     // Not divisible by 8 and no model config to resize.
     let odd = i.dir.path().join("odd.nii.gz");

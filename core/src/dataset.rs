@@ -69,7 +69,9 @@ impl Learn2RegDataset {
         for entry in entries {
             let entry = entry.map_err(|e| Error::io(&scans, e))?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(stem) = strip_nifti(&name) else { continue };
+            let Some(stem) = strip_nifti(&name) else {
+                continue;
+            };
             if let Some(id) = stem.strip_suffix("_exp") {
                 pairs.entry(id.to_string()).or_default().0 = Some(entry.path());
             } else if let Some(id) = stem.strip_suffix("_insp") {

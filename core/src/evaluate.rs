@@ -110,7 +110,8 @@ pub fn evaluate_case(
     let (mut tre_mm, mut tre_before_mm) = (None, None);
     if let Some(kp) = keypoints {
         if !kp.fixed.is_empty() {
-            let after = metrics::target_registration_error(kp.ddf, kp.fixed, kp.moving, kp.spacing_mm)?;
+            let after =
+                metrics::target_registration_error(kp.ddf, kp.fixed, kp.moving, kp.spacing_mm)?;
             let before = metrics::tre_before(kp.fixed, kp.moving, kp.spacing_mm)?;
             tre_mm = Some(metrics::mean_std(&after).0);
             tre_before_mm = Some(metrics::mean_std(&before).0);

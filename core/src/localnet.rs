@@ -18,9 +18,9 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
+use blocks::{AdditiveUpSample, ConvBlock, Init, ResidualBlock};
 pub use blocks::{BatchNorm3d, NamedVar, TensorKind};
 pub use weights::{infer_config, read_safetensors};
-use blocks::{AdditiveUpSample, ConvBlock, Init, ResidualBlock};
 
 use crate::{ops, Error, Result};
 
@@ -193,14 +193,8 @@ impl LocalNet {
                 dtype,
                 device,
             )?;
-            let res = ResidualBlock::new(
-                format!("encode_convs.{d}.1"),
-                c,
-                k,
-                &mut rng,
-                dtype,
-                device,
-            )?;
+            let res =
+                ResidualBlock::new(format!("encode_convs.{d}.1"), c, k, &mut rng, dtype, device)?;
             encode.push((conv, res));
             c_prev = c;
         }
@@ -234,14 +228,8 @@ impl LocalNet {
                 dtype,
                 device,
             )?;
-            let res = ResidualBlock::new(
-                format!("decode_convs.{i}.1"),
-                c,
-                3,
-                &mut rng,
-                dtype,
-                device,
-            )?;
+            let res =
+                ResidualBlock::new(format!("decode_convs.{i}.1"), c, 3, &mut rng, dtype, device)?;
             decode.push((up, conv, res));
         }
         let init = match config.output_init {

@@ -80,7 +80,8 @@ pub fn load_model(
         None => None,
     };
     let config = source.as_deref().map(ModelConfig::read).transpose()?;
-    let net = LocalNet::load_safetensors(weights, config.as_ref().map(|c| &c.network), dtype, device)?;
+    let net =
+        LocalNet::load_safetensors(weights, config.as_ref().map(|c| &c.network), dtype, device)?;
     let config = config.unwrap_or_else(|| ModelConfig {
         network: net.config().clone(),
         preprocess: PreprocessConfig::default(),

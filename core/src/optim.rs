@@ -71,12 +71,18 @@ impl Adam {
     /// An optimiser over `params` (name, variable), in a fixed order.
     pub fn new(params: Vec<(String, Var)>, config: AdamConfig) -> Result<Self> {
         if !(config.lr > 0.0 && config.lr.is_finite()) {
-            return Err(Error::invalid("lr", format!("must be > 0, got {}", config.lr)));
+            return Err(Error::invalid(
+                "lr",
+                format!("must be > 0, got {}", config.lr),
+            ));
         }
         if !(0.0..1.0).contains(&config.beta1) || !(0.0..1.0).contains(&config.beta2) {
             return Err(Error::invalid(
                 "betas",
-                format!("must be in [0, 1), got ({}, {})", config.beta1, config.beta2),
+                format!(
+                    "must be in [0, 1), got ({}, {})",
+                    config.beta1, config.beta2
+                ),
             ));
         }
         Ok(Self {

@@ -16,7 +16,9 @@ use serde::{Deserialize, Serialize};
 use crate::evaluate::{evaluate_case, CaseMetrics, CaseTensors, KeypointEval};
 use crate::keypoints::{read_keypoint_pairs, read_keypoints};
 use crate::model::load_model;
-use crate::nifti_io::{read_volume, tensor_to_array3, tensor_to_ddf_array, write_ddf, write_volume, Volume};
+use crate::nifti_io::{
+    read_volume, tensor_to_array3, tensor_to_ddf_array, write_ddf, write_volume, Volume,
+};
 use crate::ops::{self, Padding};
 use crate::preprocess::{preprocess_image, preprocess_mask, resample_ddf_to};
 use crate::{Error, Result};
@@ -93,11 +95,21 @@ pub struct PredictReport {
     pub out_warped: Option<PathBuf>,
 }
 
-fn check_same_shape(a: &Volume, a_path: &std::path::Path, b: &Volume, b_path: &std::path::Path) -> Result<()> {
+fn check_same_shape(
+    a: &Volume,
+    a_path: &std::path::Path,
+    b: &Volume,
+    b_path: &std::path::Path,
+) -> Result<()> {
     if a.shape() != b.shape() {
         return Err(Error::ShapeMismatch {
             op: "predict",
-            expected: format!("{} to have the shape {:?} of {}", b_path.display(), a.shape(), a_path.display()),
+            expected: format!(
+                "{} to have the shape {:?} of {}",
+                b_path.display(),
+                a.shape(),
+                a_path.display()
+            ),
             got: format!("{:?}", b.shape()),
         });
     }
@@ -106,7 +118,11 @@ fn check_same_shape(a: &Volume, a_path: &std::path::Path, b: &Volume, b_path: &s
 
 /// The affine of the network grid: voxel i of a grid of n samples resized with
 /// `align_corners=True` from N samples lies at original voxel `i (N - 1) / (n - 1)`.
-pub fn resized_affine(affine: &[[f64; 4]; 4], original: [usize; 3], size: [usize; 3]) -> [[f64; 4]; 4] {
+pub fn resized_affine(
+    affine: &[[f64; 4]; 4],
+    original: [usize; 3],
+    size: [usize; 3],
+) -> [[f64; 4]; 4] {
     let mut out = *affine;
     for c in 0..3 {
         let s = if size[c] > 1 {
@@ -124,7 +140,12 @@ pub fn resized_affine(affine: &[[f64; 4]; 4], original: [usize; 3], size: [usize
 /// Registers one pair, writes the outputs and returns the report.
 pub fn predict(request: &PredictRequest, device: &Device) -> Result<PredictReport> {
     let start = Instant::now();
-    let model = load_model(&request.weights, request.model_config.as_deref(), DType::F32, device)?;
+    let model = load_model(
+        &request.weights,
+        request.model_config.as_deref(),
+        DType::F32,
+        device,
+    )?;
     let pre = &model.config.preprocess;
     let fixed_vol = read_volume(&request.fixed)?;
     let moving_vol = read_volume(&request.moving)?;
@@ -137,7 +158,8 @@ pub fn predict(request: &PredictRequest, device: &Device) -> Result<PredictRepor
         other => other,
     };
     let fixed = preprocess_image(&fixed_vol, pre, device).map_err(|e| name(&request.fixed, e))?;
-    let moving = preprocess_image(&moving_vol, pre, device).map_err(|e| name(&request.moving, e))?;
+    let moving =
+        preprocess_image(&moving_vol, pre, device).map_err(|e| name(&request.moving, e))?;
     let mut masks = Vec::new();
     for (path, image_path, image) in [
         (&request.fixed_mask, &request.fixed, &fixed_vol),
@@ -149,16 +171,17 @@ pub fn predict(request: &PredictRequest, device: &Device) -> Result<PredictRepor
             masks.push(preprocess_mask(&vol, pre, device).map_err(|e| name(path, e))?);
         }
     }
-    let (fixed_mask, moving_mask) = match (request.fixed_mask.is_some(), request.moving_mask.is_some()) {
-        (true, true) => (Some(&masks[0]), Some(&masks[1])),
-        (false, false) => (None, None),
-        _ => {
-            return Err(Error::invalid(
-                "masks",
-                "give both --fixed-mask and --moving-mask, or neither",
-            ))
-        }
-    };
+    let (fixed_mask, moving_mask) =
+        match (request.fixed_mask.is_some(), request.moving_mask.is_some()) {
+            (true, true) => (Some(&masks[0]), Some(&masks[1])),
+            (false, false) => (None, None),
+            _ => {
+                return Err(Error::invalid(
+                    "masks",
+                    "give both --fixed-mask and --moving-mask, or neither",
+                ))
+            }
+        };
     let original = fixed_vol.shape();
     let network_size = [fixed.dim(2)?, fixed.dim(3)?, fixed.dim(4)?];
 
@@ -220,7 +243,11 @@ pub fn predict(request: &PredictRequest, device: &Device) -> Result<PredictRepor
 
     match (request.output_grid, &ddf_original) {
         (OutputGrid::Original, Some(d)) => {
-            write_ddf(&request.out_ddf, &tensor_to_ddf_array(d)?, &fixed_vol.affine)?;
+            write_ddf(
+                &request.out_ddf,
+                &tensor_to_ddf_array(d)?,
+                &fixed_vol.affine,
+            )?;
             if let Some(out) = &request.out_warped {
                 let raw = crate::nifti_io::to_tensor(&moving_vol, device)?;
                 let warped = ops::warp(&raw, d, Padding::Border)?;

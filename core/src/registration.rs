@@ -11,9 +11,7 @@
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use crate::losses::{
-    mse_loss, BendingEnergyLoss, GlobalMutualInformationLoss, MultiScaleLoss,
-};
+use crate::losses::{mse_loss, BendingEnergyLoss, GlobalMutualInformationLoss, MultiScaleLoss};
 use crate::ops::{self, Padding};
 use crate::{Error, Result};
 

@@ -90,7 +90,10 @@ impl TrainConfig {
             return Err(Error::invalid("batch_size", "must be at least 1"));
         }
         if !(self.lr > 0.0 && self.lr.is_finite()) {
-            return Err(Error::invalid("lr", format!("must be > 0, got {}", self.lr)));
+            return Err(Error::invalid(
+                "lr",
+                format!("must be > 0, got {}", self.lr),
+            ));
         }
         if self.checkpoint_every == 0 {
             return Err(Error::invalid("checkpoint_every", "must be at least 1"));
@@ -142,7 +145,13 @@ pub struct EpochSummary {
 /// Progress callbacks; the CLI draws bars with them.
 pub trait TrainObserver {
     /// Training starts at `first_epoch` (1-based; > 1 after a resume) with `steps_per_epoch`.
-    fn on_start(&mut self, _first_epoch: usize, _steps_per_epoch: usize, _resumed_from: Option<u64>) {}
+    fn on_start(
+        &mut self,
+        _first_epoch: usize,
+        _steps_per_epoch: usize,
+        _resumed_from: Option<u64>,
+    ) {
+    }
     /// An optimiser step finished: (epoch, global step, total, similarity, regularisation).
     fn on_step(&mut self, _epoch: usize, _step: u64, _losses: (f64, f64, f64)) {}
     /// Validation of an epoch begins.
@@ -203,7 +212,9 @@ fn load_case(case: &CaseFiles, pre: &PreprocessConfig, device: &Device) -> Resul
 fn batch_of(cases: &[&LoadedCase]) -> Result<PairBatch> {
     let cat = |f: &dyn Fn(&LoadedCase) -> Option<&Tensor>| -> Result<Option<Tensor>> {
         let parts: Option<Vec<&Tensor>> = cases.iter().map(|c| f(c)).collect();
-        parts.map(|p| Tensor::cat(&p, 0).map_err(Error::from)).transpose()
+        parts
+            .map(|p| Tensor::cat(&p, 0).map_err(Error::from))
+            .transpose()
     };
     Ok(PairBatch {
         fixed: cat(&|c| Some(&c.fixed))?.expect("every case has a fixed image"),
@@ -217,7 +228,9 @@ fn batch_of(cases: &[&LoadedCase]) -> Result<PairBatch> {
 /// `(seed, epoch)`, so it does not depend on what ran before.
 pub fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
     let mut order: Vec<usize> = (0..n).collect();
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
+        seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+    );
     order.shuffle(&mut rng);
     order
 }
@@ -290,10 +303,17 @@ pub fn train_local(
     let dataset = Learn2RegDataset::open(data_dir)?;
     let (train_files, val_files) = dataset.split(config.val_fraction)?;
     if config.loss.needs_masks() {
-        if let Some(c) = train_files.iter().find(|c| c.fixed_mask.is_none() || c.moving_mask.is_none()) {
+        if let Some(c) = train_files
+            .iter()
+            .find(|c| c.fixed_mask.is_none() || c.moving_mask.is_none())
+        {
             return Err(Error::invalid(
                 "loss",
-                format!("{} needs lung masks, but case {} has none", config.loss.name(), c.id),
+                format!(
+                    "{} needs lung masks, but case {} has none",
+                    config.loss.name(),
+                    c.id
+                ),
             ));
         }
     }
@@ -333,7 +353,11 @@ pub fn train_local(
     }
     let objective = RegistrationLoss::new(config.loss);
     let steps_per_epoch = train_cases.len().div_ceil(config.batch_size);
-    observer.on_start(first_epoch, steps_per_epoch, previous.as_ref().map(|p| p.step));
+    observer.on_start(
+        first_epoch,
+        steps_per_epoch,
+        previous.as_ref().map(|p| p.step),
+    );
 
     for epoch in first_epoch..=config.epochs {
         let started = Instant::now();
@@ -349,7 +373,11 @@ pub fn train_local(
             if !values.0.is_finite() {
                 return Err(Error::invalid(
                     "training",
-                    format!("the loss became {} at epoch {epoch}, step {}", values.0, step + 1),
+                    format!(
+                        "the loss became {} at epoch {epoch}, step {}",
+                        values.0,
+                        step + 1
+                    ),
                 ));
             }
             adam.step(&parts.total.backward()?)?;

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use medray_core::localnet::LocalNet;
-use medray_core::optim::{Adam, AdamConfig};
 use medray_core::ops::{self, Padding};
+use medray_core::optim::{Adam, AdamConfig};
 use medray_core::registration::{LossPreset, PairBatch, RegistrationLoss};
 
 fn fixture(name: &str) -> PathBuf {
@@ -163,7 +163,10 @@ fn check_adam(preset: &str) {
     }
     for (name, var) in model.parameters() {
         let e = rel_err(var.as_tensor(), &fx[&format!("param.{name}")]);
-        assert!(e < 1e-4, "{preset} param.{name} after 3 Adam steps: rel err {e}");
+        assert!(
+            e < 1e-4,
+            "{preset} param.{name} after 3 Adam steps: rel err {e}"
+        );
     }
 }
 
@@ -186,7 +189,12 @@ fn warp_and_its_gradients_match_monai() {
     assert!(rel_err(&out, &fx["out_border"]) < 1e-6);
     let zeros = ops::warp(&image, &ddf, Padding::Zeros).unwrap();
     assert!(rel_err(&zeros, &fx["out_zeros"]) < 1e-6);
-    let grads = (out * &fx["r"]).unwrap().sum_all().unwrap().backward().unwrap();
+    let grads = (out * &fx["r"])
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
     let e = rel_err(grads.get(&image).unwrap(), &fx["grad_image"]);
     assert!(e < 1e-6, "grad_image {e}");
     let e = rel_err(grads.get(&ddf).unwrap(), &fx["grad_ddf"]);
@@ -199,7 +207,10 @@ fn warp_and_its_gradients_match_monai() {
 fn resizing_matches_pytorch_interpolate() {
     let fx = load("resize.safetensors");
     let x = &fx["input"];
-    for (key, size) in [("trilinear_up", [16, 16, 24]), ("trilinear_down", [6, 7, 8])] {
+    for (key, size) in [
+        ("trilinear_up", [16, 16, 24]),
+        ("trilinear_down", [6, 7, 8]),
+    ] {
         let got = ops::resize_trilinear(x, size).unwrap();
         let e = rel_err(&got, &fx[key]);
         assert!(e < 1e-10, "{key}: rel err {e}");

@@ -62,8 +62,7 @@ pub(crate) fn init_weight(
                     // Box-Muller; two uniforms per sample keep the stream simple.
                     let u1: f64 = rng.gen_range(f64::EPSILON..1.0);
                     let u2: f64 = rng.gen();
-                    ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * std)
-                        as f32
+                    ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * std) as f32
                 })
                 .collect()
         }

@@ -84,10 +84,21 @@ fn initialisation_follows_monai() {
     let net = LocalNet::new(&LocalNetConfig::seed(), 3, DType::F32, &Device::Cpu).unwrap();
     let sd = net.state_dict().unwrap();
     let std = |name: &str| -> f64 {
-        let t = sd[name].flatten_all().unwrap().to_dtype(DType::F64).unwrap();
+        let t = sd[name]
+            .flatten_all()
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap();
         let n = t.elem_count() as f64;
         let mean = (t.sum_all().unwrap().to_scalar::<f64>().unwrap()) / n;
-        let sq = t.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap() / n;
+        let sq = t
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+            / n;
         (sq - mean * mean).sqrt()
     };
     // kaiming_normal_: std = sqrt(2 / fan_in), fan_in = 2 * 343 (monai-spec §1.4: 0.05399).
@@ -95,7 +106,10 @@ fn initialisation_follows_monai() {
     assert!((s - (2.0f64 / 686.0).sqrt()).abs() < 0.002, "{s}");
     // PyTorch default U(+-1/sqrt(fan_in)): std = 1/sqrt(3 fan_in), fan_in = 32 * 343.
     let s = std("encode_convs.0.1.layers.0.conv.weight");
-    assert!((s - 1.0 / (3.0f64 * 32.0 * 343.0).sqrt()).abs() < 0.0005, "{s}");
+    assert!(
+        (s - 1.0 / (3.0f64 * 32.0 * 343.0).sqrt()).abs() < 0.0005,
+        "{s}"
+    );
     // Zero output layer: the initial DDF is exactly zero.
     let out = sd["output_block.layers.0.conv.weight"]
         .abs()
@@ -148,7 +162,8 @@ fn golden_input() -> Tensor {
             for i in 0..h {
                 for j in 0..w {
                     for k in 0..d {
-                        let (bi, ci, i, j, k) = (bi as f64, ci as f64, i as f64, j as f64, k as f64);
+                        let (bi, ci, i, j, k) =
+                            (bi as f64, ci as f64, i as f64, j as f64, k as f64);
                         v.push((0.3 * i + 0.5 * ci + 0.7 * bi).sin() * (0.2 * j - 0.1 * k).cos());
                     }
                 }
@@ -234,7 +249,9 @@ fn train_mode_updates_running_statistics_and_counters() {
         .unwrap();
     net.forward_t(&x, true).unwrap();
     let sd = net.state_dict().unwrap();
-    let after = sd["bottom_block.adn.N.running_mean"].to_vec1::<f32>().unwrap();
+    let after = sd["bottom_block.adn.N.running_mean"]
+        .to_vec1::<f32>()
+        .unwrap();
     assert_ne!(before, after);
     let counter = sd["bottom_block.adn.N.num_batches_tracked"]
         .to_scalar::<i64>()
@@ -285,7 +302,10 @@ fn bad_weights_are_refused_with_the_tensor_named() {
     let err = LocalNet::load_safetensors(&path, Some(&config), DType::F32, &Device::Cpu)
         .unwrap_err()
         .to_string();
-    assert!(err.contains("bottom_block.conv.weight") && err.contains("shape"), "{err}");
+    assert!(
+        err.contains("bottom_block.conv.weight") && err.contains("shape"),
+        "{err}"
+    );
 
     // A missing tensor.
     let mut sd = good.clone();
@@ -295,7 +315,10 @@ fn bad_weights_are_refused_with_the_tensor_named() {
     let err = LocalNet::load_safetensors(&path, None, DType::F32, &Device::Cpu)
         .unwrap_err()
         .to_string();
-    assert!(err.contains("encode_convs.1.1.norms.0.bias") && err.contains("missing"), "{err}");
+    assert!(
+        err.contains("encode_convs.1.1.norms.0.bias") && err.contains("missing"),
+        "{err}"
+    );
 
     // An unexpected tensor.
     let mut sd = good.clone();

@@ -66,8 +66,8 @@ pub fn infer_config(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<Lo
         extract_levels.push((d[1] / nci).trailing_zeros() as usize);
         out_channels = Some(d[0]);
     }
-    let out_channels =
-        out_channels.ok_or_else(|| weights_error(path, "output_block.layers.0.conv.weight", "missing"))?;
+    let out_channels = out_channels
+        .ok_or_else(|| weights_error(path, "output_block.layers.0.conv.weight", "missing"))?;
     let config = LocalNetConfig {
         in_channels,
         out_channels,
@@ -179,7 +179,11 @@ impl LocalNet {
     pub fn state_dict(&self) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
         for v in self.named_vars() {
-            let t = v.var.as_tensor().to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+            let t = v
+                .var
+                .as_tensor()
+                .to_dtype(DType::F32)?
+                .to_device(&Device::Cpu)?;
             out.insert(v.name, t);
         }
         for n in self.batch_norms() {
