@@ -3,6 +3,8 @@
 //! mode, input cat(moving, fixed) without preprocessing, DDF and `Warp()` output from MONAI
 //! 1.6.1), plus the errors users get for malformed inputs.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers fail loudly by design
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -3,6 +3,8 @@
 //! eval and train mode for both presets, the gradient of MI + bending energy with respect to
 //! every parameter, Adam after 3 steps, the warp with its gradients, and trilinear resizing.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers fail loudly by design
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
