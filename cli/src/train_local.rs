@@ -61,10 +61,21 @@ struct Bars {
     bar: ProgressBar,
 }
 
+impl Bars {
+    /// A line above the bar; plain stdout when the bar is hidden (not a terminal).
+    fn line(&self, text: String) {
+        if self.bar.is_hidden() {
+            println!("{text}");
+        } else {
+            self.bar.println(text);
+        }
+    }
+}
+
 impl TrainObserver for Bars {
     fn on_start(&mut self, first_epoch: usize, steps_per_epoch: usize, resumed_from: Option<u64>) {
         if let Some(step) = resumed_from {
-            self.bar.println(format!(
+            self.line(format!(
                 "resuming at epoch {first_epoch}, after step {step}"
             ));
         }
@@ -93,8 +104,12 @@ impl TrainObserver for Bars {
             .val_dice
             .map(|d| format!("{d:.4}"))
             .unwrap_or_else(|| "n/a".into());
-        self.bar.println(format!(
-            "epoch {:>3}  total loss {:.4}  similarity loss {:.4}  regularisation loss {:.4}  val dice {dice} (binary {binary})  lr {:.1e}  {:.1}s",
+        let before = s
+            .val_dice_before
+            .map(|d| format!("{d:.4}"))
+            .unwrap_or_else(|| "n/a".into());
+        self.line(format!(
+            "epoch {:>3}  total loss {:.4}  similarity loss {:.4}  regularisation loss {:.4}  val dice {dice} (binary {binary}, unregistered {before})  lr {:.1e}  {:.1}s",
             s.epoch, s.total_loss, s.similarity_loss, s.regularisation_loss, s.lr, s.seconds
         ));
         self.bar.set_position(0);
@@ -144,11 +159,11 @@ pub fn run(args: Args, device: &candle_core::Device) -> anyhow::Result<()> {
     let best = summary
         .history
         .iter()
-        .filter_map(|h| h.val_soft_dice.map(|d| (h.epoch, d)))
+        .filter_map(|h| h.val_dice.or(h.val_soft_dice).map(|d| (h.epoch, d)))
         .max_by(|a, b| a.1.total_cmp(&b.1));
     match best {
         Some((epoch, dice)) => println!(
-            "done: {} steps; best validation soft Dice {dice:.4} at epoch {epoch}; weights {}",
+            "done: {} steps; best validation Dice {dice:.4} at epoch {epoch}; weights {}",
             summary.steps,
             summary.best_weights.display()
         ),

@@ -5,15 +5,15 @@
 //! resumed run sees the same order), takes batches of `batch_size`, and runs forward (BN in
 //! training mode), warp, loss, backward and an Adam step. After each epoch the validation
 //! cases are registered in eval mode and scored; the learning rate follows
-//! ReduceLROnPlateau(factor 0.5, patience 5) on the validation soft Dice (or on the training
-//! loss when there is no validation case).
+//! ReduceLROnPlateau(factor 0.5, patience 5) on the validation Dice (or on the training loss
+//! when there is no validation case).
 //!
 //! Output directory:
 //! ```text
 //! OUT/state.json                     commit point: last completed epoch, scheduler, history
 //! OUT/checkpoints/epoch-NNNN/        weights.safetensors + weights.json + optimizer.safetensors
 //! OUT/last.safetensors, last.json    the latest weights and model config
-//! OUT/best.safetensors, best.json    the best by validation soft Dice
+//! OUT/best.safetensors, best.json    the best by validation Dice (binary; soft without masks)
 //! OUT/history.csv                    one line per epoch
 //! ```
 
@@ -132,6 +132,8 @@ pub struct EpochSummary {
     pub val_soft_dice: Option<f64>,
     /// Mean validation binary Dice (nearest-warped masks).
     pub val_dice: Option<f64>,
+    /// Mean validation Dice without registration (the identity baseline).
+    pub val_dice_before: Option<f64>,
     /// Mean validation MI loss.
     pub val_mi_loss: Option<f64>,
     /// Mean validation folding percentage.
@@ -409,12 +411,16 @@ pub fn train_local(
             regularisation_loss: sums.2 / n,
             val_soft_dice: mean(val.iter().filter_map(|m| m.soft_dice)),
             val_dice: mean(val.iter().filter_map(|m| m.dice)),
+            val_dice_before: mean(val.iter().filter_map(|m| m.dice_before)),
             val_mi_loss: mean(val.iter().map(|m| m.mi_loss)),
             val_folding_pct: mean(val.iter().map(|m| m.folding_pct)),
             lr,
             seconds: started.elapsed().as_secs_f64(),
         };
-        let monitored = summary.val_soft_dice.unwrap_or(summary.total_loss);
+        // Binary Dice (nearest-warped masks) ranks checkpoints and drives the scheduler; the
+        // soft Dice of trilinearly warped masks penalises any sub-voxel motion of the mask edge.
+        let val_score = summary.val_dice.or(summary.val_soft_dice);
+        let monitored = val_score.unwrap_or(summary.total_loss);
         adam.set_lr(scheduler.step(monitored, lr));
 
         // Checkpoint: files first, each atomic, then state.json as the commit point.
@@ -424,13 +430,13 @@ pub fn train_local(
         save_weights(&net, &model_config, &dir.join("weights.safetensors"))?;
         save_optimizer(&adam, &dir.join("optimizer.safetensors"))?;
         save_weights(&net, &model_config, &out_dir.join("last.safetensors"))?;
-        let improved = match (summary.val_soft_dice, best_val) {
+        let improved = match (val_score, best_val) {
             (Some(v), Some(b)) => v > b,
             (Some(_), None) => true,
             (None, _) => true,
         };
         if improved {
-            best_val = summary.val_soft_dice.or(best_val);
+            best_val = val_score.or(best_val);
             save_weights(&net, &model_config, &out_dir.join("best.safetensors"))?;
         }
         history.push(summary.clone());
@@ -483,17 +489,18 @@ fn keep_checkpoint(dir: &Path, every: usize) -> bool {
 fn write_history_csv(path: &Path, history: &[EpochSummary]) -> Result<()> {
     let opt = |v: Option<f64>| v.map(|v| format!("{v:.6}")).unwrap_or_default();
     let mut text = String::from(
-        "epoch,total_loss,similarity_loss,regularisation_loss,val_soft_dice,val_dice,val_mi_loss,val_folding_pct,lr,seconds\n",
+        "epoch,total_loss,similarity_loss,regularisation_loss,val_soft_dice,val_dice,val_dice_before,val_mi_loss,val_folding_pct,lr,seconds\n",
     );
     for h in history {
         text.push_str(&format!(
-            "{},{:.6},{:.6},{:.6},{},{},{},{},{:e},{:.2}\n",
+            "{},{:.6},{:.6},{:.6},{},{},{},{},{},{:e},{:.2}\n",
             h.epoch,
             h.total_loss,
             h.similarity_loss,
             h.regularisation_loss,
             opt(h.val_soft_dice),
             opt(h.val_dice),
+            opt(h.val_dice_before),
             opt(h.val_mi_loss),
             opt(h.val_folding_pct),
             h.lr,
