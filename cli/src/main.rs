@@ -1,5 +1,6 @@
 //! `medray`: the command-line tool. Thin: parse arguments, set up logging, call the library.
 
+mod bench;
 mod predict;
 mod synth;
 mod train_local;
@@ -8,7 +9,7 @@ use clap::{Parser, Subcommand};
 
 /// Deformable registration of paired lung CT (MONAI LocalNet in Rust).
 ///
-/// Available now: `synth`, `predict`, `train-local`. The cluster commands (`head`, `worker`,
+/// Available now: `synth`, `predict`, `train-local`, `bench`. The cluster commands (`head`, `worker`,
 /// `up`, `train`, `infer`, `ingest`, `models`, `results`) are not built yet.
 #[derive(Debug, Parser)]
 #[command(name = "medray", version, about, long_about = None)]
@@ -29,6 +30,8 @@ enum Command {
     Predict(predict::Args),
     /// Train LocalNet in this process on a Learn2Reg-layout folder.
     TrainLocal(train_local::Args),
+    /// Time the LocalNet train step and inference (optionally beside MONAI).
+    Bench(bench::Args),
 }
 
 /// Parses `cpu` or `cuda:N`.
@@ -67,6 +70,7 @@ fn main() -> std::process::ExitCode {
         Command::Synth(args) => synth::run(args),
         Command::Predict(args) => predict::run(args, &device),
         Command::TrainLocal(args) => train_local::run(args, &device),
+        Command::Bench(args) => bench::run(args, &device),
     });
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 pub mod atomic;
+pub mod bench;
 pub mod dataset;
 pub mod error;
 pub mod evaluate;

@@ -570,21 +570,17 @@ pub fn write_ddf(path: impl AsRef<Path>, ddf: &Array4<f32>, affine: &[[f64; 4]; 
 /// Writes `bytes` (a full uncompressed NIfTI file) to `path`, gzip-compressed if the name
 /// ends in `.gz`, through a temporary file renamed into place.
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let io_err = |e: std::io::Error| Error::io(path, e);
-    let tmp = tempfile::Builder::new()
-        .prefix(".medray-")
-        .suffix(".tmp")
-        .tempfile_in(dir)
-        .map_err(io_err)?;
     let gz = path
         .file_name()
         .is_some_and(|n| n.to_string_lossy().to_ascii_lowercase().ends_with(".gz"));
-    {
-        let mut out = BufWriter::new(tmp.as_file());
+    crate::atomic::write_with(path, |tmp| {
+        let io_err = |e: std::io::Error| Error::io(path, e);
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(tmp)
+            .map_err(io_err)?;
+        let mut out = BufWriter::new(file);
         if gz {
             // Level 1: noisy float volumes barely compress further at higher levels.
             let mut enc = GzEncoder::new(&mut out, Compression::fast());
@@ -593,10 +589,8 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
         } else {
             out.write_all(bytes).map_err(io_err)?;
         }
-        out.flush().map_err(io_err)?;
-    }
-    tmp.persist(path).map_err(|e| io_err(e.error))?;
-    Ok(())
+        out.flush().map_err(io_err)
+    })
 }
 
 /// The header fields medray writes; everything else is zero.

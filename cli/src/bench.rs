@@ -1,0 +1,204 @@
+//! `medray bench`: LocalNet train step and inference timings, optionally beside MONAI/PyTorch
+//! (`tools/bench_monai.py`) on the same machine in the same run, with the ratio.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::Context;
+use medray_core::bench::{bench, BenchKind, BenchResult};
+use medray_core::localnet::Preset;
+
+/// Arguments of `medray bench`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Presets to time, comma-separated: seed, full.
+    #[arg(long, default_value = "seed", value_delimiter = ',')]
+    presets: Vec<Preset>,
+    /// Sizes, comma-separated: N (a cube) or XxYxZ.
+    #[arg(long, default_value = "64,96x96x104", value_delimiter = ',')]
+    sizes: Vec<String>,
+    /// What to time, comma-separated: train, infer.
+    #[arg(long, default_value = "train,infer", value_delimiter = ',')]
+    kinds: Vec<String>,
+    /// Timed repetitions after one warm-up.
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    /// Also run tools/bench_monai.py with this Python (MONAI 1.6.1 + torch installed) after
+    /// medray's own runs, and print the ratio medray / MONAI.
+    #[arg(long)]
+    compare_monai: Option<PathBuf>,
+    /// Path of tools/bench_monai.py.
+    #[arg(long, default_value = "tools/bench_monai.py")]
+    monai_script: PathBuf,
+    /// Print one JSON object per result instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_size(s: &str) -> anyhow::Result<[usize; 3]> {
+    let parts: Vec<usize> = s
+        .split('x')
+        .map(|p| p.trim().parse::<usize>())
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("--sizes: `{s}` is not N or XxYxZ"))?;
+    match parts.as_slice() {
+        [n] => Ok([*n; 3]),
+        [x, y, z] => Ok([*x, *y, *z]),
+        _ => anyhow::bail!("--sizes: `{s}` is not N or XxYxZ"),
+    }
+}
+
+fn parse_kind(s: &str) -> anyhow::Result<BenchKind> {
+    match s {
+        "train" => Ok(BenchKind::Train),
+        "infer" => Ok(BenchKind::Infer),
+        other => anyhow::bail!("--kinds: `{other}` is not train or infer"),
+    }
+}
+
+fn size_key(size: [usize; 3]) -> String {
+    format!("{}x{}x{}", size[0], size[1], size[2])
+}
+
+fn preset_name(p: Preset) -> &'static str {
+    match p {
+        Preset::Seed => "seed",
+        Preset::Full => "full",
+    }
+}
+
+fn kind_name(k: BenchKind) -> &'static str {
+    match k {
+        BenchKind::Train => "train",
+        BenchKind::Infer => "infer",
+    }
+}
+
+/// Runs the MONAI script and returns median seconds by (preset, size, kind).
+fn run_monai(
+    args: &Args,
+    python: &PathBuf,
+) -> anyhow::Result<HashMap<(String, String, String), f64>> {
+    let presets: Vec<&str> = args.presets.iter().map(|p| preset_name(*p)).collect();
+    let out = Command::new(python)
+        .arg(&args.monai_script)
+        .args(["--presets", &presets.join(",")])
+        .args(["--sizes", &args.sizes.join(",")])
+        .args(["--kinds", &args.kinds.join(",")])
+        .args(["--repeats", &args.repeats.to_string()])
+        .output()
+        .with_context(|| {
+            format!(
+                "running {} {}",
+                python.display(),
+                args.monai_script.display()
+            )
+        })?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "{} failed:\n{}",
+            args.monai_script.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let mut medians = HashMap::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let field = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
+        if let (Some(p), Some(s), Some(k), Some(m)) = (
+            field("preset"),
+            field("size"),
+            field("kind"),
+            v.get("median_s").and_then(|x| x.as_f64()),
+        ) {
+            medians.insert((p, s, k), m);
+        }
+    }
+    Ok(medians)
+}
+
+pub fn run(args: Args, device: &candle_core::Device) -> anyhow::Result<()> {
+    let sizes = args
+        .sizes
+        .iter()
+        .map(|s| parse_size(s))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let kinds = args
+        .kinds
+        .iter()
+        .map(|k| parse_kind(k))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if args.repeats == 0 {
+        anyhow::bail!("--repeats must be at least 1");
+    }
+    let mut results: Vec<BenchResult> = Vec::new();
+    for &preset in &args.presets {
+        for &size in &sizes {
+            for &kind in &kinds {
+                eprintln!(
+                    "timing medray {} {} {} ...",
+                    preset_name(preset),
+                    size_key(size),
+                    kind_name(kind)
+                );
+                let r = bench(preset, size, kind, args.repeats, device).with_context(|| {
+                    format!("benchmark {} {}", preset_name(preset), size_key(size))
+                })?;
+                results.push(r);
+            }
+        }
+    }
+    let monai = match &args.compare_monai {
+        Some(python) => {
+            eprintln!("timing MONAI with {} ...", python.display());
+            Some(run_monai(&args, python)?)
+        }
+        None => None,
+    };
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    if !args.json {
+        println!(
+            "machine: {cores} cores, device {device:?}; median of {} runs after 1 warm-up",
+            args.repeats
+        );
+        println!(
+            "{:<6} {:<12} {:<6} {:>12} {:>12} {:>8}",
+            "preset", "size", "kind", "medray (s)", "MONAI (s)", "ratio"
+        );
+    }
+    for r in &results {
+        let key = (
+            preset_name(r.preset).to_string(),
+            size_key(r.size),
+            kind_name(r.kind).to_string(),
+        );
+        let reference = monai.as_ref().and_then(|m| m.get(&key)).copied();
+        if args.json {
+            let mut v = serde_json::to_value(r)?;
+            v["monai_median_s"] = serde_json::json!(reference);
+            v["ratio"] = serde_json::json!(reference.map(|m| r.median_s / m));
+            v["cores"] = serde_json::json!(cores);
+            println!("{v}");
+        } else {
+            println!(
+                "{:<6} {:<12} {:<6} {:>12.3} {:>12} {:>8}",
+                key.0,
+                key.1,
+                key.2,
+                r.median_s,
+                reference
+                    .map(|m| format!("{m:.3}"))
+                    .unwrap_or_else(|| "-".into()),
+                reference
+                    .map(|m| format!("{:.2}x", r.median_s / m))
+                    .unwrap_or_else(|| "-".into())
+            );
+        }
+    }
+    Ok(())
+}

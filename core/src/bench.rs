@@ -1,0 +1,148 @@
+//! Timing of the LocalNet training step and inference (`medray bench`), the same work that
+//! `tools/bench_monai.py` times for MONAI/PyTorch so the two can be compared in one run.
+//!
+//! * train step: forward (BatchNorm in training mode), warp, GlobalMutualInformationLoss +
+//!   1.0 x BendingEnergyLoss, backward, Adam step; batch 1.
+//! * inference: eval-mode forward and warp, no gradient.
+//!
+//! Inputs are smooth random volumes in [0, 1]; the network uses the preset's MONAI
+//! initialisation with a random (non-zero) output layer so that the warp does real work.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::localnet::{LocalNet, LocalNetConfig, OutputInit, Preset};
+use crate::optim::{Adam, AdamConfig};
+use crate::registration::{LossPreset, PairBatch, RegistrationLoss};
+use crate::Result;
+
+/// What is timed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BenchKind {
+    /// One optimiser step.
+    Train,
+    /// One registration without gradients.
+    Infer,
+}
+
+/// One timing result.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BenchResult {
+    /// Network preset.
+    pub preset: Preset,
+    /// Volume size.
+    pub size: [usize; 3],
+    /// Train step or inference.
+    pub kind: BenchKind,
+    /// Median over the repeats, seconds.
+    pub median_s: f64,
+    /// Every repeat, seconds.
+    pub times_s: Vec<f64>,
+}
+
+fn smooth_volume(size: [usize; 3], phase: f64, device: &Device) -> Result<Tensor> {
+    let [h, w, d] = size;
+    let mut v = Vec::with_capacity(h * w * d);
+    for i in 0..h {
+        for j in 0..w {
+            for k in 0..d {
+                let (x, y, z) = (
+                    i as f64 / h as f64,
+                    j as f64 / w as f64,
+                    k as f64 / d as f64,
+                );
+                let s = (6.0 * x + phase).sin() * (5.0 * y).cos() * (4.0 * z + 0.5 * phase).sin();
+                v.push((0.5 + 0.45 * s) as f32);
+            }
+        }
+    }
+    Ok(Tensor::from_vec(v, (1, 1, h, w, d), device)?)
+}
+
+fn median(times: &[f64]) -> f64 {
+    let mut t = times.to_vec();
+    t.sort_by(f64::total_cmp);
+    let n = t.len();
+    if n == 0 {
+        f64::NAN
+    } else if n % 2 == 1 {
+        t[n / 2]
+    } else {
+        0.5 * (t[n / 2 - 1] + t[n / 2])
+    }
+}
+
+/// Times `kind` for `preset` at `size`: one warm-up, then `repeats` timed runs.
+pub fn bench(
+    preset: Preset,
+    size: [usize; 3],
+    kind: BenchKind,
+    repeats: usize,
+    device: &Device,
+) -> Result<BenchResult> {
+    let config = LocalNetConfig::preset(preset).with_output_init(OutputInit::KaimingNormal);
+    let net = LocalNet::new(&config, 0, DType::F32, device)?;
+    let batch = PairBatch {
+        fixed: smooth_volume(size, 0.0, device)?,
+        moving: smooth_volume(size, 0.4, device)?,
+        fixed_mask: None,
+        moving_mask: None,
+    };
+    let input = batch.network_input()?;
+    let objective = RegistrationLoss::new(LossPreset::MiBe);
+    let mut adam = Adam::new(net.parameters(), AdamConfig::with_lr(1e-4))?;
+    let mut run = || -> Result<()> {
+        match kind {
+            BenchKind::Train => {
+                let ddf = net.forward_t(&input, true)?;
+                let loss = objective.forward(&ddf, &batch)?;
+                adam.step(&loss.total.backward()?)?;
+                // Force completion on asynchronous devices.
+                loss.values()?;
+            }
+            BenchKind::Infer => {
+                let ddf = net.forward_t(&input, false)?.detach();
+                let warped = crate::ops::warp(&batch.moving, &ddf, crate::ops::Padding::Border)?;
+                warped.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            }
+        }
+        Ok(())
+    };
+    run()?;
+    let mut times = Vec::with_capacity(repeats);
+    for _ in 0..repeats.max(1) {
+        let t0 = Instant::now();
+        run()?;
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    Ok(BenchResult {
+        preset,
+        size,
+        kind,
+        median_s: median(&times),
+        times_s: times,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+
+    #[test]
+    fn bench_runs_both_kinds_on_a_tiny_volume() {
+        for kind in [BenchKind::Train, BenchKind::Infer] {
+            let r = bench(Preset::Seed, [16, 16, 16], kind, 1, &Device::Cpu).unwrap();
+            assert_eq!(r.times_s.len(), 1);
+            assert!(r.median_s > 0.0);
+        }
+    }
+}
