@@ -196,26 +196,21 @@ fn a_resumed_run_ends_where_an_uninterrupted_one_does() {
     let a = weights(&straight.join("last.safetensors"));
     let b = weights(&resumed.join("last.safetensors"));
     assert_eq!(a.len(), b.len());
+    let max_abs = |t: &Tensor| -> f64 {
+        t.to_dtype(DType::F64)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
     for (name, ta) in &a {
-        let tb = &b[name];
-        let diff = (ta.to_dtype(DType::F64).unwrap() - tb.to_dtype(DType::F64).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
-        let scale = ta
-            .to_dtype(DType::F64)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-            .max(1e-12);
+        let diff = max_abs(
+            &(ta.to_dtype(DType::F64).unwrap() - b[name].to_dtype(DType::F64).unwrap()).unwrap(),
+        );
+        let scale = max_abs(ta).max(1e-12);
         assert!(diff / scale <= 1e-5, "{name}: resumed differs by {diff}");
     }
     assert_eq!(
