@@ -170,7 +170,7 @@ impl Catalog {
         for (i, sql) in migrations::MIGRATIONS.iter().enumerate().skip(current) {
             tx.execute_batch(sql)
                 .map_err(|e| Error::catalog("apply migration", e))?;
-            tx.execute("INSERT INTO schema_version (version) VALUES (?1)", [i + 1])
+            tx.execute("INSERT INTO schema_version (version) VALUES (?1)", [(i + 1) as i64])
                 .map_err(|e| Error::catalog("apply migration", e))?;
             tracing::info!(version = i + 1, "catalog migrated");
         }
@@ -430,7 +430,7 @@ mod tests {
         assert_eq!((d.case_count, d.bytes), (2, 10));
         assert!(d.created_at.ends_with('Z'));
 
-        let other = vec![case("case_009", "datasets/d~x")];
+        let other = vec![case("case_009", "datasets/d/v-x")];
         let new2 = NewDataset {
             content_sha256: "bbb",
             cases: &other,

@@ -13,7 +13,7 @@
 //!
 //! Objects go under `datasets/<name>/` (`scansExp/`, `scansInsp/`, `lungMasksExp/`,
 //! `lungMasksInsp/`, `keypoints/`). A replacement is written beside the current version under
-//! `datasets/<name>~<first 12 hex digits of its content sha256>/` so that the switch is the
+//! `datasets/<name>/v-<first 12 hex digits of its content sha256>/` so that the switch is the
 //! catalog transaction alone; the catalog records every object key. One ingest per dataset
 //! name at a time.
 
@@ -179,7 +179,7 @@ pub async fn ingest_synthetic(
     let out = tmp.path().to_path_buf();
     let cfg = config.clone();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let gen = tokio::task::spawn_blocking(move || {
+    let generation = tokio::task::spawn_blocking(move || {
         crate::synth::generate(&cfg, &out, |done, total| {
             let _ = tx.send((done as u64, total as u64));
         })
@@ -187,7 +187,7 @@ pub async fn ingest_synthetic(
     while let Some((done, total)) = rx.recv().await {
         progress(IngestPhase::Generate, done, total);
     }
-    gen.await.map_err(|e| join_error("generate", e))??;
+    generation.await.map_err(|e| join_error("generate", e))??;
     ingest_folder(stage, catalog, tmp.path(), &name, &source, options, progress).await
 }
 
@@ -246,10 +246,10 @@ async fn ingest_folder(
             return Err(Error::DatasetExists {
                 name: name.to_string(),
                 existing_sha256: existing.content_sha256,
-                new_sha256: sha,
+                new_sha256: sha.clone(),
             });
         }
-        Some(_) => format!("datasets/{name}~{}", &sha[..12]),
+        Some(_) => format!("datasets/{name}/v-{}", &sha[..12]),
         None => format!("datasets/{name}"),
     };
 
@@ -323,7 +323,7 @@ async fn store_cases(
     let mut done = 0u64;
     let mut records = Vec::with_capacity(cases.len());
     for case in cases {
-        let mut stored = |kind: FileKind| -> Option<(&PathBuf, &str)> {
+        let stored = |kind: FileKind| -> Option<(&PathBuf, &str)> {
             case.files
                 .iter()
                 .find(|f| f.kind == kind)

@@ -78,7 +78,9 @@ async fn ingests_a_folder_into_the_four_folders_and_the_catalog() {
     assert_eq!(cases.len(), 2);
     assert_eq!(cases[0].shape, [16, 16, 20]);
     assert!(cases[0].intensity_min < cases[0].intensity_max);
-    assert!(cases[0].keypoint_count > 0);
+    let pairs =
+        crate::keypoints::read_keypoint_pairs(e.data.join("keypoints/case_001.csv")).unwrap();
+    assert_eq!(cases[0].keypoint_count, pairs.len());
     // The stored object decrypts to the original file.
     let original = std::fs::read(e.data.join("scans/case_001_exp.nii.gz")).unwrap();
     assert_eq!(e.stage.get(&cases[0].fixed.key).await.unwrap(), original);
