@@ -11,7 +11,12 @@ use medray_core::stage::{Stage, StageKey, StageLocation, STAGE_KEY_ENV};
 #[derive(Debug, clap::Args)]
 pub struct DataArgs {
     /// Data directory: holds catalog.db, stage.key and the default local stage (stage/).
-    #[arg(long, global = true, env = "MEDRAY_DATA_DIR", default_value = "./medray-data")]
+    #[arg(
+        long,
+        global = true,
+        env = "MEDRAY_DATA_DIR",
+        default_value = "./medray-data"
+    )]
     pub data_dir: PathBuf,
     /// Stage location (file:///dir, a plain path, or s3://bucket/prefix with AWS_* env);
     /// default: <data-dir>/stage. The key comes from MEDRAY_STAGE_KEY (hex or base64 of 32

@@ -60,7 +60,11 @@ fn synth(dir: &Path, cases: usize) {
         .args(["--size", "16", "16", "20", "--seed", "5"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -70,23 +74,43 @@ fn ingest_dir_then_list_show_and_stage_ls() {
     let l2r = tmp.path().join("l2r");
     synth(&l2r, 2);
     let r = ok(&data, &["ingest", "dir", s(&l2r), "--name", "lung"]);
-    assert!(r.stdout.contains("published dataset lung: 2 cases"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("published dataset lung: 2 cases"),
+        "{}",
+        r.stdout
+    );
     assert!(data.join("catalog.db").is_file());
     assert!(data.join("stage.key").is_file());
 
     let list = ok(&data, &["datasets", "list"]);
-    assert!(list.stdout.lines().any(|l| l.starts_with("lung\t2\t")), "{}", list.stdout);
+    assert!(
+        list.stdout.lines().any(|l| l.starts_with("lung\t2\t")),
+        "{}",
+        list.stdout
+    );
     let show = ok(&data, &["datasets", "show", "lung"]);
-    assert!(show.stdout.contains("case_001\t16x16x20"), "{}", show.stdout);
-    assert!(show.stdout.contains("datasets/lung/scansExp/case_001_exp.nii.gz"));
+    assert!(
+        show.stdout.contains("case_001\t16x16x20"),
+        "{}",
+        show.stdout
+    );
+    assert!(show
+        .stdout
+        .contains("datasets/lung/scansExp/case_001_exp.nii.gz"));
 
     let ls = ok(&data, &["stage", "ls", "datasets/lung/scansInsp"]);
     assert_eq!(ls.stdout.lines().count(), 2, "{}", ls.stdout);
-    assert!(ls.stdout.contains("datasets/lung/scansInsp/case_002_insp.nii.gz"));
+    assert!(ls
+        .stdout
+        .contains("datasets/lung/scansInsp/case_002_insp.nii.gz"));
 
     let missing = run(&data, &["datasets", "show", "nope"]);
     assert!(!missing.ok);
-    assert!(missing.stderr.contains("no dataset named `nope`"), "{}", missing.stderr);
+    assert!(
+        missing.stderr.contains("no dataset named `nope`"),
+        "{}",
+        missing.stderr
+    );
 }
 
 #[test]
@@ -94,10 +118,25 @@ fn re_ingesting_identical_synthetic_content_leaves_one_copy() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     let args = [
-        "ingest", "synthetic", "--cases", "2", "--size", "16", "16", "16", "--seed", "7",
+        "ingest",
+        "synthetic",
+        "--cases",
+        "2",
+        "--size",
+        "16",
+        "16",
+        "16",
+        "--seed",
+        "7",
     ];
     let first = ok(&data, &args);
-    assert!(first.stdout.contains("published dataset synthetic-2c-16x16x16-s7"), "{}", first.stdout);
+    assert!(
+        first
+            .stdout
+            .contains("published dataset synthetic-2c-16x16x16-s7"),
+        "{}",
+        first.stdout
+    );
     let files = walk(&data.join("stage"));
     assert_eq!(files.len(), 10, "{files:?}");
     let second = ok(&data, &args);
@@ -126,9 +165,16 @@ fn a_corrupt_nifti_is_refused_with_its_name_and_nothing_is_published_or_left() {
     assert_eq!(list.stdout.lines().count(), 1, "{}", list.stdout);
 
     // --skip-bad publishes the other case and names the bad one.
-    let r = ok(&data, &["ingest", "dir", s(&l2r), "--name", "bad", "--skip-bad"]);
+    let r = ok(
+        &data,
+        &["ingest", "dir", s(&l2r), "--name", "bad", "--skip-bad"],
+    );
     assert!(r.stdout.contains("1 cases"), "{}", r.stdout);
-    assert!(r.stderr.contains("skipped bad case case_002"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("skipped bad case case_002"),
+        "{}",
+        r.stderr
+    );
     assert_eq!(walk(&data.join("stage")).len(), 5);
 }
 
@@ -163,7 +209,10 @@ fn stage_put_get_round_trip_stores_ciphertext() {
     let mut t = stored.clone();
     t[40] ^= 1;
     std::fs::write(data.join("stage/notes/a.txt"), &t).unwrap();
-    let r = run(&data, &["stage", "get", "notes/a.txt", s(&tmp.path().join("y"))]);
+    let r = run(
+        &data,
+        &["stage", "get", "notes/a.txt", s(&tmp.path().join("y"))],
+    );
     assert!(!r.ok);
     assert!(r.stderr.contains("modified or truncated"), "{}", r.stderr);
 }

@@ -71,10 +71,7 @@ fn key_from(idx: usize, text: String) -> rusqlite::Result<ObjectKey> {
     })
 }
 
-fn file_from(
-    row: &rusqlite::Row<'_>,
-    key_idx: usize,
-) -> rusqlite::Result<Option<StoredFile>> {
+fn file_from(row: &rusqlite::Row<'_>, key_idx: usize) -> rusqlite::Result<Option<StoredFile>> {
     let key: Option<String> = row.get(key_idx)?;
     let sha: Option<String> = row.get(key_idx + 1)?;
     match (key, sha) {
@@ -170,8 +167,11 @@ impl Catalog {
         for (i, sql) in migrations::MIGRATIONS.iter().enumerate().skip(current) {
             tx.execute_batch(sql)
                 .map_err(|e| Error::catalog("apply migration", e))?;
-            tx.execute("INSERT INTO schema_version (version) VALUES (?1)", [(i + 1) as i64])
-                .map_err(|e| Error::catalog("apply migration", e))?;
+            tx.execute(
+                "INSERT INTO schema_version (version) VALUES (?1)",
+                [(i + 1) as i64],
+            )
+            .map_err(|e| Error::catalog("apply migration", e))?;
             tracing::info!(version = i + 1, "catalog migrated");
         }
         tx.commit().map_err(|e| Error::catalog("migrate", e))
@@ -310,8 +310,11 @@ impl Catalog {
                 });
             }
             let old_cases = Self::cases_in(&tx, dataset.name)?;
-            tx.execute("DELETE FROM datasets WHERE name = ?1", [dataset.name.as_str()])
-                .map_err(|e| Error::catalog("publish", e))?;
+            tx.execute(
+                "DELETE FROM datasets WHERE name = ?1",
+                [dataset.name.as_str()],
+            )
+            .map_err(|e| Error::catalog("publish", e))?;
             outcome = PublishOutcome::Replaced { old_cases };
         }
         tx.execute(
@@ -364,7 +367,8 @@ impl Catalog {
                 .map_err(|e| Error::catalog("publish case", e))?;
             }
         }
-        tx.commit().map_err(|e| Error::catalog("commit publish", e))?;
+        tx.commit()
+            .map_err(|e| Error::catalog("commit publish", e))?;
         Ok(outcome)
     }
 }
@@ -415,7 +419,10 @@ mod tests {
     fn publish_is_idempotent_and_refuses_other_content_without_replace() {
         let mut c = Catalog::open_in_memory().unwrap();
         let name = DatasetName::new("d").unwrap();
-        let cases = vec![case("case_001", "datasets/d"), case("case_002", "datasets/d")];
+        let cases = vec![
+            case("case_001", "datasets/d"),
+            case("case_002", "datasets/d"),
+        ];
         let new = NewDataset {
             name: &name,
             source: "test",

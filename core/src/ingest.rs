@@ -23,9 +23,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use crate::catalog::{
-    CaseRecord, Catalog, DatasetName, NewDataset, PublishOutcome, StoredFile,
-};
+use crate::catalog::{CaseRecord, Catalog, DatasetName, NewDataset, PublishOutcome, StoredFile};
 use crate::dataset::Learn2RegDataset;
 use crate::stage::{ObjectKey, Stage};
 use crate::synth::SynthConfig;
@@ -188,7 +186,16 @@ pub async fn ingest_synthetic(
         progress(IngestPhase::Generate, done, total);
     }
     generation.await.map_err(|e| join_error("generate", e))??;
-    ingest_folder(stage, catalog, tmp.path(), &name, &source, options, progress).await
+    ingest_folder(
+        stage,
+        catalog,
+        tmp.path(),
+        &name,
+        &source,
+        options,
+        progress,
+    )
+    .await
 }
 
 fn join_error(what: &str, e: tokio::task::JoinError) -> Error {
@@ -353,17 +360,19 @@ async fn store_cases(
             written.push(key.clone());
             done += data.len() as u64;
             progress(IngestPhase::Store, done, total_bytes);
-            files.push((
-                kind,
-                StoredFile {
-                    key,
-                    sha256: now,
-                },
-            ));
+            files.push((kind, StoredFile { key, sha256: now }));
         }
-        let take = |kind: FileKind| files.iter().find(|(k, _)| *k == kind).map(|(_, f)| f.clone());
+        let take = |kind: FileKind| {
+            files
+                .iter()
+                .find(|(k, _)| *k == kind)
+                .map(|(_, f)| f.clone())
+        };
         let missing = |kind: FileKind| {
-            Error::invalid("ingest", format!("case {}: no {} file", case.case_id, kind.folder()))
+            Error::invalid(
+                "ingest",
+                format!("case {}: no {} file", case.case_id, kind.folder()),
+            )
         };
         records.push(CaseRecord {
             case_id: case.case_id.clone(),

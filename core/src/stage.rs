@@ -25,7 +25,9 @@ use crate::{Error, Result};
 
 /// The key of an object in a stage: `/`-separated, relative, without empty, `.` or `..`
 /// segments (e.g. `datasets/lung/scansExp/case_001_exp.nii.gz`).
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(try_from = "String", into = "String")]
 pub struct ObjectKey(String);
 

@@ -58,9 +58,15 @@ fn opts(n: &str) -> IngestOptions {
 #[tokio::test]
 async fn ingests_a_folder_into_the_four_folders_and_the_catalog() {
     let mut e = env(2);
-    let r = ingest_dir(&e.stage, &mut e.catalog, &e.data, &opts("lung"), |_, _, _| {})
-        .await
-        .unwrap();
+    let r = ingest_dir(
+        &e.stage,
+        &mut e.catalog,
+        &e.data,
+        &opts("lung"),
+        |_, _, _| {},
+    )
+    .await
+    .unwrap();
     assert_eq!(r.outcome, PublishOutcome::Created);
     assert_eq!((r.cases, r.objects_written), (2, 10));
     let k = keys(&e.stage).await;
@@ -209,7 +215,10 @@ async fn a_failure_while_storing_deletes_the_objects_already_written() {
     )
     .await
     .unwrap_err();
-    assert!(err.to_string().contains("changed after validation"), "{err}");
+    assert!(
+        err.to_string().contains("changed after validation"),
+        "{err}"
+    );
     assert!(keys(&e.stage).await.is_empty());
     assert!(e.catalog.datasets().unwrap().is_empty());
     // No stray staging files either.

@@ -90,7 +90,9 @@ pub fn open(key: &StageKey, object: &str, sealed: &[u8]) -> Result<Vec<u8>> {
     }
     let (header, body) = sealed.split_at(HEADER_BYTES);
     if &header[..4] != MAGIC {
-        return Err(bad("no medray encryption header (not encrypted, or damaged)"));
+        return Err(bad(
+            "no medray encryption header (not encrypted, or damaged)",
+        ));
     }
     if header[4] != VERSION {
         return Err(bad(&format!("unknown format version {}", header[4])));
@@ -147,7 +149,10 @@ mod tests {
         for n in 0..sealed.len() {
             assert!(open(&key, "k", &sealed[..n]).is_err(), "truncation {n}");
         }
-        assert!(open(&key, "other", &sealed).is_err(), "moved object accepted");
+        assert!(
+            open(&key, "other", &sealed).is_err(),
+            "moved object accepted"
+        );
     }
 
     #[test]

@@ -76,15 +76,16 @@ impl StageKey {
         } else {
             base64::engine::general_purpose::STANDARD.decode(text).ok()
         };
-        let bytes: [u8; KEY_BYTES] = decoded
-            .and_then(|v| v.try_into().ok())
-            .ok_or_else(|| Error::StageKey {
-                source_name: source_name.to_string(),
-                reason: format!(
-                    "expected {KEY_BYTES} bytes as 64 hex digits or base64, got {} characters",
-                    text.len()
-                ),
-            })?;
+        let bytes: [u8; KEY_BYTES] =
+            decoded
+                .and_then(|v| v.try_into().ok())
+                .ok_or_else(|| Error::StageKey {
+                    source_name: source_name.to_string(),
+                    reason: format!(
+                        "expected {KEY_BYTES} bytes as 64 hex digits or base64, got {} characters",
+                        text.len()
+                    ),
+                })?;
         Ok(Self::from_bytes(bytes))
     }
 
