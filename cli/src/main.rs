@@ -1,7 +1,11 @@
 //! `medray`: the command-line tool. Thin: parse arguments, set up logging, call the library.
 
 mod bench;
+mod data_dir;
+mod datasets;
+mod ingest;
 mod predict;
+mod stage;
 mod synth;
 mod train_local;
 
@@ -9,8 +13,9 @@ use clap::{Parser, Subcommand};
 
 /// Deformable registration of paired lung CT (MONAI LocalNet in Rust).
 ///
-/// Available now: `synth`, `predict`, `train-local`, `bench`. The cluster commands (`head`, `worker`,
-/// `up`, `train`, `infer`, `ingest`, `models`, `results`) are not built yet.
+/// Available now: `synth`, `predict`, `train-local`, `bench`, `ingest`, `datasets`, `stage`. The
+/// cluster commands (`head`, `worker`, `up`, `train`, `infer`, `models`, `results`) are not
+/// built yet.
 #[derive(Debug, Parser)]
 #[command(name = "medray", version, about, long_about = None)]
 struct Cli {
@@ -32,6 +37,12 @@ enum Command {
     TrainLocal(train_local::Args),
     /// Time the LocalNet train step and inference (optionally beside MONAI).
     Bench(bench::Args),
+    /// Validate a dataset, store it encrypted in the stage and publish it in the catalog.
+    Ingest(ingest::Args),
+    /// List and show the datasets in the catalog.
+    Datasets(datasets::Args),
+    /// List, read and write (encrypted) objects of the stage.
+    Stage(stage::Args),
 }
 
 /// Parses `cpu` or `cuda:N`.
@@ -71,6 +82,9 @@ fn main() -> std::process::ExitCode {
         Command::Predict(args) => predict::run(args, &device),
         Command::TrainLocal(args) => train_local::run(args, &device),
         Command::Bench(args) => bench::run(args, &device),
+        Command::Ingest(args) => ingest::run(args),
+        Command::Datasets(args) => datasets::run(args),
+        Command::Stage(args) => stage::run(args),
     });
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

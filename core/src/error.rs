@@ -63,6 +63,64 @@ pub enum Error {
         #[source]
         source: serde_json::Error,
     },
+
+    /// A stage (object store) operation failed.
+    #[error("stage {op} `{object}`: {source}")]
+    Stage {
+        op: &'static str,
+        object: String,
+        #[source]
+        source: Box<object_store::Error>,
+    },
+
+    /// An encrypted object is damaged (tampered, truncated or not written by medray) or the
+    /// stage key cannot decrypt it. No data is ever returned in this case.
+    #[error("stage object `{object}` cannot be decrypted with stage key {key_id}: {reason}")]
+    Decrypt {
+        object: String,
+        key_id: String,
+        reason: String,
+    },
+
+    /// An object was encrypted with another stage key than the one in use.
+    #[error(
+        "stage object `{object}` was encrypted with stage key {stored_key_id}, but the key in use is {key_id} (wrong stage.key or MEDRAY_STAGE_KEY?)"
+    )]
+    WrongStageKey {
+        object: String,
+        stored_key_id: String,
+        key_id: String,
+    },
+
+    /// A stage key is missing, malformed or unreadable.
+    #[error("stage key {source_name}: {reason}")]
+    StageKey { source_name: String, reason: String },
+
+    /// A catalog (SQLite) operation failed.
+    #[error("catalog {op}: {source}")]
+    Catalog {
+        op: &'static str,
+        #[source]
+        source: rusqlite::Error,
+    },
+
+    /// A dataset of this name exists with other content.
+    #[error(
+        "dataset `{name}` already exists with other content (sha256 {existing_sha256}, new {new_sha256}); pass --replace or choose another --name"
+    )]
+    DatasetExists {
+        name: String,
+        existing_sha256: String,
+        new_sha256: String,
+    },
+
+    /// A dataset name is not in the catalog.
+    #[error("no dataset named `{name}` in the catalog")]
+    DatasetNotFound { name: String },
+
+    /// Validation refused some cases of an ingest; nothing was published.
+    #[error("{} bad case(s), nothing published:\n{}", cases.len(), crate::ingest::format_bad_cases(cases))]
+    BadCases { cases: Vec<crate::ingest::BadCase> },
 }
 
 impl Error {
@@ -72,6 +130,20 @@ impl Error {
             field: field.into(),
             reason: reason.into(),
         }
+    }
+
+    /// Shorthand for [`Error::Stage`].
+    pub fn stage(op: &'static str, object: impl Into<String>, source: object_store::Error) -> Self {
+        Error::Stage {
+            op,
+            object: object.into(),
+            source: Box::new(source),
+        }
+    }
+
+    /// Shorthand for [`Error::Catalog`].
+    pub fn catalog(op: &'static str, source: rusqlite::Error) -> Self {
+        Error::Catalog { op, source }
     }
 
     /// Shorthand for [`Error::Io`].

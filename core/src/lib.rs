@@ -2,9 +2,11 @@
 
 pub mod atomic;
 pub mod bench;
+pub mod catalog;
 pub mod dataset;
 pub mod error;
 pub mod evaluate;
+pub mod ingest;
 pub mod keypoints;
 pub mod localnet;
 pub mod losses;
@@ -16,6 +18,7 @@ pub mod optim;
 pub mod predict;
 pub mod preprocess;
 pub mod registration;
+pub mod stage;
 pub mod synth;
 pub mod train;
 

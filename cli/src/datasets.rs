@@ -1,0 +1,71 @@
+//! `medray datasets`: what the catalog holds.
+
+use medray_core::catalog::DatasetName;
+
+use crate::data_dir::DataArgs;
+
+/// Arguments of `medray datasets`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    data: DataArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// List published datasets.
+    List,
+    /// Show a dataset and its cases.
+    Show {
+        /// Dataset name.
+        name: String,
+    },
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let catalog = args.data.open_catalog()?;
+    match args.command {
+        Command::List => {
+            println!("name\tcases\tbytes\tcreated_at\tsource");
+            for d in catalog.datasets()? {
+                println!(
+                    "{}\t{}\t{}\t{}\t{}",
+                    d.name, d.case_count, d.bytes, d.created_at, d.source
+                );
+            }
+        }
+        Command::Show { name } => {
+            let name = DatasetName::new(name)?;
+            let d = catalog
+                .dataset(&name)?
+                .ok_or_else(|| medray_core::Error::DatasetNotFound {
+                    name: name.to_string(),
+                })?;
+            println!("name:           {}", d.name);
+            println!("source:         {}", d.source);
+            println!("created_at:     {}", d.created_at);
+            println!("cases:          {}", d.case_count);
+            println!("bytes:          {}", d.bytes);
+            println!("content_sha256: {}", d.content_sha256);
+            println!("case_id\tshape\tspacing_mm\tintensity_min\tintensity_max\tkeypoints\tfixed\tmoving");
+            for c in catalog.cases(&name)? {
+                println!(
+                    "{}\t{}x{}x{}\t{:?}\t{}\t{}\t{}\t{}\t{}",
+                    c.case_id,
+                    c.shape[0],
+                    c.shape[1],
+                    c.shape[2],
+                    c.spacing_mm,
+                    c.intensity_min,
+                    c.intensity_max,
+                    c.keypoint_count,
+                    c.fixed.key,
+                    c.moving.key
+                );
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,218 @@
+//! `medray ingest`, `medray datasets` and `medray stage` end to end with the real binary on
+//! tiny synthetic phantoms (16x16x20) in a temporary data directory.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers fail loudly by design
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+struct Run {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+}
+
+fn run(data_dir: &Path, args: &[&str]) -> Run {
+    let out = Command::new(env!("CARGO_BIN_EXE_medray"))
+        .args(args)
+        .env("MEDRAY_DATA_DIR", data_dir)
+        .env_remove("MEDRAY_STAGE")
+        .env_remove("MEDRAY_STAGE_KEY")
+        .output()
+        .expect("medray runs");
+    Run {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn ok(data_dir: &Path, args: &[&str]) -> Run {
+    let r = run(data_dir, args);
+    assert!(r.ok, "medray {args:?} failed:\n{}\n{}", r.stdout, r.stderr);
+    r
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// Files under `dir`, recursively (staging files included).
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for entry in rd.flatten() {
+            let p = entry.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn synth(dir: &Path, cases: usize) {
+    let out = Command::new(env!("CARGO_BIN_EXE_medray"))
+        .args(["synth", "--out", s(dir), "--cases", &cases.to_string()])
+        .args(["--size", "16", "16", "20", "--seed", "5"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn ingest_dir_then_list_show_and_stage_ls() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let l2r = tmp.path().join("l2r");
+    synth(&l2r, 2);
+    let r = ok(&data, &["ingest", "dir", s(&l2r), "--name", "lung"]);
+    assert!(
+        r.stdout.contains("published dataset lung: 2 cases"),
+        "{}",
+        r.stdout
+    );
+    assert!(data.join("catalog.db").is_file());
+    assert!(data.join("stage.key").is_file());
+
+    let list = ok(&data, &["datasets", "list"]);
+    assert!(
+        list.stdout.lines().any(|l| l.starts_with("lung\t2\t")),
+        "{}",
+        list.stdout
+    );
+    let show = ok(&data, &["datasets", "show", "lung"]);
+    assert!(
+        show.stdout.contains("case_001\t16x16x20"),
+        "{}",
+        show.stdout
+    );
+    assert!(show
+        .stdout
+        .contains("datasets/lung/scansExp/case_001_exp.nii.gz"));
+
+    let ls = ok(&data, &["stage", "ls", "datasets/lung/scansInsp"]);
+    assert_eq!(ls.stdout.lines().count(), 2, "{}", ls.stdout);
+    assert!(ls
+        .stdout
+        .contains("datasets/lung/scansInsp/case_002_insp.nii.gz"));
+
+    let missing = run(&data, &["datasets", "show", "nope"]);
+    assert!(!missing.ok);
+    assert!(
+        missing.stderr.contains("no dataset named `nope`"),
+        "{}",
+        missing.stderr
+    );
+}
+
+#[test]
+fn re_ingesting_identical_synthetic_content_leaves_one_copy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let args = [
+        "ingest",
+        "synthetic",
+        "--cases",
+        "2",
+        "--size",
+        "16",
+        "16",
+        "16",
+        "--seed",
+        "7",
+    ];
+    let first = ok(&data, &args);
+    assert!(
+        first
+            .stdout
+            .contains("published dataset synthetic-2c-16x16x16-s7"),
+        "{}",
+        first.stdout
+    );
+    let files = walk(&data.join("stage"));
+    assert_eq!(files.len(), 10, "{files:?}");
+    let second = ok(&data, &args);
+    assert!(second.stdout.contains("nothing to do"), "{}", second.stdout);
+    assert_eq!(walk(&data.join("stage")), files);
+    let list = ok(&data, &["datasets", "list"]);
+    assert_eq!(list.stdout.lines().count(), 2, "{}", list.stdout);
+}
+
+#[test]
+fn a_corrupt_nifti_is_refused_with_its_name_and_nothing_is_published_or_left() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let l2r = tmp.path().join("l2r");
+    synth(&l2r, 2);
+    let victim = l2r.join("scans/case_002_exp.nii.gz");
+    let bytes = std::fs::read(&victim).unwrap();
+    std::fs::write(&victim, &bytes[..bytes.len() / 3]).unwrap();
+
+    let r = run(&data, &["ingest", "dir", s(&l2r), "--name", "bad"]);
+    assert!(!r.ok, "{}", r.stdout);
+    assert!(r.stderr.contains("case_002_exp.nii.gz"), "{}", r.stderr);
+    assert!(r.stderr.contains("nothing published"), "{}", r.stderr);
+    assert!(walk(&data.join("stage")).is_empty());
+    let list = ok(&data, &["datasets", "list"]);
+    assert_eq!(list.stdout.lines().count(), 1, "{}", list.stdout);
+
+    // --skip-bad publishes the other case and names the bad one.
+    let r = ok(
+        &data,
+        &["ingest", "dir", s(&l2r), "--name", "bad", "--skip-bad"],
+    );
+    assert!(r.stdout.contains("1 cases"), "{}", r.stdout);
+    assert!(
+        r.stderr.contains("skipped bad case case_002"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(walk(&data.join("stage")).len(), 5);
+}
+
+#[test]
+fn stage_put_get_round_trip_stores_ciphertext() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let input = tmp.path().join("in.txt");
+    let plain = b"patient 42: lungs look fine\n".repeat(20);
+    std::fs::write(&input, &plain).unwrap();
+    ok(&data, &["stage", "put", s(&input), "notes/a.txt"]);
+    let stored = std::fs::read(data.join("stage/notes/a.txt")).unwrap();
+    assert_ne!(stored, plain);
+    assert!(!stored.windows(10).any(|w| w == b"patient 42"));
+    let out = tmp.path().join("out.txt");
+    ok(&data, &["stage", "get", "notes/a.txt", s(&out)]);
+    assert_eq!(std::fs::read(&out).unwrap(), plain);
+
+    // Another key is refused with a clear message, and writes nothing.
+    let other = Command::new(env!("CARGO_BIN_EXE_medray"))
+        .args(["stage", "get", "notes/a.txt", s(&tmp.path().join("x"))])
+        .env("MEDRAY_DATA_DIR", &data)
+        .env("MEDRAY_STAGE_KEY", "11".repeat(32))
+        .output()
+        .unwrap();
+    assert!(!other.status.success());
+    let err = String::from_utf8_lossy(&other.stderr);
+    assert!(err.contains("wrong stage.key or MEDRAY_STAGE_KEY"), "{err}");
+    assert!(!tmp.path().join("x").exists());
+
+    // A flipped byte is detected.
+    let mut t = stored.clone();
+    t[40] ^= 1;
+    std::fs::write(data.join("stage/notes/a.txt"), &t).unwrap();
+    let r = run(
+        &data,
+        &["stage", "get", "notes/a.txt", s(&tmp.path().join("y"))],
+    );
+    assert!(!r.ok);
+    assert!(r.stderr.contains("modified or truncated"), "{}", r.stderr);
+}

@@ -1,0 +1,396 @@
+//! Dataset ingestion: validate a Learn2Reg-layout folder (or freshly generated phantoms),
+//! store its files in a [`Stage`] and publish it in the [`Catalog`].
+//!
+//! The order is what makes a failed ingest invisible:
+//! 1. every file of every case is validated ([`validate`]); a bad case stops the ingest
+//!    unless `skip_bad` is set, and then it is left out;
+//! 2. identical content already published under the name is a no-op; other content needs
+//!    `replace`;
+//! 3. the files are stored (their hash re-checked against the validated one); any failure
+//!    deletes the objects already written;
+//! 4. the dataset and its cases are published in one catalog transaction; a failure deletes
+//!    the objects; a replacement deletes the old version's objects after the commit.
+//!
+//! Objects go under `datasets/<name>/` (`scansExp/`, `scansInsp/`, `lungMasksExp/`,
+//! `lungMasksInsp/`, `keypoints/`). A replacement is written beside the current version under
+//! `datasets/<name>/v-<first 12 hex digits of its content sha256>/` so that the switch is the
+//! catalog transaction alone; the catalog records every object key. One ingest per dataset
+//! name at a time.
+
+pub mod validate;
+
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::catalog::{CaseRecord, Catalog, DatasetName, NewDataset, PublishOutcome, StoredFile};
+use crate::dataset::Learn2RegDataset;
+use crate::stage::{ObjectKey, Stage};
+use crate::synth::SynthConfig;
+use crate::{Error, Result};
+
+pub use validate::{validate_case, BadCase, FileKind, ValidCase};
+
+/// Formats bad cases one per line: `case_001: path: reason`.
+pub fn format_bad_cases(cases: &[BadCase]) -> String {
+    cases
+        .iter()
+        .map(|c| format!("  {c}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Options of an ingest.
+#[derive(Clone, Debug, Default)]
+pub struct IngestOptions {
+    /// Dataset name; the default is the source's name.
+    pub name: Option<DatasetName>,
+    /// Publish the valid cases and list the bad ones instead of refusing the dataset.
+    pub skip_bad: bool,
+    /// Replace a dataset of the same name that has other content.
+    pub replace: bool,
+}
+
+impl IngestOptions {
+    /// Sets the dataset name.
+    pub fn with_name(mut self, name: DatasetName) -> Self {
+        self.name = Some(name);
+        self
+    }
+
+    /// Sets `skip_bad`.
+    pub fn with_skip_bad(mut self, skip_bad: bool) -> Self {
+        self.skip_bad = skip_bad;
+        self
+    }
+
+    /// Sets `replace`.
+    pub fn with_replace(mut self, replace: bool) -> Self {
+        self.replace = replace;
+        self
+    }
+}
+
+/// The phase an ingest is in, reported to the progress callback with `(done, total)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IngestPhase {
+    /// Generating synthetic cases (cases).
+    Generate,
+    /// Validating cases (cases).
+    Validate,
+    /// Storing files (bytes).
+    Store,
+}
+
+/// What an ingest did.
+#[derive(Clone, Debug)]
+pub struct IngestReport {
+    /// The dataset's name.
+    pub name: DatasetName,
+    /// What publishing did.
+    pub outcome: PublishOutcome,
+    /// Number of cases published (or already there, for [`PublishOutcome::Unchanged`]).
+    pub cases: usize,
+    /// Cases left out with `skip_bad`.
+    pub bad: Vec<BadCase>,
+    /// Plaintext bytes of the dataset's files.
+    pub bytes: u64,
+    /// Objects written to the stage by this ingest (0 when unchanged).
+    pub objects_written: usize,
+    /// The dataset's content sha256.
+    pub content_sha256: String,
+}
+
+fn default_name(dir: &Path) -> Result<DatasetName> {
+    let base = dir
+        .canonicalize()
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_default();
+    DatasetName::new(base.clone()).map_err(|_| {
+        Error::invalid(
+            "dataset name",
+            format!("cannot derive a dataset name from `{base}`; pass --name"),
+        )
+    })
+}
+
+/// The content hash of a dataset: sha256 over `case_id kind sha256` lines in case order.
+fn content_sha256(cases: &[ValidCase]) -> String {
+    let mut h = Sha256::new();
+    for c in cases {
+        for f in &c.files {
+            h.update(format!("{} {} {}\n", c.case_id, f.kind.folder(), f.sha256));
+        }
+    }
+    hex::encode(h.finalize())
+}
+
+/// Ingests the Learn2Reg-layout folder `dir` (see [`crate::dataset`]).
+///
+/// # Errors
+/// [`Error::BadCases`] if a case is invalid and `skip_bad` is not set (nothing published,
+/// nothing left in the stage); [`Error::DatasetExists`] for other content under the name
+/// without `replace`; [`Error::Stage`] / [`Error::Catalog`] if storing or publishing fails
+/// (the objects written are deleted).
+pub async fn ingest_dir(
+    stage: &Stage,
+    catalog: &mut Catalog,
+    dir: &Path,
+    options: &IngestOptions,
+    progress: impl FnMut(IngestPhase, u64, u64),
+) -> Result<IngestReport> {
+    let name = match &options.name {
+        Some(n) => n.clone(),
+        None => default_name(dir)?,
+    };
+    let source = format!("dir:{}", dir.display());
+    ingest_folder(stage, catalog, dir, &name, &source, options, progress).await
+}
+
+/// Generates `config` phantoms into a temporary folder (through [`crate::synth::generate`])
+/// and ingests them. The default name is `synthetic-<cases>c-<X>x<Y>x<Z>-s<seed>`.
+///
+/// # Errors
+/// As [`ingest_dir`], plus [`Error::InvalidArgument`] for an invalid configuration.
+pub async fn ingest_synthetic(
+    stage: &Stage,
+    catalog: &mut Catalog,
+    config: &SynthConfig,
+    options: &IngestOptions,
+    mut progress: impl FnMut(IngestPhase, u64, u64),
+) -> Result<IngestReport> {
+    config.validate()?;
+    let [x, y, z] = config.size;
+    let name = match &options.name {
+        Some(n) => n.clone(),
+        None => DatasetName::new(format!(
+            "synthetic-{}c-{x}x{y}x{z}-s{}",
+            config.cases, config.seed
+        ))?,
+    };
+    let source = format!(
+        "synthetic:cases={},size={x}x{y}x{z},seed={}",
+        config.cases, config.seed
+    );
+    let tmp = tempfile::tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?;
+    let out = tmp.path().to_path_buf();
+    let cfg = config.clone();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let generation = tokio::task::spawn_blocking(move || {
+        crate::synth::generate(&cfg, &out, |done, total| {
+            let _ = tx.send((done as u64, total as u64));
+        })
+    });
+    while let Some((done, total)) = rx.recv().await {
+        progress(IngestPhase::Generate, done, total);
+    }
+    generation.await.map_err(|e| join_error("generate", e))??;
+    ingest_folder(
+        stage,
+        catalog,
+        tmp.path(),
+        &name,
+        &source,
+        options,
+        progress,
+    )
+    .await
+}
+
+fn join_error(what: &str, e: tokio::task::JoinError) -> Error {
+    Error::invalid(what, format!("worker task failed: {e}"))
+}
+
+async fn ingest_folder(
+    stage: &Stage,
+    catalog: &mut Catalog,
+    dir: &Path,
+    name: &DatasetName,
+    source: &str,
+    options: &IngestOptions,
+    mut progress: impl FnMut(IngestPhase, u64, u64),
+) -> Result<IngestReport> {
+    let dataset = Learn2RegDataset::open(dir)?;
+    let total = dataset.cases.len() as u64;
+    let mut valid = Vec::new();
+    let mut bad = Vec::new();
+    for (i, files) in dataset.cases.into_iter().enumerate() {
+        let checked = tokio::task::spawn_blocking(move || validate_case(&files))
+            .await
+            .map_err(|e| join_error("validate", e))?;
+        match checked {
+            Ok(case) => valid.push(case),
+            Err(b) => bad.push(b),
+        }
+        progress(IngestPhase::Validate, i as u64 + 1, total);
+    }
+    if !bad.is_empty() && !options.skip_bad {
+        return Err(Error::BadCases { cases: bad });
+    }
+    if valid.is_empty() {
+        return Err(Error::BadCases { cases: bad });
+    }
+    let sha = content_sha256(&valid);
+    let bytes: u64 = valid
+        .iter()
+        .flat_map(|c| c.files.iter().map(|f| f.bytes))
+        .sum();
+    let report = |outcome, objects_written| IngestReport {
+        name: name.clone(),
+        outcome,
+        cases: valid.len(),
+        bad: bad.clone(),
+        bytes,
+        objects_written,
+        content_sha256: sha.clone(),
+    };
+    let prefix = match catalog.dataset(name)? {
+        Some(existing) if existing.content_sha256 == sha => {
+            return Ok(report(PublishOutcome::Unchanged, 0));
+        }
+        Some(existing) if !options.replace => {
+            return Err(Error::DatasetExists {
+                name: name.to_string(),
+                existing_sha256: existing.content_sha256,
+                new_sha256: sha.clone(),
+            });
+        }
+        Some(_) => format!("datasets/{name}/v-{}", &sha[..12]),
+        None => format!("datasets/{name}"),
+    };
+
+    let mut written: Vec<ObjectKey> = Vec::new();
+    let stored = store_cases(stage, &valid, &prefix, bytes, &mut written, &mut progress).await;
+    let records = match stored {
+        Ok(records) => records,
+        Err(e) => {
+            remove_objects(stage, &written).await;
+            return Err(e);
+        }
+    };
+    let new = NewDataset {
+        name,
+        source,
+        bytes,
+        content_sha256: &sha,
+        cases: &records,
+    };
+    let outcome = match catalog.publish(&new, options.replace) {
+        Ok(o) => o,
+        Err(e) => {
+            remove_objects(stage, &written).await;
+            return Err(e);
+        }
+    };
+    if let PublishOutcome::Replaced { old_cases } = &outcome {
+        let old: Vec<ObjectKey> = old_cases
+            .iter()
+            .flat_map(case_keys)
+            .filter(|k| !written.contains(k))
+            .collect();
+        remove_objects(stage, &old).await;
+    }
+    tracing::info!(dataset = %name, cases = records.len(), bytes, "dataset published");
+    Ok(report(outcome, written.len()))
+}
+
+/// Every object key of a case.
+pub fn case_keys(case: &CaseRecord) -> Vec<ObjectKey> {
+    [
+        Some(&case.fixed),
+        Some(&case.moving),
+        case.fixed_mask.as_ref(),
+        case.moving_mask.as_ref(),
+        case.keypoints.as_ref(),
+    ]
+    .into_iter()
+    .flatten()
+    .map(|f| f.key.clone())
+    .collect()
+}
+
+/// Best-effort deletion (used to clean up after a failure; the original error matters more).
+async fn remove_objects(stage: &Stage, keys: &[ObjectKey]) {
+    for key in keys {
+        if let Err(e) = stage.delete(key).await {
+            tracing::warn!(key = %key, error = %e, "could not delete object");
+        }
+    }
+}
+
+async fn store_cases(
+    stage: &Stage,
+    cases: &[ValidCase],
+    prefix: &str,
+    total_bytes: u64,
+    written: &mut Vec<ObjectKey>,
+    progress: &mut impl FnMut(IngestPhase, u64, u64),
+) -> Result<Vec<CaseRecord>> {
+    let mut done = 0u64;
+    let mut records = Vec::with_capacity(cases.len());
+    for case in cases {
+        let stored = |kind: FileKind| -> Option<(&PathBuf, &str)> {
+            case.files
+                .iter()
+                .find(|f| f.kind == kind)
+                .map(|f| (&f.path, f.sha256.as_str()))
+        };
+        let mut files: Vec<(FileKind, StoredFile)> = Vec::new();
+        for kind in FileKind::ALL {
+            let Some((path, sha)) = stored(kind) else {
+                continue;
+            };
+            let data = tokio::fs::read(path)
+                .await
+                .map_err(|e| Error::io(path.clone(), e))?;
+            let now = hex::encode(Sha256::digest(&data));
+            if now != sha {
+                return Err(Error::invalid(
+                    "ingest",
+                    format!("{} changed after validation", path.display()),
+                ));
+            }
+            let file_name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let key = ObjectKey::new(format!("{prefix}/{}/{file_name}", kind.folder()))?;
+            stage.put(&key, &data).await?;
+            written.push(key.clone());
+            done += data.len() as u64;
+            progress(IngestPhase::Store, done, total_bytes);
+            files.push((kind, StoredFile { key, sha256: now }));
+        }
+        let take = |kind: FileKind| {
+            files
+                .iter()
+                .find(|(k, _)| *k == kind)
+                .map(|(_, f)| f.clone())
+        };
+        let missing = |kind: FileKind| {
+            Error::invalid(
+                "ingest",
+                format!("case {}: no {} file", case.case_id, kind.folder()),
+            )
+        };
+        records.push(CaseRecord {
+            case_id: case.case_id.clone(),
+            fixed: take(FileKind::Fixed).ok_or_else(|| missing(FileKind::Fixed))?,
+            moving: take(FileKind::Moving).ok_or_else(|| missing(FileKind::Moving))?,
+            fixed_mask: take(FileKind::FixedMask),
+            moving_mask: take(FileKind::MovingMask),
+            keypoints: take(FileKind::Keypoints),
+            shape: case.shape,
+            spacing_mm: case.spacing_mm,
+            affine: case.affine,
+            intensity_min: case.intensity_min,
+            intensity_max: case.intensity_max,
+            keypoint_count: case.keypoint_count,
+        });
+    }
+    Ok(records)
+}
+
+#[cfg(test)]
+mod tests;

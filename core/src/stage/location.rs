@@ -1,0 +1,122 @@
+//! Where a stage lives: a local directory (the default) or an S3-compatible bucket.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use object_store::aws::AmazonS3Builder;
+use object_store::local::LocalFileSystem;
+use object_store::prefix::PrefixStore;
+use object_store::ObjectStore;
+
+use crate::{Error, Result};
+
+/// A parsed stage URL.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StageLocation {
+    /// A local directory: `file:///abs/dir` or a plain path.
+    Local(PathBuf),
+    /// An S3-compatible bucket, `s3://bucket/prefix`. Credentials, region and endpoint (for
+    /// MinIO and others) come from the usual `AWS_*` environment variables
+    /// (`AWS_ENDPOINT_URL`, `AWS_ALLOW_HTTP`, ...).
+    S3 {
+        /// Bucket name.
+        bucket: String,
+        /// Key prefix inside the bucket (no leading or trailing `/`), possibly empty.
+        prefix: String,
+    },
+}
+
+impl StageLocation {
+    /// Parses `file://...`, `s3://bucket[/prefix]` or a plain local path.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for another scheme or an S3 URL without a bucket.
+    pub fn parse(url: &str) -> Result<Self> {
+        if let Some(rest) = url.strip_prefix("file://") {
+            return Ok(Self::Local(PathBuf::from(rest)));
+        }
+        if let Some(rest) = url.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(Error::invalid("stage", format!("{url}: no bucket name")));
+            }
+            return Ok(Self::S3 {
+                bucket: bucket.to_string(),
+                prefix: prefix.trim_matches('/').to_string(),
+            });
+        }
+        if let Some((scheme, _)) = url.split_once("://") {
+            return Err(Error::invalid(
+                "stage",
+                format!("{url}: unsupported scheme `{scheme}` (use file:// or s3://)"),
+            ));
+        }
+        Ok(Self::Local(PathBuf::from(url)))
+    }
+
+    /// Opens the object store (creating a local directory if needed).
+    ///
+    /// # Errors
+    /// [`Error::Io`] if a local directory cannot be created; [`Error::Stage`] if the store
+    /// cannot be configured.
+    pub fn open(&self) -> Result<Arc<dyn ObjectStore>> {
+        match self {
+            Self::Local(dir) => {
+                std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+                // Puts write a staging file and rename it into place (atomic); fsync makes
+                // the rename durable.
+                let store = LocalFileSystem::new_with_prefix(dir)
+                    .map_err(|e| Error::stage("open", dir.display().to_string(), e))?
+                    .with_fsync(true);
+                Ok(Arc::new(store))
+            }
+            Self::S3 { bucket, prefix } => {
+                let store = AmazonS3Builder::from_env()
+                    .with_bucket_name(bucket)
+                    .build()
+                    .map_err(|e| Error::stage("open", format!("s3://{bucket}"), e))?;
+                if prefix.is_empty() {
+                    Ok(Arc::new(store))
+                } else {
+                    Ok(Arc::new(PrefixStore::new(store, prefix.as_str())))
+                }
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for StageLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Local(dir) => write!(f, "file://{}", dir.display()),
+            Self::S3 { bucket, prefix } => write!(f, "s3://{bucket}/{prefix}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn parses_local_file_and_s3_urls() {
+        assert_eq!(
+            StageLocation::parse("data/stage").unwrap(),
+            StageLocation::Local("data/stage".into())
+        );
+        assert_eq!(
+            StageLocation::parse("file:///tmp/s").unwrap(),
+            StageLocation::Local("/tmp/s".into())
+        );
+        assert_eq!(
+            StageLocation::parse("s3://b/p/q/").unwrap(),
+            StageLocation::S3 {
+                bucket: "b".into(),
+                prefix: "p/q".into()
+            }
+        );
+        assert!(StageLocation::parse("s3:///x").is_err());
+        assert!(StageLocation::parse("gs://b").is_err());
+    }
+}
