@@ -14,7 +14,7 @@ command -v cargo >/dev/null || { echo "cargo not found: install Rust from https:
 OUT=${MEDRAY_QUICKSTART_DIR:-quickstart}
 SIZE=(48 48 48)
 cargo build --release --locked -p medray-cli
-M=target/release/medray
+M="${CARGO_TARGET_DIR:-target}/release/medray"
 
 echo "== 1/3 synthesising 10 phantoms at ${SIZE[*]} into $OUT/data"
 $M synth --out "$OUT/data" --cases 10 --size "${SIZE[@]}" --seed 0 --motion-scale 2
