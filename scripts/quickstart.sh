@@ -4,7 +4,8 @@
 #   2. synthesise paired lung-CT phantoms with a known breathing deformation,
 #   3. train LocalNet (full preset, MI + bending energy) on the first 80% of the cases,
 #   4. register a held-out case and print its quality (Dice, TRE, SSIM, folding).
-# Needs only a Rust toolchain (https://rustup.rs). About 10 minutes on 2 CPU cores.
+# Needs only a Rust toolchain (https://rustup.rs). On 2 CPU cores: about 20 minutes for the
+# first release build, then about 4 minutes for the job itself.
 # Outputs go to ${MEDRAY_QUICKSTART_DIR:-quickstart}/. The cluster (`medray up`) is not
 # built yet; this runs in one process.
 set -euo pipefail
