@@ -221,7 +221,7 @@ fn keypoints_follow_the_true_ddf() {
 /// Not a test of correctness: prints the time of one full-size case
 /// (`cargo test -p medray-core --lib synth -- --ignored --nocapture`).
 #[test]
-#[ignore]
+#[ignore = "timing probe: one full-size 192x192x208 case; run with --ignored --nocapture"]
 fn full_size_case_timing() {
     let dir = tempfile::tempdir().unwrap();
     let config = SynthConfig::default().with_cases(1);

@@ -333,7 +333,7 @@ fn invalid_shapes_are_rejected_with_the_op_name() {
 /// Prints the speed of the CPU path on a LocalNet level-0 sized problem:
 /// `cargo test -p medray-core --release --lib conv3d::tests::timing -- --ignored --nocapture`.
 #[test]
-#[ignore]
+#[ignore = "timing probe: prints conv3d forward/backward seconds; run with --ignored --nocapture"]
 fn timing() {
     let x = random(&[1, 32, 32, 32, 32], 50, DType::F32);
     let w = random(&[32, 32, 7, 7, 7], 51, DType::F32);

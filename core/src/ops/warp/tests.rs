@@ -256,7 +256,7 @@ fn rejects_mismatched_ddf() {
 /// Forward + backward time of a 64^3 warp (B = 1, C = 1, f32); prints, asserts nothing.
 /// Run with `cargo test -p medray-core --lib warp_timing -- --ignored --nocapture`.
 #[test]
-#[ignore]
+#[ignore = "timing probe: prints warp forward/backward seconds at 64^3; run with --ignored --nocapture"]
 fn warp_timing_64() {
     let n = 64;
     let image = smooth_tensor(&[1, 1, n, n, n], 0.1)
