@@ -402,54 +402,30 @@ mod tests {
         let big_ddf = resample_ddf_to(&ddf, original).unwrap();
         let direct = ops::warp(&image, &big_ddf, ops::Padding::Border).unwrap();
         // Compare the interior (border padding clamps differently on the two grids).
-        let a = via_small
-            .narrow(2, 2, 12)
-            .unwrap()
-            .narrow(3, 2, 8)
-            .unwrap()
-            .narrow(4, 2, 4)
-            .unwrap();
-        let b = direct
-            .narrow(2, 2, 12)
-            .unwrap()
-            .narrow(3, 2, 8)
-            .unwrap()
-            .narrow(4, 2, 4)
-            .unwrap();
-        let diff = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let interior = |t: &Tensor| {
+            t.narrow(2, 2, 12)
+                .unwrap()
+                .narrow(3, 2, 8)
+                .unwrap()
+                .narrow(4, 2, 4)
+                .unwrap()
+        };
+        let max_diff = |a: &Tensor, b: &Tensor| {
+            (interior(a) - interior(b))
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        let diff = max_diff(&via_small, &direct);
         assert!(diff < 1e-4, "max difference {diff}");
         // Without the rescaling the two would differ by about one original voxel's worth.
         let unscaled = ops::resize_trilinear(&ddf, original).unwrap();
         let wrong = ops::warp(&image, &unscaled, ops::Padding::Border).unwrap();
-        let c = wrong
-            .narrow(2, 2, 12)
-            .unwrap()
-            .narrow(3, 2, 8)
-            .unwrap()
-            .narrow(4, 2, 4)
-            .unwrap();
-        let b = direct
-            .narrow(2, 2, 12)
-            .unwrap()
-            .narrow(3, 2, 8)
-            .unwrap()
-            .narrow(4, 2, 4)
-            .unwrap();
-        let wrong_diff = (c - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let wrong_diff = max_diff(&wrong, &direct);
         assert!(wrong_diff > 0.2, "{wrong_diff}");
     }
 }

@@ -17,7 +17,6 @@
 //! OUT/history.csv                    one line per epoch
 //! ```
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -353,6 +352,8 @@ pub fn train_local(
         best_val = p.best_val;
         first_epoch = p.epochs_done + 1;
     }
+    // The numbered checkpoint state.json points at; superseded ones are pruned.
+    let mut current_checkpoint = previous.as_ref().map(|p| out_dir.join(&p.checkpoint));
     let objective = RegistrationLoss::new(config.loss);
     let steps_per_epoch = train_cases.len().div_ceil(config.batch_size);
     observer.on_start(
@@ -440,7 +441,6 @@ pub fn train_local(
             save_weights(&net, &model_config, &out_dir.join("best.safetensors"))?;
         }
         history.push(summary.clone());
-        let previous_checkpoint = previous_checkpoint_dir(out_dir);
         write_json(
             &state_path,
             &TrainState {
@@ -456,7 +456,7 @@ pub fn train_local(
         )?;
         write_history_csv(&out_dir.join("history.csv"), &history)?;
         // Keep every `checkpoint_every`-th numbered checkpoint; drop the others once superseded.
-        if let Some(prev) = previous_checkpoint {
+        if let Some(prev) = current_checkpoint.replace(dir.clone()) {
             if prev != dir && !keep_checkpoint(&prev, config.checkpoint_every) {
                 std::fs::remove_dir_all(&prev).map_err(|e| Error::io(&prev, e))?;
             }
@@ -469,13 +469,6 @@ pub fn train_local(
         last_weights: out_dir.join("last.safetensors"),
         steps: step,
     })
-}
-
-/// The numbered checkpoint directory `state.json` points at before this epoch's commit.
-fn previous_checkpoint_dir(out_dir: &Path) -> Option<PathBuf> {
-    let text = std::fs::read_to_string(out_dir.join("state.json")).ok()?;
-    let state: HashMap<String, serde_json::Value> = serde_json::from_str(&text).ok()?;
-    Some(out_dir.join(state.get("checkpoint")?.as_str()?))
 }
 
 fn keep_checkpoint(dir: &Path, every: usize) -> bool {
