@@ -1,6 +1,7 @@
 //! `medray`: the command-line tool. Thin: parse arguments, set up logging, call the library.
 
 mod bench;
+mod cluster;
 mod data_dir;
 mod datasets;
 mod ingest;
@@ -13,9 +14,10 @@ use clap::{Parser, Subcommand};
 
 /// Deformable registration of paired lung CT (MONAI LocalNet in Rust).
 ///
-/// Available now: `synth`, `predict`, `train-local`, `bench`, `ingest`, `datasets`, `stage`. The
-/// cluster commands (`head`, `worker`, `up`, `train`, `infer`, `models`, `results`) are not
-/// built yet.
+/// A cluster: `medray up --workers N` (or `medray head` + `medray worker` on each machine),
+/// then `medray status`, `medray selftest`, `medray job ...`. Single-process tools: `synth`,
+/// `predict`, `train-local`, `bench`, `ingest`, `datasets`, `stage`. Distributed `train`,
+/// `infer`, `models` and `results` are not built yet.
 #[derive(Debug, Parser)]
 #[command(name = "medray", version, about, long_about = None)]
 struct Cli {
@@ -43,6 +45,20 @@ enum Command {
     Datasets(datasets::Args),
     /// List, read and write (encrypted) objects of the stage.
     Stage(stage::Args),
+    /// Run the cluster's head (gRPC server, scheduler, job manager, worker registry).
+    Head(cluster::head::Args),
+    /// Run a worker that joins the head at --address.
+    Worker(cluster::worker::Args),
+    /// Start a local cluster (head + N workers) on this machine.
+    Up(cluster::up::UpArgs),
+    /// Stop the cluster `medray up` started from this directory.
+    Down(cluster::up::DownArgs),
+    /// Workers and recent jobs of the cluster.
+    Status(cluster::status::Args),
+    /// List, inspect, follow and cancel jobs.
+    Job(cluster::job::Args),
+    /// Check every worker: fetch a case, LocalNet forward, warp; report times and devices.
+    Selftest(cluster::selftest::Args),
 }
 
 /// Parses `cpu` or `cuda:N`.
@@ -85,6 +101,13 @@ fn main() -> std::process::ExitCode {
         Command::Ingest(args) => ingest::run(args),
         Command::Datasets(args) => datasets::run(args),
         Command::Stage(args) => stage::run(args),
+        Command::Head(args) => cluster::head::run(args),
+        Command::Worker(args) => cluster::worker::run(args, &cli.device),
+        Command::Up(args) => cluster::up::up(args, &cli.device),
+        Command::Down(args) => cluster::up::down(args),
+        Command::Status(args) => cluster::status::run(args),
+        Command::Job(args) => cluster::job::run(args),
+        Command::Selftest(args) => cluster::selftest::run(args),
     });
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,1 +1,45 @@
 #![doc = include_str!("../README.md")]
+#![allow(missing_docs, clippy::doc_markdown)]
+
+pub mod auth;
+pub mod transport;
+
+/// Generated types and services of the `medray.v1` package.
+pub mod v1 {
+    tonic::include_proto!("medray.v1");
+}
+
+/// Version of the worker <-> head protocol. A worker with another version is refused at
+/// registration with `FailedPrecondition`, naming both versions. Bump it on any change to
+/// `worker.proto` or `control.proto` that an older peer would misread.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Metadata key of the cluster token on every gRPC call (`authorization: Bearer <token>`).
+pub const AUTHORIZATION_HEADER: &str = "authorization";
+
+/// Default largest gRPC message, bytes (each side refuses larger ones).
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
+
+/// Default object transfer chunk, bytes (the brief's 1-4 MiB range).
+pub const DEFAULT_CHUNK_BYTES: usize = 2 * 1024 * 1024;
+
+impl v1::JobState {
+    /// True for SUCCEEDED, FAILED and CANCELLED.
+    #[must_use]
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
+    }
+
+    /// The state's name as users see it ("PENDING", ...).
+    #[must_use]
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Unspecified => "UNSPECIFIED",
+            Self::Pending => "PENDING",
+            Self::Running => "RUNNING",
+            Self::Succeeded => "SUCCEEDED",
+            Self::Failed => "FAILED",
+            Self::Cancelled => "CANCELLED",
+        }
+    }
+}

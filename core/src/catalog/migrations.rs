@@ -36,4 +36,52 @@ pub const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (dataset, case_id)
     );
     "#,
+    // 2: the cluster's jobs, their tasks and log lines, and the workers it has seen.
+    r#"
+    CREATE TABLE jobs (
+        id           TEXT PRIMARY KEY NOT NULL, -- job-000001
+        seq          INTEGER NOT NULL UNIQUE,
+        kind         TEXT NOT NULL,             -- selftest | ingest
+        spec         BLOB NOT NULL,             -- prost-encoded medray.v1.JobSpec
+        state        TEXT NOT NULL,             -- PENDING RUNNING SUCCEEDED FAILED CANCELLED
+        reason       TEXT NOT NULL DEFAULT '',
+        result_json  TEXT NOT NULL DEFAULT '',
+        created_at   TEXT NOT NULL,             -- RFC 3339 UTC
+        started_at   TEXT,
+        finished_at  TEXT
+    );
+    CREATE TABLE tasks (
+        job_id       TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+        task_id      TEXT NOT NULL,             -- t0001
+        spec         BLOB NOT NULL,             -- prost-encoded medray.v1.TaskAssignment
+        state        TEXT NOT NULL,             -- PENDING RUNNING SUCCEEDED FAILED CANCELLED
+        attempt      INTEGER NOT NULL DEFAULT 0, -- attempts started so far
+        worker_id    TEXT,                      -- worker of the current attempt
+        failures     INTEGER NOT NULL DEFAULT 0,
+        result_json  TEXT,
+        error        TEXT,
+        PRIMARY KEY (job_id, task_id)
+    );
+    CREATE TABLE job_logs (
+        job_id     TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+        seq        INTEGER NOT NULL,            -- 0-based, consecutive per job
+        time       TEXT NOT NULL,
+        worker_id  TEXT NOT NULL DEFAULT '',
+        line       TEXT NOT NULL,
+        PRIMARY KEY (job_id, seq)
+    );
+    CREATE TABLE workers (
+        id                 TEXT PRIMARY KEY NOT NULL, -- worker-000001
+        name               TEXT NOT NULL,
+        device             TEXT NOT NULL,
+        address            TEXT NOT NULL,
+        memory_bytes       INTEGER NOT NULL,
+        cores              INTEGER NOT NULL,
+        version            TEXT NOT NULL,
+        state              TEXT NOT NULL,            -- ALIVE DRAINING DEAD
+        reason             TEXT NOT NULL DEFAULT '',
+        registered_at      TEXT NOT NULL,
+        last_heartbeat_at  TEXT NOT NULL
+    );
+    "#,
 ];

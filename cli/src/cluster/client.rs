@@ -1,0 +1,126 @@
+//! How the CLI finds and calls a head: `--address`/`MEDRAY_ADDRESS`, else the cluster that
+//! `medray up` started from this directory (`.medray/cluster.json`), else
+//! `http://127.0.0.1:50051`; the token from `--token`/`MEDRAY_TOKEN` or that same file.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use medray_proto::auth::BearerToken;
+use medray_proto::transport::ClientTls;
+use medray_proto::v1::client_client::ClientClient;
+use serde::{Deserialize, Serialize};
+use tonic::codegen::InterceptedService;
+use tonic::transport::Channel;
+
+/// Default head address.
+pub const DEFAULT_ADDRESS: &str = "http://127.0.0.1:50051";
+
+/// The Client service with the token attached.
+pub type HeadClient = ClientClient<InterceptedService<Channel, BearerToken>>;
+
+/// What `medray up` records for the other commands (and `medray down`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterFile {
+    /// gRPC address of the head.
+    pub address: String,
+    /// The cluster token.
+    pub token: String,
+    /// HTTP operations address of the head.
+    pub http: Option<String>,
+    /// pid of the `medray up` process (0 when detached).
+    pub up_pid: u32,
+    /// pids of the head and the workers.
+    pub pids: Vec<u32>,
+    /// Folder of the log files.
+    pub log_dir: PathBuf,
+}
+
+/// The file `medray up` writes in `dir`.
+#[must_use]
+pub fn cluster_file_path(dir: &Path) -> PathBuf {
+    dir.join(".medray").join("cluster.json")
+}
+
+/// Reads the cluster file of the current directory, if any.
+pub fn read_cluster_file() -> anyhow::Result<Option<ClusterFile>> {
+    let path = cluster_file_path(Path::new("."));
+    match std::fs::read(&path) {
+        Ok(bytes) => Ok(Some(
+            serde_json::from_slice(&bytes)
+                .with_context(|| format!("reading {}", path.display()))?,
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// `--address`, `--token`, `--tls-ca`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ClientArgs {
+    /// Head address (default: the cluster `medray up` started here, else
+    /// http://127.0.0.1:50051).
+    #[arg(long, env = "MEDRAY_ADDRESS")]
+    pub address: Option<String>,
+    /// Cluster token (default: the one `medray up` wrote here).
+    #[arg(long, env = "MEDRAY_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// CA certificate (PEM) of a head that serves TLS (https:// addresses).
+    #[arg(long, env = "MEDRAY_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+}
+
+impl ClientArgs {
+    /// The address and token to use.
+    pub fn resolve(&self) -> anyhow::Result<(String, String)> {
+        let file = read_cluster_file()?;
+        let address = self
+            .address
+            .clone()
+            .or_else(|| file.as_ref().map(|f| f.address.clone()))
+            .unwrap_or_else(|| DEFAULT_ADDRESS.to_string());
+        let token = self
+            .token
+            .clone()
+            .or_else(|| file.as_ref().map(|f| f.token.clone()))
+            .context("no cluster token: pass --token or set MEDRAY_TOKEN (medray up writes one to .medray/cluster.json)")?;
+        Ok((address, token))
+    }
+
+    /// TLS settings from `--tls-ca`.
+    pub fn tls(&self) -> anyhow::Result<Option<ClientTls>> {
+        self.tls_ca
+            .as_ref()
+            .map(|p| {
+                Ok(ClientTls {
+                    ca_pem: std::fs::read(p)
+                        .with_context(|| format!("--tls-ca {}", p.display()))?,
+                    domain: None,
+                })
+            })
+            .transpose()
+    }
+
+    /// Connects to the head.
+    pub async fn connect(&self) -> anyhow::Result<HeadClient> {
+        let (address, token) = self.resolve()?;
+        let bearer = BearerToken::new(&token).context("--token")?;
+        let channel = medray_proto::transport::connect(
+            &address,
+            self.tls()?.as_ref(),
+            Duration::from_secs(5),
+        )
+        .await
+        .with_context(|| {
+            format!("cannot reach the head at {address} (is it running? see `medray up`)")
+        })?;
+        Ok(ClientClient::with_interceptor(channel, bearer)
+            .max_decoding_message_size(medray_proto::DEFAULT_MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(medray_proto::DEFAULT_MAX_MESSAGE_BYTES))
+    }
+}
+
+/// Turns a gRPC status into an error that says what the head said.
+pub fn status_error(call: &str, s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{call}: {} ({:?})", s.message(), s.code())
+}

@@ -1,0 +1,107 @@
+//! `medray head`: run the head in this process.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use medray_head::{HeadConfig, ServerTls};
+
+/// Arguments of `medray head`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// gRPC listen address.
+    #[arg(long, env = "MEDRAY_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    /// Data directory: catalog.db, stage.key, the default local stage.
+    #[arg(long, env = "MEDRAY_DATA_DIR", default_value = "./medray-data")]
+    pub data_dir: PathBuf,
+    /// Stage location (file:///dir, a path, or s3://bucket/prefix); default <data-dir>/stage.
+    #[arg(long, env = "MEDRAY_STAGE")]
+    pub stage: Option<String>,
+    /// Cluster token required on every call (also the cluster cookie).
+    #[arg(long, env = "MEDRAY_TOKEN", hide_env_values = true)]
+    pub token: String,
+    /// Host the cluster node announces to workers.
+    #[arg(long, env = "MEDRAY_NODE_HOST", default_value = "127.0.0.1")]
+    pub node_host: String,
+    /// Port of the cluster node (0: a free one).
+    #[arg(long, env = "MEDRAY_NODE_PORT", default_value_t = 0)]
+    pub node_port: u16,
+    /// HTTP address for /healthz, /readyz and /metrics (off when not given).
+    #[arg(long, env = "MEDRAY_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
+    /// Interval workers heartbeat at, ms.
+    #[arg(long, default_value_t = 1000)]
+    pub heartbeat_interval_ms: u64,
+    /// A worker silent for this long is marked dead and its task re-run, ms.
+    #[arg(long, default_value_t = 6000)]
+    pub worker_timeout_ms: u64,
+    /// Workers needed for /readyz to report ready.
+    #[arg(long, default_value_t = 1)]
+    pub min_workers: u32,
+    /// Attempts of one task before its job fails.
+    #[arg(long, default_value_t = 4)]
+    pub max_task_attempts: u32,
+    /// TLS certificate chain (PEM) for gRPC.
+    #[arg(long, env = "MEDRAY_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM) for gRPC.
+    #[arg(long, env = "MEDRAY_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+}
+
+impl TryFrom<Args> for HeadConfig {
+    type Error = anyhow::Error;
+    fn try_from(a: Args) -> anyhow::Result<Self> {
+        let tls = match (&a.tls_cert, &a.tls_key) {
+            (Some(c), Some(k)) => Some(ServerTls {
+                cert_pem: std::fs::read(c)
+                    .with_context(|| format!("--tls-cert {}", c.display()))?,
+                key_pem: std::fs::read(k).with_context(|| format!("--tls-key {}", k.display()))?,
+            }),
+            _ => None,
+        };
+        Ok(HeadConfig {
+            data_dir: a.data_dir,
+            stage_url: a.stage,
+            token: a.token,
+            node_host: a.node_host,
+            node_port: a.node_port,
+            http_listen: a.http_listen,
+            heartbeat_interval: Duration::from_millis(a.heartbeat_interval_ms),
+            worker_timeout: Duration::from_millis(a.worker_timeout_ms),
+            min_workers: a.min_workers,
+            max_task_attempts: a.max_task_attempts,
+            tls,
+            ..HeadConfig::default()
+        })
+    }
+}
+
+/// Runs the head until Ctrl-C or SIGTERM.
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let listen = args.listen;
+    let config = HeadConfig::try_from(args)?;
+    let rt = crate::data_dir::runtime()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("--listen {listen}: cannot bind"))?;
+        medray_head::run(
+            config,
+            listener,
+            |a| {
+                eprintln!(
+                    "medray head listening on {} (cluster node {}{})",
+                    a.grpc,
+                    a.node,
+                    a.http.map(|h| format!(", http {h}")).unwrap_or_default()
+                );
+            },
+            super::shutdown_signal(),
+        )
+        .await?;
+        Ok(())
+    })
+}

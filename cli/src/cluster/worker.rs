@@ -1,0 +1,57 @@
+//! `medray worker`: run a worker in this process.
+
+use std::path::PathBuf;
+
+use medray_worker::WorkerConfig;
+
+/// Arguments of `medray worker`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Head address.
+    #[arg(long, env = "MEDRAY_ADDRESS", default_value = "http://127.0.0.1:50051")]
+    pub address: String,
+    /// Cluster token.
+    #[arg(long, env = "MEDRAY_TOKEN", hide_env_values = true)]
+    pub token: String,
+    /// Name shown in `medray status` (default: host-pid).
+    #[arg(long, env = "MEDRAY_WORKER_NAME")]
+    pub name: Option<String>,
+    /// Object cache folder (default: a folder under the system temp dir).
+    #[arg(long, env = "MEDRAY_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Host this worker's cluster node announces.
+    #[arg(long, env = "MEDRAY_NODE_HOST", default_value = "127.0.0.1")]
+    pub node_host: String,
+    /// CA certificate (PEM) of a head that serves TLS.
+    #[arg(long, env = "MEDRAY_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// Seconds a draining worker waits for its running task before handing it back.
+    #[arg(long, default_value_t = 60)]
+    pub drain_timeout_s: u64,
+}
+
+/// Runs the worker until Ctrl-C or SIGTERM (then drains and exits 0).
+pub fn run(args: Args, device: &str) -> anyhow::Result<()> {
+    let tls = crate::cluster::client::ClientArgs {
+        address: None,
+        token: None,
+        tls_ca: args.tls_ca.clone(),
+    }
+    .tls()?;
+    let mut config = WorkerConfig::default()
+        .with_head_address(args.address)
+        .with_token(args.token)
+        .with_device(device)
+        .with_tls(tls);
+    if let Some(n) = args.name {
+        config = config.with_name(n);
+    }
+    if let Some(d) = args.cache_dir {
+        config = config.with_cache_dir(d);
+    }
+    config.node_host = args.node_host;
+    config.drain_timeout = std::time::Duration::from_secs(args.drain_timeout_s);
+    let rt = crate::data_dir::runtime()?;
+    rt.block_on(medray_worker::run(config, super::shutdown_signal()))?;
+    Ok(())
+}

@@ -1,0 +1,327 @@
+//! Multi-process cluster tests: real `medray` binaries on loopback (see
+//! `medray_tests::TestCluster`). Each test starts its own head and workers.
+
+use std::time::Duration;
+
+use medray_proto::auth::BearerToken;
+use medray_proto::v1::worker_client::WorkerClient;
+use medray_proto::v1::RegisterRequest;
+use medray_tests::{HeadOptions, TestCluster};
+use nix::sys::signal::Signal;
+
+const BIN: &str = env!("CARGO_BIN_EXE_medray");
+const LONG: Duration = Duration::from_secs(120);
+
+fn cluster(workers: usize) -> TestCluster {
+    let mut c = TestCluster::start(BIN, HeadOptions::default()).expect("head starts");
+    for _ in 0..workers {
+        c.add_worker().expect("worker starts");
+    }
+    c.wait_for_workers(workers, LONG).expect("workers register");
+    c
+}
+
+fn submit_selftest(c: &TestCluster, extra: &[&str]) -> String {
+    let mut args = vec!["selftest", "--no-wait"];
+    args.extend_from_slice(extra);
+    c.cli_ok(&args).expect("submit").trim().to_string()
+}
+
+/// Waits until some worker runs a task of `job`; returns that worker's index in
+/// `c.workers` (names are `worker-<index+1>`).
+fn worker_running(c: &TestCluster, job: &str) -> usize {
+    let mut found = None;
+    c.wait_until(&format!("a worker runs {job}"), LONG, |c| {
+        let s = c.status()?;
+        for w in s["workers"].as_array().into_iter().flatten() {
+            if w["current_task"]
+                .as_str()
+                .is_some_and(|t| t.starts_with(job))
+            {
+                let name = w["name"].as_str().unwrap_or_default();
+                found = name
+                    .strip_prefix("worker-")
+                    .and_then(|i| i.parse::<usize>().ok());
+                return Ok(found.is_some());
+            }
+        }
+        Ok(false)
+    })
+    .expect("task starts");
+    found.expect("worker index") - 1
+}
+
+fn succeeded_lines(logs: &str, task: &str) -> usize {
+    logs.lines()
+        .filter(|l| l.contains(&format!("task {task} succeeded")))
+        .count()
+}
+
+#[test]
+fn three_workers_register_and_pass_the_selftest() {
+    let c = cluster(3);
+    let out = c.cli_ok(&["selftest"]).expect("selftest succeeds");
+    assert_eq!(
+        out.lines().filter(|l| l.starts_with("t0")).count(),
+        3,
+        "{out}"
+    );
+    let status = c.cli_ok(&["status"]).unwrap();
+    for name in ["worker-1", "worker-2", "worker-3"] {
+        assert!(status.contains(name), "{status}");
+    }
+    let job = c.status().unwrap()["jobs"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let j = c.job(&job).unwrap();
+    assert_eq!(j["state"], "SUCCEEDED", "{j}");
+    let results = j["result"].as_array().unwrap();
+    let mut workers: Vec<&str> = results
+        .iter()
+        .map(|r| r["worker"].as_str().unwrap())
+        .collect();
+    workers.sort_unstable();
+    workers.dedup();
+    assert_eq!(workers.len(), 3, "each task on its own worker: {j}");
+    for r in results {
+        assert_eq!(r["result"]["device"], "cpu", "{j}");
+        assert!(r["result"]["forward_ms"].as_f64().unwrap() > 0.0, "{j}");
+    }
+}
+
+#[test]
+fn a_killed_worker_has_its_task_run_elsewhere() {
+    let mut c = cluster(2);
+    let job = submit_selftest(&c, &["--workers", "1", "--hold-ms", "6000"]);
+    let victim = worker_running(&c, &job);
+    c.workers[victim].signal(Signal::SIGKILL);
+    let j = c.wait_for_job_end(&job, LONG).unwrap();
+    assert_eq!(j["state"], "SUCCEEDED", "{j}\n{}", c.log_tails());
+    let ran_on = j["result"][0]["worker"].as_str().unwrap().to_string();
+    let logs = c.cli_ok(&["job", "logs", &job]).unwrap();
+    assert!(logs.contains("will run again"), "{logs}");
+    assert_eq!(succeeded_lines(&logs, "t0001"), 1, "{logs}");
+    // The head marked the killed worker dead: one worker left.
+    c.wait_for_workers(1, LONG).unwrap();
+    let survivor = c.status().unwrap()["workers"][0]["worker_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(ran_on, survivor);
+}
+
+#[test]
+fn a_hung_worker_is_evicted_and_its_result_not_counted_twice() {
+    let mut c = cluster(2);
+    let job = submit_selftest(&c, &["--workers", "1", "--hold-ms", "4000"]);
+    let victim = worker_running(&c, &job);
+    c.workers[victim].signal(Signal::SIGSTOP);
+    let j = c.wait_for_job_end(&job, LONG).unwrap();
+    assert_eq!(j["state"], "SUCCEEDED", "{j}\n{}", c.log_tails());
+    let logs = c.cli_ok(&["job", "logs", &job]).unwrap();
+    assert!(
+        logs.contains("no heartbeat"),
+        "evicted by the timeout: {logs}"
+    );
+    // Let the hung worker resume: its stale attempt must not be counted.
+    c.workers[victim].signal(Signal::SIGCONT);
+    c.wait_for_workers(2, LONG).unwrap();
+    let j = c.job(&job).unwrap();
+    assert_eq!(j["tasks_succeeded"], 1, "{j}");
+    assert_eq!(j["tasks_total"], 1, "{j}");
+    let logs = c.cli_ok(&["job", "logs", &job]).unwrap();
+    assert_eq!(succeeded_lines(&logs, "t0001"), 1, "{logs}");
+}
+
+#[test]
+fn a_restarted_head_resumes_the_running_job() {
+    let mut c = cluster(1);
+    let job = submit_selftest(&c, &["--workers", "1", "--hold-ms", "3000"]);
+    worker_running(&c, &job);
+    let head = c.head.as_mut().unwrap();
+    head.signal(Signal::SIGKILL);
+    let _ = head.child.wait();
+    c.start_head().unwrap();
+    let j = c.wait_for_job_end(&job, LONG).unwrap();
+    assert_eq!(j["state"], "SUCCEEDED", "{j}\n{}", c.log_tails());
+    let logs = c.cli_ok(&["job", "logs", &job]).unwrap();
+    assert!(logs.contains("head restarted"), "{logs}");
+    // `job status` is truthful afterwards, and exits 0 for a succeeded job.
+    let out = c.cli_ok(&["job", "status", &job]).unwrap();
+    assert!(out.contains("SUCCEEDED"), "{out}");
+}
+
+#[test]
+fn bad_tokens_and_protocol_versions_are_refused() {
+    let c = cluster(0);
+    // Wrong token through the CLI.
+    let out = std::process::Command::new(BIN)
+        .args([
+            "status",
+            "--address",
+            &c.address,
+            "--token",
+            "0123456789abcdef-wrong",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Unauthenticated"), "{err}");
+    assert!(!err.contains(&c.token), "the token is never printed");
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let channel = tonic::transport::Endpoint::from_shared(c.address.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let register = |version| RegisterRequest {
+            protocol_version: version,
+            name: "probe".into(),
+            device: "cpu".into(),
+            ..RegisterRequest::default()
+        };
+        // Missing token.
+        let e = WorkerClient::new(channel.clone())
+            .register(register(medray_proto::PROTOCOL_VERSION))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e}");
+        // Right token, wrong protocol version: both versions named.
+        let e = WorkerClient::with_interceptor(channel, BearerToken::new(&c.token).unwrap())
+            .register(register(999))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+        assert!(e.message().contains("999"), "{e}");
+        assert!(
+            e.message()
+                .contains(&medray_proto::PROTOCOL_VERSION.to_string()),
+            "{e}"
+        );
+    });
+}
+
+#[test]
+fn logs_follow_delivers_every_line_in_order() {
+    let c = cluster(1);
+    let job = submit_selftest(&c, &["--workers", "1", "--log-lines", "10000"]);
+    let out = c.cli_ok(&["job", "logs", &job, "--follow"]).unwrap();
+    let numbers: Vec<usize> = out
+        .lines()
+        .filter_map(|l| l.split("selftest line ").nth(1))
+        .map(|n| n.trim().parse().unwrap())
+        .collect();
+    assert_eq!(numbers.len(), 10_000);
+    assert!(numbers.iter().enumerate().all(|(i, n)| i == *n));
+    assert!(
+        out.contains("job SUCCEEDED"),
+        "the stream ends after the job: {out:.2000}"
+    );
+}
+
+#[test]
+fn a_job_waiting_for_workers_says_why() {
+    let mut c = cluster(1);
+    let job = submit_selftest(&c, &["--workers", "2"]);
+    c.wait_until("the job says why it waits", LONG, |c| {
+        let j = c.job(&job)?;
+        Ok(j["state"] == "PENDING" && j["reason"] == "needs 2 worker(s), 1 registered")
+    })
+    .unwrap();
+    c.add_worker().unwrap();
+    let j = c.wait_for_job_end(&job, LONG).unwrap();
+    assert_eq!(j["state"], "SUCCEEDED", "{j}");
+}
+
+#[test]
+fn operations_endpoints_answer() {
+    let c = cluster(1);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let get = |path: &str| -> (u16, String) {
+        rt.block_on(async {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut s = tokio::net::TcpStream::connect(&c.http).await.unwrap();
+            s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+                .await
+                .unwrap();
+            let mut buf = String::new();
+            s.read_to_string(&mut buf).await.unwrap();
+            let code = buf.split_whitespace().nth(1).unwrap().parse().unwrap();
+            (code, buf)
+        })
+    };
+    assert_eq!(get("/healthz").0, 200);
+    assert_eq!(get("/readyz").0, 200);
+    let (code, body) = get("/metrics");
+    assert_eq!(code, 200);
+    assert!(body.contains("medray_workers 1"), "{body}");
+}
+
+#[test]
+fn up_then_down_leaves_no_process_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = medray_tests::free_port().unwrap();
+    let listen = format!("127.0.0.1:{port}");
+    let out = std::process::Command::new(BIN)
+        .args(["up", "--workers", "2", "--detach", "--listen", &listen])
+        .args(["--data-dir", "data"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let file: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join(".medray/cluster.json")).unwrap())
+            .unwrap();
+    let pids: Vec<i32> = file["pids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_i64().unwrap() as i32)
+        .collect();
+    assert_eq!(pids.len(), 3);
+    // The CLI finds the cluster and its token from this directory.
+    let status = std::process::Command::new(BIN)
+        .arg("status")
+        .current_dir(dir.path())
+        .env_remove("MEDRAY_ADDRESS")
+        .env_remove("MEDRAY_TOKEN")
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&status.stdout)
+            .matches("ALIVE")
+            .count(),
+        2
+    );
+    let down = std::process::Command::new(BIN)
+        .arg("down")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        down.status.success(),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+    for pid in pids {
+        let gone = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err()
+            || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|s| s.split_whitespace().nth(2) == Some("Z"));
+        assert!(gone, "pid {pid} still runs after medray down");
+    }
+    assert!(!dir.path().join(".medray/cluster.json").exists());
+}

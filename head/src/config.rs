@@ -1,0 +1,158 @@
+//! Head settings (the CLI converts its flags into [`HeadConfig`]).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// TLS identity of the head's gRPC server.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    /// PEM certificate chain.
+    pub cert_pem: Vec<u8>,
+    /// PEM private key.
+    pub key_pem: Vec<u8>,
+}
+
+/// How a head runs.
+#[derive(Debug, Clone)]
+pub struct HeadConfig {
+    /// Data directory: catalog.db, stage.key, the default local stage.
+    pub data_dir: PathBuf,
+    /// Stage URL (`file://`, a path or `s3://`); default `<data_dir>/stage`.
+    pub stage_url: Option<String>,
+    /// The cluster token every call must carry (also the ractor_cluster cookie).
+    pub token: String,
+    /// Host the head's ractor_cluster node announces to workers.
+    pub node_host: String,
+    /// Port of the ractor_cluster node; 0 picks a free one.
+    pub node_port: u16,
+    /// Optional HTTP listener for `/healthz`, `/readyz` and `/metrics`.
+    pub http_listen: Option<SocketAddr>,
+    /// Interval workers heartbeat at.
+    pub heartbeat_interval: Duration,
+    /// A worker without a heartbeat for this long is marked dead and its task re-queued.
+    pub worker_timeout: Duration,
+    /// How long the scheduler waits for a worker to acknowledge an assignment.
+    pub assign_timeout: Duration,
+    /// Attempts of one task before its job fails.
+    pub max_task_attempts: u32,
+    /// Workers needed for `/readyz` to say ready.
+    pub min_workers: u32,
+    /// Largest gRPC message, bytes.
+    pub max_message_bytes: usize,
+    /// Object transfer chunk, bytes.
+    pub chunk_bytes: usize,
+    /// Largest object accepted by `StagePut`, bytes.
+    pub max_put_bytes: u64,
+    /// TLS for the gRPC server.
+    pub tls: Option<ServerTls>,
+}
+
+impl Default for HeadConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./medray-data"),
+            stage_url: None,
+            token: String::new(),
+            node_host: "127.0.0.1".into(),
+            node_port: 0,
+            http_listen: None,
+            heartbeat_interval: Duration::from_millis(1000),
+            worker_timeout: Duration::from_secs(6),
+            assign_timeout: Duration::from_secs(5),
+            max_task_attempts: 4,
+            min_workers: 1,
+            max_message_bytes: medray_proto::DEFAULT_MAX_MESSAGE_BYTES,
+            chunk_bytes: medray_proto::DEFAULT_CHUNK_BYTES,
+            max_put_bytes: 4 << 30,
+            tls: None,
+        }
+    }
+}
+
+impl HeadConfig {
+    /// Sets the data directory.
+    #[must_use]
+    pub fn with_data_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.data_dir = dir.into();
+        self
+    }
+
+    /// Sets the token.
+    #[must_use]
+    pub fn with_token(mut self, token: impl Into<String>) -> Self {
+        self.token = token.into();
+        self
+    }
+
+    /// Sets the worker timeout.
+    #[must_use]
+    pub fn with_worker_timeout(mut self, timeout: Duration) -> Self {
+        self.worker_timeout = timeout;
+        self
+    }
+
+    /// Sets the heartbeat interval.
+    #[must_use]
+    pub fn with_heartbeat_interval(mut self, interval: Duration) -> Self {
+        self.heartbeat_interval = interval;
+        self
+    }
+
+    /// Sets the HTTP listener.
+    #[must_use]
+    pub fn with_http_listen(mut self, addr: Option<SocketAddr>) -> Self {
+        self.http_listen = addr;
+        self
+    }
+
+    /// Sets the stage URL.
+    #[must_use]
+    pub fn with_stage_url(mut self, url: Option<String>) -> Self {
+        self.stage_url = url;
+        self
+    }
+
+    /// Checks every field.
+    ///
+    /// # Errors
+    /// [`crate::HeadError::Config`] naming the field.
+    pub fn validate(&self) -> crate::Result<()> {
+        use crate::HeadError::Config;
+        medray_proto::auth::validate_token(&self.token).map_err(|e| Config {
+            field: "--token",
+            reason: e.to_string(),
+        })?;
+        if self.heartbeat_interval < Duration::from_millis(50) {
+            return Err(Config {
+                field: "--heartbeat-interval-ms",
+                reason: "at least 50 ms".into(),
+            });
+        }
+        if self.worker_timeout < self.heartbeat_interval * 2 {
+            return Err(Config {
+                field: "--worker-timeout-ms",
+                reason: "must be at least twice the heartbeat interval".into(),
+            });
+        }
+        if !(1 << 20..=4 << 20).contains(&self.chunk_bytes) {
+            return Err(Config {
+                field: "--chunk-bytes",
+                reason: "must be between 1 MiB and 4 MiB".into(),
+            });
+        }
+        if self.max_message_bytes < self.chunk_bytes + 64 * 1024 {
+            return Err(Config {
+                field: "--max-message-bytes",
+                reason: "must exceed the chunk size by at least 64 KiB".into(),
+            });
+        }
+        if self.max_task_attempts == 0 {
+            return Err(Config {
+                field: "--max-task-attempts",
+                reason: "at least 1".into(),
+            });
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,486 @@
+//! One actor per job, supervised by the [job manager](crate::manager). It plans the job's
+//! tasks, waits for the resources it needs (staying PENDING with the reason), hears from the
+//! scheduler how each task ends, writes the job's log, and ends the job exactly once.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use medray_core::catalog::{DatasetName, PublishOutcome};
+use medray_core::ingest::{ingest_dir, ingest_synthetic, IngestOptions, IngestReport};
+use medray_core::synth::SynthConfig;
+use medray_proto::v1::ingest_spec::Source;
+use medray_proto::v1::job_spec::Kind;
+use medray_proto::v1::task_assignment::Kind as TaskKind;
+use medray_proto::v1::{IngestSpec, JobSpec, JobState, SelftestSpec, SelftestTask, TaskAssignment};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use ractor_cluster::RactorMessage;
+
+use crate::context::HeadContext;
+use crate::ids::{JobId, TaskId, WorkerId};
+use crate::registry::RegistryMsg;
+use crate::scheduler::{SchedulerMsg, TaskEnd};
+use crate::store::TaskState;
+use crate::{HeadError, Result};
+
+/// Default edge of the selftest input, voxels.
+const SELFTEST_SIZE: u32 = 32;
+
+/// The job actor.
+#[derive(Debug)]
+pub struct JobActor {
+    /// Shared handles.
+    pub ctx: HeadContext,
+    /// The scheduler.
+    pub scheduler: ActorRef<SchedulerMsg>,
+    /// The registry.
+    pub registry: ActorRef<RegistryMsg>,
+}
+
+/// Arguments of a job actor.
+#[derive(Debug)]
+pub struct JobArgs {
+    /// The job.
+    pub job_id: JobId,
+    /// What it does.
+    pub spec: JobSpec,
+    /// True when the head restarted while the job was RUNNING.
+    pub resumed: bool,
+}
+
+/// Messages of a job actor.
+#[derive(RactorMessage)]
+pub enum JobMsg {
+    /// Plan and start (self-sent at spawn, and again while waiting for workers).
+    Start,
+    /// The scheduler's news about a task.
+    TaskEnded {
+        /// The task.
+        task_id: TaskId,
+        /// How it ended.
+        end: TaskEnd,
+    },
+    /// An ingest finished (self-sent).
+    IngestDone(std::result::Result<String, String>),
+    /// Cancel the job; replies with an error if it cannot be cancelled now.
+    Cancel(RpcReplyPort<Result<()>>),
+}
+
+impl std::fmt::Debug for JobMsg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Start => f.write_str("Start"),
+            Self::TaskEnded { task_id, .. } => write!(f, "TaskEnded({task_id})"),
+            Self::IngestDone(_) => f.write_str("IngestDone"),
+            Self::Cancel(_) => f.write_str("Cancel"),
+        }
+    }
+}
+
+/// Job actor state.
+#[derive(Debug)]
+pub struct JobActorState {
+    job_id: JobId,
+    spec: JobSpec,
+    resumed: bool,
+    started: bool,
+    pending_reason: String,
+    results: BTreeMap<TaskId, (WorkerId, String)>,
+    ingest: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl JobActor {
+    fn log(&self, s: &JobActorState, line: impl Into<String>) {
+        self.ctx.logs.line(&s.job_id, line);
+    }
+
+    /// Ends the job once (a job that already ended is left as it is) and stops the actor.
+    fn end(&self, myself: &ActorRef<JobMsg>, s: &JobActorState, state: JobState, reason: &str) {
+        let changed = self
+            .ctx
+            .store
+            .set_job_state(&s.job_id, state, reason)
+            .unwrap_or(false);
+        if changed {
+            self.log(
+                s,
+                if reason.is_empty() {
+                    format!("job {}", state.label())
+                } else {
+                    format!("job {}: {reason}", state.label())
+                },
+            );
+            self.ctx.metrics.job_ended(state);
+        }
+        if state != JobState::Succeeded {
+            let _ = self.ctx.store.cancel_tasks(&s.job_id);
+            let _ = self
+                .scheduler
+                .cast(SchedulerMsg::CancelJob(s.job_id.clone()));
+        }
+        self.ctx.logs.wake();
+        myself.stop(None);
+    }
+
+    async fn start_selftest(
+        &self,
+        myself: &ActorRef<JobMsg>,
+        s: &mut JobActorState,
+        spec: &SelftestSpec,
+    ) -> Result<()> {
+        let existing = self.ctx.store.tasks(&s.job_id)?;
+        if existing.is_empty() {
+            let live = self
+                .registry
+                .call(RegistryMsg::LiveCount, Some(Duration::from_secs(5)))
+                .await?
+                .success_or_else(|| HeadError::Actor("registry did not answer".into()))?;
+            let needed = spec.workers.max(1);
+            if live < needed {
+                let reason = format!("needs {needed} worker(s), {live} registered");
+                if reason != s.pending_reason {
+                    self.ctx
+                        .store
+                        .set_job_state(&s.job_id, JobState::Pending, &reason)?;
+                    self.log(s, format!("waiting: {reason}"));
+                    s.pending_reason = reason;
+                }
+                myself.send_after(Duration::from_millis(500), || JobMsg::Start);
+                return Ok(());
+            }
+            let count = if spec.workers == 0 {
+                live
+            } else {
+                spec.workers
+            };
+            let task = self.selftest_task(spec).await?;
+            let tasks: Vec<(TaskId, TaskAssignment)> = (1..=count)
+                .map(|i| {
+                    (
+                        TaskId(format!("t{i:04}")),
+                        TaskAssignment {
+                            kind: Some(TaskKind::Selftest(task.clone())),
+                            ..TaskAssignment::default()
+                        },
+                    )
+                })
+                .collect();
+            self.ctx.store.insert_tasks(&s.job_id, &tasks)?;
+            self.log(
+                s,
+                format!(
+                    "selftest: {count} task(s) on {live} worker(s), case {} / {} at {}^3",
+                    task.fixed_key, task.moving_key, task.size
+                ),
+            );
+        } else if s.resumed {
+            let n = self.ctx.store.requeue_running_tasks(&s.job_id)?;
+            self.log(
+                s,
+                format!("head restarted: resuming the job ({n} running attempt(s) re-queued)"),
+            );
+        }
+        self.ctx
+            .store
+            .set_job_state(&s.job_id, JobState::Running, "")?;
+        s.started = true;
+        let tasks = self.ctx.store.tasks(&s.job_id)?;
+        for t in &tasks {
+            if t.state == TaskState::Succeeded {
+                if let (Some(w), Some(r)) = (&t.worker_id, &t.result_json) {
+                    s.results.insert(t.task_id.clone(), (w.clone(), r.clone()));
+                }
+            }
+        }
+        let pending: Vec<TaskId> = tasks
+            .iter()
+            .filter(|t| t.state == TaskState::Pending)
+            .map(|t| t.task_id.clone())
+            .collect();
+        self.scheduler.cast(SchedulerMsg::Enqueue {
+            job_id: s.job_id.clone(),
+            tasks: pending,
+            job: myself.clone(),
+        })?;
+        self.check_done(myself, s)
+    }
+
+    /// The selftest's case: the first case of `spec.dataset`, or a small synthetic case the
+    /// head ingests once (dataset `selftest`).
+    async fn selftest_task(&self, spec: &SelftestSpec) -> Result<SelftestTask> {
+        let dataset = if spec.dataset.is_empty() {
+            let name = DatasetName::new("selftest")?;
+            let config = SynthConfig::default()
+                .with_cases(1)
+                .with_size([32, 32, 32])
+                .with_seed(0);
+            let options = IngestOptions::default().with_name(name.clone());
+            self.run_ingest_blocking(move |stage, catalog| {
+                tokio::runtime::Handle::current().block_on(ingest_synthetic(
+                    stage,
+                    catalog,
+                    &config,
+                    &options,
+                    |_, _, _| {},
+                ))
+            })
+            .await?;
+            name
+        } else {
+            DatasetName::new(spec.dataset.clone())?
+        };
+        let cases = self.ctx.catalog()?.cases(&dataset)?;
+        let case = cases.first().ok_or_else(|| HeadError::NotFound {
+            what: "dataset (or it has no case)",
+            id: dataset.as_str().to_string(),
+        })?;
+        Ok(SelftestTask {
+            fixed_key: case.fixed.key.as_str().to_string(),
+            fixed_sha256: case.fixed.sha256.clone(),
+            moving_key: case.moving.key.as_str().to_string(),
+            moving_sha256: case.moving.sha256.clone(),
+            size: if spec.size == 0 {
+                SELFTEST_SIZE
+            } else {
+                spec.size
+            },
+            hold_ms: spec.hold_ms,
+            log_lines: spec.log_lines,
+        })
+    }
+
+    async fn run_ingest_blocking<F>(&self, f: F) -> Result<IngestReport>
+    where
+        F: FnOnce(
+                &medray_core::stage::Stage,
+                &mut medray_core::catalog::Catalog,
+            ) -> medray_core::Result<IngestReport>
+            + Send
+            + 'static,
+    {
+        let ctx = self.ctx.clone();
+        let handle = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || {
+            let _guard = handle.enter();
+            let mut catalog = ctx.catalog()?;
+            Ok(f(&ctx.stage, &mut catalog)?)
+        })
+        .await
+        .map_err(|e| HeadError::Actor(format!("ingest thread: {e}")))?
+    }
+
+    fn start_ingest(
+        &self,
+        myself: &ActorRef<JobMsg>,
+        s: &mut JobActorState,
+        spec: IngestSpec,
+    ) -> Result<()> {
+        if s.resumed {
+            self.log(
+                s,
+                "head restarted during the ingest: running it again (ingest is idempotent)",
+            );
+        }
+        let mut options = IngestOptions::default()
+            .with_skip_bad(spec.skip_bad)
+            .with_replace(spec.replace);
+        if !spec.name.is_empty() {
+            options = options.with_name(DatasetName::new(spec.name.clone())?);
+        }
+        let source = spec
+            .source
+            .ok_or_else(|| HeadError::invalid("spec.ingest.source", "missing"))?;
+        self.ctx
+            .store
+            .set_job_state(&s.job_id, JobState::Running, "")?;
+        s.started = true;
+        let ctx = self.ctx.clone();
+        let job_id = s.job_id.clone();
+        let me = myself.clone();
+        let handle = tokio::runtime::Handle::current();
+        let task = tokio::task::spawn_blocking(move || {
+            let _guard = handle.enter();
+            let logs = ctx.logs.clone();
+            let mut last = (None, 0u64);
+            let progress = |phase: medray_core::ingest::IngestPhase, done: u64, total: u64| {
+                let pct = if total == 0 { 100 } else { done * 100 / total };
+                if last.0 != Some(phase) || pct >= last.1 + 10 || done == total {
+                    logs.line(&job_id, format!("{phase:?}: {done}/{total}"));
+                    last = (Some(phase), pct);
+                }
+            };
+            let result: medray_core::Result<IngestReport> = (|| {
+                let mut catalog = ctx
+                    .catalog()
+                    .map_err(|e| medray_core::Error::invalid("catalog", e.to_string()))?;
+                match source {
+                    Source::Synthetic(src) => {
+                        let size: [usize; 3] = match src.size.as_slice() {
+                            [] => [192, 192, 208],
+                            [x, y, z] => [*x as usize, *y as usize, *z as usize],
+                            _ => {
+                                return Err(medray_core::Error::invalid(
+                                    "spec.ingest.synthetic.size",
+                                    "expected three values X Y Z",
+                                ))
+                            }
+                        };
+                        let config = SynthConfig::default()
+                            .with_cases(src.cases as usize)
+                            .with_size(size)
+                            .with_seed(src.seed);
+                        handle.block_on(ingest_synthetic(
+                            &ctx.stage,
+                            &mut catalog,
+                            &config,
+                            &options,
+                            progress,
+                        ))
+                    }
+                    Source::Dir(src) => handle.block_on(ingest_dir(
+                        &ctx.stage,
+                        &mut catalog,
+                        std::path::Path::new(&src.path),
+                        &options,
+                        progress,
+                    )),
+                    Source::Learn2reg(_) => Err(medray_core::Error::invalid(
+                        "spec.ingest.learn2reg",
+                        "the learn2reg download source is not available in this medray yet",
+                    )),
+                }
+            })();
+            let done = result.map(|r| {
+                serde_json::json!({
+                    "dataset": r.name.as_str(),
+                    "outcome": match r.outcome {
+                        PublishOutcome::Created => "created",
+                        PublishOutcome::Unchanged => "unchanged",
+                        PublishOutcome::Replaced { .. } => "replaced",
+                    },
+                    "cases": r.cases,
+                    "bad_cases": r.bad.len(),
+                    "bytes": r.bytes,
+                    "objects_written": r.objects_written,
+                })
+                .to_string()
+            });
+            let _ = me.cast(JobMsg::IngestDone(done.map_err(|e| e.to_string())));
+        });
+        s.ingest = Some(task);
+        Ok(())
+    }
+
+    fn check_done(&self, myself: &ActorRef<JobMsg>, s: &JobActorState) -> Result<()> {
+        let tasks = self.ctx.store.tasks(&s.job_id)?;
+        if tasks.iter().all(|t| t.state == TaskState::Succeeded) {
+            let summary: Vec<serde_json::Value> = s
+                .results
+                .iter()
+                .map(|(task, (worker, json))| {
+                    serde_json::json!({
+                        "task": task.as_str(),
+                        "worker": worker.as_str(),
+                        "result": serde_json::from_str::<serde_json::Value>(json).unwrap_or(serde_json::Value::Null),
+                    })
+                })
+                .collect();
+            self.ctx
+                .store
+                .set_job_result(&s.job_id, &serde_json::Value::Array(summary).to_string())?;
+            self.end(myself, s, JobState::Succeeded, "");
+        }
+        Ok(())
+    }
+}
+
+impl Actor for JobActor {
+    type Msg = JobMsg;
+    type State = JobActorState;
+    type Arguments = JobArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: JobArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        myself.cast(JobMsg::Start)?;
+        Ok(JobActorState {
+            job_id: args.job_id,
+            spec: args.spec,
+            resumed: args.resumed,
+            started: false,
+            pending_reason: String::new(),
+            results: BTreeMap::new(),
+            ingest: None,
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        s: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            JobMsg::Start => {
+                if s.started {
+                    return Ok(());
+                }
+                let result = match s.spec.kind.clone() {
+                    Some(Kind::Selftest(spec)) => self.start_selftest(&myself, s, &spec).await,
+                    Some(Kind::Ingest(spec)) => self.start_ingest(&myself, s, spec),
+                    None => Err(HeadError::invalid("spec.kind", "missing")),
+                };
+                if let Err(e) = result {
+                    self.end(&myself, s, JobState::Failed, &e.to_string());
+                }
+            }
+            JobMsg::TaskEnded { task_id, end } => match end {
+                TaskEnd::Succeeded {
+                    worker_id,
+                    result_json,
+                } => {
+                    self.log(
+                        s,
+                        format!("task {task_id} succeeded on {worker_id}: {result_json}"),
+                    );
+                    s.results.insert(task_id, (worker_id, result_json));
+                    if let Err(e) = self.check_done(&myself, s) {
+                        self.end(&myself, s, JobState::Failed, &e.to_string());
+                    }
+                }
+                TaskEnd::Retrying(reason) => {
+                    self.log(s, format!("task {task_id} will run again: {reason}"));
+                }
+                TaskEnd::Failed(reason) => {
+                    self.end(
+                        &myself,
+                        s,
+                        JobState::Failed,
+                        &format!("task {task_id} failed {reason}"),
+                    );
+                }
+            },
+            JobMsg::IngestDone(result) => match result {
+                Ok(json) => {
+                    self.log(s, format!("ingest done: {json}"));
+                    let _ = self.ctx.store.set_job_result(&s.job_id, &json);
+                    self.end(&myself, s, JobState::Succeeded, "");
+                }
+                Err(e) => self.end(&myself, s, JobState::Failed, &e),
+            },
+            JobMsg::Cancel(reply) => {
+                if s.ingest.is_some() {
+                    let _ = reply.send(Err(HeadError::invalid(
+                        "job_id",
+                        "a running ingest cannot be cancelled (it publishes atomically, nothing is visible until it ends); wait for it to end",
+                    )));
+                } else {
+                    let _ = reply.send(Ok(()));
+                    self.end(&myself, s, JobState::Cancelled, "cancelled by the user");
+                }
+            }
+        }
+        Ok(())
+    }
+}

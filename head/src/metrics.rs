@@ -1,0 +1,135 @@
+//! Prometheus metrics of the head, served at `/metrics`.
+
+use std::sync::atomic::AtomicU64;
+
+use medray_proto::v1::JobState;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// Label of the jobs-ended counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    /// Final state.
+    pub state: String,
+}
+
+/// Label of the bytes-moved counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabel {
+    /// `to_worker`, `to_client`, `from_client`.
+    pub direction: String,
+}
+
+/// The head's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Workers registered now.
+    pub workers: Gauge,
+    /// Workers lost (timeouts, disconnections, departures).
+    pub workers_lost: Counter,
+    /// Jobs submitted.
+    pub jobs_submitted: Counter,
+    /// Jobs ended, by final state.
+    pub jobs_ended: Family<StateLabel, Counter>,
+    /// Task attempts started.
+    pub tasks_started: Counter,
+    /// Task attempts that succeeded.
+    pub tasks_succeeded: Counter,
+    /// Task attempts that failed.
+    pub tasks_failed: Counter,
+    /// Tasks waiting in the queue.
+    pub queue: Gauge,
+    /// Object bytes moved, by direction.
+    pub bytes: Family<DirectionLabel, Counter<u64, AtomicU64>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("medray");
+        let m = Self {
+            workers: Gauge::default(),
+            workers_lost: Counter::default(),
+            jobs_submitted: Counter::default(),
+            jobs_ended: Family::default(),
+            tasks_started: Counter::default(),
+            tasks_succeeded: Counter::default(),
+            tasks_failed: Counter::default(),
+            queue: Gauge::default(),
+            bytes: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register("workers", "Workers registered now", m.workers.clone());
+        registry.register("workers_lost", "Workers lost", m.workers_lost.clone());
+        registry.register("jobs_submitted", "Jobs submitted", m.jobs_submitted.clone());
+        registry.register(
+            "jobs_ended",
+            "Jobs ended, by final state",
+            m.jobs_ended.clone(),
+        );
+        registry.register(
+            "task_attempts_started",
+            "Task attempts started",
+            m.tasks_started.clone(),
+        );
+        registry.register(
+            "task_attempts_succeeded",
+            "Task attempts that succeeded",
+            m.tasks_succeeded.clone(),
+        );
+        registry.register(
+            "task_attempts_failed",
+            "Task attempts that failed",
+            m.tasks_failed.clone(),
+        );
+        registry.register("task_queue", "Tasks waiting for a worker", m.queue.clone());
+        registry.register(
+            "object_bytes",
+            "Object bytes moved, by direction",
+            m.bytes.clone(),
+        );
+        Self { registry, ..m }
+    }
+}
+
+impl Metrics {
+    /// Sets the workers gauge.
+    pub fn set_workers(&self, n: usize) {
+        self.workers.set(n as i64);
+    }
+
+    /// Sets the queue gauge.
+    pub fn set_queue(&self, n: usize) {
+        self.queue.set(n as i64);
+    }
+
+    /// Counts an ended job.
+    pub fn job_ended(&self, state: JobState) {
+        self.jobs_ended
+            .get_or_create(&StateLabel {
+                state: state.label().into(),
+            })
+            .inc();
+    }
+
+    /// Counts moved bytes.
+    pub fn moved(&self, direction: &str, bytes: u64) {
+        self.bytes
+            .get_or_create(&DirectionLabel {
+                direction: direction.into(),
+            })
+            .inc_by(bytes);
+    }
+
+    /// The Prometheus text exposition.
+    #[must_use]
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

@@ -1,0 +1,458 @@
+//! The scheduler actor: a FIFO queue of pending tasks and the set of usable workers. It
+//! starts an attempt (recorded in the store first, so a result is always matched against
+//! the attempt that is current), sends the assignment to the worker actor over
+//! ractor_cluster and waits for its acknowledgement with a timeout. A lost worker's attempt
+//! goes back to the front of the queue; a result from an attempt that is no longer current
+//! (a worker evicted while paused, then resumed) is refused, so nothing is counted twice.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use medray_proto::v1::{AssignmentAck, TaskAssignment};
+use medray_worker::control::{attempt_key, Wire, WorkerControl};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use ractor_cluster::RactorMessage;
+
+use crate::config::HeadConfig;
+use crate::ids::{AttemptRef, JobId, TaskId, WorkerId};
+use crate::job::JobMsg;
+use crate::metrics::Metrics;
+use crate::store::{Store, TaskState};
+
+/// How an attempt ended, as a worker reported it.
+#[derive(Debug, Clone)]
+pub enum AttemptOutcome {
+    /// Succeeded with this result JSON.
+    Succeeded(String),
+    /// Failed.
+    Failed {
+        /// Why.
+        reason: String,
+        /// Whether another attempt may succeed.
+        retryable: bool,
+    },
+}
+
+/// What the scheduler tells a job about one of its tasks.
+#[derive(Debug, Clone)]
+pub enum TaskEnd {
+    /// Done, with its result.
+    Succeeded {
+        /// The worker that ran it.
+        worker_id: WorkerId,
+        /// Its result JSON.
+        result_json: String,
+    },
+    /// It will run again (worker lost, or a retryable failure).
+    Retrying(String),
+    /// Given up.
+    Failed(String),
+}
+
+/// The scheduler actor.
+#[derive(Debug)]
+pub struct Scheduler {
+    /// The store.
+    pub store: Arc<Store>,
+    /// Settings.
+    pub config: Arc<HeadConfig>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+/// Messages of the scheduler.
+#[derive(RactorMessage)]
+pub enum SchedulerMsg {
+    /// A worker's actor joined: it can take tasks.
+    WorkerUp {
+        /// The worker.
+        worker_id: WorkerId,
+        /// Its actor.
+        actor: ActorRef<WorkerControl>,
+    },
+    /// A worker is gone; its running attempt is re-queued.
+    WorkerDown {
+        /// The worker.
+        worker_id: WorkerId,
+        /// Why.
+        reason: String,
+    },
+    /// A heartbeat arrived (idle: no task running on the worker).
+    Heartbeat {
+        /// The worker.
+        worker_id: WorkerId,
+        /// True when it runs nothing.
+        idle: bool,
+    },
+    /// Queue tasks of a job (PENDING in the store); `job` hears how each ends.
+    Enqueue {
+        /// The job.
+        job_id: JobId,
+        /// Its tasks to run.
+        tasks: Vec<TaskId>,
+        /// The job's actor.
+        job: ActorRef<JobMsg>,
+    },
+    /// A worker reports the end of an attempt; replies whether it was accepted.
+    Finished {
+        /// The reporting worker.
+        worker_id: WorkerId,
+        /// The attempt.
+        attempt: AttemptRef,
+        /// Its outcome.
+        outcome: AttemptOutcome,
+        /// Accepted or not.
+        reply: RpcReplyPort<bool>,
+    },
+    /// The answer to an assignment (self-sent by the task that waited for it).
+    AssignAnswered {
+        /// The worker.
+        worker_id: WorkerId,
+        /// The attempt.
+        attempt: AttemptRef,
+        /// The acknowledgement, or why none came.
+        ack: Result<AssignmentAck, String>,
+    },
+    /// Drop a job's queued tasks and stop its running attempts.
+    CancelJob(JobId),
+}
+
+impl std::fmt::Debug for SchedulerMsg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::WorkerUp { worker_id, .. } => write!(f, "WorkerUp({worker_id})"),
+            Self::WorkerDown { worker_id, .. } => write!(f, "WorkerDown({worker_id})"),
+            Self::Heartbeat { worker_id, .. } => write!(f, "Heartbeat({worker_id})"),
+            Self::Enqueue { job_id, .. } => write!(f, "Enqueue({job_id})"),
+            Self::Finished { attempt, .. } => write!(f, "Finished({attempt})"),
+            Self::AssignAnswered { attempt, .. } => write!(f, "AssignAnswered({attempt})"),
+            Self::CancelJob(j) => write!(f, "CancelJob({j})"),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct WorkerSlot {
+    actor: ActorRef<WorkerControl>,
+    /// The attempt assigned to it, if any.
+    running: Option<AttemptRef>,
+    /// It refused an assignment as busy: wait for an idle heartbeat.
+    blocked: bool,
+}
+
+/// Scheduler state.
+#[derive(Debug, Default)]
+pub struct SchedulerState {
+    workers: HashMap<WorkerId, WorkerSlot>,
+    queue: VecDeque<(JobId, TaskId)>,
+    jobs: HashMap<JobId, ActorRef<JobMsg>>,
+}
+
+impl Scheduler {
+    fn tell_job(state: &SchedulerState, job: &JobId, task: &TaskId, end: TaskEnd) {
+        if let Some(actor) = state.jobs.get(job) {
+            let _ = actor.cast(JobMsg::TaskEnded {
+                task_id: task.clone(),
+                end,
+            });
+        }
+    }
+
+    /// Puts a running attempt back in the queue (front), or fails it when it has used all
+    /// its attempts.
+    fn requeue(&self, state: &mut SchedulerState, attempt: &AttemptRef, reason: &str) {
+        let exhausted = attempt.attempt >= self.config.max_task_attempts;
+        let (next, end) = if exhausted {
+            (
+                TaskState::Failed,
+                TaskEnd::Failed(format!(
+                    "{reason}; gave up after {} attempts",
+                    attempt.attempt
+                )),
+            )
+        } else {
+            (TaskState::Pending, TaskEnd::Retrying(reason.to_string()))
+        };
+        match self
+            .store
+            .finish_attempt(attempt, next, None, Some(reason), true)
+        {
+            Ok(true) => {
+                if !exhausted {
+                    state
+                        .queue
+                        .push_front((attempt.job_id.clone(), attempt.task_id.clone()));
+                }
+                Self::tell_job(state, &attempt.job_id, &attempt.task_id, end);
+            }
+            Ok(false) => {}
+            Err(e) => tracing::error!(error = %e, %attempt, "cannot re-queue an attempt"),
+        }
+    }
+
+    fn dispatch(&self, myself: &ActorRef<SchedulerMsg>, state: &mut SchedulerState) {
+        loop {
+            if state.queue.is_empty() {
+                break;
+            }
+            let Some(worker_id) = state
+                .workers
+                .iter()
+                .filter(|(_, w)| w.running.is_none() && !w.blocked)
+                .map(|(id, _)| id.clone())
+                .min()
+            else {
+                break;
+            };
+            let Some((job_id, task_id)) = state.queue.pop_front() else {
+                break;
+            };
+            if !state.jobs.contains_key(&job_id) {
+                continue;
+            }
+            let assignment = match self.store.start_attempt(&job_id, &task_id, &worker_id) {
+                Ok(Some(a)) => a,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start an attempt");
+                    state.queue.push_front((job_id, task_id));
+                    break;
+                }
+            };
+            let attempt = AttemptRef {
+                job_id,
+                task_id,
+                attempt: assignment.attempt,
+            };
+            let Some(slot) = state.workers.get_mut(&worker_id) else {
+                break;
+            };
+            slot.running = Some(attempt.clone());
+            self.metrics.tasks_started.inc();
+            send_assignment(
+                myself.clone(),
+                slot.actor.clone(),
+                worker_id,
+                attempt,
+                assignment,
+                self.config.assign_timeout,
+            );
+        }
+        self.metrics.set_queue(state.queue.len());
+    }
+}
+
+fn send_assignment(
+    myself: ActorRef<SchedulerMsg>,
+    actor: ActorRef<WorkerControl>,
+    worker_id: WorkerId,
+    attempt: AttemptRef,
+    assignment: TaskAssignment,
+    timeout: std::time::Duration,
+) {
+    tokio::spawn(async move {
+        let ack = match actor
+            .call(
+                |reply| WorkerControl::Assign(Wire::new(assignment), reply),
+                Some(timeout),
+            )
+            .await
+        {
+            Ok(ractor::rpc::CallResult::Success(Wire(Ok(ack)))) => Ok(ack),
+            Ok(ractor::rpc::CallResult::Success(Wire(Err(e)))) => {
+                Err(format!("malformed acknowledgement: {e}"))
+            }
+            Ok(ractor::rpc::CallResult::Timeout) => Err(format!(
+                "no acknowledgement within {:.1} s",
+                timeout.as_secs_f64()
+            )),
+            Ok(ractor::rpc::CallResult::SenderError) => {
+                Err("the worker actor dropped the request".into())
+            }
+            Err(e) => Err(format!("cannot reach the worker actor: {e}")),
+        };
+        let _ = myself.cast(SchedulerMsg::AssignAnswered {
+            worker_id,
+            attempt,
+            ack,
+        });
+    });
+}
+
+impl Actor for Scheduler {
+    type Msg = SchedulerMsg;
+    type State = SchedulerState;
+    type Arguments = ();
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        (): (),
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(SchedulerState::default())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            SchedulerMsg::WorkerUp { worker_id, actor } => {
+                state.workers.insert(
+                    worker_id,
+                    WorkerSlot {
+                        actor,
+                        running: None,
+                        blocked: false,
+                    },
+                );
+            }
+            SchedulerMsg::WorkerDown { worker_id, reason } => {
+                if let Some(slot) = state.workers.remove(&worker_id) {
+                    if let Some(attempt) = slot.running {
+                        self.requeue(
+                            state,
+                            &attempt,
+                            &format!("worker {worker_id} lost: {reason}"),
+                        );
+                    }
+                }
+            }
+            SchedulerMsg::Heartbeat { worker_id, idle } => {
+                if let Some(slot) = state.workers.get_mut(&worker_id) {
+                    if idle && slot.blocked {
+                        slot.blocked = false;
+                    }
+                }
+            }
+            SchedulerMsg::Enqueue { job_id, tasks, job } => {
+                state.jobs.insert(job_id.clone(), job);
+                for t in tasks {
+                    state.queue.push_back((job_id.clone(), t));
+                }
+            }
+            SchedulerMsg::Finished {
+                worker_id,
+                attempt,
+                outcome,
+                reply,
+            } => {
+                let current = self.store.is_current(&attempt, &worker_id).unwrap_or(false);
+                if current {
+                    if let Some(slot) = state.workers.get_mut(&worker_id) {
+                        if slot.running.as_ref() == Some(&attempt) {
+                            slot.running = None;
+                        }
+                    }
+                    match outcome {
+                        AttemptOutcome::Succeeded(json) => {
+                            let ok = self
+                                .store
+                                .finish_attempt(
+                                    &attempt,
+                                    TaskState::Succeeded,
+                                    Some(&json),
+                                    None,
+                                    false,
+                                )
+                                .unwrap_or(false);
+                            if ok {
+                                self.metrics.tasks_succeeded.inc();
+                                Self::tell_job(
+                                    state,
+                                    &attempt.job_id,
+                                    &attempt.task_id,
+                                    TaskEnd::Succeeded {
+                                        worker_id: worker_id.clone(),
+                                        result_json: json,
+                                    },
+                                );
+                            }
+                        }
+                        AttemptOutcome::Failed { reason, retryable } => {
+                            self.metrics.tasks_failed.inc();
+                            let reason = format!("on {worker_id}: {reason}");
+                            if retryable {
+                                self.requeue(state, &attempt, &reason);
+                            } else if self
+                                .store
+                                .finish_attempt(
+                                    &attempt,
+                                    TaskState::Failed,
+                                    None,
+                                    Some(&reason),
+                                    true,
+                                )
+                                .unwrap_or(false)
+                            {
+                                Self::tell_job(
+                                    state,
+                                    &attempt.job_id,
+                                    &attempt.task_id,
+                                    TaskEnd::Failed(reason),
+                                );
+                            }
+                        }
+                    }
+                } else {
+                    tracing::warn!(%attempt, worker_id = %worker_id, "result of a superseded attempt dropped");
+                }
+                let _ = reply.send(current);
+            }
+            SchedulerMsg::AssignAnswered {
+                worker_id,
+                attempt,
+                ack,
+            } => {
+                let refused = match ack {
+                    Ok(a) if a.accepted => None,
+                    Ok(a) => Some((a.reason, true)),
+                    Err(e) => Some((e, false)),
+                };
+                if let Some((reason, worker_answered)) = refused {
+                    tracing::warn!(%attempt, worker_id = %worker_id, reason, "assignment not taken");
+                    // Not started on the worker: back to pending without counting a failure.
+                    let _ =
+                        self.store
+                            .finish_attempt(&attempt, TaskState::Pending, None, None, false);
+                    state
+                        .queue
+                        .push_front((attempt.job_id.clone(), attempt.task_id.clone()));
+                    if let Some(slot) = state.workers.get_mut(&worker_id) {
+                        if slot.running.as_ref() == Some(&attempt) {
+                            slot.running = None;
+                        }
+                        // A worker that did not answer is left to the heartbeat timeout; one
+                        // that is busy waits for an idle heartbeat.
+                        slot.blocked = true;
+                    }
+                    let _ = worker_answered;
+                }
+            }
+            SchedulerMsg::CancelJob(job_id) => {
+                state.queue.retain(|(j, _)| *j != job_id);
+                state.jobs.remove(&job_id);
+                for slot in state.workers.values_mut() {
+                    if let Some(a) = slot.running.as_ref().filter(|a| a.job_id == job_id) {
+                        let key = attempt_key(a.job_id.as_str(), a.task_id.as_str(), a.attempt);
+                        let actor = slot.actor.clone();
+                        tokio::spawn(async move {
+                            let _ = actor
+                                .call(
+                                    |r| WorkerControl::Cancel(key, r),
+                                    Some(std::time::Duration::from_secs(5)),
+                                )
+                                .await;
+                        });
+                        slot.running = None;
+                        slot.blocked = true;
+                    }
+                }
+            }
+        }
+        self.dispatch(&myself, state);
+        Ok(())
+    }
+}

@@ -1,0 +1,352 @@
+//! The Client service: what the `medray` CLI calls.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use medray_proto::v1::client_server::Client;
+use medray_proto::v1::ingest_spec::Source;
+use medray_proto::v1::job_spec::Kind;
+use medray_proto::v1::{
+    CancelJobRequest, CancelJobResponse, ClusterStatusRequest, ClusterStatusResponse, DatasetInfo,
+    GetJobRequest, GetJobResponse, JobSpec, JobState, ListDatasetsRequest, ListDatasetsResponse,
+    ListJobsRequest, ListJobsResponse, LogLine, ObjectChunk, StageGetRequest, StageListRequest,
+    StageListResponse, StageObject, StagePutRequest, StagePutResponse, StreamJobLogsRequest,
+    SubmitJobRequest, SubmitJobResponse,
+};
+use ractor::ActorRef;
+use sha2::{Digest, Sha256};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{object_stream, BoxStream};
+use crate::context::HeadContext;
+use crate::ids::JobId;
+use crate::manager::ManagerMsg;
+use crate::registry::RegistryMsg;
+
+const ACTOR_TIMEOUT: Duration = Duration::from_secs(30);
+/// Lines per read when streaming a log.
+const LOG_BATCH: u32 = 1000;
+
+/// The Client service.
+#[derive(Debug, Clone)]
+pub struct ClientService {
+    /// Shared handles.
+    pub ctx: HeadContext,
+    /// The job manager.
+    pub manager: ActorRef<ManagerMsg>,
+    /// The registry.
+    pub registry: ActorRef<RegistryMsg>,
+}
+
+fn unavailable<E: std::fmt::Display>(e: E) -> Status {
+    Status::unavailable(format!("head is busy: {e}"))
+}
+
+fn job_id(id: &str) -> Result<JobId, Status> {
+    if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    {
+        return Err(Status::invalid_argument(format!("invalid job id `{id}`")));
+    }
+    Ok(JobId(id.to_string()))
+}
+
+/// Checks a submitted spec; errors name the field.
+///
+/// # Errors
+/// `InvalidArgument` naming the field.
+pub fn validate_spec(spec: &JobSpec) -> Result<(), Status> {
+    let bad =
+        |field: &str, reason: &str| Err(Status::invalid_argument(format!("`{field}`: {reason}")));
+    match &spec.kind {
+        None => bad("spec.kind", "missing: set selftest or ingest"),
+        Some(Kind::Selftest(s)) => {
+            if s.size != 0 && (!(16..=128).contains(&s.size) || s.size % 4 != 0) {
+                return bad("selftest.size", "a multiple of 4 in 16..=128");
+            }
+            if s.workers > 1024 {
+                return bad("selftest.workers", "at most 1024");
+            }
+            if s.log_lines > 1_000_000 {
+                return bad("selftest.log_lines", "at most 1,000,000");
+            }
+            if s.hold_ms > 3_600_000 {
+                return bad("selftest.hold_ms", "at most one hour");
+            }
+            Ok(())
+        }
+        Some(Kind::Ingest(i)) => match &i.source {
+            None => bad("ingest.source", "missing: set synthetic, dir or learn2reg"),
+            Some(Source::Synthetic(s)) => {
+                if !(1..=1000).contains(&s.cases) {
+                    return bad("ingest.synthetic.cases", "1..=1000");
+                }
+                if !(s.size.is_empty() || s.size.len() == 3)
+                    || s.size.iter().any(|v| !(8..=512).contains(v))
+                {
+                    return bad("ingest.synthetic.size", "three values X Y Z, each 8..=512");
+                }
+                Ok(())
+            }
+            Some(Source::Dir(d)) => {
+                if !std::path::Path::new(&d.path).is_absolute() {
+                    return bad(
+                        "ingest.dir.path",
+                        "must be an absolute path on the head's machine",
+                    );
+                }
+                Ok(())
+            }
+            Some(Source::Learn2reg(_)) => Ok(()),
+        },
+    }
+}
+
+#[tonic::async_trait]
+impl Client for ClientService {
+    async fn submit_job(
+        &self,
+        request: Request<SubmitJobRequest>,
+    ) -> Result<Response<SubmitJobResponse>, Status> {
+        let spec = request
+            .into_inner()
+            .spec
+            .ok_or_else(|| Status::invalid_argument("missing field `spec`"))?;
+        validate_spec(&spec)?;
+        let job = self
+            .manager
+            .call(|r| ManagerMsg::Submit(spec, r), Some(ACTOR_TIMEOUT))
+            .await
+            .map_err(unavailable)?
+            .success_or_else(|| unavailable("job manager timeout"))?
+            .map_err(Status::from)?;
+        Ok(Response::new(SubmitJobResponse { job: Some(job) }))
+    }
+
+    async fn get_job(
+        &self,
+        request: Request<GetJobRequest>,
+    ) -> Result<Response<GetJobResponse>, Status> {
+        let id = job_id(&request.into_inner().job_id)?;
+        let job = self
+            .ctx
+            .store
+            .job(&id)
+            .map_err(Status::from)?
+            .ok_or_else(|| Status::not_found(format!("job `{id}` not found")))?;
+        Ok(Response::new(GetJobResponse { job: Some(job) }))
+    }
+
+    async fn list_jobs(
+        &self,
+        request: Request<ListJobsRequest>,
+    ) -> Result<Response<ListJobsResponse>, Status> {
+        let limit = match request.into_inner().limit {
+            0 => 100,
+            n => n.min(10_000),
+        };
+        let jobs = self.ctx.store.jobs(limit).map_err(Status::from)?;
+        Ok(Response::new(ListJobsResponse { jobs }))
+    }
+
+    async fn cancel_job(
+        &self,
+        request: Request<CancelJobRequest>,
+    ) -> Result<Response<CancelJobResponse>, Status> {
+        let id = job_id(&request.into_inner().job_id)?;
+        let job = self
+            .manager
+            .call(|r| ManagerMsg::Cancel(id, r), Some(ACTOR_TIMEOUT))
+            .await
+            .map_err(unavailable)?
+            .success_or_else(|| unavailable("job manager timeout"))?
+            .map_err(|e| match e {
+                crate::HeadError::InvalidArgument { reason, .. } => {
+                    Status::failed_precondition(reason)
+                }
+                other => Status::from(other),
+            })?;
+        Ok(Response::new(CancelJobResponse { job: Some(job) }))
+    }
+
+    type StreamJobLogsStream = BoxStream<LogLine>;
+
+    async fn stream_job_logs(
+        &self,
+        request: Request<StreamJobLogsRequest>,
+    ) -> Result<Response<Self::StreamJobLogsStream>, Status> {
+        let req = request.into_inner();
+        let id = job_id(&req.job_id)?;
+        if self.ctx.store.job(&id).map_err(Status::from)?.is_none() {
+            return Err(Status::not_found(format!("job `{id}` not found")));
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let ctx = self.ctx.clone();
+        tokio::spawn(async move {
+            let mut next = req.from_seq;
+            loop {
+                // Subscribe before reading, so an append between the read and the wait
+                // still wakes us.
+                let notified = ctx.logs.notified();
+                let rows = match ctx.store.logs(&id, next, LOG_BATCH) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::from(e))).await;
+                        return;
+                    }
+                };
+                if rows.is_empty() {
+                    let ended = match ctx.store.job(&id) {
+                        Ok(Some(j)) => JobState::try_from(j.state).is_ok_and(JobState::is_terminal),
+                        _ => true,
+                    };
+                    if !req.follow {
+                        return;
+                    }
+                    if ended {
+                        // The job's last line is written before its state changes: one more
+                        // read picks up anything appended just before the end.
+                        match ctx.store.logs(&id, next, LOG_BATCH) {
+                            Ok(r) if r.is_empty() => return,
+                            _ => continue,
+                        }
+                    }
+                    tokio::select! {
+                        () = notified => {}
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        () = tx.closed() => return,
+                    }
+                    continue;
+                }
+                for r in rows {
+                    next = r.seq + 1;
+                    let line = LogLine {
+                        seq: r.seq,
+                        time: r.time,
+                        worker_id: r.worker_id,
+                        line: r.line,
+                    };
+                    if tx.send(Ok(line)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn cluster_status(
+        &self,
+        _request: Request<ClusterStatusRequest>,
+    ) -> Result<Response<ClusterStatusResponse>, Status> {
+        let workers = self
+            .registry
+            .call(RegistryMsg::Snapshot, Some(ACTOR_TIMEOUT))
+            .await
+            .map_err(unavailable)?
+            .success_or_else(|| unavailable("registry timeout"))?;
+        let jobs = self.ctx.store.jobs(20).map_err(Status::from)?;
+        Ok(Response::new(ClusterStatusResponse {
+            workers,
+            jobs,
+            version: env!("CARGO_PKG_VERSION").into(),
+            protocol_version: medray_proto::PROTOCOL_VERSION,
+            min_workers: self.ctx.config.min_workers,
+        }))
+    }
+
+    async fn list_datasets(
+        &self,
+        _request: Request<ListDatasetsRequest>,
+    ) -> Result<Response<ListDatasetsResponse>, Status> {
+        let datasets = self
+            .ctx
+            .catalog()
+            .and_then(|c| Ok(c.datasets()?))
+            .map_err(Status::from)?
+            .into_iter()
+            .map(|d| DatasetInfo {
+                name: d.name.as_str().to_string(),
+                source: d.source,
+                created_at: d.created_at,
+                case_count: d.case_count as u32,
+                bytes: d.bytes,
+            })
+            .collect();
+        Ok(Response::new(ListDatasetsResponse { datasets }))
+    }
+
+    async fn stage_list(
+        &self,
+        request: Request<StageListRequest>,
+    ) -> Result<Response<StageListResponse>, Status> {
+        let prefix = request.into_inner().prefix;
+        let objects = self
+            .ctx
+            .stage
+            .list(&prefix)
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .into_iter()
+            .map(|o| StageObject {
+                key: o.key.as_str().to_string(),
+                stored_bytes: o.stored_bytes,
+            })
+            .collect();
+        Ok(Response::new(StageListResponse { objects }))
+    }
+
+    type StageGetStream = BoxStream<ObjectChunk>;
+
+    async fn stage_get(
+        &self,
+        request: Request<StageGetRequest>,
+    ) -> Result<Response<Self::StageGetStream>, Status> {
+        let key = request.into_inner().key;
+        Ok(Response::new(
+            object_stream(&self.ctx, &key, "to_client").await?,
+        ))
+    }
+
+    async fn stage_put(
+        &self,
+        request: Request<Streaming<StagePutRequest>>,
+    ) -> Result<Response<StagePutResponse>, Status> {
+        let mut stream = request.into_inner();
+        let mut key = None;
+        let mut data = Vec::new();
+        while let Some(msg) = stream.next().await {
+            let msg = msg?;
+            if key.is_none() {
+                if msg.key.is_empty() {
+                    return Err(Status::invalid_argument(
+                        "the first message must name the `key`",
+                    ));
+                }
+                key = Some(
+                    medray_core::stage::ObjectKey::new(msg.key.clone())
+                        .map_err(|e| Status::invalid_argument(e.to_string()))?,
+                );
+            }
+            if (data.len() + msg.data.len()) as u64 > self.ctx.config.max_put_bytes {
+                return Err(Status::resource_exhausted(format!(
+                    "object larger than the head's limit of {} bytes",
+                    self.ctx.config.max_put_bytes
+                )));
+            }
+            data.extend_from_slice(&msg.data);
+        }
+        let key = key.ok_or_else(|| Status::invalid_argument("empty upload: no key"))?;
+        self.ctx
+            .stage
+            .put(&key, &data)
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        self.ctx.metrics.moved("from_client", data.len() as u64);
+        Ok(Response::new(StagePutResponse {
+            bytes: data.len() as u64,
+            sha256: hex::encode(Sha256::digest(&data)),
+        }))
+    }
+}

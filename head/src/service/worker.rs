@@ -1,0 +1,191 @@
+//! The Worker service: registration, heartbeats, task logs and results, object fetches.
+
+use std::time::Duration;
+
+use medray_proto::v1::finish_task_request::Outcome;
+use medray_proto::v1::worker_server::Worker;
+use medray_proto::v1::{
+    AppendTaskLogsRequest, AppendTaskLogsResponse, DeregisterRequest, DeregisterResponse,
+    FetchObjectRequest, FinishTaskRequest, FinishTaskResponse, HeartbeatRequest, HeartbeatResponse,
+    ObjectChunk, RegisterRequest, RegisterResponse,
+};
+use medray_proto::PROTOCOL_VERSION;
+use ractor::ActorRef;
+use tonic::{Request, Response, Status};
+
+use super::{object_stream, BoxStream};
+use crate::context::HeadContext;
+use crate::ids::{AttemptRef, JobId, TaskId, WorkerId};
+use crate::registry::RegistryMsg;
+use crate::scheduler::{AttemptOutcome, SchedulerMsg};
+
+/// Timeout of a call from a service into an actor.
+const ACTOR_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The Worker service.
+#[derive(Debug, Clone)]
+pub struct WorkerService {
+    /// Shared handles.
+    pub ctx: HeadContext,
+    /// The registry.
+    pub registry: ActorRef<RegistryMsg>,
+    /// The scheduler.
+    pub scheduler: ActorRef<SchedulerMsg>,
+}
+
+fn required<'a>(value: &'a str, field: &str) -> Result<&'a str, Status> {
+    if value.is_empty() {
+        Err(Status::invalid_argument(format!("missing field `{field}`")))
+    } else {
+        Ok(value)
+    }
+}
+
+fn unavailable<E: std::fmt::Display>(e: E) -> Status {
+    Status::unavailable(format!("head is busy: {e}"))
+}
+
+#[tonic::async_trait]
+impl Worker for WorkerService {
+    async fn register(
+        &self,
+        request: Request<RegisterRequest>,
+    ) -> Result<Response<RegisterResponse>, Status> {
+        let req = request.into_inner();
+        if req.protocol_version != PROTOCOL_VERSION {
+            return Err(Status::failed_precondition(format!(
+                "protocol version mismatch: worker speaks {}, head speaks {PROTOCOL_VERSION}; run the same medray version on both",
+                req.protocol_version
+            )));
+        }
+        required(&req.name, "name")?;
+        required(&req.device, "device")?;
+        if req.name.len() > 128 || req.device.len() > 32 {
+            return Err(Status::invalid_argument("`name` or `device` too long"));
+        }
+        let reply = self
+            .registry
+            .call(|r| RegistryMsg::Register(req, r), Some(ACTOR_TIMEOUT))
+            .await
+            .map_err(unavailable)?
+            .success_or_else(|| unavailable("registry timeout"))?
+            .map_err(Status::from)?;
+        Ok(Response::new(reply))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatResponse>, Status> {
+        let req = request.into_inner();
+        let worker_id = WorkerId(required(&req.worker_id, "worker_id")?.to_string());
+        let known = self
+            .registry
+            .call(
+                |reply| RegistryMsg::Heartbeat {
+                    worker_id,
+                    current_task: req.current_task,
+                    reply,
+                },
+                Some(ACTOR_TIMEOUT),
+            )
+            .await
+            .map_err(unavailable)?
+            .success_or_else(|| unavailable("registry timeout"))?;
+        Ok(Response::new(HeartbeatResponse { known }))
+    }
+
+    async fn append_task_logs(
+        &self,
+        request: Request<AppendTaskLogsRequest>,
+    ) -> Result<Response<AppendTaskLogsResponse>, Status> {
+        let req = request.into_inner();
+        let attempt = attempt_of(&req.job_id, &req.task_id, req.attempt)?;
+        let worker = WorkerId(required(&req.worker_id, "worker_id")?.to_string());
+        let current = self
+            .ctx
+            .store
+            .is_current(&attempt, &worker)
+            .map_err(Status::from)?;
+        if current {
+            self.ctx
+                .logs
+                .append(&attempt.job_id, worker.as_str(), &req.lines)
+                .map_err(Status::from)?;
+        }
+        Ok(Response::new(AppendTaskLogsResponse { accepted: current }))
+    }
+
+    async fn finish_task(
+        &self,
+        request: Request<FinishTaskRequest>,
+    ) -> Result<Response<FinishTaskResponse>, Status> {
+        let req = request.into_inner();
+        let attempt = attempt_of(&req.job_id, &req.task_id, req.attempt)?;
+        let worker_id = WorkerId(required(&req.worker_id, "worker_id")?.to_string());
+        let outcome = match req.outcome {
+            Some(Outcome::ResultJson(json)) => {
+                serde_json::from_str::<serde_json::Value>(&json).map_err(|e| {
+                    Status::invalid_argument(format!("`result_json` is not JSON: {e}"))
+                })?;
+                AttemptOutcome::Succeeded(json)
+            }
+            Some(Outcome::Failure(f)) => AttemptOutcome::Failed {
+                reason: f.reason,
+                retryable: f.retryable,
+            },
+            None => return Err(Status::invalid_argument("missing field `outcome`")),
+        };
+        let accepted = self
+            .scheduler
+            .call(
+                |reply| SchedulerMsg::Finished {
+                    worker_id,
+                    attempt,
+                    outcome,
+                    reply,
+                },
+                Some(ACTOR_TIMEOUT),
+            )
+            .await
+            .map_err(unavailable)?
+            .success_or_else(|| unavailable("scheduler timeout"))?;
+        Ok(Response::new(FinishTaskResponse { accepted }))
+    }
+
+    type FetchObjectStream = BoxStream<ObjectChunk>;
+
+    async fn fetch_object(
+        &self,
+        request: Request<FetchObjectRequest>,
+    ) -> Result<Response<Self::FetchObjectStream>, Status> {
+        let req = request.into_inner();
+        required(&req.key, "key")?;
+        Ok(Response::new(
+            object_stream(&self.ctx, &req.key, "to_worker").await?,
+        ))
+    }
+
+    async fn deregister(
+        &self,
+        request: Request<DeregisterRequest>,
+    ) -> Result<Response<DeregisterResponse>, Status> {
+        let req = request.into_inner();
+        let worker_id = WorkerId(required(&req.worker_id, "worker_id")?.to_string());
+        self.registry
+            .cast(RegistryMsg::Deregister {
+                worker_id,
+                reason: req.reason,
+            })
+            .map_err(unavailable)?;
+        Ok(Response::new(DeregisterResponse {}))
+    }
+}
+
+fn attempt_of(job_id: &str, task_id: &str, attempt: u32) -> Result<AttemptRef, Status> {
+    Ok(AttemptRef {
+        job_id: JobId(required(job_id, "job_id")?.to_string()),
+        task_id: TaskId(required(task_id, "task_id")?.to_string()),
+        attempt,
+    })
+}

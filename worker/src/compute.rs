@@ -1,0 +1,140 @@
+//! The dedicated compute thread: tensor work never runs on the async runtime, so heartbeats
+//! and control messages keep flowing while a task computes.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+
+use candle_core::Device;
+use medray_proto::v1::task_assignment::Kind;
+use medray_proto::v1::TaskAssignment;
+use tokio::sync::mpsc::Sender;
+
+use crate::head_client::HeadClient;
+
+/// What a running task tells its reporter.
+#[derive(Debug)]
+pub enum TaskEvent {
+    /// One log line.
+    Log(String),
+    /// The end of the attempt.
+    Finished(Outcome),
+}
+
+/// How a task attempt ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Its result summary (JSON).
+    Succeeded(String),
+    /// Its failure, classified here.
+    Failed {
+        /// What went wrong.
+        reason: String,
+        /// True if running it again elsewhere may succeed.
+        retryable: bool,
+    },
+}
+
+/// A task handed to the compute thread.
+pub struct ComputeTask {
+    /// The assignment.
+    pub assignment: TaskAssignment,
+    /// Set to stop the task early.
+    pub cancel: Arc<AtomicBool>,
+    /// Where its log lines and outcome go.
+    pub events: Sender<TaskEvent>,
+    /// A client to fetch objects with.
+    pub client: HeadClient,
+    /// The worker's id (for fetches).
+    pub worker_id: String,
+}
+
+/// What a task body can use.
+pub struct TaskContext<'a> {
+    /// The device to compute on.
+    pub device: &'a Device,
+    /// The worker's device spec, as announced (`cpu`, `cuda:0`).
+    pub device_spec: &'a str,
+    /// The runtime, to await network calls from this thread.
+    pub runtime: &'a tokio::runtime::Handle,
+    /// Object cache folder.
+    pub cache_dir: &'a std::path::Path,
+    cancel: &'a AtomicBool,
+    events: &'a Sender<TaskEvent>,
+}
+
+impl TaskContext<'_> {
+    /// Emits a log line (waits when the reporter is behind).
+    pub fn log(&self, line: impl Into<String>) {
+        // A closed channel means the reporter gave up on this attempt; the line has nowhere to go.
+        let _ = self.events.blocking_send(TaskEvent::Log(line.into()));
+    }
+
+    /// True once the task should stop.
+    #[must_use]
+    pub fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed)
+    }
+}
+
+/// The handle of the compute thread.
+#[derive(Debug, Clone)]
+pub struct ComputeThread {
+    tx: mpsc::Sender<ComputeTask>,
+}
+
+impl ComputeThread {
+    /// Starts the thread.
+    ///
+    /// # Errors
+    /// The OS error if the thread cannot be spawned.
+    pub fn start(
+        device: Device,
+        device_spec: String,
+        runtime: tokio::runtime::Handle,
+        cache_dir: std::path::PathBuf,
+    ) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::channel::<ComputeTask>();
+        std::thread::Builder::new()
+            .name("medray-compute".into())
+            .spawn(move || {
+                for task in rx {
+                    let ctx = TaskContext {
+                        device: &device,
+                        device_spec: &device_spec,
+                        runtime: &runtime,
+                        cache_dir: &cache_dir,
+                        cancel: &task.cancel,
+                        events: &task.events,
+                    };
+                    let outcome = run_task(&ctx, &task);
+                    let _ = task.events.blocking_send(TaskEvent::Finished(outcome));
+                }
+            })?;
+        Ok(Self { tx })
+    }
+
+    /// Queues a task; false if the thread has stopped.
+    #[must_use]
+    pub fn submit(&self, task: ComputeTask) -> bool {
+        self.tx.send(task).is_ok()
+    }
+}
+
+fn run_task(ctx: &TaskContext<'_>, task: &ComputeTask) -> Outcome {
+    let a = &task.assignment;
+    let result = match &a.kind {
+        Some(Kind::Selftest(spec)) => {
+            crate::selftest::run(ctx, spec, task.client.clone(), &task.worker_id)
+        }
+        None => Err(crate::selftest::TaskError::permanent(
+            "the assignment names no task kind (is the head newer than this worker?)",
+        )),
+    };
+    match result {
+        Ok(json) => Outcome::Succeeded(json),
+        Err(e) => Outcome::Failed {
+            reason: e.reason,
+            retryable: e.retryable,
+        },
+    }
+}

@@ -1,0 +1,149 @@
+//! The worker's gRPC client to the head (token attached to every call).
+
+use std::path::{Path, PathBuf};
+
+use medray_proto::auth::BearerToken;
+use medray_proto::v1::worker_client::WorkerClient;
+use medray_proto::v1::FetchObjectRequest;
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+use tonic::codegen::InterceptedService;
+use tonic::transport::Channel;
+
+use crate::config::WorkerConfig;
+use crate::{Result, WorkerError};
+
+/// The Worker service client with the cluster token.
+pub type HeadClient = WorkerClient<InterceptedService<Channel, BearerToken>>;
+
+/// Connects to the head named in `config`.
+///
+/// # Errors
+/// [`WorkerError::Connect`] when it cannot be reached; [`WorkerError::Config`] for a bad
+/// token.
+pub async fn connect(config: &WorkerConfig, max_message_bytes: usize) -> Result<HeadClient> {
+    let token = BearerToken::new(&config.token).map_err(|e| WorkerError::Config {
+        field: "--token",
+        reason: e.to_string(),
+    })?;
+    let channel = medray_proto::transport::connect(
+        &config.head_address,
+        config.tls.as_ref(),
+        config.connect_timeout,
+    )
+    .await
+    .map_err(|source| WorkerError::Connect {
+        address: config.head_address.clone(),
+        source,
+    })?;
+    Ok(WorkerClient::with_interceptor(channel, token)
+        .max_decoding_message_size(max_message_bytes)
+        .max_encoding_message_size(max_message_bytes))
+}
+
+/// Fetches stage object `key` through the head into `cache_dir`, named by its sha256, and
+/// returns the cached file. A file already cached under `expected_sha256` is not fetched
+/// again; a transfer whose size or digest differs from what the head announced is refused.
+///
+/// # Errors
+/// [`WorkerError::Rpc`] when the head refuses, [`WorkerError::Protocol`] for a corrupt
+/// transfer, [`WorkerError::Io`] for the cache.
+pub async fn fetch_object(
+    client: &mut HeadClient,
+    worker_id: &str,
+    key: &str,
+    expected_sha256: &str,
+    cache_dir: &Path,
+) -> Result<PathBuf> {
+    let io = |path: &Path| {
+        let path = path.display().to_string();
+        move |source| WorkerError::Io { path, source }
+    };
+    let cached = cache_dir.join(expected_sha256);
+    if !expected_sha256.is_empty()
+        && expected_sha256.bytes().all(|b| b.is_ascii_hexdigit())
+        && tokio::fs::try_exists(&cached).await.unwrap_or(false)
+    {
+        return Ok(cached);
+    }
+    tokio::fs::create_dir_all(cache_dir)
+        .await
+        .map_err(io(cache_dir))?;
+    let mut stream = client
+        .fetch_object(FetchObjectRequest {
+            worker_id: worker_id.to_string(),
+            key: key.to_string(),
+        })
+        .await
+        .map_err(WorkerError::rpc("FetchObject"))?
+        .into_inner();
+    let tmp = cache_dir.join(format!(".fetch-{}-{}", std::process::id(), unique()));
+    let mut file = tokio::fs::File::create(&tmp).await.map_err(io(&tmp))?;
+    let mut hasher = Sha256::new();
+    let (mut announced_size, mut announced_sha, mut received) = (None, String::new(), 0u64);
+    let result = async {
+        while let Some(chunk) = stream
+            .message()
+            .await
+            .map_err(WorkerError::rpc("FetchObject"))?
+        {
+            if announced_size.is_none() {
+                announced_size = Some(chunk.size);
+                announced_sha = chunk.sha256.clone();
+            }
+            received += chunk.data.len() as u64;
+            if Some(received) > announced_size {
+                return Err(protocol(format!(
+                    "{key}: more bytes than the announced {}",
+                    announced_size.unwrap_or(0)
+                )));
+            }
+            hasher.update(&chunk.data);
+            file.write_all(&chunk.data).await.map_err(io(&tmp))?;
+        }
+        file.flush().await.map_err(io(&tmp))?;
+        let digest = hex::encode(hasher.finalize());
+        if Some(received) != announced_size.or(Some(0)) {
+            return Err(protocol(format!(
+                "{key}: received {received} bytes of {}",
+                announced_size.unwrap_or(0)
+            )));
+        }
+        if digest != announced_sha || (!expected_sha256.is_empty() && digest != expected_sha256) {
+            return Err(protocol(format!(
+                "{key}: sha256 {digest} differs from the expected {}",
+                if expected_sha256.is_empty() {
+                    &announced_sha
+                } else {
+                    expected_sha256
+                }
+            )));
+        }
+        Ok(digest)
+    }
+    .await;
+    match result {
+        Ok(digest) => {
+            let dest = cache_dir.join(&digest);
+            tokio::fs::rename(&tmp, &dest).await.map_err(io(&dest))?;
+            Ok(dest)
+        }
+        Err(e) => {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            Err(e)
+        }
+    }
+}
+
+fn protocol(reason: String) -> WorkerError {
+    WorkerError::Protocol {
+        call: "FetchObject",
+        reason,
+    }
+}
+
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
