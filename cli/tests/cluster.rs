@@ -92,7 +92,7 @@ fn three_workers_register_and_pass_the_selftest() {
 
 #[test]
 fn a_killed_worker_has_its_task_run_elsewhere() {
-    let mut c = cluster(2);
+    let c = cluster(2);
     let job = submit_selftest(&c, &["--workers", "1", "--hold-ms", "6000"]);
     let victim = worker_running(&c, &job);
     c.workers[victim].signal(Signal::SIGKILL);
@@ -113,7 +113,7 @@ fn a_killed_worker_has_its_task_run_elsewhere() {
 
 #[test]
 fn a_hung_worker_is_evicted_and_its_result_not_counted_twice() {
-    let mut c = cluster(2);
+    let c = cluster(2);
     let job = submit_selftest(&c, &["--workers", "1", "--hold-ms", "4000"]);
     let victim = worker_running(&c, &job);
     c.workers[victim].signal(Signal::SIGSTOP);
