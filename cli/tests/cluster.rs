@@ -329,24 +329,24 @@ fn up_then_down_leaves_no_process_behind() {
 /// A CA and a certificate for 127.0.0.1 and localhost signed by it, as PEM files in `dir`.
 fn make_tls_files(dir: &std::path::Path) -> TlsFiles {
     use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    let ca_key = KeyPair::generate().expect("test certificate");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("test certificate");
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let ca_cert = ca_params.self_signed(&ca_key).expect("test certificate");
     let issuer = Issuer::new(ca_params, ca_key);
-    let key = KeyPair::generate().unwrap();
+    let key = KeyPair::generate().expect("test certificate");
     let cert = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
-        .unwrap()
+        .expect("test certificate")
         .signed_by(&key, &issuer)
-        .unwrap();
+        .expect("test certificate");
     let files = TlsFiles {
         cert: dir.join("head.pem"),
         key: dir.join("head.key"),
         ca: dir.join("ca.pem"),
     };
-    std::fs::write(&files.cert, cert.pem()).unwrap();
-    std::fs::write(&files.key, key.serialize_pem()).unwrap();
-    std::fs::write(&files.ca, ca_cert.pem()).unwrap();
+    std::fs::write(&files.cert, cert.pem()).expect("test certificate");
+    std::fs::write(&files.key, key.serialize_pem()).expect("test certificate");
+    std::fs::write(&files.ca, ca_cert.pem()).expect("test certificate");
     files
 }
 
