@@ -107,8 +107,8 @@ impl RangeServer {
         self.addr
     }
 
-    /// The next response (of those not yet cut) sends only `bytes` body bytes, then drops
-    /// the connection. Calls queue up: one cut per later request.
+    /// The next successful response sends only `bytes` body bytes, then closes the
+    /// connection. Calls queue up: one cut per later response.
     pub fn cut_next_after(&self, bytes: u64) {
         lock(&self.state).cuts.push_back(bytes);
     }
@@ -262,11 +262,8 @@ async fn serve(mut socket: TcpStream, state: &Mutex<State>) -> std::io::Result<(
         socket.write_all(slice).await?;
     }
     socket.flush().await?;
-    if cut.is_some() {
-        // Drop without a graceful close, like a network cut.
-        socket.set_zero_linger()?;
-    } else {
-        socket.shutdown().await?;
-    }
+    // A cut closes the connection after exactly the bytes sent (FIN, not RST, so none of
+    // them is lost in flight): the client sees the body end before its Content-Length.
+    socket.shutdown().await?;
     Ok(())
 }
