@@ -77,8 +77,8 @@ fn archive_of(dir: &Path) -> Vec<u8> {
         .unwrap()
 }
 
-fn config(env: &Env, url: &str) -> Learn2RegConfig {
-    Learn2RegConfig::new(&env.work).with_download(
+fn config(work: &Path, url: &str) -> Learn2RegConfig {
+    Learn2RegConfig::new(work).with_download(
         DownloadConfig::new(url)
             .with_retries(3)
             .with_backoff_ms(5, 20)
@@ -125,7 +125,7 @@ async fn full_ingest_from_a_local_http_server() {
     let zip = archive_of(&env.l2r);
     let sha = hex::encode(Sha256::digest(&zip));
     let server = RangeServer::start("/training.zip", zip.clone()).await.unwrap();
-    let mut cfg = config(&env, &server.url());
+    let mut cfg = config(&env.work, &server.url());
     cfg.download = cfg.download.with_sha256(&sha);
     let mut downloaded = 0;
     let report = ingest_learn2reg(&env.stage, &mut env.catalog, &cfg, &opts(), |phase, done, _| {
@@ -158,7 +158,7 @@ async fn a_cut_download_resumes_with_a_range_request() {
     let half = zip.len() as u64 / 2;
     let server = RangeServer::start("/training.zip", zip.clone()).await.unwrap();
     server.cut_next_after(half);
-    let cfg = config(&env, &server.url());
+    let cfg = config(&env.work, &server.url());
     let report = ingest_learn2reg(&env.stage, &mut env.catalog, &cfg, &opts(), |_, _, _| {})
         .await
         .unwrap();
@@ -183,7 +183,7 @@ async fn the_download_reports_where_each_attempt_started() {
     let server = RangeServer::start("/training.zip", zip.clone()).await.unwrap();
     server.cut_next_after(1_000);
     server.cut_next_after(2_000);
-    let cfg = config(&env, &server.url());
+    let cfg = config(&env.work, &server.url());
     let dest = env.work.join("a.zip");
     let d = download(&cfg.download, &dest, |_, _| {}).await.unwrap();
     assert_eq!(d.attempts, 3);
@@ -199,7 +199,7 @@ async fn an_interrupted_download_is_kept_and_resumed_by_the_next_run() {
     let cut = zip.len() as u64 / 3;
     let server = RangeServer::start("/training.zip", zip).await.unwrap();
     server.cut_next_after(cut);
-    let mut cfg = config(&env, &server.url());
+    let mut cfg = config(&env.work, &server.url());
     cfg.download = cfg.download.with_retries(0);
     let before = snapshot(&env).await;
     let err = ingest_learn2reg(&env.stage, &mut env.catalog, &cfg, &opts(), |_, _, _| {})
@@ -227,7 +227,7 @@ async fn a_server_without_ranges_or_a_changed_file_restarts_from_zero() {
     let env = env().await;
     let zip = archive_of(&env.l2r);
     let server = RangeServer::start("/training.zip", zip.clone()).await.unwrap();
-    let cfg = config(&env, &server.url());
+    let cfg = config(&env.work, &server.url());
 
     // No range support: the second answer is a 200 with the whole file.
     server.set_ignore_range(true);
@@ -269,7 +269,7 @@ async fn a_checksum_mismatch_is_refused_and_changes_nothing() {
     let server = RangeServer::start("/training.zip", zip).await.unwrap();
     let before = snapshot(&env).await;
     let wrong = "0".repeat(64);
-    let mut cfg = config(&env, &server.url());
+    let mut cfg = config(&env.work, &server.url());
     cfg.download = cfg.download.with_sha256(&wrong);
     let err = ingest_learn2reg(&env.stage, &mut env.catalog, &cfg, &opts(), |_, _, _| {})
         .await
@@ -280,7 +280,7 @@ async fn a_checksum_mismatch_is_refused_and_changes_nothing() {
     assert_eq!(snapshot(&env).await, before);
     assert!(leftovers(&env.work).is_empty(), "{:?}", leftovers(&env.work));
 
-    let mut cfg = config(&env, &server.url());
+    let mut cfg = config(&env.work, &server.url());
     cfg.download = cfg.download.with_md5("F".repeat(32));
     let msg = ingest_learn2reg(&env.stage, &mut env.catalog, &cfg, &opts(), |_, _, _| {})
         .await
@@ -305,7 +305,7 @@ async fn an_archive_with_a_parent_entry_is_refused_and_changes_nothing() {
     let err = ingest_learn2reg(
         &env.stage,
         &mut env.catalog,
-        &config(&env, &server.url()),
+        &config(&env.work, &server.url()),
         &opts(),
         |_, _, _| {},
     )
@@ -332,7 +332,7 @@ async fn a_corrupt_nifti_inside_is_refused_with_its_name_and_changes_nothing() {
     let err = ingest_learn2reg(
         &env.stage,
         &mut env.catalog,
-        &config(&env, &server.url()),
+        &config(&env.work, &server.url()),
         &opts(),
         |_, _, _| {},
     )
@@ -356,7 +356,7 @@ async fn http_errors_fail_at_once_or_after_the_retries_naming_the_url() {
     let err = ingest_learn2reg(
         &env.stage,
         &mut env.catalog,
-        &config(&env, &missing),
+        &config(&env.work, &missing),
         &opts(),
         |_, _, _| {},
     )
@@ -372,7 +372,7 @@ async fn http_errors_fail_at_once_or_after_the_retries_naming_the_url() {
     let err = ingest_learn2reg(
         &env.stage,
         &mut env.catalog,
-        &config(&env, &server.url()),
+        &config(&env.work, &server.url()),
         &opts(),
         |_, _, _| {},
     )
