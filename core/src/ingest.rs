@@ -384,6 +384,7 @@ async fn ingest_cases(
     let total = cases.len() as u64;
     let mut valid = Vec::new();
     let mut bad = Vec::new();
+    progress(IngestPhase::Validate, 0, total);
     for (i, files) in cases.into_iter().enumerate() {
         let checked = tokio::task::spawn_blocking(move || validate_case(&files))
             .await
@@ -514,6 +515,7 @@ async fn store_cases(
 ) -> Result<Vec<CaseRecord>> {
     let mut done = 0u64;
     let mut records = Vec::with_capacity(cases.len());
+    progress(IngestPhase::Store, 0, total_bytes);
     for case in cases {
         let stored = |kind: FileKind| -> Option<(&PathBuf, &str)> {
             case.files

@@ -206,6 +206,7 @@ pub fn extract_learn2reg(
 
     // Pass 2: inflate, counting real bytes.
     let mut written = 0u64;
+    progress(0, declared);
     let mut files = Vec::with_capacity(kept.len());
     for (index, name, target) in kept {
         let mut entry = zip
