@@ -7,8 +7,8 @@ use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use medray_core::catalog::{DatasetName, PublishOutcome};
 use medray_core::ingest::{
-    ingest_dir, ingest_learn2reg, ingest_manifest, ingest_synthetic, DownloadConfig,
-    ExtractLimits, IngestOptions, IngestPhase, IngestReport, Learn2RegConfig, LEARN2REG_URL,
+    ingest_dir, ingest_learn2reg, ingest_manifest, ingest_synthetic, DownloadConfig, ExtractLimits,
+    IngestOptions, IngestPhase, IngestReport, Learn2RegConfig, LEARN2REG_URL,
 };
 use medray_core::synth::SynthConfig;
 
@@ -150,10 +150,9 @@ fn progress_bar() -> impl FnMut(IngestPhase, u64, u64) {
         if phase != Some(p) {
             phase = Some(p);
             let (msg, template) = match p {
-                IngestPhase::Download if total == 0 => (
-                    "downloading",
-                    "{msg} {bytes} ({bytes_per_sec}, {elapsed})",
-                ),
+                IngestPhase::Download if total == 0 => {
+                    ("downloading", "{msg} {bytes} ({bytes_per_sec}, {elapsed})")
+                }
                 IngestPhase::Download => (
                     "downloading",
                     "{msg} [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec}, ETA {eta})",

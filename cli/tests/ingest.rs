@@ -249,7 +249,16 @@ fn ingest_learn2reg_from_a_local_url_with_checksums() {
     let wrong = "0".repeat(32);
     let r = run(
         &data,
-        &["ingest", "learn2reg", "--url", &url, "--md5", &wrong, "--name", "l2r"],
+        &[
+            "ingest",
+            "learn2reg",
+            "--url",
+            &url,
+            "--md5",
+            &wrong,
+            "--name",
+            "l2r",
+        ],
     );
     assert!(!r.ok, "{}", r.stdout);
     assert!(
@@ -264,7 +273,16 @@ fn ingest_learn2reg_from_a_local_url_with_checksums() {
     server.cut_next_after(3_000);
     let r = ok(
         &data,
-        &["ingest", "learn2reg", "--url", &url, "--sha256", &sha, "--name", "l2r"],
+        &[
+            "ingest",
+            "learn2reg",
+            "--url",
+            &url,
+            "--sha256",
+            &sha,
+            "--name",
+            "l2r",
+        ],
     );
     assert!(
         r.stdout.contains("published dataset l2r: 2 cases"),
@@ -342,8 +360,16 @@ fn ingest_dir_with_a_manifest_names_a_bad_line() {
         &data,
         &["ingest", "dir", "--manifest", s(&manifest), "--name", "m"],
     );
-    assert!(r.stdout.contains("published dataset m: 2 cases, "), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("published dataset m: 2 cases, "),
+        "{}",
+        r.stdout
+    );
     assert!(r.stdout.contains(", 9 objects"), "{}", r.stdout);
     let ls = ok(&data, &["stage", "ls", "datasets/m/keypoints"]);
-    assert!(ls.stdout.contains("datasets/m/keypoints/b.csv"), "{}", ls.stdout);
+    assert!(
+        ls.stdout.contains("datasets/m/keypoints/b.csv"),
+        "{}",
+        ls.stdout
+    );
 }

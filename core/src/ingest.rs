@@ -240,7 +240,8 @@ impl Learn2RegConfig {
     /// resumes an interrupted download.
     pub fn archive_path(&self) -> PathBuf {
         let digest = hex::encode(Sha256::digest(self.download.url.as_bytes()));
-        self.work_dir.join(format!("learn2reg-{}.zip", &digest[..16]))
+        self.work_dir
+            .join(format!("learn2reg-{}.zip", &digest[..16]))
     }
 }
 
@@ -310,9 +311,7 @@ pub async fn ingest_learn2reg(
     while let Some((done, total)) = rx.recv().await {
         progress(IngestPhase::Extract, done, total);
     }
-    let extracted = extraction
-        .await
-        .map_err(|e| join_error("extract", e))??;
+    let extracted = extraction.await.map_err(|e| join_error("extract", e))??;
     drop(archive);
     if !extracted.skipped.is_empty() {
         tracing::info!(skipped = ?extracted.skipped, "archive entries outside the Learn2Reg layout skipped");

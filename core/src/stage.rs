@@ -112,7 +112,11 @@ impl Stage {
     ///
     /// # Errors
     /// See [`StageLocation::open_with`].
-    pub fn open_with(location: StageLocation, key: Option<StageKey>, s3: &S3Options) -> Result<Self> {
+    pub fn open_with(
+        location: StageLocation,
+        key: Option<StageKey>,
+        s3: &S3Options,
+    ) -> Result<Self> {
         let store = location.open_with(s3)?;
         Ok(Self {
             store,

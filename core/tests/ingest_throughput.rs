@@ -39,8 +39,8 @@ async fn one_run(url: &str, encrypted: bool) -> Run {
     let key = encrypted.then(StageKey::generate);
     let stage = Stage::open(StageLocation::Local(dir.path().join("stage")), key).unwrap();
     let mut catalog = Catalog::open(&dir.path().join("catalog.db")).unwrap();
-    let config = Learn2RegConfig::new(dir.path().join("downloads"))
-        .with_download(DownloadConfig::new(url));
+    let config =
+        Learn2RegConfig::new(dir.path().join("downloads")).with_download(DownloadConfig::new(url));
     let mut starts: Vec<(IngestPhase, Instant)> = Vec::new();
     let start = Instant::now();
     let report = ingest_learn2reg(

@@ -124,15 +124,23 @@ async fn full_ingest_from_a_local_http_server() {
     let mut env = env().await;
     let zip = archive_of(&env.l2r);
     let sha = hex::encode(Sha256::digest(&zip));
-    let server = RangeServer::start("/training.zip", zip.clone()).await.unwrap();
+    let server = RangeServer::start("/training.zip", zip.clone())
+        .await
+        .unwrap();
     let mut cfg = config(&env.work, &server.url());
     cfg.download = cfg.download.with_sha256(&sha);
     let mut downloaded = 0;
-    let report = ingest_learn2reg(&env.stage, &mut env.catalog, &cfg, &opts(), |phase, done, _| {
-        if phase == IngestPhase::Download {
-            downloaded = done;
-        }
-    })
+    let report = ingest_learn2reg(
+        &env.stage,
+        &mut env.catalog,
+        &cfg,
+        &opts(),
+        |phase, done, _| {
+            if phase == IngestPhase::Download {
+                downloaded = done;
+            }
+        },
+    )
     .await
     .unwrap();
     assert_eq!(downloaded, zip.len() as u64);
@@ -142,13 +150,20 @@ async fn full_ingest_from_a_local_http_server() {
     assert!(record.source.contains(&server.url()), "{}", record.source);
     assert!(record.source.contains(&sha), "{}", record.source);
     let cases = env.catalog.cases(&report.name).unwrap();
-    assert_eq!(cases[2].fixed.key.as_str(), "datasets/l2r/scansExp/case_003_exp.nii.gz");
+    assert_eq!(
+        cases[2].fixed.key.as_str(),
+        "datasets/l2r/scansExp/case_003_exp.nii.gz"
+    );
     let original = std::fs::read(env.l2r.join("scans/case_003_exp.nii.gz")).unwrap();
     assert_eq!(env.stage.get(&cases[2].fixed.key).await.unwrap(), original);
     let requests = server.requests();
     assert_eq!(requests.len(), 1, "{requests:?}");
     assert_eq!(requests[0].range, None);
-    assert!(leftovers(&env.work).is_empty(), "{:?}", leftovers(&env.work));
+    assert!(
+        leftovers(&env.work).is_empty(),
+        "{:?}",
+        leftovers(&env.work)
+    );
 }
 
 #[tokio::test]
@@ -156,7 +171,9 @@ async fn a_cut_download_resumes_with_a_range_request() {
     let mut env = env().await;
     let zip = archive_of(&env.l2r);
     let half = zip.len() as u64 / 2;
-    let server = RangeServer::start("/training.zip", zip.clone()).await.unwrap();
+    let server = RangeServer::start("/training.zip", zip.clone())
+        .await
+        .unwrap();
     server.cut_next_after(half);
     let cfg = config(&env.work, &server.url());
     let report = ingest_learn2reg(&env.stage, &mut env.catalog, &cfg, &opts(), |_, _, _| {})
@@ -166,7 +183,10 @@ async fn a_cut_download_resumes_with_a_range_request() {
     let requests = server.requests();
     assert_eq!(requests.len(), 2, "{requests:?}");
     assert_eq!(requests[0].range, None);
-    assert_eq!(requests[1].range.as_deref(), Some(format!("bytes={half}-").as_str()));
+    assert_eq!(
+        requests[1].range.as_deref(),
+        Some(format!("bytes={half}-").as_str())
+    );
     assert!(requests[1].if_range.is_some(), "{requests:?}");
     assert_eq!(requests[1].status, 206);
     // The published files are the original ones, byte for byte.
@@ -180,7 +200,9 @@ async fn a_cut_download_resumes_with_a_range_request() {
 async fn the_download_reports_where_each_attempt_started() {
     let env = env().await;
     let zip = archive_of(&env.l2r);
-    let server = RangeServer::start("/training.zip", zip.clone()).await.unwrap();
+    let server = RangeServer::start("/training.zip", zip.clone())
+        .await
+        .unwrap();
     server.cut_next_after(1_000);
     server.cut_next_after(2_000);
     let cfg = config(&env.work, &server.url());
@@ -218,15 +240,24 @@ async fn an_interrupted_download_is_kept_and_resumed_by_the_next_run() {
         .unwrap();
     let requests = server.requests();
     assert_eq!(requests.len(), 2, "{requests:?}");
-    assert_eq!(requests[1].range.as_deref(), Some(format!("bytes={cut}-").as_str()));
-    assert!(leftovers(&env.work).is_empty(), "{:?}", leftovers(&env.work));
+    assert_eq!(
+        requests[1].range.as_deref(),
+        Some(format!("bytes={cut}-").as_str())
+    );
+    assert!(
+        leftovers(&env.work).is_empty(),
+        "{:?}",
+        leftovers(&env.work)
+    );
 }
 
 #[tokio::test]
 async fn a_server_without_ranges_or_a_changed_file_restarts_from_zero() {
     let env = env().await;
     let zip = archive_of(&env.l2r);
-    let server = RangeServer::start("/training.zip", zip.clone()).await.unwrap();
+    let server = RangeServer::start("/training.zip", zip.clone())
+        .await
+        .unwrap();
     let cfg = config(&env.work, &server.url());
 
     // No range support: the second answer is a 200 with the whole file.
@@ -278,7 +309,11 @@ async fn a_checksum_mismatch_is_refused_and_changes_nothing() {
     assert!(matches!(err, Error::ChecksumMismatch { .. }), "{msg}");
     assert!(msg.contains(&wrong) && msg.contains(&sha), "{msg}");
     assert_eq!(snapshot(&env).await, before);
-    assert!(leftovers(&env.work).is_empty(), "{:?}", leftovers(&env.work));
+    assert!(
+        leftovers(&env.work).is_empty(),
+        "{:?}",
+        leftovers(&env.work)
+    );
 
     let mut cfg = config(&env.work, &server.url());
     cfg.download = cfg.download.with_md5("F".repeat(32));
@@ -286,7 +321,10 @@ async fn a_checksum_mismatch_is_refused_and_changes_nothing() {
         .await
         .unwrap_err()
         .to_string();
-    assert!(msg.contains("md5") && msg.contains(&"f".repeat(32)), "{msg}");
+    assert!(
+        msg.contains("md5") && msg.contains(&"f".repeat(32)),
+        "{msg}"
+    );
     assert_eq!(snapshot(&env).await, before);
 }
 
@@ -315,7 +353,11 @@ async fn an_archive_with_a_parent_entry_is_refused_and_changes_nothing() {
     assert!(matches!(err, Error::Archive { .. }), "{msg}");
     assert!(msg.contains("entry `../escaped.csv`"), "{msg}");
     assert_eq!(snapshot(&env).await, before);
-    assert!(leftovers(&env.work).is_empty(), "{:?}", leftovers(&env.work));
+    assert!(
+        leftovers(&env.work).is_empty(),
+        "{:?}",
+        leftovers(&env.work)
+    );
     assert!(!env.dir.path().join("escaped.csv").exists());
 }
 
@@ -342,7 +384,11 @@ async fn a_corrupt_nifti_inside_is_refused_with_its_name_and_changes_nothing() {
     assert!(matches!(err, Error::BadCases { .. }), "{msg}");
     assert!(msg.contains("case_002_insp.nii.gz"), "{msg}");
     assert_eq!(snapshot(&env).await, before);
-    assert!(leftovers(&env.work).is_empty(), "{:?}", leftovers(&env.work));
+    assert!(
+        leftovers(&env.work).is_empty(),
+        "{:?}",
+        leftovers(&env.work)
+    );
 }
 
 #[tokio::test]

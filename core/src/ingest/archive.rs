@@ -84,7 +84,10 @@ fn unsafe_name(name: &str) -> Option<&'static str> {
 
 /// Where a safe entry goes in the output, or `None` if it is not part of the layout.
 fn target_of(name: &str) -> Option<PathBuf> {
-    let parts: Vec<&str> = name.split('/').filter(|p| !p.is_empty() && *p != ".").collect();
+    let parts: Vec<&str> = name
+        .split('/')
+        .filter(|p| !p.is_empty() && *p != ".")
+        .collect();
     let parts = match parts.as_slice() {
         ["training", rest @ ..] => rest,
         all => all,
@@ -323,7 +326,10 @@ mod tests {
             std::fs::read(out.join("keypoints/case_001.csv")).unwrap(),
             b"1,2,3,4,5,6\n"
         );
-        assert_eq!(std::fs::read(out.join("scans/case_001_insp.nii")).unwrap(), b"insp");
+        assert_eq!(
+            std::fs::read(out.join("scans/case_001_insp.nii")).unwrap(),
+            b"insp"
+        );
         assert_eq!(files_under(&out).len(), 4);
     }
 

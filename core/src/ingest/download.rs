@@ -280,8 +280,8 @@ async fn load_partial(dest: &Path, url: &str) -> PartMeta {
 
 fn save_meta(dest: &Path, meta: &PartMeta) -> std::result::Result<(), Failure> {
     let path = meta_path(dest);
-    let json = serde_json::to_vec(meta)
-        .map_err(|e| Failure::fatal(format!("{}: {e}", path.display())))?;
+    let json =
+        serde_json::to_vec(meta).map_err(|e| Failure::fatal(format!("{}: {e}", path.display())))?;
     crate::atomic::write_bytes(&path, &json).map_err(|e| Failure::fatal(e.to_string()))
 }
 
@@ -551,24 +551,33 @@ mod tests {
 
     #[test]
     fn content_range_is_parsed_strictly() {
-        assert_eq!(
-            parse_content_range("bytes 10-99/100"),
-            Some((10, 99, 100))
-        );
-        for bad in ["", "bytes */100", "bytes 5-4/100", "bytes 0-100/100", "items 0-1/2"] {
+        assert_eq!(parse_content_range("bytes 10-99/100"), Some((10, 99, 100)));
+        for bad in [
+            "",
+            "bytes */100",
+            "bytes 5-4/100",
+            "bytes 0-100/100",
+            "items 0-1/2",
+        ] {
             assert_eq!(parse_content_range(bad), None, "{bad}");
         }
     }
 
     #[test]
     fn config_checks_url_and_checksum_form() {
-        assert!(DownloadConfig::new("https://example.org/a.zip").validate().is_ok());
+        assert!(DownloadConfig::new("https://example.org/a.zip")
+            .validate()
+            .is_ok());
         for bad in ["ftp://x/y", "not a url"] {
             let err = DownloadConfig::new(bad).validate().unwrap_err().to_string();
             assert!(err.contains(bad), "{err}");
         }
         let c = DownloadConfig::new("http://h/a").with_sha256("abc");
-        assert!(c.validate().unwrap_err().to_string().contains("64 hexadecimal"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("64 hexadecimal"));
         let c = DownloadConfig::new("http://h/a").with_md5("Z".repeat(32));
         assert!(c.validate().is_err());
         let c = DownloadConfig::new("http://h/a").with_md5("AB".repeat(16));

@@ -28,7 +28,12 @@ pub const COLUMNS: [&str; 5] = ["case_id", "fixed", "moving", "fixed_mask", "mov
 /// The optional last column.
 pub const KEYPOINTS_COLUMN: &str = "keypoints";
 
-fn manifest_error(path: &Path, line: u64, column: Option<&str>, reason: impl Into<String>) -> Error {
+fn manifest_error(
+    path: &Path,
+    line: u64,
+    column: Option<&str>,
+    reason: impl Into<String>,
+) -> Error {
     Error::Manifest {
         path: path.to_path_buf(),
         line,
@@ -147,7 +152,13 @@ mod tests {
 
     fn setup(rows: &str) -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
-        for f in ["a/e.nii.gz", "a/i.nii.gz", "a/em.nii", "a/im.nii", "a/k.csv"] {
+        for f in [
+            "a/e.nii.gz",
+            "a/i.nii.gz",
+            "a/em.nii",
+            "a/im.nii",
+            "a/k.csv",
+        ] {
             let p = dir.path().join(f);
             std::fs::create_dir_all(p.parent().unwrap()).unwrap();
             std::fs::write(p, b"x").unwrap();

@@ -284,7 +284,11 @@ fn to_manifest_layout(data: &Path, cases: &[&str], with_keypoints: bool) -> Path
         csv.push_str(&format!(
             "{case},{case}/ct_exp.nii.gz,{case}/ct_insp.nii.gz,{case}/mask_exp.nii.gz,{case}/mask_insp.nii.gz"
         ));
-        csv.push_str(&if with_keypoints { format!(",{case}/points.csv\n") } else { "\n".into() });
+        csv.push_str(&if with_keypoints {
+            format!(",{case}/points.csv\n")
+        } else {
+            "\n".into()
+        });
     }
     std::fs::write(root.join(MANIFEST_FILE), csv).unwrap();
     root
@@ -341,13 +345,20 @@ async fn a_bad_manifest_row_is_named_and_nothing_is_stored() {
     let root = to_manifest_layout(&e.data, &["p1", "p2"], false);
     let manifest = root.join(MANIFEST_FILE);
     let text = std::fs::read_to_string(&manifest).unwrap();
-    std::fs::write(&manifest, text.replace("p2/ct_insp.nii.gz", "p2/missing.nii.gz")).unwrap();
+    std::fs::write(
+        &manifest,
+        text.replace("p2/ct_insp.nii.gz", "p2/missing.nii.gz"),
+    )
+    .unwrap();
     let err = ingest_dir(&e.stage, &mut e.catalog, &root, &opts("m"), |_, _, _| {})
         .await
         .unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, Error::Manifest { line: 3, .. }), "{msg}");
-    assert!(msg.contains("column `moving`") && msg.contains("missing.nii.gz"), "{msg}");
+    assert!(
+        msg.contains("column `moving`") && msg.contains("missing.nii.gz"),
+        "{msg}"
+    );
     assert!(keys(&e.stage).await.is_empty());
     assert!(e.catalog.datasets().unwrap().is_empty());
 
