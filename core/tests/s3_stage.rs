@@ -20,7 +20,7 @@ fn options(server: &S3Server) -> S3Options {
         .with_credentials(S3Server::ACCESS_KEY, S3Server::SECRET_KEY)
 }
 
-fn stage(server: &S3Server, key: [u8; 32]) -> Stage {
+fn s3_stage(server: &S3Server, key: [u8; 32]) -> Stage {
     Stage::open_with(
         StageLocation::parse("s3://medray-test/team/a").unwrap(),
         Some(StageKey::from_bytes(key)),
@@ -35,7 +35,7 @@ async fn ingest_read_back_and_tamper_detection_through_s3() {
     let server = S3Server::start(&dir.path().join("s3"), &["medray-test"])
         .await
         .unwrap();
-    let stage = stage(&server, [7; 32]);
+    let stage = s3_stage(&server, [7; 32]);
     let mut catalog = Catalog::open(&dir.path().join("catalog.db")).unwrap();
     let data = dir.path().join("l2r");
     let config = SynthConfig::default()
@@ -73,7 +73,7 @@ async fn ingest_read_back_and_tamper_detection_through_s3() {
     assert_eq!(stage.list("").await.unwrap().len(), 10);
 
     // Another key is refused as such.
-    let other = stage(&server, [8; 32]);
+    let other = s3_stage(&server, [8; 32]);
     let err = other.get(key).await.unwrap_err();
     assert!(matches!(err, Error::WrongStageKey { .. }), "{err}");
 

@@ -333,9 +333,12 @@ mod tests {
         assert_eq!(files_under(&out).len(), 4);
     }
 
+    /// Adds one entry to an archive under construction.
+    type AddEntry = Box<dyn Fn(ZipBuilder) -> ZipBuilder>;
+
     #[test]
     fn hostile_entries_refuse_the_whole_archive_naming_the_entry() {
-        let cases: Vec<(&str, Box<dyn Fn(ZipBuilder) -> ZipBuilder>, &str)> = vec![
+        let cases: Vec<(&str, AddEntry, &str)> = vec![
             (
                 "../evil.nii.gz",
                 Box::new(|z| z.file("../evil.nii.gz", b"x").unwrap()),
