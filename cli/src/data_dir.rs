@@ -11,13 +11,11 @@ use medray_core::stage::{S3Options, Stage, StageKey, StageLocation, STAGE_KEY_EN
 #[derive(Debug, clap::Args)]
 pub struct DataArgs {
     /// Data directory: holds catalog.db, stage.key and the default local stage (stage/).
-    #[arg(
-        long,
-        global = true,
-        env = "MEDRAY_DATA_DIR",
-        default_value = "./medray-data"
-    )]
-    pub data_dir: PathBuf,
+    /// Given (or with --stage), the command works on this local directory; without it, it
+    /// goes to the head named by --address/MEDRAY_ADDRESS or started by `medray up` here,
+    /// and when there is none, to ./medray-data.
+    #[arg(long, global = true, env = "MEDRAY_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
     /// Stage location (file:///dir, a plain path, or s3://bucket/prefix with AWS_* env);
     /// default: <data-dir>/stage. The key comes from MEDRAY_STAGE_KEY (hex or base64 of 32
     /// bytes) or <data-dir>/stage.key (created on first use, mode 0600).
@@ -48,16 +46,43 @@ impl From<&DataArgs> for S3Options {
     }
 }
 
+/// Where a data command runs.
+#[derive(Debug)]
+pub enum Target {
+    /// On a local data directory.
+    Local,
+    /// Through the head.
+    Head,
+}
+
 impl DataArgs {
+    /// The local data directory (default ./medray-data).
+    pub fn dir(&self) -> PathBuf {
+        self.data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("./medray-data"))
+    }
+
+    /// Local when --data-dir or --stage is given or no head is configured; else the head.
+    pub fn target(&self, client: &crate::cluster::client::ClientArgs) -> anyhow::Result<Target> {
+        if self.data_dir.is_some() || self.stage.is_some() {
+            return Ok(Target::Local);
+        }
+        if client.head_configured()? {
+            return Ok(Target::Head);
+        }
+        Ok(Target::Local)
+    }
+
     /// Opens the stage with its encryption key.
     pub fn open_stage(&self) -> anyhow::Result<Stage> {
         let location = match &self.stage {
             Some(url) => StageLocation::parse(url)?,
-            None => StageLocation::Local(self.data_dir.join("stage")),
+            None => StageLocation::Local(self.dir().join("stage")),
         };
         let key = match std::env::var(STAGE_KEY_ENV) {
             Ok(text) if !text.trim().is_empty() => StageKey::parse(&text, STAGE_KEY_ENV)?,
-            _ => StageKey::load_or_create(&self.data_dir.join("stage.key"))?,
+            _ => StageKey::load_or_create(&self.dir().join("stage.key"))?,
         };
         Stage::open_with(location.clone(), Some(key), &S3Options::from(self))
             .with_context(|| format!("opening stage {location}"))
@@ -65,7 +90,7 @@ impl DataArgs {
 
     /// Opens (creating) the catalog.
     pub fn open_catalog(&self) -> anyhow::Result<Catalog> {
-        let path = self.data_dir.join("catalog.db");
+        let path = self.dir().join("catalog.db");
         Catalog::open(&path).with_context(|| format!("opening catalog {}", path.display()))
     }
 }

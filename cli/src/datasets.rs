@@ -2,13 +2,16 @@
 
 use medray_core::catalog::DatasetName;
 
-use crate::data_dir::DataArgs;
+use crate::cluster::client::ClientArgs;
+use crate::data_dir::{DataArgs, Target};
 
 /// Arguments of `medray datasets`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
     #[command(flatten)]
     data: DataArgs,
+    #[command(flatten)]
+    client: ClientArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -25,6 +28,12 @@ enum Command {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    if let Target::Head = args.data.target(&args.client)? {
+        return match &args.command {
+            Command::List => crate::remote::datasets_list(&args.client),
+            Command::Show { name } => crate::remote::datasets_show(&args.client, name),
+        };
+    }
     let catalog = args.data.open_catalog()?;
     match args.command {
         Command::List => {

@@ -12,15 +12,66 @@ use medray_core::ingest::{
 };
 use medray_core::synth::SynthConfig;
 
-use crate::data_dir::{runtime, DataArgs};
+use crate::cluster::client::ClientArgs;
+use crate::data_dir::{runtime, DataArgs, Target};
+use medray_proto::v1::ingest_spec::Source as WireSource;
+use medray_proto::v1::{DirSource, IngestSpec, Learn2RegSource, SyntheticSource};
 
 /// Arguments of `medray ingest`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
     #[command(flatten)]
     data: DataArgs,
+    #[command(flatten)]
+    client: ClientArgs,
+    /// On a cluster: print the job id and return instead of following the job.
+    #[arg(long, global = true)]
+    no_wait: bool,
     #[command(subcommand)]
     source: Source,
+}
+
+fn absolute(path: &std::path::Path) -> anyhow::Result<String> {
+    Ok(path
+        .canonicalize()
+        .with_context(|| format!("{}", path.display()))?
+        .display()
+        .to_string())
+}
+
+/// The ingest job for the head (paths made absolute: the head runs on this machine or sees
+/// the same file system).
+fn ingest_spec(source: &Source) -> anyhow::Result<IngestSpec> {
+    let common = match source {
+        Source::Learn2reg { common, .. }
+        | Source::Dir { common, .. }
+        | Source::Synthetic { common, .. } => common,
+    };
+    let wire = match source {
+        Source::Learn2reg { source, .. } => WireSource::Learn2reg(Learn2RegSource {
+            url: source.url.clone(),
+            sha256: source.sha256.clone().unwrap_or_default(),
+            md5: source.md5.clone().unwrap_or_default(),
+        }),
+        Source::Dir {
+            manifest: Some(m), ..
+        } => WireSource::Dir(DirSource { path: absolute(m)? }),
+        Source::Dir { path: Some(p), .. } => WireSource::Dir(DirSource { path: absolute(p)? }),
+        Source::Dir { .. } => anyhow::bail!("ingest dir: give a PATH or --manifest FILE"),
+        Source::Synthetic {
+            cases, size, seed, ..
+        } => WireSource::Synthetic(SyntheticSource {
+            cases: u32::try_from(*cases).context("--cases")?,
+            size: size.iter().map(|v| *v as u32).collect(),
+            seed: *seed,
+        }),
+    };
+    Ok(IngestSpec {
+        name: common.name.clone().unwrap_or_default(),
+        skip_bad: common.skip_bad,
+        replace: common.replace,
+        source: Some(wire),
+    })
 }
 
 /// Options every source takes.
@@ -220,13 +271,16 @@ fn print_report(r: &IngestReport) {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    if let Target::Head = args.data.target(&args.client)? {
+        return crate::remote::ingest(&args.client, ingest_spec(&args.source)?, args.no_wait);
+    }
     let stage = args.data.open_stage()?;
     let mut catalog = args.data.open_catalog()?;
     let rt = runtime()?;
     let report = match &args.source {
         Source::Learn2reg { source, common } => {
             let options = IngestOptions::try_from(common)?;
-            let config = source.config(args.data.data_dir.join("downloads"));
+            let config = source.config(args.data.dir().join("downloads"));
             rt.block_on(ingest_learn2reg(
                 &stage,
                 &mut catalog,

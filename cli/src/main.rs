@@ -6,6 +6,7 @@ mod data_dir;
 mod datasets;
 mod ingest;
 mod predict;
+mod remote;
 mod stage;
 mod synth;
 mod train_local;

@@ -5,13 +5,16 @@ use std::path::PathBuf;
 use anyhow::Context;
 use medray_core::stage::ObjectKey;
 
-use crate::data_dir::{runtime, DataArgs};
+use crate::cluster::client::ClientArgs;
+use crate::data_dir::{runtime, DataArgs, Target};
 
 /// Arguments of `medray stage`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
     #[command(flatten)]
     data: DataArgs,
+    #[command(flatten)]
+    client: ClientArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -41,6 +44,13 @@ enum Command {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    if let Target::Head = args.data.target(&args.client)? {
+        return match &args.command {
+            Command::Ls { prefix } => crate::remote::stage_ls(&args.client, prefix),
+            Command::Get { key, out } => crate::remote::stage_get(&args.client, key, out),
+            Command::Put { file, key } => crate::remote::stage_put(&args.client, file, key),
+        };
+    }
     let stage = args.data.open_stage()?;
     let rt = runtime()?;
     match args.command {

@@ -371,3 +371,50 @@ fn a_tls_cluster_works_and_refuses_clients_without_the_ca() {
         .unwrap();
     assert!(!plain.status.success());
 }
+
+#[test]
+fn ingest_datasets_and_stage_go_through_the_head() {
+    let c = cluster(0);
+    let out = c
+        .cli_ok(&[
+            "ingest",
+            "synthetic",
+            "--cases",
+            "2",
+            "--size",
+            "16",
+            "16",
+            "16",
+            "--name",
+            "tiny",
+        ])
+        .unwrap();
+    assert!(out.contains("\"cases\":2"), "{out}");
+    let list = c.cli_ok(&["datasets", "list"]).unwrap();
+    assert!(list.contains("tiny\t2\t"), "{list}");
+    let show = c.cli_ok(&["datasets", "show", "tiny"]).unwrap();
+    assert!(show.contains("case_002"), "{show}");
+    // The data went to the head's data directory, not to a local ./medray-data.
+    assert!(c.dir().join("data").join("catalog.db").exists());
+    assert!(!c.dir().join("medray-data").exists());
+
+    let payload: Vec<u8> = (0..5_000_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(c.dir().join("in.bin"), &payload).unwrap();
+    c.cli_ok(&["stage", "put", "in.bin", "misc/in.bin"])
+        .unwrap();
+    let ls = c.cli_ok(&["stage", "ls", "misc"]).unwrap();
+    assert!(ls.contains("misc/in.bin"), "{ls}");
+    c.cli_ok(&["stage", "get", "misc/in.bin", "out.bin"])
+        .unwrap();
+    assert_eq!(std::fs::read(c.dir().join("out.bin")).unwrap(), payload);
+
+    // A failing ingest job makes the command fail with the reason.
+    let bad = c
+        .cli(&["ingest", "dir", "/", "--name", "not-a-dataset"])
+        .unwrap();
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("FAILED"), "{err}");
+    let list = c.cli_ok(&["datasets", "list"]).unwrap();
+    assert!(!list.contains("not-a-dataset"), "{list}");
+}

@@ -6,7 +6,10 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use medray_core::catalog::{DatasetName, PublishOutcome};
-use medray_core::ingest::{ingest_dir, ingest_synthetic, IngestOptions, IngestReport};
+use medray_core::ingest::{
+    ingest_dir, ingest_learn2reg, ingest_manifest, ingest_synthetic, DownloadConfig, IngestOptions,
+    IngestReport, Learn2RegConfig, LEARN2REG_URL,
+};
 use medray_core::synth::SynthConfig;
 use medray_proto::v1::ingest_spec::Source;
 use medray_proto::v1::job_spec::Kind;
@@ -336,6 +339,15 @@ impl JobActor {
                             progress,
                         ))
                     }
+                    Source::Dir(src) if src.path.ends_with(".csv") => {
+                        handle.block_on(ingest_manifest(
+                            &ctx.stage,
+                            &mut catalog,
+                            std::path::Path::new(&src.path),
+                            &options,
+                            progress,
+                        ))
+                    }
                     Source::Dir(src) => handle.block_on(ingest_dir(
                         &ctx.stage,
                         &mut catalog,
@@ -343,10 +355,29 @@ impl JobActor {
                         &options,
                         progress,
                     )),
-                    Source::Learn2reg(_) => Err(medray_core::Error::invalid(
-                        "spec.ingest.learn2reg",
-                        "the learn2reg download source is not available in this medray yet",
-                    )),
+                    Source::Learn2reg(src) => {
+                        let url = if src.url.is_empty() {
+                            LEARN2REG_URL.to_string()
+                        } else {
+                            src.url
+                        };
+                        let mut download = DownloadConfig::new(url);
+                        if !src.sha256.is_empty() {
+                            download = download.with_sha256(src.sha256);
+                        }
+                        if !src.md5.is_empty() {
+                            download = download.with_md5(src.md5);
+                        }
+                        let config = Learn2RegConfig::new(ctx.config.data_dir.join("downloads"))
+                            .with_download(download);
+                        handle.block_on(ingest_learn2reg(
+                            &ctx.stage,
+                            &mut catalog,
+                            &config,
+                            &options,
+                            progress,
+                        ))
+                    }
                 }
             })();
             let done = result.map(|r| {

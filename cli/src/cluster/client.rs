@@ -60,13 +60,13 @@ pub fn read_cluster_file() -> anyhow::Result<Option<ClusterFile>> {
 pub struct ClientArgs {
     /// Head address (default: the cluster `medray up` started here, else
     /// http://127.0.0.1:50051).
-    #[arg(long, env = "MEDRAY_ADDRESS")]
+    #[arg(long, global = true, env = "MEDRAY_ADDRESS")]
     pub address: Option<String>,
     /// Cluster token (default: the one `medray up` wrote here).
-    #[arg(long, env = "MEDRAY_TOKEN", hide_env_values = true)]
+    #[arg(long, global = true, env = "MEDRAY_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// CA certificate (PEM) of a head that serves TLS (https:// addresses).
-    #[arg(long, env = "MEDRAY_TLS_CA")]
+    #[arg(long, global = true, env = "MEDRAY_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
 }
 
@@ -99,6 +99,12 @@ impl ClientArgs {
                 })
             })
             .transpose()
+    }
+
+    /// True when these commands should go to a head: an address was given, or `medray up`
+    /// started a cluster from this directory.
+    pub fn head_configured(&self) -> anyhow::Result<bool> {
+        Ok(self.address.is_some() || read_cluster_file()?.is_some())
     }
 
     /// Connects to the head.

@@ -3,15 +3,16 @@
 use std::time::Duration;
 
 use futures::StreamExt;
+use medray_core::catalog::DatasetName;
 use medray_proto::v1::client_server::Client;
 use medray_proto::v1::ingest_spec::Source;
 use medray_proto::v1::job_spec::Kind;
 use medray_proto::v1::{
-    CancelJobRequest, CancelJobResponse, ClusterStatusRequest, ClusterStatusResponse, DatasetInfo,
-    GetJobRequest, GetJobResponse, JobSpec, JobState, ListDatasetsRequest, ListDatasetsResponse,
-    ListJobsRequest, ListJobsResponse, LogLine, ObjectChunk, StageGetRequest, StageListRequest,
-    StageListResponse, StageObject, StagePutRequest, StagePutResponse, StreamJobLogsRequest,
-    SubmitJobRequest, SubmitJobResponse,
+    CancelJobRequest, CancelJobResponse, CaseInfo, ClusterStatusRequest, ClusterStatusResponse,
+    DatasetInfo, GetDatasetRequest, GetDatasetResponse, GetJobRequest, GetJobResponse, JobSpec,
+    JobState, ListDatasetsRequest, ListDatasetsResponse, ListJobsRequest, ListJobsResponse,
+    LogLine, ObjectChunk, StageGetRequest, StageListRequest, StageListResponse, StageObject,
+    StagePutRequest, StagePutResponse, StreamJobLogsRequest, SubmitJobRequest, SubmitJobResponse,
 };
 use ractor::ActorRef;
 use sha2::{Digest, Sha256};
@@ -275,6 +276,45 @@ impl Client for ClientService {
             })
             .collect();
         Ok(Response::new(ListDatasetsResponse { datasets }))
+    }
+
+    async fn get_dataset(
+        &self,
+        request: Request<GetDatasetRequest>,
+    ) -> Result<Response<GetDatasetResponse>, Status> {
+        let name = DatasetName::new(request.into_inner().name)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let catalog = self.ctx.catalog().map_err(Status::from)?;
+        let d = catalog
+            .dataset(&name)
+            .map_err(|e| Status::internal(e.to_string()))?
+            .ok_or_else(|| Status::not_found(format!("dataset `{name}` not found")))?;
+        let cases = catalog
+            .cases(&name)
+            .map_err(|e| Status::internal(e.to_string()))?
+            .into_iter()
+            .map(|c| CaseInfo {
+                case_id: c.case_id.as_str().to_string(),
+                shape: c.shape.iter().map(|v| *v as u32).collect(),
+                spacing_mm: c.spacing_mm.to_vec(),
+                intensity_min: c.intensity_min,
+                intensity_max: c.intensity_max,
+                keypoint_count: c.keypoint_count as u32,
+                fixed_key: c.fixed.key.as_str().to_string(),
+                moving_key: c.moving.key.as_str().to_string(),
+            })
+            .collect();
+        Ok(Response::new(GetDatasetResponse {
+            dataset: Some(DatasetInfo {
+                name: d.name.as_str().to_string(),
+                source: d.source,
+                created_at: d.created_at,
+                case_count: d.case_count as u32,
+                bytes: d.bytes,
+            }),
+            content_sha256: d.content_sha256,
+            cases,
+        }))
     }
 
     async fn stage_list(
