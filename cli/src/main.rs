@@ -1,6 +1,7 @@
 //! `medray`: the command-line tool. Thin: parse arguments, set up logging, call the library.
 
 mod bench;
+mod bench_transfer;
 mod cluster;
 mod data_dir;
 mod datasets;
@@ -46,6 +47,8 @@ enum Command {
     Datasets(datasets::Args),
     /// List, read and write (encrypted) objects of the stage.
     Stage(stage::Args),
+    /// Time object transfer head -> worker (gRPC) against a raw TCP copy, on loopback.
+    BenchTransfer(bench_transfer::Args),
     /// Run the cluster's head (gRPC server, scheduler, job manager, worker registry).
     Head(cluster::head::Args),
     /// Run a worker that joins the head at --address.
@@ -103,6 +106,7 @@ fn main() -> std::process::ExitCode {
         Command::Ingest(args) => ingest::run(args),
         Command::Datasets(args) => datasets::run(args),
         Command::Stage(args) => stage::run(args),
+        Command::BenchTransfer(args) => bench_transfer::run(args),
         Command::Head(args) => cluster::head::run(args),
         Command::Worker(args) => cluster::worker::run(args, &cli.device),
         Command::Up(args) => cluster::up::up(args, &cli.device),

@@ -418,3 +418,41 @@ fn ingest_datasets_and_stage_go_through_the_head() {
     let list = c.cli_ok(&["datasets", "list"]).unwrap();
     assert!(!list.contains("not-a-dataset"), "{list}");
 }
+
+#[test]
+fn a_worker_drains_on_sigterm_and_exits_zero() {
+    let mut c = cluster(1);
+    let job = submit_selftest(&c, &["--workers", "1", "--hold-ms", "3000"]);
+    let w = worker_running(&c, &job);
+    c.workers[w].signal(Signal::SIGTERM);
+    let status = c.workers[w].child.wait().unwrap();
+    assert!(
+        status.success(),
+        "drained worker exits 0: {status}\n{}",
+        c.log_tails()
+    );
+    // It finished its task before leaving, and told the head it left.
+    let j = c.wait_for_job_end(&job, LONG).unwrap();
+    assert_eq!(j["state"], "SUCCEEDED", "{j}");
+    c.wait_for_workers(0, LONG).unwrap();
+    let log = std::fs::read_to_string(&c.workers[w].log).unwrap();
+    assert!(log.contains("left the cluster"), "{log}");
+}
+
+#[test]
+fn a_cancelled_job_stops_its_task() {
+    let c = cluster(1);
+    let job = submit_selftest(&c, &["--workers", "1", "--hold-ms", "600000"]);
+    worker_running(&c, &job);
+    let out = c.cli_ok(&["job", "cancel", &job]).unwrap();
+    assert!(out.contains("CANCELLED"), "{out}");
+    // The worker stops the task and becomes idle again.
+    c.wait_until("the worker is idle", LONG, |c| {
+        Ok(c.status()?["workers"][0]["current_task"] == "")
+    })
+    .unwrap();
+    let j = c.job(&job).unwrap();
+    assert_eq!(j["state"], "CANCELLED", "{j}");
+    // `job status` of a cancelled job exits non-zero.
+    assert!(!c.cli(&["job", "status", &job]).unwrap().status.success());
+}
