@@ -507,8 +507,9 @@ impl Actor for JobActor {
                         "a running ingest cannot be cancelled (it publishes atomically, nothing is visible until it ends); wait for it to end",
                     )));
                 } else {
-                    let _ = reply.send(Ok(()));
+                    // End first, so the caller reads the CANCELLED state.
                     self.end(&myself, s, JobState::Cancelled, "cancelled by the user");
+                    let _ = reply.send(Ok(()));
                 }
             }
         }
