@@ -259,6 +259,11 @@ fn operations_endpoints_answer() {
     let (code, body) = get("/metrics");
     assert_eq!(code, 200);
     assert!(body.contains("medray_workers 1"), "{body}");
+    assert!(body.contains("medray_jobs{state=\"RUNNING\"} 0"), "{body}");
+    assert!(
+        body.contains("medray_task_latency_seconds_count 0"),
+        "{body}"
+    );
 }
 
 #[test]

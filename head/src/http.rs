@@ -13,11 +13,13 @@ use ractor::ActorRef;
 
 use crate::metrics::Metrics;
 use crate::registry::RegistryMsg;
+use crate::store::Store;
 use crate::{HeadError, Result};
 
 #[derive(Clone)]
 struct Ops {
     registry: ActorRef<RegistryMsg>,
+    store: Arc<Store>,
     metrics: Arc<Metrics>,
     min_workers: u32,
 }
@@ -54,7 +56,12 @@ async fn render_metrics(
             axum::http::header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        ops.metrics.render(),
+        {
+            if let Ok(counts) = ops.store.job_counts() {
+                ops.metrics.set_jobs(&counts);
+            }
+            ops.metrics.render()
+        },
     )
 }
 
@@ -65,6 +72,7 @@ async fn render_metrics(
 pub async fn serve(
     addr: SocketAddr,
     registry: ActorRef<RegistryMsg>,
+    store: Arc<Store>,
     metrics: Arc<Metrics>,
     min_workers: u32,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -85,6 +93,7 @@ pub async fn serve(
         .route("/metrics", get(render_metrics))
         .with_state(Ops {
             registry,
+            store,
             metrics,
             min_workers,
         });

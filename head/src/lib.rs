@@ -194,6 +194,7 @@ pub async fn run(
             http::serve(
                 addr,
                 registry.clone(),
+                store.clone(),
                 metrics.clone(),
                 config.min_workers,
                 stopped(),

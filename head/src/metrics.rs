@@ -7,6 +7,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 /// Label of the jobs-ended counter.
@@ -43,6 +44,10 @@ pub struct Metrics {
     pub tasks_failed: Counter,
     /// Tasks waiting in the queue.
     pub queue: Gauge,
+    /// Jobs by state now (refreshed from the store at each scrape).
+    pub jobs: Family<StateLabel, Gauge>,
+    /// Seconds from a task attempt's assignment to its reported end.
+    pub task_latency: Histogram,
     /// Object bytes moved, by direction.
     pub bytes: Family<DirectionLabel, Counter<u64, AtomicU64>>,
 }
@@ -59,6 +64,8 @@ impl Default for Metrics {
             tasks_succeeded: Counter::default(),
             tasks_failed: Counter::default(),
             queue: Gauge::default(),
+            jobs: Family::default(),
+            task_latency: Histogram::new(exponential_buckets(0.05, 2.0, 16)),
             bytes: Family::default(),
             registry: Registry::default(),
         };
@@ -86,6 +93,12 @@ impl Default for Metrics {
             m.tasks_failed.clone(),
         );
         registry.register("task_queue", "Tasks waiting for a worker", m.queue.clone());
+        registry.register("jobs", "Jobs by state", m.jobs.clone());
+        registry.register(
+            "task_latency_seconds",
+            "Seconds from assignment to the end of a task attempt",
+            m.task_latency.clone(),
+        );
         registry.register(
             "object_bytes",
             "Object bytes moved, by direction",
@@ -113,6 +126,21 @@ impl Metrics {
                 state: state.label().into(),
             })
             .inc();
+    }
+
+    /// Sets the jobs-by-state gauges.
+    pub fn set_jobs(&self, counts: &[(String, i64)]) {
+        for state in ["PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"] {
+            let n = counts
+                .iter()
+                .find(|(s, _)| s == state)
+                .map_or(0, |(_, n)| *n);
+            self.jobs
+                .get_or_create(&StateLabel {
+                    state: state.into(),
+                })
+                .set(n);
+        }
     }
 
     /// Counts moved bytes.

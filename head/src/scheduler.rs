@@ -138,6 +138,8 @@ struct WorkerSlot {
     running: Option<AttemptRef>,
     /// It refused an assignment as busy: wait for an idle heartbeat.
     blocked: bool,
+    /// When the running attempt was assigned.
+    since: Option<std::time::Instant>,
 }
 
 /// Scheduler state.
@@ -228,6 +230,7 @@ impl Scheduler {
                 break;
             };
             slot.running = Some(attempt.clone());
+            slot.since = Some(std::time::Instant::now());
             self.metrics.tasks_started.inc();
             send_assignment(
                 myself.clone(),
@@ -306,6 +309,7 @@ impl Actor for Scheduler {
                         actor,
                         running: None,
                         blocked: false,
+                        since: None,
                     },
                 );
             }
@@ -344,6 +348,9 @@ impl Actor for Scheduler {
                     if let Some(slot) = state.workers.get_mut(&worker_id) {
                         if slot.running.as_ref() == Some(&attempt) {
                             slot.running = None;
+                            if let Some(t) = slot.since.take() {
+                                self.metrics.task_latency.observe(t.elapsed().as_secs_f64());
+                            }
                         }
                     }
                     match outcome {

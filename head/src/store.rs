@@ -250,6 +250,22 @@ impl Store {
             .map_err(HeadError::store("list jobs"))
     }
 
+    /// Number of jobs in each state.
+    ///
+    /// # Errors
+    /// [`HeadError::Store`].
+    pub fn job_counts(&self) -> Result<Vec<(String, i64)>> {
+        let conn = self.lock();
+        let mut stmt = conn
+            .prepare("SELECT state, COUNT(*) FROM jobs GROUP BY state")
+            .map_err(HeadError::store("count jobs"))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(HeadError::store("count jobs"))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(HeadError::store("count jobs"))
+    }
+
     /// Sets a job's state and reason (and its start or end time); a job that has ended is
     /// never changed again. Returns whether it changed.
     ///
