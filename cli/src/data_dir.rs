@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use medray_core::catalog::Catalog;
-use medray_core::stage::{Stage, StageKey, StageLocation, STAGE_KEY_ENV};
+use medray_core::stage::{S3Options, Stage, StageKey, StageLocation, STAGE_KEY_ENV};
 
 /// `--data-dir` and `--stage`.
 #[derive(Debug, clap::Args)]
@@ -23,6 +23,29 @@ pub struct DataArgs {
     /// bytes) or <data-dir>/stage.key (created on first use, mode 0600).
     #[arg(long, global = true, env = "MEDRAY_STAGE")]
     pub stage: Option<String>,
+    /// Endpoint of an S3-compatible service for an s3:// stage (MinIO and others), e.g.
+    /// http://127.0.0.1:9000; requests are path-style. Default: AWS_ENDPOINT_URL or AWS.
+    #[arg(long, global = true, env = "MEDRAY_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+    /// Region to sign S3 requests for (default: AWS_REGION or us-east-1).
+    #[arg(long, global = true, env = "MEDRAY_S3_REGION")]
+    pub s3_region: Option<String>,
+    /// Allow a plain http:// S3 endpoint.
+    #[arg(long, global = true, env = "MEDRAY_S3_ALLOW_HTTP")]
+    pub s3_allow_http: bool,
+}
+
+impl From<&DataArgs> for S3Options {
+    fn from(args: &DataArgs) -> Self {
+        let mut s3 = S3Options::default().with_allow_http(args.s3_allow_http);
+        if let Some(endpoint) = &args.s3_endpoint {
+            s3 = s3.with_endpoint(endpoint);
+        }
+        if let Some(region) = &args.s3_region {
+            s3 = s3.with_region(region);
+        }
+        s3
+    }
 }
 
 impl DataArgs {
@@ -36,7 +59,7 @@ impl DataArgs {
             Ok(text) if !text.trim().is_empty() => StageKey::parse(&text, STAGE_KEY_ENV)?,
             _ => StageKey::load_or_create(&self.data_dir.join("stage.key"))?,
         };
-        Stage::open(location.clone(), Some(key))
+        Stage::open_with(location.clone(), Some(key), &S3Options::from(self))
             .with_context(|| format!("opening stage {location}"))
     }
 

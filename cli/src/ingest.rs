@@ -1,12 +1,15 @@
-//! `medray ingest`: validate a dataset, store it encrypted in the stage and publish it in the
-//! catalog (see `medray_core::ingest`).
+//! `medray ingest`: fetch or read a dataset, validate it, store it encrypted in the stage and
+//! publish it in the catalog (see `medray_core::ingest`).
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use medray_core::catalog::{DatasetName, PublishOutcome};
-use medray_core::ingest::{ingest_dir, ingest_synthetic, IngestOptions, IngestPhase, IngestReport};
+use medray_core::ingest::{
+    ingest_dir, ingest_learn2reg, ingest_manifest, ingest_synthetic, DownloadConfig, ExtractLimits,
+    IngestOptions, IngestPhase, IngestReport, Learn2RegConfig, LEARN2REG_URL,
+};
 use medray_core::synth::SynthConfig;
 
 use crate::data_dir::{runtime, DataArgs};
@@ -47,12 +50,80 @@ impl TryFrom<&Common> for IngestOptions {
     }
 }
 
+/// Options of the `learn2reg` source.
+#[derive(Debug, clap::Args)]
+struct Learn2RegArgs {
+    /// Where to download the archive from.
+    #[arg(long, env = "MEDRAY_LEARN2REG_URL", default_value = LEARN2REG_URL)]
+    url: String,
+    /// Expected sha256 of the archive (hex); a mismatch is refused.
+    #[arg(long, value_name = "HEX")]
+    sha256: Option<String>,
+    /// Expected md5 of the archive (hex); a mismatch is refused.
+    #[arg(long, value_name = "HEX")]
+    md5: Option<String>,
+    /// Download attempts after the first before giving up (waits double from 1 s to 60 s).
+    #[arg(long, default_value_t = 8)]
+    retries: u32,
+    /// Give up on an attempt after this many seconds without data.
+    #[arg(long, default_value_t = 120)]
+    read_timeout_s: u64,
+    /// Most bytes the archive may expand to.
+    #[arg(long, default_value_t = ExtractLimits::default().max_total_bytes)]
+    max_extract_bytes: u64,
+    /// Most entries the archive may hold.
+    #[arg(long, default_value_t = ExtractLimits::default().max_entries)]
+    max_entries: usize,
+}
+
+impl Learn2RegArgs {
+    fn config(&self, work_dir: PathBuf) -> Learn2RegConfig {
+        let mut download = DownloadConfig::new(&self.url).with_retries(self.retries);
+        download.read_timeout_ms = self.read_timeout_s.saturating_mul(1_000);
+        if let Some(hex) = &self.sha256 {
+            download = download.with_sha256(hex);
+        }
+        if let Some(hex) = &self.md5 {
+            download = download.with_md5(hex);
+        }
+        Learn2RegConfig::new(work_dir)
+            .with_download(download)
+            .with_limits(
+                ExtractLimits::default()
+                    .with_max_total_bytes(self.max_extract_bytes)
+                    .with_max_entries(self.max_entries),
+            )
+    }
+}
+
 #[derive(Debug, clap::Subcommand)]
 enum Source {
-    /// A Learn2Reg-layout folder (scans/, lungMasks/, keypoints/, or training/...).
+    /// The Learn2Reg 2020 lung CT training archive, downloaded (resumably, with retries and
+    /// checksum checks), extracted safely and ingested.
+    ///
+    /// The download goes to <data-dir>/downloads/; an interrupted download is kept there and
+    /// resumed (HTTP Range) by the next run with the same URL. Archive entries with `..`, an
+    /// absolute path or a symbolic link refuse the archive; only scans/, lungMasks/ and
+    /// keypoints/ (optionally under training/) are kept.
+    Learn2reg {
+        #[command(flatten)]
+        source: Learn2RegArgs,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// A folder: in the Learn2Reg layout (scans/, lungMasks/, keypoints/, or training/...),
+    /// or described by a manifest CSV.
+    ///
+    /// A manifest (PATH/manifest.csv, PATH itself if it is a .csv file, or --manifest FILE)
+    /// has the header `case_id,fixed,moving,fixed_mask,moving_mask[,keypoints]`, one case
+    /// per line, paths relative to the manifest's folder.
     Dir {
-        /// The folder.
-        path: PathBuf,
+        /// The folder (or a manifest CSV file).
+        #[arg(required_unless_present = "manifest")]
+        path: Option<PathBuf>,
+        /// A manifest CSV naming each case's files.
+        #[arg(long, value_name = "FILE", conflicts_with = "path")]
+        manifest: Option<PathBuf>,
         #[command(flatten)]
         common: Common,
     },
@@ -79,6 +150,17 @@ fn progress_bar() -> impl FnMut(IngestPhase, u64, u64) {
         if phase != Some(p) {
             phase = Some(p);
             let (msg, template) = match p {
+                IngestPhase::Download if total == 0 => {
+                    ("downloading", "{msg} {bytes} ({bytes_per_sec}, {elapsed})")
+                }
+                IngestPhase::Download => (
+                    "downloading",
+                    "{msg} [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec}, ETA {eta})",
+                ),
+                IngestPhase::Extract => (
+                    "extracting",
+                    "{msg} [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec}, ETA {eta})",
+                ),
                 IngestPhase::Generate => (
                     "generating",
                     "{msg} [{bar:30}] {pos}/{len} cases ({elapsed}, ETA {eta})",
@@ -99,6 +181,10 @@ fn progress_bar() -> impl FnMut(IngestPhase, u64, u64) {
             );
             bar.set_message(msg);
             bar.reset();
+            // A resumed download starts past 0: the rate counts only what arrives now.
+            bar.set_length(total);
+            bar.set_position(done);
+            bar.reset_eta();
         }
         bar.set_length(total);
         bar.set_position(done);
@@ -138,7 +224,38 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut catalog = args.data.open_catalog()?;
     let rt = runtime()?;
     let report = match &args.source {
-        Source::Dir { path, common } => {
+        Source::Learn2reg { source, common } => {
+            let options = IngestOptions::try_from(common)?;
+            let config = source.config(args.data.data_dir.join("downloads"));
+            rt.block_on(ingest_learn2reg(
+                &stage,
+                &mut catalog,
+                &config,
+                &options,
+                progress_bar(),
+            ))
+            .with_context(|| format!("ingesting {}", source.url))?
+        }
+        Source::Dir {
+            manifest: Some(manifest),
+            common,
+            ..
+        } => {
+            let options = IngestOptions::try_from(common)?;
+            rt.block_on(ingest_manifest(
+                &stage,
+                &mut catalog,
+                manifest,
+                &options,
+                progress_bar(),
+            ))
+            .with_context(|| format!("ingesting {}", manifest.display()))?
+        }
+        Source::Dir {
+            path: Some(path),
+            common,
+            ..
+        } => {
             let options = IngestOptions::try_from(common)?;
             rt.block_on(ingest_dir(
                 &stage,
@@ -149,6 +266,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             ))
             .with_context(|| format!("ingesting {}", path.display()))?
         }
+        Source::Dir { .. } => anyhow::bail!("ingest dir: give a PATH or --manifest FILE"),
         Source::Synthetic {
             cases,
             size,

@@ -92,6 +92,7 @@ fn main() -> std::process::ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    medray_proto::tls::install_crypto_provider();
     let cli = Cli::parse();
     let result = parse_device(&cli.device).and_then(|device| match cli.command {
         Command::Synth(args) => synth::run(args),

@@ -6,7 +6,7 @@ use std::time::Duration;
 use medray_proto::auth::BearerToken;
 use medray_proto::v1::worker_client::WorkerClient;
 use medray_proto::v1::RegisterRequest;
-use medray_tests::{HeadOptions, TestCluster};
+use medray_tests::{HeadOptions, TestCluster, TlsFiles};
 use nix::sys::signal::Signal;
 
 const BIN: &str = env!("CARGO_BIN_EXE_medray");
@@ -324,4 +324,50 @@ fn up_then_down_leaves_no_process_behind() {
         assert!(gone, "pid {pid} still runs after medray down");
     }
     assert!(!dir.path().join(".medray/cluster.json").exists());
+}
+
+/// A CA and a certificate for 127.0.0.1 and localhost signed by it, as PEM files in `dir`.
+fn make_tls_files(dir: &std::path::Path) -> TlsFiles {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().expect("test certificate");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("test certificate");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).expect("test certificate");
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().expect("test certificate");
+    let cert = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+        .expect("test certificate")
+        .signed_by(&key, &issuer)
+        .expect("test certificate");
+    let files = TlsFiles {
+        cert: dir.join("head.pem"),
+        key: dir.join("head.key"),
+        ca: dir.join("ca.pem"),
+    };
+    std::fs::write(&files.cert, cert.pem()).expect("test certificate");
+    std::fs::write(&files.key, key.serialize_pem()).expect("test certificate");
+    std::fs::write(&files.ca, ca_cert.pem()).expect("test certificate");
+    files
+}
+
+#[test]
+fn a_tls_cluster_works_and_refuses_clients_without_the_ca() {
+    let pems = tempfile::tempdir().unwrap();
+    let tls = make_tls_files(pems.path());
+    let options = HeadOptions {
+        tls: Some(tls),
+        ..HeadOptions::default()
+    };
+    let mut c = TestCluster::start(BIN, options).expect("TLS head starts");
+    c.add_worker().unwrap();
+    c.wait_for_workers(1, LONG).unwrap();
+    let out = c.cli_ok(&["selftest"]).expect("selftest over TLS");
+    assert!(out.contains("t0001"), "{out}");
+    // Without the CA, the client cannot verify the head and gives up.
+    let plain = std::process::Command::new(BIN)
+        .args(["status", "--address", &c.address, "--token", &c.token])
+        .env_remove("MEDRAY_TLS_CA")
+        .output()
+        .unwrap();
+    assert!(!plain.status.success());
 }

@@ -216,3 +216,160 @@ fn stage_put_get_round_trip_stores_ciphertext() {
     assert!(!r.ok);
     assert!(r.stderr.contains("modified or truncated"), "{}", r.stderr);
 }
+
+/// A multi-threaded runtime that keeps serving while the test thread waits for `medray`.
+fn server_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn ingest_learn2reg_from_a_local_url_with_checksums() {
+    use sha2::Digest;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let l2r = tmp.path().join("l2r");
+    synth(&l2r, 2);
+    let zip = medray_testkit::ZipBuilder::new()
+        .tree(&l2r, "training")
+        .unwrap()
+        .finish()
+        .unwrap();
+    let sha = hex::encode(sha2::Sha256::digest(&zip));
+    let rt = server_runtime();
+    let server = rt
+        .block_on(medray_testkit::RangeServer::start("/training.zip", zip))
+        .unwrap();
+    let url = server.url();
+
+    // A wrong md5 is refused with both values, and leaves nothing behind.
+    let wrong = "0".repeat(32);
+    let r = run(
+        &data,
+        &[
+            "ingest",
+            "learn2reg",
+            "--url",
+            &url,
+            "--md5",
+            &wrong,
+            "--name",
+            "l2r",
+        ],
+    );
+    assert!(!r.ok, "{}", r.stdout);
+    assert!(
+        r.stderr.contains(&format!("md5 of {url} is")) && r.stderr.contains(&wrong),
+        "{}",
+        r.stderr
+    );
+    assert!(walk(&data.join("stage")).is_empty());
+    assert!(walk(&data.join("downloads")).is_empty());
+
+    // The server cuts the first answer half way; the download resumes and completes.
+    server.cut_next_after(3_000);
+    let r = ok(
+        &data,
+        &[
+            "ingest",
+            "learn2reg",
+            "--url",
+            &url,
+            "--sha256",
+            &sha,
+            "--name",
+            "l2r",
+        ],
+    );
+    assert!(
+        r.stdout.contains("published dataset l2r: 2 cases"),
+        "{}",
+        r.stdout
+    );
+    let requests = server.requests();
+    assert_eq!(
+        requests.last().and_then(|q| q.range.clone()).as_deref(),
+        Some("bytes=3000-"),
+        "{requests:?}"
+    );
+    let show = ok(&data, &["datasets", "show", "l2r"]);
+    assert!(show.stdout.contains(&url), "{}", show.stdout);
+    assert!(show
+        .stdout
+        .contains("datasets/l2r/scansInsp/case_002_insp.nii.gz"));
+    assert!(walk(&data.join("downloads")).is_empty());
+}
+
+#[test]
+fn ingest_learn2reg_help_names_the_default_url_and_the_checks() {
+    let r = ok(Path::new("unused"), &["ingest", "learn2reg", "--help"]);
+    for want in [
+        "https://zenodo.org/record/3835682/files/training.zip",
+        "--sha256 <HEX>",
+        "--md5 <HEX>",
+        "--retries",
+        "--max-extract-bytes",
+        "resumed (HTTP Range)",
+    ] {
+        assert!(r.stdout.contains(want), "{want} not in\n{}", r.stdout);
+    }
+}
+
+#[test]
+fn ingest_dir_with_a_manifest_names_a_bad_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let l2r = tmp.path().join("l2r");
+    synth(&l2r, 2);
+    let manifest = tmp.path().join("cases.csv");
+    let row = |id: &str, n: &str, kp: &str| {
+        format!(
+            "{id},l2r/scans/case_{n}_exp.nii.gz,l2r/scans/case_{n}_insp.nii.gz,\
+             l2r/lungMasks/case_{n}_exp.nii.gz,l2r/lungMasks/case_{n}_insp.nii.gz,{kp}\n"
+        )
+    };
+    let header = "case_id,fixed,moving,fixed_mask,moving_mask,keypoints\n";
+    std::fs::write(
+        &manifest,
+        format!("{header}{}{}", row("a", "001", ""), row("a", "002", "")),
+    )
+    .unwrap();
+    let r = run(&data, &["ingest", "dir", "--manifest", s(&manifest)]);
+    assert!(!r.ok);
+    assert!(
+        r.stderr
+            .contains("cases.csv: line 3, column `case_id`: duplicate case_id `a`"),
+        "{}",
+        r.stderr
+    );
+    assert!(walk(&data.join("stage")).is_empty());
+
+    std::fs::write(
+        &manifest,
+        format!(
+            "{header}{}{}",
+            row("a", "001", ""),
+            row("b", "002", "l2r/keypoints/case_002.csv")
+        ),
+    )
+    .unwrap();
+    let r = ok(
+        &data,
+        &["ingest", "dir", "--manifest", s(&manifest), "--name", "m"],
+    );
+    assert!(
+        r.stdout.contains("published dataset m: 2 cases, "),
+        "{}",
+        r.stdout
+    );
+    assert!(r.stdout.contains(", 9 objects"), "{}", r.stdout);
+    let ls = ok(&data, &["stage", "ls", "datasets/m/keypoints"]);
+    assert!(
+        ls.stdout.contains("datasets/m/keypoints/b.csv"),
+        "{}",
+        ls.stdout
+    );
+}

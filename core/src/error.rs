@@ -118,6 +118,42 @@ pub enum Error {
     #[error("no dataset named `{name}` in the catalog")]
     DatasetNotFound { name: String },
 
+    /// A download failed for good (after its retries, or at once for an answer that retrying
+    /// cannot change, such as `404`).
+    #[error("download of {url} failed after {attempts} attempt(s): {reason}")]
+    Download {
+        url: String,
+        attempts: u32,
+        reason: String,
+    },
+
+    /// A downloaded file does not have the checksum it was expected to have.
+    #[error("{algorithm} of {url} is {got}, expected {expected}: refusing the download")]
+    ChecksumMismatch {
+        url: String,
+        algorithm: &'static str,
+        expected: String,
+        got: String,
+    },
+
+    /// A zip archive is unreadable, hostile (path traversal, absolute path, link) or over a
+    /// limit; nothing of it is used.
+    #[error("archive {}{}: {reason}", archive.display(), entry.as_ref().map(|e| format!(": entry `{e}`")).unwrap_or_default())]
+    Archive {
+        archive: PathBuf,
+        entry: Option<String>,
+        reason: String,
+    },
+
+    /// A row of a dataset manifest CSV is invalid.
+    #[error("{}: line {line}{}: {reason}", path.display(), column.as_ref().map(|c| format!(", column `{c}`")).unwrap_or_default())]
+    Manifest {
+        path: PathBuf,
+        line: u64,
+        column: Option<String>,
+        reason: String,
+    },
+
     /// Validation refused some cases of an ingest; nothing was published.
     #[error("{} bad case(s), nothing published:\n{}", cases.len(), crate::ingest::format_bad_cases(cases))]
     BadCases { cases: Vec<crate::ingest::BadCase> },

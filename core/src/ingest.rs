@@ -1,5 +1,8 @@
-//! Dataset ingestion: validate a Learn2Reg-layout folder (or freshly generated phantoms),
-//! store its files in a [`Stage`] and publish it in the [`Catalog`].
+//! Dataset ingestion: validate a Learn2Reg-layout folder, a folder described by a manifest
+//! CSV ([`manifest`]), the Learn2Reg archive downloaded from a URL ([`download`],
+//! [`archive`]) or freshly generated phantoms, store its files in a [`Stage`] and publish it
+//! in the [`Catalog`]. Every source ends in the same folder ingestion, so validation,
+//! storage and publishing are shared.
 //!
 //! The order is what makes a failed ingest invisible:
 //! 1. every file of every case is validated ([`validate`]); a bad case stops the ingest
@@ -12,11 +15,15 @@
 //!    the objects; a replacement deletes the old version's objects after the commit.
 //!
 //! Objects go under `datasets/<name>/` (`scansExp/`, `scansInsp/`, `lungMasksExp/`,
-//! `lungMasksInsp/`, `keypoints/`). A replacement is written beside the current version under
+//! `lungMasksInsp/`, `keypoints/`), named after the case whatever the source file was called:
+//! `<case>_exp.nii.gz` (or `.nii`), `<case>_insp.nii.gz`, `<case>.csv`. A replacement is written beside the current version under
 //! `datasets/<name>/v-<first 12 hex digits of its content sha256>/` so that the switch is the
 //! catalog transaction alone; the catalog records every object key. One ingest per dataset
 //! name at a time.
 
+pub mod archive;
+pub mod download;
+pub mod manifest;
 pub mod validate;
 
 use std::path::{Path, PathBuf};
@@ -24,12 +31,19 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use crate::catalog::{CaseRecord, Catalog, DatasetName, NewDataset, PublishOutcome, StoredFile};
-use crate::dataset::Learn2RegDataset;
+use crate::dataset::{CaseFiles, Learn2RegDataset};
 use crate::stage::{ObjectKey, Stage};
 use crate::synth::SynthConfig;
 use crate::{Error, Result};
 
+pub use archive::{extract_learn2reg, ExtractLimits, Extracted};
+pub use download::{download, DownloadConfig, Downloaded};
+pub use manifest::{read_manifest, MANIFEST_FILE};
 pub use validate::{validate_case, BadCase, FileKind, ValidCase};
+
+/// Where `medray ingest learn2reg` downloads from by default: the Learn2Reg 2020 task 2
+/// (lung CT) training archive on Zenodo.
+pub const LEARN2REG_URL: &str = "https://zenodo.org/record/3835682/files/training.zip";
 
 /// Formats bad cases one per line: `case_001: path: reason`.
 pub fn format_bad_cases(cases: &[BadCase]) -> String {
@@ -74,6 +88,10 @@ impl IngestOptions {
 /// The phase an ingest is in, reported to the progress callback with `(done, total)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum IngestPhase {
+    /// Downloading an archive (bytes; the total is 0 while unknown).
+    Download,
+    /// Extracting an archive (bytes).
+    Extract,
     /// Generating synthetic cases (cases).
     Generate,
     /// Validating cases (cases).
@@ -126,13 +144,16 @@ fn content_sha256(cases: &[ValidCase]) -> String {
     hex::encode(h.finalize())
 }
 
-/// Ingests the Learn2Reg-layout folder `dir` (see [`crate::dataset`]).
+/// Ingests the folder `dir`: described by `dir/manifest.csv` if there is one (or `dir` is
+/// itself a manifest CSV file, see [`manifest`]), else in the Learn2Reg layout (see
+/// [`crate::dataset`]). The default name is the folder's name.
 ///
 /// # Errors
-/// [`Error::BadCases`] if a case is invalid and `skip_bad` is not set (nothing published,
-/// nothing left in the stage); [`Error::DatasetExists`] for other content under the name
-/// without `replace`; [`Error::Stage`] / [`Error::Catalog`] if storing or publishing fails
-/// (the objects written are deleted).
+/// [`Error::Manifest`] for a bad manifest row; [`Error::BadCases`] if a case is invalid and
+/// `skip_bad` is not set (nothing published, nothing left in the stage);
+/// [`Error::DatasetExists`] for other content under the name without `replace`;
+/// [`Error::Stage`] / [`Error::Catalog`] if storing or publishing fails (the objects written
+/// are deleted).
 pub async fn ingest_dir(
     stage: &Stage,
     catalog: &mut Catalog,
@@ -140,12 +161,167 @@ pub async fn ingest_dir(
     options: &IngestOptions,
     progress: impl FnMut(IngestPhase, u64, u64),
 ) -> Result<IngestReport> {
+    if dir.is_file() {
+        return ingest_manifest(stage, catalog, dir, options, progress).await;
+    }
+    let manifest = dir.join(MANIFEST_FILE);
+    if manifest.is_file() {
+        return ingest_manifest(stage, catalog, &manifest, options, progress).await;
+    }
     let name = match &options.name {
         Some(n) => n.clone(),
         None => default_name(dir)?,
     };
     let source = format!("dir:{}", dir.display());
-    ingest_folder(stage, catalog, dir, &name, &source, options, progress).await
+    let cases = Learn2RegDataset::open(dir)?.cases;
+    ingest_cases(stage, catalog, cases, &name, &source, options, progress).await
+}
+
+/// Ingests the cases listed in the manifest CSV `path` (see [`manifest`]). The default name
+/// is the name of the manifest's folder.
+///
+/// # Errors
+/// As [`ingest_dir`].
+pub async fn ingest_manifest(
+    stage: &Stage,
+    catalog: &mut Catalog,
+    path: &Path,
+    options: &IngestOptions,
+    progress: impl FnMut(IngestPhase, u64, u64),
+) -> Result<IngestReport> {
+    let cases = read_manifest(path)?;
+    let name = match &options.name {
+        Some(n) => n.clone(),
+        None => default_name(
+            path.parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new(".")),
+        )?,
+    };
+    let source = format!("manifest:{}", path.display());
+    ingest_cases(stage, catalog, cases, &name, &source, options, progress).await
+}
+
+/// Where and how [`ingest_learn2reg`] fetches the archive.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Learn2RegConfig {
+    /// The download (URL, retries, checksums).
+    pub download: DownloadConfig,
+    /// Limits on the archive's expansion.
+    pub limits: ExtractLimits,
+    /// Folder for the downloaded archive and its extraction (`<data-dir>/downloads` in the
+    /// CLI). An interrupted download stays here and is resumed by the next run.
+    pub work_dir: PathBuf,
+}
+
+impl Learn2RegConfig {
+    /// The default URL ([`LEARN2REG_URL`]), default download settings and limits.
+    pub fn new(work_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            download: DownloadConfig::new(LEARN2REG_URL),
+            limits: ExtractLimits::default(),
+            work_dir: work_dir.into(),
+        }
+    }
+
+    /// Sets the download settings.
+    pub fn with_download(mut self, download: DownloadConfig) -> Self {
+        self.download = download;
+        self
+    }
+
+    /// Sets the extraction limits.
+    pub fn with_limits(mut self, limits: ExtractLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// The archive's path in the work folder: one per URL, so that a rerun with the same URL
+    /// resumes an interrupted download.
+    pub fn archive_path(&self) -> PathBuf {
+        let digest = hex::encode(Sha256::digest(self.download.url.as_bytes()));
+        self.work_dir
+            .join(format!("learn2reg-{}.zip", &digest[..16]))
+    }
+}
+
+/// Removes a file when dropped (the downloaded archive, once used or refused).
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_file(&self.0) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(path = %self.0.display(), error = %e, "could not remove");
+            }
+        }
+    }
+}
+
+/// Downloads the Learn2Reg archive (resuming an interrupted download, verifying the
+/// expected checksums), extracts its Learn2Reg entries safely into a temporary folder under
+/// the work folder and ingests that folder like [`ingest_dir`]. The default name is
+/// `learn2reg`. The archive and the extracted files are removed afterwards, whatever the
+/// outcome; only an interrupted download's partial file is kept.
+///
+/// # Errors
+/// [`Error::Download`], [`Error::ChecksumMismatch`], [`Error::Archive`], then as
+/// [`ingest_dir`]. Nothing is stored or published unless every step succeeds.
+pub async fn ingest_learn2reg(
+    stage: &Stage,
+    catalog: &mut Catalog,
+    config: &Learn2RegConfig,
+    options: &IngestOptions,
+    mut progress: impl FnMut(IngestPhase, u64, u64),
+) -> Result<IngestReport> {
+    let name = match &options.name {
+        Some(n) => n.clone(),
+        None => DatasetName::new("learn2reg")?,
+    };
+    config.download.validate()?;
+    let work = &config.work_dir;
+    tokio::fs::create_dir_all(work)
+        .await
+        .map_err(|e| Error::io(work, e))?;
+    let downloaded = download(&config.download, &config.archive_path(), |done, total| {
+        progress(IngestPhase::Download, done, total.unwrap_or(0))
+    })
+    .await?;
+    let archive = RemoveOnDrop(downloaded.path.clone());
+    tracing::info!(
+        url = %config.download.url, bytes = downloaded.bytes, sha256 = %downloaded.sha256,
+        attempts = downloaded.attempts, "archive downloaded"
+    );
+
+    let extract_dir = tempfile::Builder::new()
+        .prefix(".extract-")
+        .tempdir_in(work)
+        .map_err(|e| Error::io(work, e))?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let (path, out, limits) = (
+        archive.0.clone(),
+        extract_dir.path().to_path_buf(),
+        config.limits,
+    );
+    let extraction = tokio::task::spawn_blocking(move || {
+        extract_learn2reg(&path, &out, &limits, |done, total| {
+            let _ = tx.send((done, total));
+        })
+    });
+    while let Some((done, total)) = rx.recv().await {
+        progress(IngestPhase::Extract, done, total);
+    }
+    let extracted = extraction.await.map_err(|e| join_error("extract", e))??;
+    drop(archive);
+    if !extracted.skipped.is_empty() {
+        tracing::info!(skipped = ?extracted.skipped, "archive entries outside the Learn2Reg layout skipped");
+    }
+    let source = format!(
+        "learn2reg:{} sha256={}",
+        config.download.url, downloaded.sha256
+    );
+    let cases = Learn2RegDataset::open(extract_dir.path())?.cases;
+    ingest_cases(stage, catalog, cases, &name, &source, options, progress).await
 }
 
 /// Generates `config` phantoms into a temporary folder (through [`crate::synth::generate`])
@@ -186,36 +362,29 @@ pub async fn ingest_synthetic(
         progress(IngestPhase::Generate, done, total);
     }
     generation.await.map_err(|e| join_error("generate", e))??;
-    ingest_folder(
-        stage,
-        catalog,
-        tmp.path(),
-        &name,
-        &source,
-        options,
-        progress,
-    )
-    .await
+    let cases = Learn2RegDataset::open(tmp.path())?.cases;
+    ingest_cases(stage, catalog, cases, &name, &source, options, progress).await
 }
 
 fn join_error(what: &str, e: tokio::task::JoinError) -> Error {
     Error::invalid(what, format!("worker task failed: {e}"))
 }
 
-async fn ingest_folder(
+/// Validates, stores and publishes `cases` (the part every source shares).
+async fn ingest_cases(
     stage: &Stage,
     catalog: &mut Catalog,
-    dir: &Path,
+    cases: Vec<CaseFiles>,
     name: &DatasetName,
     source: &str,
     options: &IngestOptions,
     mut progress: impl FnMut(IngestPhase, u64, u64),
 ) -> Result<IngestReport> {
-    let dataset = Learn2RegDataset::open(dir)?;
-    let total = dataset.cases.len() as u64;
+    let total = cases.len() as u64;
     let mut valid = Vec::new();
     let mut bad = Vec::new();
-    for (i, files) in dataset.cases.into_iter().enumerate() {
+    progress(IngestPhase::Validate, 0, total);
+    for (i, files) in cases.into_iter().enumerate() {
         let checked = tokio::task::spawn_blocking(move || validate_case(&files))
             .await
             .map_err(|e| join_error("validate", e))?;
@@ -295,6 +464,22 @@ async fn ingest_folder(
     Ok(report(outcome, written.len()))
 }
 
+/// The object name of a case's file: `<case>_exp.nii.gz` / `<case>_insp.nii.gz` (`.nii`
+/// for uncompressed volumes) for scans and masks, `<case>.csv` for keypoints. For the
+/// Learn2Reg layout that is the source file's own name.
+pub fn stored_name(case_id: &crate::catalog::CaseId, kind: FileKind, source: &Path) -> String {
+    let extension = if source.to_string_lossy().ends_with(".nii") {
+        ".nii"
+    } else {
+        ".nii.gz"
+    };
+    match kind {
+        FileKind::Fixed | FileKind::FixedMask => format!("{case_id}_exp{extension}"),
+        FileKind::Moving | FileKind::MovingMask => format!("{case_id}_insp{extension}"),
+        FileKind::Keypoints => format!("{case_id}.csv"),
+    }
+}
+
 /// Every object key of a case.
 pub fn case_keys(case: &CaseRecord) -> Vec<ObjectKey> {
     [
@@ -329,6 +514,7 @@ async fn store_cases(
 ) -> Result<Vec<CaseRecord>> {
     let mut done = 0u64;
     let mut records = Vec::with_capacity(cases.len());
+    progress(IngestPhase::Store, 0, total_bytes);
     for case in cases {
         let stored = |kind: FileKind| -> Option<(&PathBuf, &str)> {
             case.files
@@ -351,10 +537,7 @@ async fn store_cases(
                     format!("{} changed after validation", path.display()),
                 ));
             }
-            let file_name = path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
+            let file_name = stored_name(&case.case_id, kind, path);
             let key = ObjectKey::new(format!("{prefix}/{}/{file_name}", kind.folder()))?;
             stage.put(&key, &data).await?;
             written.push(key.clone());

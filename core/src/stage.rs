@@ -19,7 +19,7 @@ use object_store::path::Path as StorePath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 
 pub use key::{KeyId, StageKey, STAGE_KEY_ENV};
-pub use location::StageLocation;
+pub use location::{S3Options, StageLocation};
 
 use crate::{Error, Result};
 
@@ -105,7 +105,19 @@ impl Stage {
     /// # Errors
     /// See [`StageLocation::open`].
     pub fn open(location: StageLocation, key: Option<StageKey>) -> Result<Self> {
-        let store = location.open()?;
+        Self::open_with(location, key, &S3Options::default())
+    }
+
+    /// As [`Stage::open`], with S3 settings that override the `AWS_*` environment.
+    ///
+    /// # Errors
+    /// See [`StageLocation::open_with`].
+    pub fn open_with(
+        location: StageLocation,
+        key: Option<StageKey>,
+        s3: &S3Options,
+    ) -> Result<Self> {
+        let store = location.open_with(s3)?;
         Ok(Self {
             store,
             location,

@@ -302,7 +302,7 @@ impl JobActor {
             let logs = ctx.logs.clone();
             let mut last = (None, 0u64);
             let progress = |phase: medray_core::ingest::IngestPhase, done: u64, total: u64| {
-                let pct = if total == 0 { 100 } else { done * 100 / total };
+                let pct = (done * 100).checked_div(total).unwrap_or(100);
                 if last.0 != Some(phase) || pct >= last.1 + 10 || done == total {
                     logs.line(&job_id, format!("{phase:?}: {done}/{total}"));
                     last = (Some(phase), pct);

@@ -22,7 +22,7 @@ use medray_core::stage::{Stage, StageKey, StageLocation, STAGE_KEY_ENV};
 use medray_proto::v1::client_server::ClientServer;
 use medray_proto::v1::worker_server::WorkerServer;
 use ractor::Actor;
-use ractor_cluster::NodeServer;
+use ractor_cluster::{IncomingEncryptionMode, NodeServer};
 use tokio::net::TcpListener;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
@@ -90,6 +90,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     config.validate()?;
+    medray_proto::tls::install_crypto_provider();
     let config = Arc::new(config);
     std::fs::create_dir_all(&config.data_dir).map_err(|source| HeadError::Io {
         what: format!("creating the data directory {}", config.data_dir.display()),
@@ -113,6 +114,20 @@ pub async fn run(
         p => p,
     };
     let node_address = format!("{}:{node_port}", config.node_host);
+    // With TLS configured, the cluster link is encrypted with the same certificate.
+    let node_encryption = match &config.tls {
+        Some(tls) => Some(IncomingEncryptionMode::Tls(
+            tokio_rustls::TlsAcceptor::from(
+                medray_proto::tls::server_config(&tls.cert_pem, &tls.key_pem).map_err(|e| {
+                    HeadError::Config {
+                        field: "--tls-cert/--tls-key",
+                        reason: e.to_string(),
+                    }
+                })?,
+            ),
+        )),
+        None => None,
+    };
     let (node, node_handle) = Actor::spawn(
         None,
         NodeServer::new(
@@ -120,7 +135,7 @@ pub async fn run(
             config.token.clone(),
             "medray-head".into(),
             config.node_host.clone(),
-            None,
+            node_encryption,
             None,
         ),
         (),

@@ -24,6 +24,19 @@ pub struct HeadOptions {
     pub heartbeat_interval_ms: u64,
     /// Worker timeout, ms.
     pub worker_timeout_ms: u64,
+    /// TLS: the head's certificate and key and the CA clients and workers trust (PEM files).
+    pub tls: Option<TlsFiles>,
+}
+
+/// PEM files of a TLS test cluster.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// The head's certificate chain.
+    pub cert: PathBuf,
+    /// The head's private key.
+    pub key: PathBuf,
+    /// The CA that signed the certificate.
+    pub ca: PathBuf,
 }
 
 impl Default for HeadOptions {
@@ -31,6 +44,7 @@ impl Default for HeadOptions {
         Self {
             heartbeat_interval_ms: 300,
             worker_timeout_ms: 3000,
+            tls: None,
         }
     }
 }
@@ -103,7 +117,14 @@ impl TestCluster {
             bin: bin.into(),
             dir: tempfile::tempdir()?,
             token,
-            address: format!("http://127.0.0.1:{port}"),
+            address: format!(
+                "{}://127.0.0.1:{port}",
+                if options.tls.is_some() {
+                    "https"
+                } else {
+                    "http"
+                }
+            ),
             http: format!("127.0.0.1:{http_port}"),
             port,
             http_port,
@@ -153,7 +174,7 @@ impl TestCluster {
             format!("head-restart-{}", self.restarts)
         };
         self.restarts += 1;
-        let args: Vec<String> = [
+        let mut args: Vec<String> = [
             "head",
             "--listen",
             &format!("127.0.0.1:{}", self.port),
@@ -169,6 +190,14 @@ impl TestCluster {
         .iter()
         .map(ToString::to_string)
         .collect();
+        if let Some(tls) = &self.options.tls {
+            args.extend([
+                "--tls-cert".into(),
+                tls.cert.display().to_string(),
+                "--tls-key".into(),
+                tls.key.display().to_string(),
+            ]);
+        }
         let proc = self.spawn(&name, &args)?;
         self.head = Some(proc);
         self.wait_until("the head answers", Duration::from_secs(60), |c| {
@@ -183,7 +212,7 @@ impl TestCluster {
     pub fn add_worker(&mut self) -> anyhow::Result<usize> {
         let i = self.workers.len() + 1;
         let name = format!("worker-{i}");
-        let args: Vec<String> = vec![
+        let mut args: Vec<String> = vec![
             "worker".into(),
             "--address".into(),
             self.address.clone(),
@@ -199,6 +228,9 @@ impl TestCluster {
             "--drain-timeout-s".into(),
             "10".into(),
         ];
+        if let Some(tls) = &self.options.tls {
+            args.extend(["--tls-ca".into(), tls.ca.display().to_string()]);
+        }
         let proc = self.spawn(&name, &args)?;
         self.workers.push(proc);
         Ok(i - 1)
@@ -209,13 +241,15 @@ impl TestCluster {
     /// # Errors
     /// If the binary cannot be run.
     pub fn cli(&self, args: &[&str]) -> anyhow::Result<Output> {
-        Command::new(&self.bin)
-            .args(args)
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(args)
             .env("MEDRAY_ADDRESS", &self.address)
             .env("MEDRAY_TOKEN", &self.token)
-            .current_dir(self.dir.path())
-            .output()
-            .context("running medray")
+            .current_dir(self.dir.path());
+        if let Some(tls) = &self.options.tls {
+            cmd.env("MEDRAY_TLS_CA", &tls.ca);
+        }
+        cmd.output().context("running medray")
     }
 
     /// Runs the CLI and returns stdout, failing with stderr and the log tails when it fails.

@@ -35,6 +35,7 @@ use crate::head_client::HeadClient;
 /// configuration.
 pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
     config.validate()?;
+    medray_proto::tls::install_crypto_provider();
     let device = device::parse_device(&config.device)?;
     let compute = ComputeThread::start(
         device,
@@ -157,8 +158,37 @@ impl Session {
         )
         .await
         .map_err(|e| WorkerError::Actor(format!("starting the worker actor: {e}")))?;
-        if let Err(e) = ractor_cluster::client_connect(node, reply.head_node_address.as_str()).await
-        {
+        let connected = match &config.tls {
+            Some(tls) => {
+                let client = medray_proto::tls::client_config(&tls.ca_pem).map_err(|e| {
+                    WorkerError::Config {
+                        field: "--tls-ca",
+                        reason: e.to_string(),
+                    }
+                })?;
+                let host = tls.domain.clone().unwrap_or_else(|| {
+                    reply
+                        .head_node_address
+                        .rsplit_once(':')
+                        .map_or(reply.head_node_address.clone(), |(h, _)| h.to_string())
+                });
+                let domain = rustls_pki_types::ServerName::try_from(host.clone()).map_err(|e| {
+                    WorkerError::Protocol {
+                        call: "Register",
+                        reason: format!("head node host `{host}`: {e}"),
+                    }
+                })?;
+                ractor_cluster::client_connect_enc(
+                    node,
+                    reply.head_node_address.as_str(),
+                    tokio_rustls::TlsConnector::from(client),
+                    domain,
+                )
+                .await
+            }
+            None => ractor_cluster::client_connect(node, reply.head_node_address.as_str()).await,
+        };
+        if let Err(e) = connected {
             actor.stop(None);
             return Err(WorkerError::Actor(format!(
                 "connecting to the head's node {}: {e}",

@@ -56,7 +56,7 @@ pub fn run(
 ) -> Result<String, TaskError> {
     let started = Instant::now();
     let size = spec.size as usize;
-    if !(16..=128).contains(&size) || size % 4 != 0 {
+    if !(16..=128).contains(&size) || !size.is_multiple_of(4) {
         return Err(TaskError::permanent(format!(
             "selftest size {size}: expected a multiple of 4 in 16..=128"
         )));

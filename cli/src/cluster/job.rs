@@ -144,8 +144,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     .into_inner()
                     .jobs;
                 println!(
-                    "{:<12} {:<9} {:<10} {:>7} {:<25} {}",
-                    "JOB", "KIND", "STATE", "TASKS", "CREATED", "REASON"
+                    "{:<12} {:<9} {:<10} {:>7} {:<25} REASON",
+                    "JOB", "KIND", "STATE", "TASKS", "CREATED"
                 );
                 for j in jobs {
                     println!(

@@ -72,8 +72,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         println!();
         println!(
-            "{:<12} {:<9} {:<10} {:>7} {}",
-            "JOB", "KIND", "STATE", "TASKS", "REASON"
+            "{:<12} {:<9} {:<10} {:>7} REASON",
+            "JOB", "KIND", "STATE", "TASKS"
         );
         for j in &s.jobs {
             let state = JobState::try_from(j.state).unwrap_or(JobState::Unspecified);

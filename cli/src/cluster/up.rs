@@ -194,7 +194,12 @@ pub fn up(args: UpArgs, device: &str) -> anyhow::Result<()> {
     if let Some(s) = &args.stage {
         head_args.extend(["--stage".into(), s.clone()]);
     }
-    let mut procs = vec![spawn("head", &head_args, &[token_env.clone()], &log_dir)?];
+    let mut procs = vec![spawn(
+        "head",
+        &head_args,
+        std::slice::from_ref(&token_env),
+        &log_dir,
+    )?];
     let deadline = started + Duration::from_secs(args.ready_timeout_s);
     let rt = crate::data_dir::runtime()?;
     let client_args = ClientArgs {

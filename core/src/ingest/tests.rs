@@ -261,3 +261,114 @@ async fn synthetic_ingest_twice_leaves_one_copy() {
     assert_eq!(keys(&e.stage).await.len(), 10);
     assert_eq!(e.catalog.datasets().unwrap().len(), 1);
 }
+
+/// Moves the synthetic files into one folder per case with other names, and writes a
+/// manifest for them.
+fn to_manifest_layout(data: &Path, cases: &[&str], with_keypoints: bool) -> PathBuf {
+    let root = data.join("by-patient");
+    let mut csv = String::from("case_id,fixed,moving,fixed_mask,moving_mask");
+    csv.push_str(if with_keypoints { ",keypoints\n" } else { "\n" });
+    for (i, case) in cases.iter().enumerate() {
+        let id = format!("case_{:03}", i + 1);
+        let folder = root.join(case);
+        std::fs::create_dir_all(&folder).unwrap();
+        for (from, to) in [
+            (format!("scans/{id}_exp.nii.gz"), "ct_exp.nii.gz"),
+            (format!("scans/{id}_insp.nii.gz"), "ct_insp.nii.gz"),
+            (format!("lungMasks/{id}_exp.nii.gz"), "mask_exp.nii.gz"),
+            (format!("lungMasks/{id}_insp.nii.gz"), "mask_insp.nii.gz"),
+            (format!("keypoints/{id}.csv"), "points.csv"),
+        ] {
+            std::fs::copy(data.join(from), folder.join(to)).unwrap();
+        }
+        csv.push_str(&format!(
+            "{case},{case}/ct_exp.nii.gz,{case}/ct_insp.nii.gz,{case}/mask_exp.nii.gz,{case}/mask_insp.nii.gz"
+        ));
+        csv.push_str(&if with_keypoints {
+            format!(",{case}/points.csv\n")
+        } else {
+            "\n".into()
+        });
+    }
+    std::fs::write(root.join(MANIFEST_FILE), csv).unwrap();
+    root
+}
+
+#[tokio::test]
+async fn a_manifest_folder_is_ingested_under_case_named_objects() {
+    let mut e = env(2);
+    let root = to_manifest_layout(&e.data, &["patient-b", "patient-a"], true);
+    // `ingest_dir` finds manifest.csv; the default name is the folder's.
+    let r = ingest_dir(
+        &e.stage,
+        &mut e.catalog,
+        &root,
+        &IngestOptions::default(),
+        |_, _, _| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.name.as_str(), "by-patient");
+    assert_eq!((r.cases, r.objects_written), (2, 10));
+    let k = keys(&e.stage).await;
+    for want in [
+        "datasets/by-patient/scansExp/patient-a_exp.nii.gz",
+        "datasets/by-patient/lungMasksInsp/patient-b_insp.nii.gz",
+        "datasets/by-patient/keypoints/patient-a.csv",
+    ] {
+        assert!(k.iter().any(|x| x == want), "{want} not in {k:?}");
+    }
+    let record = e.catalog.dataset(&r.name).unwrap().unwrap();
+    assert!(record.source.starts_with("manifest:"), "{}", record.source);
+    // patient-a is case_002 of the synthetic set.
+    let cases = e.catalog.cases(&r.name).unwrap();
+    assert_eq!(cases[0].case_id.as_str(), "patient-a");
+    let original = std::fs::read(e.data.join("scans/case_002_exp.nii.gz")).unwrap();
+    assert_eq!(e.stage.get(&cases[0].fixed.key).await.unwrap(), original);
+
+    // The same content through --manifest FILE under the same name: nothing to do.
+    let again = ingest_manifest(
+        &e.stage,
+        &mut e.catalog,
+        &root.join(MANIFEST_FILE),
+        &opts("by-patient"),
+        |_, _, _| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!(again.outcome, PublishOutcome::Unchanged);
+}
+
+#[tokio::test]
+async fn a_bad_manifest_row_is_named_and_nothing_is_stored() {
+    let mut e = env(2);
+    let root = to_manifest_layout(&e.data, &["p1", "p2"], false);
+    let manifest = root.join(MANIFEST_FILE);
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    std::fs::write(
+        &manifest,
+        text.replace("p2/ct_insp.nii.gz", "p2/missing.nii.gz"),
+    )
+    .unwrap();
+    let err = ingest_dir(&e.stage, &mut e.catalog, &root, &opts("m"), |_, _, _| {})
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, Error::Manifest { line: 3, .. }), "{msg}");
+    assert!(
+        msg.contains("column `moving`") && msg.contains("missing.nii.gz"),
+        "{msg}"
+    );
+    assert!(keys(&e.stage).await.is_empty());
+    assert!(e.catalog.datasets().unwrap().is_empty());
+
+    // A corrupt volume named by the manifest is refused by validation, naming the file.
+    std::fs::write(&manifest, text).unwrap();
+    corrupt(&root.join("p1/mask_insp.nii.gz"));
+    let msg = ingest_dir(&e.stage, &mut e.catalog, &root, &opts("m"), |_, _, _| {})
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("p1/mask_insp.nii.gz"), "{msg}");
+    assert!(keys(&e.stage).await.is_empty());
+}

@@ -17,13 +17,76 @@ pub enum StageLocation {
     Local(PathBuf),
     /// An S3-compatible bucket, `s3://bucket/prefix`. Credentials, region and endpoint (for
     /// MinIO and others) come from the usual `AWS_*` environment variables
-    /// (`AWS_ENDPOINT_URL`, `AWS_ALLOW_HTTP`, ...).
+    /// (`AWS_ENDPOINT_URL`, `AWS_ALLOW_HTTP`, ...), overridden by [`S3Options`].
     S3 {
         /// Bucket name.
         bucket: String,
         /// Key prefix inside the bucket (no leading or trailing `/`), possibly empty.
         prefix: String,
     },
+}
+
+/// Settings of an S3-compatible service that override the `AWS_*` environment (the CLI fills
+/// them from `--s3-endpoint` / `MEDRAY_S3_ENDPOINT` and friends). Requests are path-style
+/// (`http://endpoint/bucket/key`), which MinIO and most S3-compatible servers expect.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct S3Options {
+    /// Endpoint URL, e.g. `http://127.0.0.1:9000` (default: AWS for the region).
+    pub endpoint: Option<String>,
+    /// Region to sign requests for.
+    pub region: Option<String>,
+    /// Allow a plain `http://` endpoint (never for data leaving the machine).
+    pub allow_http: bool,
+    /// Access key id.
+    pub access_key_id: Option<String>,
+    /// Secret access key (never printed).
+    pub secret_access_key: Option<String>,
+}
+
+impl std::fmt::Debug for S3Options {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Options")
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("allow_http", &self.allow_http)
+            .field("access_key_id", &self.access_key_id)
+            .field(
+                "secret_access_key",
+                &self.secret_access_key.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
+}
+
+impl S3Options {
+    /// Sets the endpoint URL.
+    pub fn with_endpoint(mut self, endpoint: impl Into<String>) -> Self {
+        self.endpoint = Some(endpoint.into());
+        self
+    }
+
+    /// Sets the region.
+    pub fn with_region(mut self, region: impl Into<String>) -> Self {
+        self.region = Some(region.into());
+        self
+    }
+
+    /// Allows or refuses a plain `http://` endpoint.
+    pub fn with_allow_http(mut self, allow_http: bool) -> Self {
+        self.allow_http = allow_http;
+        self
+    }
+
+    /// Sets the credentials.
+    pub fn with_credentials(
+        mut self,
+        access_key_id: impl Into<String>,
+        secret_access_key: impl Into<String>,
+    ) -> Self {
+        self.access_key_id = Some(access_key_id.into());
+        self.secret_access_key = Some(secret_access_key.into());
+        self
+    }
 }
 
 impl StageLocation {
@@ -54,12 +117,22 @@ impl StageLocation {
         Ok(Self::Local(PathBuf::from(url)))
     }
 
-    /// Opens the object store (creating a local directory if needed).
+    /// Opens the object store (creating a local directory if needed), S3 settings from the
+    /// environment alone.
+    ///
+    /// # Errors
+    /// See [`StageLocation::open_with`].
+    pub fn open(&self) -> Result<Arc<dyn ObjectStore>> {
+        self.open_with(&S3Options::default())
+    }
+
+    /// Opens the object store (creating a local directory if needed); `s3` overrides the
+    /// `AWS_*` environment for an S3 location.
     ///
     /// # Errors
     /// [`Error::Io`] if a local directory cannot be created; [`Error::Stage`] if the store
     /// cannot be configured.
-    pub fn open(&self) -> Result<Arc<dyn ObjectStore>> {
+    pub fn open_with(&self, s3: &S3Options) -> Result<Arc<dyn ObjectStore>> {
         match self {
             Self::Local(dir) => {
                 std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
@@ -71,8 +144,24 @@ impl StageLocation {
                 Ok(Arc::new(store))
             }
             Self::S3 { bucket, prefix } => {
-                let store = AmazonS3Builder::from_env()
+                let mut builder = AmazonS3Builder::from_env()
                     .with_bucket_name(bucket)
+                    .with_virtual_hosted_style_request(false);
+                if let Some(endpoint) = &s3.endpoint {
+                    builder = builder.with_endpoint(endpoint);
+                }
+                if let Some(region) = &s3.region {
+                    builder = builder.with_region(region);
+                }
+                if s3.allow_http {
+                    builder = builder.with_allow_http(true);
+                }
+                if let (Some(id), Some(secret)) = (&s3.access_key_id, &s3.secret_access_key) {
+                    builder = builder
+                        .with_access_key_id(id)
+                        .with_secret_access_key(secret);
+                }
+                let store = builder
                     .build()
                     .map_err(|e| Error::stage("open", format!("s3://{bucket}"), e))?;
                 if prefix.is_empty() {

@@ -60,7 +60,7 @@ pub fn validate_spec(spec: &JobSpec) -> Result<(), Status> {
     match &spec.kind {
         None => bad("spec.kind", "missing: set selftest or ingest"),
         Some(Kind::Selftest(s)) => {
-            if s.size != 0 && (!(16..=128).contains(&s.size) || s.size % 4 != 0) {
+            if s.size != 0 && (!(16..=128).contains(&s.size) || !s.size.is_multiple_of(4)) {
                 return bad("selftest.size", "a multiple of 4 in 16..=128");
             }
             if s.workers > 1024 {
