@@ -461,3 +461,33 @@ fn a_cancelled_job_stops_its_task() {
     // `job status` of a cancelled job exits non-zero.
     assert!(!c.cli(&["job", "status", &job]).unwrap().status.success());
 }
+
+#[test]
+fn a_worker_configured_with_the_stage_reads_it_directly() {
+    let mut c = cluster(0);
+    let data = c.dir().join("data");
+    c.add_worker_with(&[
+        "--stage".into(),
+        data.join("stage").display().to_string(),
+        "--stage-key-file".into(),
+        data.join("stage.key").display().to_string(),
+    ])
+    .unwrap();
+    c.wait_for_workers(1, LONG).unwrap();
+    let job = submit_selftest(&c, &[]);
+    let j = c.wait_for_job_end(&job, LONG).unwrap();
+    assert_eq!(j["state"], "SUCCEEDED", "{j}\n{}", c.log_tails());
+    let logs = c.cli_ok(&["job", "logs", &job]).unwrap();
+    assert!(logs.contains("directly from the stage"), "{logs}");
+    // Nothing went through the head's object stream.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let body = rt.block_on(async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(&c.http).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
+        let mut buf = String::new();
+        s.read_to_string(&mut buf).await.unwrap();
+        buf
+    });
+    assert!(!body.contains("direction=\"to_worker\""), "{body}");
+}

@@ -210,6 +210,14 @@ impl TestCluster {
     /// # Errors
     /// If it cannot be spawned.
     pub fn add_worker(&mut self) -> anyhow::Result<usize> {
+        self.add_worker_with(&[])
+    }
+
+    /// Starts a worker with extra command-line arguments; returns its index.
+    ///
+    /// # Errors
+    /// If it cannot be spawned.
+    pub fn add_worker_with(&mut self, extra: &[String]) -> anyhow::Result<usize> {
         let i = self.workers.len() + 1;
         let name = format!("worker-{i}");
         let mut args: Vec<String> = vec![
@@ -231,6 +239,7 @@ impl TestCluster {
         if let Some(tls) = &self.options.tls {
             args.extend(["--tls-ca".into(), tls.ca.display().to_string()]);
         }
+        args.extend_from_slice(extra);
         let proc = self.spawn(&name, &args)?;
         self.workers.push(proc);
         Ok(i - 1)

@@ -58,6 +58,8 @@ pub struct TaskContext<'a> {
     pub runtime: &'a tokio::runtime::Handle,
     /// Object cache folder.
     pub cache_dir: &'a std::path::Path,
+    /// The stage to read objects from directly, if configured.
+    pub direct_stage: Option<&'a medray_core::stage::Stage>,
     cancel: &'a AtomicBool,
     events: &'a Sender<TaskEvent>,
 }
@@ -92,6 +94,7 @@ impl ComputeThread {
         device_spec: String,
         runtime: tokio::runtime::Handle,
         cache_dir: std::path::PathBuf,
+        direct_stage: Option<std::sync::Arc<medray_core::stage::Stage>>,
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<ComputeTask>();
         std::thread::Builder::new()
@@ -103,6 +106,7 @@ impl ComputeThread {
                         device_spec: &device_spec,
                         runtime: &runtime,
                         cache_dir: &cache_dir,
+                        direct_stage: direct_stage.as_deref(),
                         cancel: &task.cancel,
                         events: &task.events,
                     };

@@ -26,6 +26,9 @@ pub struct WorkerConfig {
     pub connect_timeout: Duration,
     /// How long a draining worker waits for its running task before handing it back.
     pub drain_timeout: Duration,
+    /// Read stage objects directly from this stage (with its key) instead of through the
+    /// head; `None`: through the head.
+    pub direct_stage: Option<std::sync::Arc<medray_core::stage::Stage>>,
 }
 
 impl Default for WorkerConfig {
@@ -40,6 +43,7 @@ impl Default for WorkerConfig {
             tls: None,
             connect_timeout: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(60),
+            direct_stage: None,
         }
     }
 }

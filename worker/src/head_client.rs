@@ -135,6 +135,41 @@ pub async fn fetch_object(
     }
 }
 
+/// Reads stage object `key` directly from `stage` into `cache_dir` (named by its sha256),
+/// refusing content whose sha256 differs from `expected_sha256`.
+///
+/// # Errors
+/// [`WorkerError::Core`] when the stage refuses (missing, tampered), [`WorkerError::Protocol`]
+/// for a digest mismatch, [`WorkerError::Io`] for the cache.
+pub async fn read_object_direct(
+    stage: &medray_core::stage::Stage,
+    key: &str,
+    expected_sha256: &str,
+    cache_dir: &Path,
+) -> Result<PathBuf> {
+    let cached = cache_dir.join(expected_sha256);
+    if !expected_sha256.is_empty() && tokio::fs::try_exists(&cached).await.unwrap_or(false) {
+        return Ok(cached);
+    }
+    tokio::fs::create_dir_all(cache_dir)
+        .await
+        .map_err(|source| WorkerError::Io {
+            path: cache_dir.display().to_string(),
+            source,
+        })?;
+    let object = medray_core::stage::ObjectKey::new(key.to_string())?;
+    let data = stage.get(&object).await?;
+    let digest = hex::encode(Sha256::digest(&data));
+    if !expected_sha256.is_empty() && digest != expected_sha256 {
+        return Err(protocol(format!(
+            "{key}: sha256 {digest} differs from the expected {expected_sha256}"
+        )));
+    }
+    let dest = cache_dir.join(&digest);
+    medray_core::atomic::write_bytes(&dest, &data)?;
+    Ok(dest)
+}
+
 fn protocol(reason: String) -> WorkerError {
     WorkerError::Protocol {
         call: "FetchObject",

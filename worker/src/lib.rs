@@ -42,6 +42,7 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()>) -> Re
         config.device.clone(),
         tokio::runtime::Handle::current(),
         config.cache_dir.clone(),
+        config.direct_stage.clone(),
     )
     .map_err(|source| WorkerError::Io {
         path: "compute thread".into(),

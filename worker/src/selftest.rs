@@ -11,7 +11,7 @@ use medray_core::preprocess::{preprocess_image, PreprocessConfig};
 use medray_proto::v1::SelftestTask;
 
 use crate::compute::TaskContext;
-use crate::head_client::{fetch_object, HeadClient};
+use crate::head_client::{fetch_object, read_object_direct, HeadClient};
 
 /// A task failure, classified where it happens.
 #[derive(Debug)]
@@ -61,21 +61,30 @@ pub fn run(
             "selftest size {size}: expected a multiple of 4 in 16..=128"
         )));
     }
+    let route = if ctx.direct_stage.is_some() {
+        "directly from the stage"
+    } else {
+        "through the head"
+    };
     ctx.log(format!(
-        "selftest on {}: fetching {} and {}",
+        "selftest on {}: fetching {} and {} ({route})",
         ctx.device_spec, spec.fixed_key, spec.moving_key
     ));
     let t = Instant::now();
     let mut fetch = |key: &str, sha: &str| {
-        ctx.runtime
-            .block_on(fetch_object(
+        let fetched = match ctx.direct_stage {
+            Some(stage) => ctx
+                .runtime
+                .block_on(read_object_direct(stage, key, sha, ctx.cache_dir)),
+            None => ctx.runtime.block_on(fetch_object(
                 &mut client,
                 worker_id,
                 key,
                 sha,
                 ctx.cache_dir,
-            ))
-            .map_err(|e| TaskError::transient(format!("fetching {key}: {e}")))
+            )),
+        };
+        fetched.map_err(|e| TaskError::transient(format!("fetching {key}: {e}")))
     };
     let fixed_path = fetch(&spec.fixed_key, &spec.fixed_sha256)?;
     let moving_path = fetch(&spec.moving_key, &spec.moving_sha256)?;

@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use anyhow::Context;
+use medray_core::stage::{Stage, StageKey, StageLocation, STAGE_KEY_ENV};
 use medray_worker::WorkerConfig;
 
 /// Arguments of `medray worker`.
@@ -28,10 +30,36 @@ pub struct Args {
     /// Seconds a draining worker waits for its running task before handing it back.
     #[arg(long, default_value_t = 60)]
     pub drain_timeout_s: u64,
+    /// Read stage objects directly from this stage (file:///dir, a path, or s3://bucket/prefix)
+    /// instead of through the head; needs the stage key (MEDRAY_STAGE_KEY or --stage-key-file).
+    #[arg(long, env = "MEDRAY_STAGE")]
+    pub stage: Option<String>,
+    /// File holding the stage key (hex or base64 of 32 bytes), for --stage.
+    #[arg(long, env = "MEDRAY_STAGE_KEY_FILE", requires = "stage")]
+    pub stage_key_file: Option<PathBuf>,
+}
+
+fn direct_stage(args: &Args) -> anyhow::Result<Option<std::sync::Arc<Stage>>> {
+    let Some(url) = &args.stage else {
+        return Ok(None);
+    };
+    let key = match (&args.stage_key_file, std::env::var(STAGE_KEY_ENV)) {
+        (Some(path), _) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("--stage-key-file {}", path.display()))?;
+            StageKey::parse(&text, &path.display().to_string())?
+        }
+        (None, Ok(text)) if !text.trim().is_empty() => StageKey::parse(&text, STAGE_KEY_ENV)?,
+        _ => anyhow::bail!("--stage needs the stage key: set MEDRAY_STAGE_KEY or --stage-key-file"),
+    };
+    let stage = Stage::open(StageLocation::parse(url)?, Some(key))
+        .with_context(|| format!("--stage {url}"))?;
+    Ok(Some(std::sync::Arc::new(stage)))
 }
 
 /// Runs the worker until Ctrl-C or SIGTERM (then drains and exits 0).
 pub fn run(args: Args, device: &str) -> anyhow::Result<()> {
+    let stage = direct_stage(&args)?;
     let tls = crate::cluster::client::ClientArgs {
         address: None,
         token: None,
@@ -51,6 +79,8 @@ pub fn run(args: Args, device: &str) -> anyhow::Result<()> {
     }
     config.node_host = args.node_host;
     config.drain_timeout = std::time::Duration::from_secs(args.drain_timeout_s);
+    config.direct_stage = stage;
+
     let rt = crate::data_dir::runtime()?;
     rt.block_on(medray_worker::run(config, super::shutdown_signal()))?;
     Ok(())
