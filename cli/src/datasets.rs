@@ -1,6 +1,7 @@
 //! `medray datasets`: what the catalog holds.
 
 use medray_core::catalog::DatasetName;
+use medray_head::service::client::dataset_response;
 
 use crate::cluster::client::ClientArgs;
 use crate::data_dir::{DataArgs, Target};
@@ -52,28 +53,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 .ok_or_else(|| medray_core::Error::DatasetNotFound {
                     name: name.to_string(),
                 })?;
-            println!("name:           {}", d.name);
-            println!("source:         {}", d.source);
-            println!("created_at:     {}", d.created_at);
-            println!("cases:          {}", d.case_count);
-            println!("bytes:          {}", d.bytes);
-            println!("content_sha256: {}", d.content_sha256);
-            println!("case_id\tshape\tspacing_mm\tintensity_min\tintensity_max\tkeypoints\tfixed\tmoving");
-            for c in catalog.cases(&name)? {
-                println!(
-                    "{}\t{}x{}x{}\t{:?}\t{}\t{}\t{}\t{}\t{}",
-                    c.case_id,
-                    c.shape[0],
-                    c.shape[1],
-                    c.shape[2],
-                    c.spacing_mm,
-                    c.intensity_min,
-                    c.intensity_max,
-                    c.keypoint_count,
-                    c.fixed.key,
-                    c.moving.key
-                );
-            }
+            let cases = catalog.cases(&name)?;
+            crate::remote::print_dataset(&dataset_response(d, cases))?;
         }
     }
     Ok(())

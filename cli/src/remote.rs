@@ -6,8 +6,8 @@ use std::path::Path;
 use anyhow::Context;
 use medray_proto::v1::job_spec::Kind;
 use medray_proto::v1::{
-    GetDatasetRequest, IngestSpec, JobSpec, ListDatasetsRequest, StageGetRequest, StageListRequest,
-    StagePutRequest,
+    GetDatasetRequest, GetDatasetResponse, IngestSpec, JobSpec, ListDatasetsRequest,
+    StageGetRequest, StageListRequest, StagePutRequest,
 };
 use sha2::{Digest, Sha256};
 
@@ -66,32 +66,38 @@ pub fn datasets_show(client: &ClientArgs, name: &str) -> anyhow::Result<()> {
             .await
             .map_err(|e| status_error("datasets show", e))?
             .into_inner();
-        let d = r.dataset.context("the head answered without a dataset")?;
-        println!("name:           {}", d.name);
-        println!("source:         {}", d.source);
-        println!("created_at:     {}", d.created_at);
-        println!("cases:          {}", d.case_count);
-        println!("bytes:          {}", d.bytes);
-        println!("content_sha256: {}", r.content_sha256);
-        println!(
-            "case_id\tshape\tspacing_mm\tintensity_min\tintensity_max\tkeypoints\tfixed\tmoving"
-        );
-        for c in r.cases {
-            let shape: Vec<String> = c.shape.iter().map(ToString::to_string).collect();
-            println!(
-                "{}\t{}\t{:?}\t{}\t{}\t{}\t{}\t{}",
-                c.case_id,
-                shape.join("x"),
-                c.spacing_mm,
-                c.intensity_min,
-                c.intensity_max,
-                c.keypoint_count,
-                c.fixed_key,
-                c.moving_key
-            );
-        }
-        Ok(())
+        print_dataset(&r)
     })
+}
+
+/// Prints a dataset and its cases (the local and the remote `datasets show`).
+pub fn print_dataset(r: &GetDatasetResponse) -> anyhow::Result<()> {
+    let d = r
+        .dataset
+        .as_ref()
+        .context("the head answered without a dataset")?;
+    println!("name:           {}", d.name);
+    println!("source:         {}", d.source);
+    println!("created_at:     {}", d.created_at);
+    println!("cases:          {}", d.case_count);
+    println!("bytes:          {}", d.bytes);
+    println!("content_sha256: {}", r.content_sha256);
+    println!("case_id\tshape\tspacing_mm\tintensity_min\tintensity_max\tkeypoints\tfixed\tmoving");
+    for c in &r.cases {
+        let shape: Vec<String> = c.shape.iter().map(ToString::to_string).collect();
+        println!(
+            "{}\t{}\t{:?}\t{}\t{}\t{}\t{}\t{}",
+            c.case_id,
+            shape.join("x"),
+            c.spacing_mm,
+            c.intensity_min,
+            c.intensity_max,
+            c.keypoint_count,
+            c.fixed_key,
+            c.moving_key
+        );
+    }
+    Ok(())
 }
 
 /// `stage ls` through the head.

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use medray_core::catalog::DatasetName;
+use medray_core::catalog::{CaseRecord, DatasetName, DatasetRecord};
 use medray_proto::v1::client_server::Client;
 use medray_proto::v1::ingest_spec::Source;
 use medray_proto::v1::job_spec::Kind;
@@ -99,6 +99,35 @@ pub fn validate_spec(spec: &JobSpec) -> Result<(), Status> {
             }
             Some(Source::Learn2reg(_)) => Ok(()),
         },
+    }
+}
+
+/// The wire form of a catalog dataset and its cases (also used by the local
+/// `medray datasets show`, so both print the same).
+#[must_use]
+pub fn dataset_response(d: DatasetRecord, cases: Vec<CaseRecord>) -> GetDatasetResponse {
+    GetDatasetResponse {
+        dataset: Some(DatasetInfo {
+            name: d.name.as_str().to_string(),
+            source: d.source,
+            created_at: d.created_at,
+            case_count: d.case_count as u32,
+            bytes: d.bytes,
+        }),
+        content_sha256: d.content_sha256,
+        cases: cases
+            .into_iter()
+            .map(|c| CaseInfo {
+                case_id: c.case_id.as_str().to_string(),
+                shape: c.shape.iter().map(|v| *v as u32).collect(),
+                spacing_mm: c.spacing_mm.to_vec(),
+                intensity_min: c.intensity_min,
+                intensity_max: c.intensity_max,
+                keypoint_count: c.keypoint_count as u32,
+                fixed_key: c.fixed.key.as_str().to_string(),
+                moving_key: c.moving.key.as_str().to_string(),
+            })
+            .collect(),
     }
 }
 
@@ -291,30 +320,8 @@ impl Client for ClientService {
             .ok_or_else(|| Status::not_found(format!("dataset `{name}` not found")))?;
         let cases = catalog
             .cases(&name)
-            .map_err(|e| Status::internal(e.to_string()))?
-            .into_iter()
-            .map(|c| CaseInfo {
-                case_id: c.case_id.as_str().to_string(),
-                shape: c.shape.iter().map(|v| *v as u32).collect(),
-                spacing_mm: c.spacing_mm.to_vec(),
-                intensity_min: c.intensity_min,
-                intensity_max: c.intensity_max,
-                keypoint_count: c.keypoint_count as u32,
-                fixed_key: c.fixed.key.as_str().to_string(),
-                moving_key: c.moving.key.as_str().to_string(),
-            })
-            .collect();
-        Ok(Response::new(GetDatasetResponse {
-            dataset: Some(DatasetInfo {
-                name: d.name.as_str().to_string(),
-                source: d.source,
-                created_at: d.created_at,
-                case_count: d.case_count as u32,
-                bytes: d.bytes,
-            }),
-            content_sha256: d.content_sha256,
-            cases,
-        }))
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(dataset_response(d, cases)))
     }
 
     async fn stage_list(
