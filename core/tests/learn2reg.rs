@@ -119,6 +119,21 @@ fn leftovers(work: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// Runs an ingest that must fail; checks that the stage and the catalog are exactly as they
+/// were, and returns the error.
+async fn refused(env: &mut Env, cfg: &Learn2RegConfig) -> Error {
+    let before = snapshot(env).await;
+    let err = ingest_learn2reg(&env.stage, &mut env.catalog, cfg, &opts(), |_, _, _| {})
+        .await
+        .unwrap_err();
+    assert_eq!(snapshot(env).await, before, "{err}");
+    err
+}
+
+fn assert_no_leftovers(work: &Path) {
+    assert!(leftovers(work).is_empty(), "{:?}", leftovers(work));
+}
+
 #[tokio::test]
 async fn full_ingest_from_a_local_http_server() {
     let mut env = env().await;
@@ -223,15 +238,11 @@ async fn an_interrupted_download_is_kept_and_resumed_by_the_next_run() {
     server.cut_next_after(cut);
     let mut cfg = config(&env.work, &server.url());
     cfg.download = cfg.download.with_retries(0);
-    let before = snapshot(&env).await;
-    let err = ingest_learn2reg(&env.stage, &mut env.catalog, &cfg, &opts(), |_, _, _| {})
-        .await
-        .unwrap_err();
+    let err = refused(&mut env, &cfg).await;
     let msg = err.to_string();
     assert!(matches!(err, Error::Download { attempts: 1, .. }), "{msg}");
     assert!(msg.contains(&server.url()), "{msg}");
     assert!(msg.contains(&format!("after {cut} of")), "{msg}");
-    assert_eq!(snapshot(&env).await, before);
     let part = medray_core::ingest::download::part_path(&cfg.archive_path());
     assert_eq!(std::fs::metadata(&part).unwrap().len(), cut);
 
@@ -298,34 +309,22 @@ async fn a_checksum_mismatch_is_refused_and_changes_nothing() {
     let zip = archive_of(&env.l2r);
     let sha = hex::encode(Sha256::digest(&zip));
     let server = RangeServer::start("/training.zip", zip).await.unwrap();
-    let before = snapshot(&env).await;
     let wrong = "0".repeat(64);
     let mut cfg = config(&env.work, &server.url());
     cfg.download = cfg.download.with_sha256(&wrong);
-    let err = ingest_learn2reg(&env.stage, &mut env.catalog, &cfg, &opts(), |_, _, _| {})
-        .await
-        .unwrap_err();
+    let err = refused(&mut env, &cfg).await;
     let msg = err.to_string();
     assert!(matches!(err, Error::ChecksumMismatch { .. }), "{msg}");
     assert!(msg.contains(&wrong) && msg.contains(&sha), "{msg}");
-    assert_eq!(snapshot(&env).await, before);
-    assert!(
-        leftovers(&env.work).is_empty(),
-        "{:?}",
-        leftovers(&env.work)
-    );
+    assert_no_leftovers(&env.work);
 
     let mut cfg = config(&env.work, &server.url());
     cfg.download = cfg.download.with_md5("F".repeat(32));
-    let msg = ingest_learn2reg(&env.stage, &mut env.catalog, &cfg, &opts(), |_, _, _| {})
-        .await
-        .unwrap_err()
-        .to_string();
+    let msg = refused(&mut env, &cfg).await.to_string();
     assert!(
         msg.contains("md5") && msg.contains(&"f".repeat(32)),
         "{msg}"
     );
-    assert_eq!(snapshot(&env).await, before);
 }
 
 #[tokio::test]
@@ -339,25 +338,12 @@ async fn an_archive_with_a_parent_entry_is_refused_and_changes_nothing() {
         .finish()
         .unwrap();
     let server = RangeServer::start("/training.zip", zip).await.unwrap();
-    let before = snapshot(&env).await;
-    let err = ingest_learn2reg(
-        &env.stage,
-        &mut env.catalog,
-        &config(&env.work, &server.url()),
-        &opts(),
-        |_, _, _| {},
-    )
-    .await
-    .unwrap_err();
+    let cfg = config(&env.work, &server.url());
+    let err = refused(&mut env, &cfg).await;
     let msg = err.to_string();
     assert!(matches!(err, Error::Archive { .. }), "{msg}");
     assert!(msg.contains("entry `../escaped.csv`"), "{msg}");
-    assert_eq!(snapshot(&env).await, before);
-    assert!(
-        leftovers(&env.work).is_empty(),
-        "{:?}",
-        leftovers(&env.work)
-    );
+    assert_no_leftovers(&env.work);
     assert!(!env.dir.path().join("escaped.csv").exists());
 }
 
@@ -370,25 +356,12 @@ async fn a_corrupt_nifti_inside_is_refused_with_its_name_and_changes_nothing() {
     let server = RangeServer::start("/training.zip", archive_of(&env.l2r))
         .await
         .unwrap();
-    let before = snapshot(&env).await;
-    let err = ingest_learn2reg(
-        &env.stage,
-        &mut env.catalog,
-        &config(&env.work, &server.url()),
-        &opts(),
-        |_, _, _| {},
-    )
-    .await
-    .unwrap_err();
+    let cfg = config(&env.work, &server.url());
+    let err = refused(&mut env, &cfg).await;
     let msg = err.to_string();
     assert!(matches!(err, Error::BadCases { .. }), "{msg}");
     assert!(msg.contains("case_002_insp.nii.gz"), "{msg}");
-    assert_eq!(snapshot(&env).await, before);
-    assert!(
-        leftovers(&env.work).is_empty(),
-        "{:?}",
-        leftovers(&env.work)
-    );
+    assert_no_leftovers(&env.work);
 }
 
 #[tokio::test]
@@ -397,17 +370,9 @@ async fn http_errors_fail_at_once_or_after_the_retries_naming_the_url() {
     let server = RangeServer::start("/training.zip", archive_of(&env.l2r))
         .await
         .unwrap();
-    let before = snapshot(&env).await;
     let missing = server.url().replace("training.zip", "nope.zip");
-    let err = ingest_learn2reg(
-        &env.stage,
-        &mut env.catalog,
-        &config(&env.work, &missing),
-        &opts(),
-        |_, _, _| {},
-    )
-    .await
-    .unwrap_err();
+    let cfg = config(&env.work, &missing);
+    let err = refused(&mut env, &cfg).await;
     let msg = err.to_string();
     assert!(matches!(err, Error::Download { attempts: 1, .. }), "{msg}");
     assert!(msg.contains(&missing) && msg.contains("404"), "{msg}");
@@ -415,17 +380,9 @@ async fn http_errors_fail_at_once_or_after_the_retries_naming_the_url() {
     for _ in 0..4 {
         server.fail_next(503);
     }
-    let err = ingest_learn2reg(
-        &env.stage,
-        &mut env.catalog,
-        &config(&env.work, &server.url()),
-        &opts(),
-        |_, _, _| {},
-    )
-    .await
-    .unwrap_err();
+    let cfg = config(&env.work, &server.url());
+    let err = refused(&mut env, &cfg).await;
     let msg = err.to_string();
     assert!(matches!(err, Error::Download { attempts: 4, .. }), "{msg}");
     assert!(msg.contains("503"), "{msg}");
-    assert_eq!(snapshot(&env).await, before);
 }
