@@ -55,6 +55,8 @@ pub enum RegistryMsg {
         /// Why.
         reason: String,
     },
+    /// A worker's task attempt ended (its heartbeat will say so too, up to an interval later).
+    TaskEnded(WorkerId),
     /// Periodic check of heartbeat ages (self-sent).
     Tick,
     /// Current workers, for `medray status`.
@@ -71,6 +73,7 @@ impl std::fmt::Debug for RegistryMsg {
             Self::Register(..) => "Register",
             Self::Heartbeat { .. } => "Heartbeat",
             Self::Deregister { .. } => "Deregister",
+            Self::TaskEnded(_) => "TaskEnded",
             Self::Tick => "Tick",
             Self::Snapshot(_) => "Snapshot",
             Self::LiveCount(_) => "LiveCount",
@@ -194,6 +197,11 @@ impl Actor for Registry {
             }
             RegistryMsg::Deregister { worker_id, reason } => {
                 self.lost(state, &worker_id, &format!("left the cluster ({reason})"));
+            }
+            RegistryMsg::TaskEnded(worker_id) => {
+                if let Some(e) = state.workers.get_mut(&worker_id) {
+                    e.current_task.clear();
+                }
             }
             RegistryMsg::Tick => {
                 let timeout = self.config.worker_timeout;

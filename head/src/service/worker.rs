@@ -136,6 +136,10 @@ impl Worker for WorkerService {
             },
             None => return Err(Status::invalid_argument("missing field `outcome`")),
         };
+        // `medray status` shows the worker idle at once, not at its next heartbeat.
+        let _ = self
+            .registry
+            .cast(RegistryMsg::TaskEnded(worker_id.clone()));
         let accepted = self
             .scheduler
             .call(
