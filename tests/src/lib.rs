@@ -43,7 +43,7 @@ impl Default for HeadOptions {
     fn default() -> Self {
         Self {
             heartbeat_interval_ms: 300,
-            worker_timeout_ms: 3000,
+            worker_timeout_ms: 5000,
             tls: None,
         }
     }
