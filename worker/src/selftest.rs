@@ -103,6 +103,8 @@ pub fn run(
     let t = Instant::now();
     let net = LocalNet::new(&LocalNetConfig::seed(), 0, DType::F32, ctx.device)
         .map_err(core_err("building LocalNet"))?;
+    let build_ms = t.elapsed().as_secs_f64() * 1e3;
+    let t = Instant::now();
     let input = candle_core::Tensor::cat(&[&moving, &fixed], 1)
         .map_err(|e| TaskError::permanent(format!("input: {e}")))?;
     let ddf = net
@@ -139,7 +141,7 @@ pub fn run(
         std::thread::sleep(Duration::from_millis(20).min(hold.saturating_sub(started.elapsed())));
     }
     ctx.log(format!(
-        "selftest done on {}: fetch {fetch_ms:.1} ms, preprocess {preprocess_ms:.1} ms, forward {forward_ms:.1} ms, warp {warp_ms:.1} ms at {size}^3",
+        "selftest done on {}: fetch {fetch_ms:.1} ms, preprocess {preprocess_ms:.1} ms, build {build_ms:.1} ms, forward {forward_ms:.1} ms, warp {warp_ms:.1} ms at {size}^3",
         ctx.device_spec
     ));
     let result = serde_json::json!({
@@ -148,6 +150,7 @@ pub fn run(
         "size": size,
         "fetch_ms": fetch_ms,
         "preprocess_ms": preprocess_ms,
+        "build_ms": build_ms,
         "forward_ms": forward_ms,
         "warp_ms": warp_ms,
         "total_ms": started.elapsed().as_secs_f64() * 1e3,
