@@ -54,8 +54,7 @@ pub struct Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
-        let mut registry = Registry::with_prefix("medray");
-        let m = Self {
+        let mut m = Self {
             workers: Gauge::default(),
             workers_lost: Counter::default(),
             jobs_submitted: Counter::default(),
@@ -67,44 +66,48 @@ impl Default for Metrics {
             jobs: Family::default(),
             task_latency: Histogram::new(exponential_buckets(0.05, 2.0, 16)),
             bytes: Family::default(),
-            registry: Registry::default(),
+            registry: Registry::with_prefix("medray"),
         };
-        registry.register("workers", "Workers registered now", m.workers.clone());
-        registry.register("workers_lost", "Workers lost", m.workers_lost.clone());
-        registry.register("jobs_submitted", "Jobs submitted", m.jobs_submitted.clone());
-        registry.register(
+        m.registry
+            .register("workers", "Workers registered now", m.workers.clone());
+        m.registry
+            .register("workers_lost", "Workers lost", m.workers_lost.clone());
+        m.registry
+            .register("jobs_submitted", "Jobs submitted", m.jobs_submitted.clone());
+        m.registry.register(
             "jobs_ended",
             "Jobs ended, by final state",
             m.jobs_ended.clone(),
         );
-        registry.register(
+        m.registry.register(
             "task_attempts_started",
             "Task attempts started",
             m.tasks_started.clone(),
         );
-        registry.register(
+        m.registry.register(
             "task_attempts_succeeded",
             "Task attempts that succeeded",
             m.tasks_succeeded.clone(),
         );
-        registry.register(
+        m.registry.register(
             "task_attempts_failed",
             "Task attempts that failed",
             m.tasks_failed.clone(),
         );
-        registry.register("task_queue", "Tasks waiting for a worker", m.queue.clone());
-        registry.register("jobs", "Jobs by state", m.jobs.clone());
-        registry.register(
+        m.registry
+            .register("task_queue", "Tasks waiting for a worker", m.queue.clone());
+        m.registry.register("jobs", "Jobs by state", m.jobs.clone());
+        m.registry.register(
             "task_latency_seconds",
             "Seconds from assignment to the end of a task attempt",
             m.task_latency.clone(),
         );
-        registry.register(
+        m.registry.register(
             "object_bytes",
             "Object bytes moved, by direction",
             m.bytes.clone(),
         );
-        Self { registry, ..m }
+        m
     }
 }
 

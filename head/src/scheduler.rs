@@ -415,10 +415,10 @@ impl Actor for Scheduler {
             } => {
                 let refused = match ack {
                     Ok(a) if a.accepted => None,
-                    Ok(a) => Some((a.reason, true)),
-                    Err(e) => Some((e, false)),
+                    Ok(a) => Some(a.reason),
+                    Err(e) => Some(e),
                 };
-                if let Some((reason, worker_answered)) = refused {
+                if let Some(reason) = refused {
                     tracing::warn!(%attempt, worker_id = %worker_id, reason, "assignment not taken");
                     // Not started on the worker: back to pending without counting a failure.
                     let _ =
@@ -435,7 +435,6 @@ impl Actor for Scheduler {
                         // that is busy waits for an idle heartbeat.
                         slot.blocked = true;
                     }
-                    let _ = worker_answered;
                 }
             }
             SchedulerMsg::CancelJob(job_id) => {

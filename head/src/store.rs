@@ -108,10 +108,6 @@ pub struct Store {
     conn: Mutex<Connection>,
 }
 
-pub(crate) fn state_str(state: JobState) -> &'static str {
-    state.label()
-}
-
 fn parse_state(s: &str) -> JobState {
     match s {
         "PENDING" => JobState::Pending,
@@ -286,7 +282,7 @@ impl Store {
                     "UPDATE jobs SET state = ?2, reason = ?3 {time_column}
                      WHERE id = ?1 AND state IN ('PENDING', 'RUNNING')"
                 ),
-                params![id.as_str(), state_str(state), reason],
+                params![id.as_str(), state.label(), reason],
             )
             .map_err(HeadError::store("update job"))?;
         Ok(n > 0)

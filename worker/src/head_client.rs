@@ -59,11 +59,7 @@ pub async fn fetch_object(
         let path = path.display().to_string();
         move |source| WorkerError::Io { path, source }
     };
-    let cached = cache_dir.join(expected_sha256);
-    if !expected_sha256.is_empty()
-        && expected_sha256.bytes().all(|b| b.is_ascii_hexdigit())
-        && tokio::fs::try_exists(&cached).await.unwrap_or(false)
-    {
+    if let Some(cached) = cached(cache_dir, expected_sha256).await {
         return Ok(cached);
     }
     tokio::fs::create_dir_all(cache_dir)
@@ -147,8 +143,7 @@ pub async fn read_object_direct(
     expected_sha256: &str,
     cache_dir: &Path,
 ) -> Result<PathBuf> {
-    let cached = cache_dir.join(expected_sha256);
-    if !expected_sha256.is_empty() && tokio::fs::try_exists(&cached).await.unwrap_or(false) {
+    if let Some(cached) = cached(cache_dir, expected_sha256).await {
         return Ok(cached);
     }
     tokio::fs::create_dir_all(cache_dir)
@@ -168,6 +163,18 @@ pub async fn read_object_direct(
     let dest = cache_dir.join(&digest);
     medray_core::atomic::write_bytes(&dest, &data)?;
     Ok(dest)
+}
+
+/// The cached file of content `sha256` (hex), if it is in the cache.
+async fn cached(cache_dir: &Path, sha256: &str) -> Option<PathBuf> {
+    if sha256.is_empty() || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let path = cache_dir.join(sha256);
+    tokio::fs::try_exists(&path)
+        .await
+        .unwrap_or(false)
+        .then_some(path)
 }
 
 fn protocol(reason: String) -> WorkerError {

@@ -102,18 +102,23 @@ pub fn validate_spec(spec: &JobSpec) -> Result<(), Status> {
     }
 }
 
+/// The wire summary of a catalog dataset.
+fn dataset_info(d: &DatasetRecord) -> DatasetInfo {
+    DatasetInfo {
+        name: d.name.as_str().to_string(),
+        source: d.source.clone(),
+        created_at: d.created_at.clone(),
+        case_count: d.case_count as u32,
+        bytes: d.bytes,
+    }
+}
+
 /// The wire form of a catalog dataset and its cases (also used by the local
 /// `medray datasets show`, so both print the same).
 #[must_use]
 pub fn dataset_response(d: DatasetRecord, cases: Vec<CaseRecord>) -> GetDatasetResponse {
     GetDatasetResponse {
-        dataset: Some(DatasetInfo {
-            name: d.name.as_str().to_string(),
-            source: d.source,
-            created_at: d.created_at,
-            case_count: d.case_count as u32,
-            bytes: d.bytes,
-        }),
+        dataset: Some(dataset_info(&d)),
         content_sha256: d.content_sha256,
         cases: cases
             .into_iter()
@@ -296,13 +301,7 @@ impl Client for ClientService {
             .and_then(|c| Ok(c.datasets()?))
             .map_err(Status::from)?
             .into_iter()
-            .map(|d| DatasetInfo {
-                name: d.name.as_str().to_string(),
-                source: d.source,
-                created_at: d.created_at,
-                case_count: d.case_count as u32,
-                bytes: d.bytes,
-            })
+            .map(|d| dataset_info(&d))
             .collect();
         Ok(Response::new(ListDatasetsResponse { datasets }))
     }
