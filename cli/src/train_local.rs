@@ -96,22 +96,7 @@ impl TrainObserver for Bars {
     }
 
     fn on_epoch(&mut self, s: &EpochSummary) {
-        let dice = s
-            .val_soft_dice
-            .map(|d| format!("{d:.4}"))
-            .unwrap_or_else(|| "n/a".into());
-        let binary = s
-            .val_dice
-            .map(|d| format!("{d:.4}"))
-            .unwrap_or_else(|| "n/a".into());
-        let before = s
-            .val_dice_before
-            .map(|d| format!("{d:.4}"))
-            .unwrap_or_else(|| "n/a".into());
-        self.line(format!(
-            "epoch {:>3}  total loss {:.4}  similarity loss {:.4}  regularisation loss {:.4}  val dice {dice} (binary {binary}, unregistered {before})  lr {:.1e}  {:.1}s",
-            s.epoch, s.total_loss, s.similarity_loss, s.regularisation_loss, s.lr, s.seconds
-        ));
+        self.line(s.line());
         self.bar.set_position(0);
         self.bar.set_message(format!("epoch {}", s.epoch + 1));
     }

@@ -34,6 +34,9 @@ use crate::preprocess::{load_image, load_mask, PreprocessConfig, Window};
 use crate::registration::{LossPreset, PairBatch, RegistrationLoss};
 use crate::{Error, Result};
 
+pub mod dist;
+pub mod replica;
+
 /// Settings of a training run; the defaults are the quickstart's.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TrainConfig {
@@ -143,6 +146,25 @@ pub struct EpochSummary {
     pub seconds: f64,
 }
 
+impl EpochSummary {
+    /// The quickstart's epoch line, with validation quality, learning rate and time.
+    pub fn line(&self) -> String {
+        let f = |v: Option<f64>| v.map_or_else(|| "n/a".to_string(), |d| format!("{d:.4}"));
+        format!(
+            "epoch {:>3}  total loss {:.4}  similarity loss {:.4}  regularisation loss {:.4}  val dice {} (binary {}, unregistered {})  lr {:.1e}  {:.1}s",
+            self.epoch,
+            self.total_loss,
+            self.similarity_loss,
+            self.regularisation_loss,
+            f(self.val_soft_dice),
+            f(self.val_dice),
+            f(self.val_dice_before),
+            self.lr,
+            self.seconds
+        )
+    }
+}
+
 /// Progress callbacks; the CLI draws bars with them.
 pub trait TrainObserver {
     /// Training starts at `first_epoch` (1-based; > 1 after a resume) with `steps_per_epoch`.
@@ -193,14 +215,14 @@ pub struct TrainSummary {
 }
 
 /// A case loaded and preprocessed onto the network grid.
-struct LoadedCase {
-    fixed: Tensor,
-    moving: Tensor,
-    fixed_mask: Option<Tensor>,
-    moving_mask: Option<Tensor>,
+pub(crate) struct LoadedCase {
+    pub(crate) fixed: Tensor,
+    pub(crate) moving: Tensor,
+    pub(crate) fixed_mask: Option<Tensor>,
+    pub(crate) moving_mask: Option<Tensor>,
 }
 
-fn load_case(case: &CaseFiles, pre: &PreprocessConfig, device: &Device) -> Result<LoadedCase> {
+pub(crate) fn load_case(case: &CaseFiles, pre: &PreprocessConfig, device: &Device) -> Result<LoadedCase> {
     let mask = |p: &Option<PathBuf>| p.as_ref().map(|p| load_mask(p, pre, device)).transpose();
     Ok(LoadedCase {
         fixed: load_image(&case.fixed, pre, device)?,
@@ -210,7 +232,7 @@ fn load_case(case: &CaseFiles, pre: &PreprocessConfig, device: &Device) -> Resul
     })
 }
 
-fn batch_of(cases: &[&LoadedCase]) -> Result<PairBatch> {
+pub(crate) fn batch_of(cases: &[&LoadedCase]) -> Result<PairBatch> {
     let cat = |f: &dyn Fn(&LoadedCase) -> Option<&Tensor>| -> Result<Option<Tensor>> {
         let parts: Option<Vec<&Tensor>> = cases.iter().map(|c| f(c)).collect();
         parts
@@ -479,7 +501,8 @@ fn keep_checkpoint(dir: &Path, every: usize) -> bool {
         .is_some_and(|epoch| epoch % every == 0)
 }
 
-fn write_history_csv(path: &Path, history: &[EpochSummary]) -> Result<()> {
+/// The history as CSV, one line per epoch.
+pub fn history_csv(history: &[EpochSummary]) -> String {
     let opt = |v: Option<f64>| v.map(|v| format!("{v:.6}")).unwrap_or_default();
     let mut text = String::from(
         "epoch,total_loss,similarity_loss,regularisation_loss,val_soft_dice,val_dice,val_dice_before,val_mi_loss,val_folding_pct,lr,seconds\n",
@@ -500,7 +523,11 @@ fn write_history_csv(path: &Path, history: &[EpochSummary]) -> Result<()> {
             h.seconds
         ));
     }
-    crate::atomic::write_bytes(path, text.as_bytes())
+    text
+}
+
+fn write_history_csv(path: &Path, history: &[EpochSummary]) -> Result<()> {
+    crate::atomic::write_bytes(path, history_csv(history).as_bytes())
 }
 
 #[cfg(test)]

@@ -1,0 +1,209 @@
+//! The arithmetic that the coordinator (head) and the replicas (workers) of a data-parallel
+//! training job must agree on: how a global batch is split, how gradients are encoded on the
+//! wire and averaged, and what a checkpoint records.
+
+use serde::{Deserialize, Serialize};
+
+use crate::optim::ReduceLrOnPlateau;
+use crate::train::{EpochSummary, TrainConfig};
+use crate::{Error, Result};
+
+/// How gradient chunks travel.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GradEncoding {
+    /// 4 bytes a value, exact.
+    #[default]
+    F32,
+    /// IEEE half precision, 2 bytes a value.
+    F16,
+    /// bfloat16, 2 bytes a value.
+    Bf16,
+}
+
+impl GradEncoding {
+    /// Parses `fp32`, `fp16` or `bf16`.
+    pub fn parse(text: &str) -> Result<Self> {
+        match text {
+            "" | "fp32" | "f32" => Ok(Self::F32),
+            "fp16" | "f16" => Ok(Self::F16),
+            "bf16" => Ok(Self::Bf16),
+            other => Err(Error::invalid(
+                "grad_compression",
+                format!("`{other}` is not one of fp32, fp16, bf16"),
+            )),
+        }
+    }
+
+    /// Bytes per value.
+    pub fn bytes_per_value(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::F16 | Self::Bf16 => 2,
+        }
+    }
+
+    /// Encodes values, little-endian.
+    pub fn encode(self, values: &[f32]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(values.len() * self.bytes_per_value());
+        match self {
+            Self::F32 => values
+                .iter()
+                .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+            Self::F16 => values
+                .iter()
+                .for_each(|v| out.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes())),
+            Self::Bf16 => values
+                .iter()
+                .for_each(|v| out.extend_from_slice(&half::bf16::from_f32(*v).to_le_bytes())),
+        }
+        out
+    }
+
+    /// Decodes `expected` values; a payload of another length is refused.
+    pub fn decode(self, bytes: &[u8], expected: usize) -> Result<Vec<f32>> {
+        let width = self.bytes_per_value();
+        if bytes.len() != expected * width {
+            return Err(Error::invalid(
+                "gradient chunk",
+                format!(
+                    "{} bytes, expected {} ({expected} values of {width} bytes)",
+                    bytes.len(),
+                    expected * width
+                ),
+            ));
+        }
+        let values: Vec<f32> = match self {
+            Self::F32 => bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            Self::F16 => bytes
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            Self::Bf16 => bytes
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+        };
+        if let Some(bad) = values.iter().position(|v| !v.is_finite()) {
+            return Err(Error::invalid(
+                "gradient chunk",
+                format!("value {bad} is not finite"),
+            ));
+        }
+        Ok(values)
+    }
+}
+
+/// Splits a global batch across `members` replicas: contiguous, the first ones get one case
+/// more when it does not divide evenly, and a replica may get none.
+pub fn shard(batch: &[usize], members: usize) -> Vec<Vec<usize>> {
+    let members = members.max(1);
+    let (base, extra) = (batch.len() / members, batch.len() % members);
+    let mut out = Vec::with_capacity(members);
+    let mut start = 0;
+    for r in 0..members {
+        let n = base + usize::from(r < extra);
+        out.push(batch[start..start + n].to_vec());
+        start += n;
+    }
+    out
+}
+
+/// The global batches of `epoch` (1-based): the epoch's permutation of the training cases
+/// (see [`crate::train::epoch_order`]) cut into `batch_size` pieces; the last may be short.
+pub fn epoch_batches(n_train: usize, seed: u64, epoch: usize, batch_size: usize) -> Vec<Vec<usize>> {
+    crate::train::epoch_order(n_train, seed, epoch)
+        .chunks(batch_size.max(1))
+        .map(<[usize]>::to_vec)
+        .collect()
+}
+
+/// Sizes of the chunks a flattened gradient of `num_params` values is cut into.
+pub fn chunk_lengths(num_params: usize, chunk_floats: usize) -> Vec<usize> {
+    let chunk = chunk_floats.max(1);
+    (0..num_params.div_ceil(chunk))
+        .map(|k| chunk.min(num_params - k * chunk))
+        .collect()
+}
+
+/// The commit point of a distributed training job's checkpoints (`state.json` in the
+/// stage): everything needed to continue exactly where it stopped.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DistState {
+    /// The training config.
+    pub config: TrainConfig,
+    /// Dataset trained on.
+    pub dataset: String,
+    /// Training and validation case ids.
+    pub train_cases: Vec<String>,
+    /// Validation case ids.
+    pub val_cases: Vec<String>,
+    /// Epochs completed.
+    pub epochs_done: usize,
+    /// Optimizer steps taken.
+    pub step: u64,
+    /// Learning rate for the next epoch.
+    pub lr: f64,
+    /// Best validation score so far (binary Dice, or soft Dice without binary masks).
+    pub best_val: Option<f64>,
+    /// Epoch of the best score.
+    pub best_epoch: Option<usize>,
+    /// The scheduler.
+    pub scheduler: ReduceLrOnPlateau,
+    /// Stage key prefix of the checkpoint (weights.safetensors, optimizer.safetensors).
+    pub checkpoint: String,
+    /// Every epoch so far.
+    pub history: Vec<EpochSummary>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_cover_the_batch_in_order() {
+        assert_eq!(shard(&[7, 3], 2), vec![vec![7], vec![3]]);
+        assert_eq!(shard(&[7, 3], 3), vec![vec![7], vec![3], vec![]]);
+        assert_eq!(shard(&[1, 2, 3, 4, 5], 2), vec![vec![1, 2, 3], vec![4, 5]]);
+        assert_eq!(shard(&[1, 2], 1), vec![vec![1, 2]]);
+    }
+
+    #[test]
+    fn epoch_batches_are_a_partition() {
+        let b = epoch_batches(7, 1, 2, 3);
+        assert_eq!(b.iter().map(Vec::len).collect::<Vec<_>>(), vec![3, 3, 1]);
+        let mut all: Vec<usize> = b.concat();
+        all.sort_unstable();
+        assert_eq!(all, (0..7).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn chunks_cover_every_parameter() {
+        assert_eq!(chunk_lengths(10, 4), vec![4, 4, 2]);
+        assert_eq!(chunk_lengths(8, 4), vec![4, 4]);
+        assert!(chunk_lengths(0, 4).is_empty());
+    }
+
+    #[test]
+    fn encodings_round_trip_and_refuse_bad_payloads() {
+        let v = [0.5f32, -1.25, 3.0e-3, 0.0];
+        for enc in [GradEncoding::F32, GradEncoding::F16, GradEncoding::Bf16] {
+            let bytes = enc.encode(&v);
+            assert_eq!(bytes.len(), v.len() * enc.bytes_per_value());
+            let back = enc.decode(&bytes, v.len()).expect("decodes");
+            for (a, b) in v.iter().zip(&back) {
+                assert!((a - b).abs() <= 0.01 * a.abs() + 1e-6, "{enc:?}: {a} vs {b}");
+            }
+            assert!(enc.decode(&bytes, v.len() + 1).is_err());
+        }
+        assert_eq!(
+            GradEncoding::F32.decode(&GradEncoding::F32.encode(&v), 4).expect("exact"),
+            v.to_vec()
+        );
+        let nan = GradEncoding::F32.encode(&[f32::NAN]);
+        assert!(GradEncoding::F32.decode(&nan, 1).is_err());
+        assert!(GradEncoding::parse("int8").is_err());
+    }
+}

@@ -1,0 +1,477 @@
+//! One replica of a data-parallel training job: the network, its optimizer and the cases,
+//! driven step by step by a coordinator (the head) that all-reduces the gradients.
+//!
+//! Every replica holds the same parameters and the same Adam state. A step is split in two
+//! so that the averaging can happen elsewhere: [`Replica::compute_gradient`] runs forward
+//! and backward over this replica's shard of the global batch and returns the mean gradient
+//! flattened in parameter order; [`Replica::apply_gradient`] takes the averaged gradient and
+//! applies one Adam step. Replicas that apply the same averaged gradient stay identical,
+//! which [`Replica::params_sha256`] lets the coordinator check.
+//!
+//! Micro-batches: a shard is processed `micro_batch` cases at a time and the gradients are
+//! accumulated (weighted by cases), so that memory does not grow with the shard. BatchNorm
+//! normalises with the statistics of each micro-batch, so one replica with micro-batches of
+//! one case computes exactly what N replicas with one case each compute.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use sha2::{Digest, Sha256};
+
+use crate::dataset::CaseFiles;
+use crate::evaluate::{evaluate_case, CaseMetrics, CaseTensors};
+use crate::localnet::{LocalNet, TensorKind};
+use crate::model::ModelConfig;
+use crate::optim::{Adam, AdamConfig};
+use crate::registration::RegistrationLoss;
+use crate::train::{batch_of, load_case, LoadedCase, TrainConfig};
+use crate::{Error, Result};
+
+/// The mean gradient of a shard and its losses.
+#[derive(Clone, Debug, Default)]
+pub struct ShardGradient {
+    /// Mean gradient over the shard's cases, flattened in parameter order (empty when the
+    /// shard is empty).
+    pub flat: Vec<f32>,
+    /// Cases in the shard.
+    pub samples: usize,
+    /// Sums over the cases of (total, similarity, regularisation) loss.
+    pub sums: (f64, f64, f64),
+    /// Forward and backward time, milliseconds.
+    pub compute_ms: f64,
+}
+
+/// A training replica.
+pub struct Replica {
+    config: TrainConfig,
+    model_config: ModelConfig,
+    net: LocalNet,
+    adam: Adam,
+    objective: RegistrationLoss,
+    train: Vec<LoadedCase>,
+    val: Vec<LoadedCase>,
+    /// (name, shape, element count) of each parameter, in optimizer order.
+    layout: Vec<(String, Vec<usize>, usize)>,
+}
+
+impl std::fmt::Debug for Replica {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replica")
+            .field("params", &self.num_params())
+            .field("train_cases", &self.train.len())
+            .field("val_cases", &self.val.len())
+            .finish()
+    }
+}
+
+impl Replica {
+    /// Loads and preprocesses the cases and builds the network from the config's seed.
+    pub fn new(
+        config: &TrainConfig,
+        train: &[CaseFiles],
+        val: &[CaseFiles],
+        device: &Device,
+    ) -> Result<Self> {
+        config.validate()?;
+        let model_config = config.model_config();
+        let pre = &model_config.preprocess;
+        if config.loss.needs_masks() {
+            if let Some(c) = train
+                .iter()
+                .find(|c| c.fixed_mask.is_none() || c.moving_mask.is_none())
+            {
+                return Err(Error::invalid(
+                    "loss",
+                    format!(
+                        "{} needs lung masks, but case {} has none",
+                        config.loss.name(),
+                        c.id
+                    ),
+                ));
+            }
+        }
+        let train = train
+            .iter()
+            .map(|c| load_case(c, pre, device))
+            .collect::<Result<Vec<_>>>()?;
+        let val = val
+            .iter()
+            .map(|c| load_case(c, pre, device))
+            .collect::<Result<Vec<_>>>()?;
+        let net = LocalNet::new(&model_config.network, config.seed, DType::F32, device)?;
+        let params = net.parameters();
+        let layout = params
+            .iter()
+            .map(|(name, var)| (name.clone(), var.dims().to_vec(), var.elem_count()))
+            .collect();
+        let adam = Adam::new(params, AdamConfig::with_lr(config.lr))?;
+        Ok(Self {
+            config: config.clone(),
+            model_config,
+            net,
+            adam,
+            objective: RegistrationLoss::new(config.loss),
+            train,
+            val,
+            layout,
+        })
+    }
+
+    /// The training config.
+    pub fn config(&self) -> &TrainConfig {
+        &self.config
+    }
+
+    /// The model config the weights belong to.
+    pub fn model_config(&self) -> &ModelConfig {
+        &self.model_config
+    }
+
+    /// Trainable scalars (the length of a flattened gradient).
+    pub fn num_params(&self) -> usize {
+        self.layout.iter().map(|(_, _, n)| n).sum()
+    }
+
+    /// Training and validation cases loaded.
+    pub fn case_counts(&self) -> (usize, usize) {
+        (self.train.len(), self.val.len())
+    }
+
+    /// Optimizer steps taken.
+    pub fn step_count(&self) -> u64 {
+        self.adam.step_count()
+    }
+
+    /// The network.
+    pub fn net(&self) -> &LocalNet {
+        &self.net
+    }
+
+    /// Forward and backward over `cases` (indices into the training list), `micro_batch`
+    /// cases at a time; returns the mean gradient over the cases.
+    pub fn compute_gradient(&self, cases: &[usize], micro_batch: usize) -> Result<ShardGradient> {
+        let started = Instant::now();
+        if let Some(&bad) = cases.iter().find(|&&i| i >= self.train.len()) {
+            return Err(Error::invalid(
+                "cases",
+                format!(
+                    "training case index {bad} out of range ({} cases)",
+                    self.train.len()
+                ),
+            ));
+        }
+        if cases.is_empty() {
+            return Ok(ShardGradient::default());
+        }
+        let micro_batch = if micro_batch == 0 {
+            cases.len()
+        } else {
+            micro_batch
+        };
+        let mut flat = vec![0f32; self.num_params()];
+        let mut sums = (0.0, 0.0, 0.0);
+        let params = self.net.parameters();
+        for chunk in cases.chunks(micro_batch) {
+            let loaded: Vec<&LoadedCase> = chunk.iter().map(|&i| &self.train[i]).collect();
+            let batch = batch_of(&loaded)?;
+            let ddf = self.net.forward_t(&batch.network_input()?, true)?;
+            let parts = self.objective.forward(&ddf, &batch)?;
+            let values = parts.values()?;
+            if !values.0.is_finite() {
+                return Err(Error::invalid(
+                    "training",
+                    format!(
+                        "the loss became {} at step {}",
+                        values.0,
+                        self.adam.step_count() + 1
+                    ),
+                ));
+            }
+            let grads = parts.total.backward()?;
+            // The micro-batch loss is a mean over its cases: weight it by its share.
+            let weight = chunk.len() as f32 / cases.len() as f32;
+            let mut offset = 0;
+            for ((name, var), (_, _, n)) in params.iter().zip(&self.layout) {
+                if let Some(g) = grads.get(var) {
+                    let g = g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                    if g.len() != *n {
+                        return Err(Error::ShapeMismatch {
+                            op: "gradient",
+                            expected: format!("{n} values for `{name}`"),
+                            got: g.len().to_string(),
+                        });
+                    }
+                    for (acc, v) in flat[offset..offset + n].iter_mut().zip(g) {
+                        *acc += weight * v;
+                    }
+                }
+                offset += n;
+            }
+            let k = chunk.len() as f64;
+            sums = (
+                sums.0 + values.0 * k,
+                sums.1 + values.1 * k,
+                sums.2 + values.2 * k,
+            );
+        }
+        Ok(ShardGradient {
+            flat,
+            samples: cases.len(),
+            sums,
+            compute_ms: started.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+
+    /// One Adam step at `lr` with a flattened gradient (the all-reduced mean).
+    pub fn apply_gradient(&mut self, flat: &[f32], lr: f64) -> Result<()> {
+        if flat.len() != self.num_params() {
+            return Err(Error::ShapeMismatch {
+                op: "apply gradient",
+                expected: format!("{} values", self.num_params()),
+                got: flat.len().to_string(),
+            });
+        }
+        let device = self.net.device().clone();
+        let mut named = HashMap::with_capacity(self.layout.len());
+        let mut offset = 0;
+        for (name, shape, n) in &self.layout {
+            let t = Tensor::from_slice(&flat[offset..offset + n], shape.as_slice(), &device)?;
+            named.insert(name.clone(), t);
+            offset += n;
+        }
+        self.adam.set_lr(lr);
+        self.adam.step_named(&named)
+    }
+
+    /// Registers validation cases (indices into the validation list) in eval mode.
+    pub fn validate(&self, cases: &[usize]) -> Result<Vec<(usize, CaseMetrics)>> {
+        let mut out = Vec::with_capacity(cases.len());
+        for &i in cases {
+            let case = self.val.get(i).ok_or_else(|| {
+                Error::invalid(
+                    "cases",
+                    format!(
+                        "validation case index {i} out of range ({} cases)",
+                        self.val.len()
+                    ),
+                )
+            })?;
+            let input = Tensor::cat(&[&case.moving, &case.fixed], 1)?;
+            let ddf = self.net.forward_t(&input, false)?.detach();
+            let metrics = evaluate_case(
+                &CaseTensors {
+                    fixed: &case.fixed,
+                    moving: &case.moving,
+                    ddf: &ddf,
+                    fixed_mask: case.fixed_mask.as_ref(),
+                    moving_mask: case.moving_mask.as_ref(),
+                },
+                None,
+            )?;
+            out.push((i, metrics));
+        }
+        Ok(out)
+    }
+
+    /// sha256 of the parameters (f32 little-endian, in parameter order), hex.
+    pub fn params_sha256(&self) -> Result<String> {
+        let mut hasher = Sha256::new();
+        for (_, var) in self.net.parameters() {
+            let v = var
+                .as_tensor()
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            for x in v {
+                hasher.update(x.to_le_bytes());
+            }
+        }
+        Ok(hex::encode(hasher.finalize()))
+    }
+
+    /// The BatchNorm running statistics, concatenated in state_dict order.
+    pub fn bn_stats(&self) -> Result<Vec<f32>> {
+        let mut out = Vec::new();
+        for v in self.net.named_vars() {
+            if v.kind == TensorKind::Buffer {
+                out.extend(
+                    v.var
+                        .as_tensor()
+                        .to_dtype(DType::F32)?
+                        .flatten_all()?
+                        .to_vec1::<f32>()?,
+                );
+            }
+        }
+        Ok(out)
+    }
+
+    /// Loads running statistics produced by [`Replica::bn_stats`] (e.g. averaged across
+    /// replicas).
+    pub fn set_bn_stats(&self, values: &[f32]) -> Result<()> {
+        let buffers: Vec<_> = self
+            .net
+            .named_vars()
+            .into_iter()
+            .filter(|v| v.kind == TensorKind::Buffer)
+            .collect();
+        let expected: usize = buffers.iter().map(|v| v.var.elem_count()).sum();
+        if values.len() != expected {
+            return Err(Error::ShapeMismatch {
+                op: "batch-norm statistics",
+                expected: format!("{expected} values"),
+                got: values.len().to_string(),
+            });
+        }
+        let mut offset = 0;
+        for v in buffers {
+            let n = v.var.elem_count();
+            let t = Tensor::from_slice(&values[offset..offset + n], v.var.dims(), v.var.device())?
+                .to_dtype(v.var.dtype())?;
+            v.var.set(&t)?;
+            offset += n;
+        }
+        Ok(())
+    }
+
+    /// The weights (MONAI state_dict) as safetensors bytes.
+    pub fn weights_bytes(&self) -> Result<Vec<u8>> {
+        serialize(&self.net.state_dict()?)
+    }
+
+    /// Adam's moments as safetensors bytes (`exp_avg.<name>`, `exp_avg_sq.<name>`).
+    pub fn optimizer_bytes(&self) -> Result<Vec<u8>> {
+        let (tensors, _) = self.adam.state_tensors();
+        let tensors = tensors
+            .into_iter()
+            .map(|(k, t)| Ok((k, t.to_device(&Device::Cpu)?)))
+            .collect::<Result<HashMap<_, _>>>()?;
+        serialize(&tensors)
+    }
+
+    /// Restores weights and optimizer state (as sent by another replica or read from a
+    /// checkpoint) after `step` optimizer steps.
+    pub fn load_state(&mut self, weights: &[u8], optimizer: &[u8], step: u64) -> Result<()> {
+        let device = self.net.device().clone();
+        let w = candle_core::safetensors::load_buffer(weights, &device)?;
+        self.net.load_tensors(&w, Path::new("<replica weights>"))?;
+        let o = candle_core::safetensors::load_buffer(optimizer, &device)?;
+        self.adam
+            .load_state_tensors(&o, step, Path::new("<replica optimizer state>"))
+    }
+}
+
+/// Named tensors as safetensors bytes (sorted by name, so equal states give equal bytes).
+pub fn serialize(tensors: &HashMap<String, Tensor>) -> Result<Vec<u8>> {
+    let mut sorted: Vec<(&String, &Tensor)> = tensors.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(b.0));
+    safetensors::serialize(sorted, None)
+        .map_err(|e| Error::invalid("safetensors", format!("cannot serialise: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataset::Learn2RegDataset;
+    use crate::localnet::Preset;
+    use crate::synth::SynthConfig;
+
+    fn replica_pair() -> (tempfile::TempDir, TrainConfig, Vec<CaseFiles>) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = SynthConfig::default()
+            .with_cases(3)
+            .with_size([16, 16, 16])
+            .with_seed(5);
+        crate::synth::generate(&config, dir.path(), |_, _| {}).expect("synth");
+        let cases = Learn2RegDataset::open(dir.path())
+            .expect("dataset")
+            .split(0.0)
+            .expect("split")
+            .0;
+        let train = TrainConfig {
+            preset: Preset::Seed,
+            num_channel_initial: 4,
+            size: [16, 16, 16],
+            lr: 1e-3,
+            ..TrainConfig::default()
+        };
+        (dir, train, cases)
+    }
+
+    fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
+        let scale = a.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
+        a.iter()
+            .zip(b)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+            / scale
+    }
+
+    fn params(r: &Replica) -> Vec<f32> {
+        r.net()
+            .parameters()
+            .iter()
+            .flat_map(|(_, v)| {
+                v.as_tensor()
+                    .flatten_all()
+                    .and_then(|t| t.to_vec1::<f32>())
+                    .expect("params")
+            })
+            .collect()
+    }
+
+    /// Two replicas with one case each, their gradients averaged, take the same steps as
+    /// one replica with both cases in micro-batches of one.
+    #[test]
+    fn averaged_replicas_match_one_replica_with_micro_batches() {
+        let (_dir, config, cases) = replica_pair();
+        let dev = Device::Cpu;
+        let mut one = Replica::new(&config, &cases, &[], &dev).expect("replica");
+        let mut a = Replica::new(&config, &cases, &[], &dev).expect("replica");
+        let mut b = Replica::new(&config, &cases, &[], &dev).expect("replica");
+        assert_eq!(one.params_sha256().unwrap(), a.params_sha256().unwrap());
+        for batch in [[0usize, 1], [2, 0], [1, 2]] {
+            let g = one.compute_gradient(&batch, 1).expect("grad");
+            assert_eq!(g.samples, 2);
+            one.apply_gradient(&g.flat, 1e-3).expect("apply");
+            let ga = a.compute_gradient(&batch[..1], 0).expect("grad");
+            let gb = b.compute_gradient(&batch[1..], 0).expect("grad");
+            let mean: Vec<f32> = ga.flat.iter().zip(&gb.flat).map(|(x, y)| (x + y) / 2.0).collect();
+            assert!(max_rel_diff(&g.flat, &mean) < 1e-5);
+            a.apply_gradient(&mean, 1e-3).expect("apply");
+            b.apply_gradient(&mean, 1e-3).expect("apply");
+        }
+        assert_eq!(a.params_sha256().unwrap(), b.params_sha256().unwrap());
+        let d = max_rel_diff(&params(&one), &params(&a));
+        assert!(d < 1e-5, "relative difference {d}");
+        assert_ne!(params(&one), params(&Replica::new(&config, &cases, &[], &dev).unwrap()));
+    }
+
+    #[test]
+    fn state_round_trips_between_replicas() {
+        let (_dir, config, cases) = replica_pair();
+        let dev = Device::Cpu;
+        let mut a = Replica::new(&config, &cases, &cases[..1], &dev).expect("replica");
+        let g = a.compute_gradient(&[0, 1], 0).expect("grad");
+        a.apply_gradient(&g.flat, 1e-3).expect("apply");
+        let stats: Vec<f32> = a.bn_stats().unwrap().iter().map(|v| v + 0.5).collect();
+        a.set_bn_stats(&stats).unwrap();
+        let mut b = Replica::new(&config, &cases, &[], &dev).expect("replica");
+        assert_ne!(a.params_sha256().unwrap(), b.params_sha256().unwrap());
+        b.load_state(&a.weights_bytes().unwrap(), &a.optimizer_bytes().unwrap(), 1)
+            .expect("load");
+        assert_eq!(a.params_sha256().unwrap(), b.params_sha256().unwrap());
+        assert_eq!(a.bn_stats().unwrap(), b.bn_stats().unwrap());
+        // The same next step on both: Adam's moments came along.
+        let g = a.compute_gradient(&[2], 0).unwrap();
+        a.apply_gradient(&g.flat, 1e-3).unwrap();
+        b.apply_gradient(&g.flat, 1e-3).unwrap();
+        assert_eq!(a.params_sha256().unwrap(), b.params_sha256().unwrap());
+        assert!(a.set_bn_stats(&[1.0]).is_err());
+        assert!(a.apply_gradient(&[0.0; 3], 1e-3).is_err());
+        assert!(a.compute_gradient(&[9], 0).is_err());
+        let v = a.validate(&[0]).unwrap();
+        assert!(v[0].1.mi_loss.is_finite());
+    }
+}
