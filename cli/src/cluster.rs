@@ -6,6 +6,7 @@ pub mod head;
 pub mod job;
 pub mod selftest;
 pub mod status;
+pub mod train;
 pub mod up;
 pub mod worker;
 

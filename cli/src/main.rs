@@ -63,6 +63,8 @@ enum Command {
     Job(cluster::job::Args),
     /// Check every worker: fetch a case, LocalNet forward, warp; report times and devices.
     Selftest(cluster::selftest::Args),
+    /// Train LocalNet on the cluster's workers (data-parallel) and register the model.
+    Train(cluster::train::Args),
 }
 
 /// Parses `cpu` or `cuda:N`.
@@ -114,6 +116,7 @@ fn main() -> std::process::ExitCode {
         Command::Status(args) => cluster::status::run(args),
         Command::Job(args) => cluster::job::run(args),
         Command::Selftest(args) => cluster::selftest::run(args),
+        Command::Train(args) => cluster::train::run(args),
     });
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -124,13 +124,24 @@ impl Learn2RegDataset {
                 format!("must be in [0, 1), got {val_fraction}"),
             ));
         }
-        let n = self.cases.len();
-        let n_train = ((n as f64 * (1.0 - val_fraction)).round() as usize).clamp(1, n);
+        let n_train = train_count(self.cases.len(), val_fraction)?;
         Ok((
             self.cases[..n_train].to_vec(),
             self.cases[n_train..].to_vec(),
         ))
     }
+}
+
+/// How many of `n` cases train when `val_fraction` validate: `round(n * (1 - f))`, at least
+/// one (the quickstart's "first 80% train").
+pub fn train_count(n: usize, val_fraction: f64) -> Result<usize> {
+    if !(0.0..1.0).contains(&val_fraction) {
+        return Err(Error::invalid(
+            "val_fraction",
+            format!("must be in [0, 1), got {val_fraction}"),
+        ));
+    }
+    Ok(((n as f64 * (1.0 - val_fraction)).round() as usize).clamp(1, n.max(1)))
 }
 
 #[cfg(test)]

@@ -222,7 +222,11 @@ pub(crate) struct LoadedCase {
     pub(crate) moving_mask: Option<Tensor>,
 }
 
-pub(crate) fn load_case(case: &CaseFiles, pre: &PreprocessConfig, device: &Device) -> Result<LoadedCase> {
+pub(crate) fn load_case(
+    case: &CaseFiles,
+    pre: &PreprocessConfig,
+    device: &Device,
+) -> Result<LoadedCase> {
     let mask = |p: &Option<PathBuf>| p.as_ref().map(|p| load_mask(p, pre, device)).transpose();
     Ok(LoadedCase {
         fixed: load_image(&case.fixed, pre, device)?,

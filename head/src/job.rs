@@ -14,7 +14,9 @@ use medray_core::synth::SynthConfig;
 use medray_proto::v1::ingest_spec::Source;
 use medray_proto::v1::job_spec::Kind;
 use medray_proto::v1::task_assignment::Kind as TaskKind;
-use medray_proto::v1::{IngestSpec, JobSpec, JobState, SelftestSpec, SelftestTask, TaskAssignment};
+use medray_proto::v1::{
+    IngestSpec, JobSpec, JobState, SelftestSpec, SelftestTask, TaskAssignment, TrainSpec, TrainTask,
+};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use ractor_cluster::RactorMessage;
 
@@ -64,6 +66,8 @@ pub enum JobMsg {
     },
     /// An ingest finished (self-sent).
     IngestDone(std::result::Result<String, String>),
+    /// The training coordinator ended: its result JSON or why it failed.
+    TrainDone(std::result::Result<String, String>),
     /// Cancel the job; replies with an error if it cannot be cancelled now.
     Cancel(RpcReplyPort<Result<()>>),
 }
@@ -74,6 +78,7 @@ impl std::fmt::Debug for JobMsg {
             Self::Start => f.write_str("Start"),
             Self::TaskEnded { task_id, .. } => write!(f, "TaskEnded({task_id})"),
             Self::IngestDone(_) => f.write_str("IngestDone"),
+            Self::TrainDone(_) => f.write_str("TrainDone"),
             Self::Cancel(_) => f.write_str("Cancel"),
         }
     }
@@ -89,6 +94,17 @@ pub struct JobActorState {
     pending_reason: String,
     results: BTreeMap<TaskId, (WorkerId, String)>,
     ingest: Option<tokio::task::JoinHandle<()>>,
+    /// The training coordinator, for a training job.
+    trainer: Option<Trainer>,
+}
+
+/// A running training coordinator.
+#[derive(Debug)]
+struct Trainer {
+    task: tokio::task::JoinHandle<()>,
+    inbox: tokio::sync::mpsc::UnboundedSender<crate::train::CoordEvent>,
+    /// Replica tasks created so far (replacements get the next number).
+    tasks: usize,
 }
 
 impl JobActor {
@@ -424,6 +440,167 @@ impl JobActor {
     }
 }
 
+impl JobActor {
+    /// Plans a training job: one task per replica, and the coordinator that drives them.
+    async fn start_train(
+        &self,
+        myself: &ActorRef<JobMsg>,
+        s: &mut JobActorState,
+        spec: TrainSpec,
+    ) -> Result<()> {
+        if spec.model.is_empty() {
+            return Err(HeadError::invalid("spec.train.model", "missing"));
+        }
+        // Checked now, so that a bad spec fails before it waits for workers.
+        crate::train::train_config(&spec)?;
+        let existing = self.ctx.store.tasks(&s.job_id)?;
+        let replicas;
+        if existing.is_empty() {
+            let live = self
+                .registry
+                .call(RegistryMsg::LiveCount, Some(Duration::from_secs(5)))
+                .await?
+                .success_or_else(|| HeadError::Actor("registry did not answer".into()))?;
+            let needed = spec.workers.max(1);
+            if live < needed {
+                let reason = format!("needs {needed} worker(s), {live} registered");
+                if reason != s.pending_reason {
+                    self.ctx
+                        .store
+                        .set_job_state(&s.job_id, JobState::Pending, &reason)?;
+                    self.log(s, format!("waiting: {reason}"));
+                    s.pending_reason = reason;
+                }
+                myself.send_after(Duration::from_millis(500), || JobMsg::Start);
+                return Ok(());
+            }
+            replicas = if spec.workers == 0 {
+                live
+            } else {
+                spec.workers
+            } as usize;
+            let tasks: Vec<(TaskId, TaskAssignment)> = (1..=replicas)
+                .map(|i| (replica_task(i), train_assignment(&spec)))
+                .collect();
+            self.ctx.store.insert_tasks(&s.job_id, &tasks)?;
+        } else {
+            replicas = existing
+                .iter()
+                .filter(|t| !matches!(t.state, TaskState::Failed | TaskState::Cancelled))
+                .count()
+                .max(1);
+            if s.resumed {
+                let n = self.ctx.store.requeue_running_tasks(&s.job_id)?;
+                self.log(
+                    s,
+                    format!("head restarted: resuming training from its last checkpoint ({n} replica(s) re-queued)"),
+                );
+            }
+        }
+        self.ctx
+            .store
+            .set_job_state(&s.job_id, JobState::Running, "")?;
+        s.started = true;
+        let (tx, inbox) = tokio::sync::mpsc::unbounded_channel();
+        self.ctx.trainers.register(&s.job_id, tx.clone());
+        let args = crate::train::CoordinatorArgs {
+            ctx: self.ctx.clone(),
+            job_id: s.job_id.clone(),
+            spec,
+            replicas,
+            inbox,
+        };
+        let me = myself.clone();
+        let task = tokio::spawn(async move {
+            let result = crate::train::run(args).await;
+            let _ = me.cast(JobMsg::TrainDone(result));
+        });
+        s.trainer = Some(Trainer {
+            task,
+            inbox: tx,
+            tasks: existing.len().max(replicas),
+        });
+        let pending: Vec<TaskId> = self
+            .ctx
+            .store
+            .tasks(&s.job_id)?
+            .iter()
+            .filter(|t| t.state == TaskState::Pending)
+            .map(|t| t.task_id.clone())
+            .collect();
+        self.scheduler.cast(SchedulerMsg::Enqueue {
+            job_id: s.job_id.clone(),
+            tasks: pending,
+            job: myself.clone(),
+        })?;
+        Ok(())
+    }
+
+    /// A replica's task ended: the coordinator hears of a lost replica; one that failed for
+    /// good is replaced by a new task (the coordinator's failure budget bounds this).
+    fn train_task_ended(
+        &self,
+        myself: &ActorRef<JobMsg>,
+        s: &mut JobActorState,
+        task_id: TaskId,
+        end: TaskEnd,
+    ) {
+        let Some(trainer) = s.trainer.as_mut() else {
+            return;
+        };
+        let (reason, replace) = match end {
+            TaskEnd::Succeeded { worker_id, .. } => {
+                self.log(s, format!("replica {task_id} on {worker_id} ended"));
+                return;
+            }
+            TaskEnd::Retrying(reason) => (reason, false),
+            TaskEnd::Failed(reason) => (reason, true),
+        };
+        let _ = trainer.inbox.send(crate::train::CoordEvent::TaskLost {
+            task_id: task_id.clone(),
+            reason: reason.clone(),
+        });
+        if replace {
+            trainer.tasks += 1;
+            let new_id = replica_task(trainer.tasks);
+            let spec = match &s.spec.kind {
+                Some(Kind::Train(spec)) => spec.clone(),
+                _ => return,
+            };
+            let inserted = self
+                .ctx
+                .store
+                .insert_tasks(&s.job_id, &[(new_id.clone(), train_assignment(&spec))]);
+            if inserted.is_ok() {
+                self.log(
+                    s,
+                    format!("replica {task_id} failed ({reason}); {new_id} will replace it when a worker is free"),
+                );
+                let _ = self.scheduler.cast(SchedulerMsg::Enqueue {
+                    job_id: s.job_id.clone(),
+                    tasks: vec![new_id],
+                    job: myself.clone(),
+                });
+            }
+        } else {
+            self.log(s, format!("replica {task_id} will run again: {reason}"));
+        }
+    }
+}
+
+fn replica_task(i: usize) -> TaskId {
+    TaskId(format!("r{i:03}"))
+}
+
+fn train_assignment(spec: &TrainSpec) -> TaskAssignment {
+    TaskAssignment {
+        kind: Some(TaskKind::Train(TrainTask {
+            dataset: spec.dataset.clone(),
+        })),
+        ..TaskAssignment::default()
+    }
+}
+
 impl Actor for JobActor {
     type Msg = JobMsg;
     type State = JobActorState;
@@ -443,7 +620,21 @@ impl Actor for JobActor {
             pending_reason: String::new(),
             results: BTreeMap::new(),
             ingest: None,
+            trainer: None,
         })
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        s: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        if let Some(trainer) = s.trainer.take() {
+            // Dropping the coordinator ends the replicas' streams.
+            trainer.task.abort();
+            self.ctx.trainers.unregister(&s.job_id);
+        }
+        Ok(())
     }
 
     async fn handle(
@@ -460,11 +651,15 @@ impl Actor for JobActor {
                 let result = match s.spec.kind.clone() {
                     Some(Kind::Selftest(spec)) => self.start_selftest(&myself, s, &spec).await,
                     Some(Kind::Ingest(spec)) => self.start_ingest(&myself, s, spec),
+                    Some(Kind::Train(spec)) => self.start_train(&myself, s, spec).await,
                     None => Err(HeadError::invalid("spec.kind", "missing")),
                 };
                 if let Err(e) = result {
                     self.end(&myself, s, JobState::Failed, &e.to_string());
                 }
+            }
+            JobMsg::TaskEnded { task_id, end } if s.trainer.is_some() => {
+                self.train_task_ended(&myself, s, task_id, end);
             }
             JobMsg::TaskEnded { task_id, end } => match end {
                 TaskEnd::Succeeded {
@@ -499,6 +694,15 @@ impl Actor for JobActor {
                     self.end(&myself, s, JobState::Succeeded, "");
                 }
                 Err(e) => self.end(&myself, s, JobState::Failed, &e),
+            },
+            JobMsg::TrainDone(result) => match result {
+                Ok(json) => {
+                    // Replacement replicas still queued are not needed any more.
+                    let _ = self.ctx.store.cancel_pending_tasks(&s.job_id);
+                    let _ = self.ctx.store.set_job_result(&s.job_id, &json);
+                    self.end(&myself, s, JobState::Succeeded, "");
+                }
+                Err(reason) => self.end(&myself, s, JobState::Failed, &reason),
             },
             JobMsg::Cancel(reply) => {
                 if s.ingest.is_some() {

@@ -13,6 +13,7 @@ pub mod registry;
 pub mod scheduler;
 pub mod service;
 pub mod store;
+pub mod train;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -106,6 +107,7 @@ pub async fn run(
         stage: Arc::new(open_stage(&config)?),
         catalog_path,
         metrics: metrics.clone(),
+        trainers: Arc::default(),
     };
 
     // The ractor_cluster node workers connect to (cookie = the cluster token).

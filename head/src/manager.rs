@@ -59,6 +59,7 @@ pub fn kind_of(spec: &JobSpec) -> &'static str {
     match spec.kind {
         Some(Kind::Selftest(_)) => "selftest",
         Some(Kind::Ingest(_)) => "ingest",
+        Some(Kind::Train(_)) => "train",
         None => "unknown",
     }
 }

@@ -50,6 +50,12 @@ pub struct Metrics {
     pub task_latency: Histogram,
     /// Object bytes moved, by direction.
     pub bytes: Family<DirectionLabel, Counter<u64, AtomicU64>>,
+    /// Optimizer steps committed by training jobs.
+    pub train_steps: Counter,
+    /// Training replicas dropped (worker lost, timed out or failed).
+    pub train_replicas_lost: Counter,
+    /// Gradient bytes through the head's all-reduce (received and sent).
+    pub allreduce_bytes: Counter<u64, AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -66,6 +72,9 @@ impl Default for Metrics {
             jobs: Family::default(),
             task_latency: Histogram::new(exponential_buckets(0.05, 2.0, 16)),
             bytes: Family::default(),
+            train_steps: Counter::default(),
+            train_replicas_lost: Counter::default(),
+            allreduce_bytes: Counter::default(),
             registry: Registry::with_prefix("medray"),
         };
         m.registry
@@ -106,6 +115,21 @@ impl Default for Metrics {
             "object_bytes",
             "Object bytes moved, by direction",
             m.bytes.clone(),
+        );
+        m.registry.register(
+            "train_steps",
+            "Optimizer steps committed by training jobs",
+            m.train_steps.clone(),
+        );
+        m.registry.register(
+            "train_replicas_lost",
+            "Training replicas dropped (worker lost, timed out or failed)",
+            m.train_replicas_lost.clone(),
+        );
+        m.registry.register(
+            "allreduce_bytes",
+            "Gradient bytes through the head's all-reduce, received and sent",
+            m.allreduce_bytes.clone(),
         );
         m
     }

@@ -465,6 +465,21 @@ impl Store {
         Ok(())
     }
 
+    /// Cancels the job's tasks that have not started (a finished training job's queued
+    /// replacement replicas); running ones are left to report.
+    ///
+    /// # Errors
+    /// [`HeadError::Store`].
+    pub fn cancel_pending_tasks(&self, job: &JobId) -> Result<()> {
+        self.lock()
+            .execute(
+                "UPDATE tasks SET state = 'CANCELLED' WHERE job_id = ?1 AND state = 'PENDING'",
+                [job.as_str()],
+            )
+            .map_err(HeadError::store("cancel pending tasks"))?;
+        Ok(())
+    }
+
     /// After a head restart: every RUNNING attempt of the job is lost; its task goes back to
     /// PENDING. Returns how many.
     ///

@@ -26,6 +26,8 @@ pub struct HeadOptions {
     pub worker_timeout_ms: u64,
     /// TLS: the head's certificate and key and the CA clients and workers trust (PEM files).
     pub tls: Option<TlsFiles>,
+    /// More `medray head` arguments.
+    pub extra_args: Vec<String>,
 }
 
 /// PEM files of a TLS test cluster.
@@ -45,6 +47,7 @@ impl Default for HeadOptions {
             heartbeat_interval_ms: 300,
             worker_timeout_ms: 5000,
             tls: None,
+            extra_args: Vec::new(),
         }
     }
 }
@@ -198,6 +201,7 @@ impl TestCluster {
                 tls.key.display().to_string(),
             ]);
         }
+        args.extend(self.options.extra_args.iter().cloned());
         let proc = self.spawn(&name, &args)?;
         self.head = Some(proc);
         self.wait_until("the head answers", Duration::from_secs(60), |c| {

@@ -10,6 +10,7 @@ use medray_proto::v1::TaskAssignment;
 use tokio::sync::mpsc::Sender;
 
 use crate::head_client::HeadClient;
+use crate::selftest::TaskError;
 
 /// What a running task tells its reporter.
 #[derive(Debug)]
@@ -76,6 +77,38 @@ impl TaskContext<'_> {
     pub fn cancelled(&self) -> bool {
         self.cancel.load(Ordering::Relaxed)
     }
+
+    /// A stage object in the local cache: read from the stage directly when one is
+    /// configured, otherwise fetched through the head; checked against `sha256` either way.
+    ///
+    /// # Errors
+    /// A retryable [`TaskError`] naming the key.
+    pub fn fetch(
+        &self,
+        client: &mut HeadClient,
+        worker_id: &str,
+        key: &str,
+        sha256: &str,
+    ) -> Result<std::path::PathBuf, TaskError> {
+        let fetched = match self.direct_stage {
+            Some(stage) => self
+                .runtime
+                .block_on(crate::head_client::read_object_direct(
+                    stage,
+                    key,
+                    sha256,
+                    self.cache_dir,
+                )),
+            None => self.runtime.block_on(crate::head_client::fetch_object(
+                client,
+                worker_id,
+                key,
+                sha256,
+                self.cache_dir,
+            )),
+        };
+        fetched.map_err(|e| TaskError::transient(format!("fetching {key}: {e}")))
+    }
 }
 
 /// The handle of the compute thread.
@@ -130,7 +163,8 @@ fn run_task(ctx: &TaskContext<'_>, task: &ComputeTask) -> Outcome {
         Some(Kind::Selftest(spec)) => {
             crate::selftest::run(ctx, spec, task.client.clone(), &task.worker_id)
         }
-        None => Err(crate::selftest::TaskError::permanent(
+        Some(Kind::Train(_)) => crate::train::run(ctx, a, task.client.clone(), &task.worker_id),
+        None => Err(TaskError::permanent(
             "the assignment names no task kind (is the head newer than this worker?)",
         )),
     };

@@ -8,6 +8,7 @@ pub mod device;
 pub mod error;
 pub mod head_client;
 pub mod selftest;
+pub mod train;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -11,7 +11,7 @@ use medray_core::preprocess::{preprocess_image, PreprocessConfig};
 use medray_proto::v1::SelftestTask;
 
 use crate::compute::TaskContext;
-use crate::head_client::{fetch_object, read_object_direct, HeadClient};
+use crate::head_client::HeadClient;
 
 /// A task failure, classified where it happens.
 #[derive(Debug)]
@@ -71,21 +71,7 @@ pub fn run(
         ctx.device_spec, spec.fixed_key, spec.moving_key
     ));
     let t = Instant::now();
-    let mut fetch = |key: &str, sha: &str| {
-        let fetched = match ctx.direct_stage {
-            Some(stage) => ctx
-                .runtime
-                .block_on(read_object_direct(stage, key, sha, ctx.cache_dir)),
-            None => ctx.runtime.block_on(fetch_object(
-                &mut client,
-                worker_id,
-                key,
-                sha,
-                ctx.cache_dir,
-            )),
-        };
-        fetched.map_err(|e| TaskError::transient(format!("fetching {key}: {e}")))
-    };
+    let mut fetch = |key: &str, sha: &str| ctx.fetch(&mut client, worker_id, key, sha);
     let fixed_path = fetch(&spec.fixed_key, &spec.fixed_sha256)?;
     let moving_path = fetch(&spec.moving_key, &spec.moving_sha256)?;
     let fetch_ms = t.elapsed().as_secs_f64() * 1e3;

@@ -43,6 +43,12 @@ pub struct Args {
     /// Attempts of one task before its job fails.
     #[arg(long, default_value_t = 4)]
     pub max_task_attempts: u32,
+    /// Largest gRPC message either side accepts, bytes (at least the chunk size + 64 KiB).
+    #[arg(long, default_value_t = medray_proto::DEFAULT_MAX_MESSAGE_BYTES)]
+    pub max_message_bytes: usize,
+    /// Object transfer and gradient chunk size, bytes (1-4 MiB).
+    #[arg(long, default_value_t = medray_proto::DEFAULT_CHUNK_BYTES)]
+    pub chunk_bytes: usize,
     /// TLS certificate chain (PEM) for gRPC.
     #[arg(long, env = "MEDRAY_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -73,6 +79,8 @@ impl TryFrom<Args> for HeadConfig {
             worker_timeout: Duration::from_millis(a.worker_timeout_ms),
             min_workers: a.min_workers,
             max_task_attempts: a.max_task_attempts,
+            max_message_bytes: a.max_message_bytes,
+            chunk_bytes: a.chunk_bytes,
             tls,
             ..HeadConfig::default()
         })

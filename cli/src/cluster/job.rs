@@ -103,13 +103,8 @@ pub async fn get(client: &mut HeadClient, id: &str) -> anyhow::Result<Job> {
         .ok_or_else(|| anyhow::anyhow!("the head answered without a job"))
 }
 
-/// Submits a job; unless `no_wait`, streams its log until it ends and fails when the job
-/// does not succeed.
-pub async fn submit_and_wait(
-    client: &mut HeadClient,
-    spec: JobSpec,
-    no_wait: bool,
-) -> anyhow::Result<Job> {
+/// Submits a job and says so on stderr.
+pub async fn submit_only(client: &mut HeadClient, spec: JobSpec) -> anyhow::Result<Job> {
     let job = client
         .submit_job(SubmitJobRequest { spec: Some(spec) })
         .await
@@ -118,6 +113,17 @@ pub async fn submit_and_wait(
         .job
         .ok_or_else(|| anyhow::anyhow!("the head answered without a job"))?;
     eprintln!("submitted {} ({})", job.id, job.kind);
+    Ok(job)
+}
+
+/// Submits a job; unless `no_wait`, streams its log until it ends and fails when the job
+/// does not succeed.
+pub async fn submit_and_wait(
+    client: &mut HeadClient,
+    spec: JobSpec,
+    no_wait: bool,
+) -> anyhow::Result<Job> {
+    let job = submit_only(client, spec).await?;
     if no_wait {
         println!("{}", job.id);
         return Ok(job);

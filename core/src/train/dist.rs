@@ -113,7 +113,12 @@ pub fn shard(batch: &[usize], members: usize) -> Vec<Vec<usize>> {
 
 /// The global batches of `epoch` (1-based): the epoch's permutation of the training cases
 /// (see [`crate::train::epoch_order`]) cut into `batch_size` pieces; the last may be short.
-pub fn epoch_batches(n_train: usize, seed: u64, epoch: usize, batch_size: usize) -> Vec<Vec<usize>> {
+pub fn epoch_batches(
+    n_train: usize,
+    seed: u64,
+    epoch: usize,
+    batch_size: usize,
+) -> Vec<Vec<usize>> {
     crate::train::epoch_order(n_train, seed, epoch)
         .chunks(batch_size.max(1))
         .map(<[usize]>::to_vec)
@@ -194,12 +199,17 @@ mod tests {
             assert_eq!(bytes.len(), v.len() * enc.bytes_per_value());
             let back = enc.decode(&bytes, v.len()).expect("decodes");
             for (a, b) in v.iter().zip(&back) {
-                assert!((a - b).abs() <= 0.01 * a.abs() + 1e-6, "{enc:?}: {a} vs {b}");
+                assert!(
+                    (a - b).abs() <= 0.01 * a.abs() + 1e-6,
+                    "{enc:?}: {a} vs {b}"
+                );
             }
             assert!(enc.decode(&bytes, v.len() + 1).is_err());
         }
         assert_eq!(
-            GradEncoding::F32.decode(&GradEncoding::F32.encode(&v), 4).expect("exact"),
+            GradEncoding::F32
+                .decode(&GradEncoding::F32.encode(&v), 4)
+                .expect("exact"),
             v.to_vec()
         );
         let nan = GradEncoding::F32.encode(&[f32::NAN]);

@@ -402,10 +402,7 @@ mod tests {
 
     fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
         let scale = a.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
-        a.iter()
-            .zip(b)
-            .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
-            / scale
+        a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
     }
 
     fn params(r: &Replica) -> Vec<f32> {
@@ -437,7 +434,12 @@ mod tests {
             one.apply_gradient(&g.flat, 1e-3).expect("apply");
             let ga = a.compute_gradient(&batch[..1], 0).expect("grad");
             let gb = b.compute_gradient(&batch[1..], 0).expect("grad");
-            let mean: Vec<f32> = ga.flat.iter().zip(&gb.flat).map(|(x, y)| (x + y) / 2.0).collect();
+            let mean: Vec<f32> = ga
+                .flat
+                .iter()
+                .zip(&gb.flat)
+                .map(|(x, y)| (x + y) / 2.0)
+                .collect();
             assert!(max_rel_diff(&g.flat, &mean) < 1e-5);
             a.apply_gradient(&mean, 1e-3).expect("apply");
             b.apply_gradient(&mean, 1e-3).expect("apply");
@@ -445,7 +447,10 @@ mod tests {
         assert_eq!(a.params_sha256().unwrap(), b.params_sha256().unwrap());
         let d = max_rel_diff(&params(&one), &params(&a));
         assert!(d < 1e-5, "relative difference {d}");
-        assert_ne!(params(&one), params(&Replica::new(&config, &cases, &[], &dev).unwrap()));
+        assert_ne!(
+            params(&one),
+            params(&Replica::new(&config, &cases, &[], &dev).unwrap())
+        );
     }
 
     #[test]
@@ -459,8 +464,12 @@ mod tests {
         a.set_bn_stats(&stats).unwrap();
         let mut b = Replica::new(&config, &cases, &[], &dev).expect("replica");
         assert_ne!(a.params_sha256().unwrap(), b.params_sha256().unwrap());
-        b.load_state(&a.weights_bytes().unwrap(), &a.optimizer_bytes().unwrap(), 1)
-            .expect("load");
+        b.load_state(
+            &a.weights_bytes().unwrap(),
+            &a.optimizer_bytes().unwrap(),
+            1,
+        )
+        .expect("load");
         assert_eq!(a.params_sha256().unwrap(), b.params_sha256().unwrap());
         assert_eq!(a.bn_stats().unwrap(), b.bn_stats().unwrap());
         // The same next step on both: Adam's moments came along.

@@ -59,7 +59,30 @@ pub fn validate_spec(spec: &JobSpec) -> Result<(), Status> {
     let bad =
         |field: &str, reason: &str| Err(Status::invalid_argument(format!("`{field}`: {reason}")));
     match &spec.kind {
-        None => bad("spec.kind", "missing: set selftest or ingest"),
+        None => bad("spec.kind", "missing: set selftest, ingest or train"),
+        Some(Kind::Train(t)) => {
+            if t.dataset.is_empty() {
+                return bad("train.dataset", "missing");
+            }
+            if t.model.is_empty() {
+                return bad("train.model", "missing");
+            }
+            if t.workers > 1024 {
+                return bad("train.workers", "at most 1024");
+            }
+            if t.epochs > 100_000 {
+                return bad("train.epochs", "at most 100,000");
+            }
+            if t.micro_batch > 1024 {
+                return bad("train.micro_batch", "at most 1024");
+            }
+            if t.resume_from.is_empty() {
+                crate::train::train_config(t).map_err(Status::from)?;
+            }
+            medray_core::train::dist::GradEncoding::parse(&t.grad_compression)
+                .map_err(|e| Status::invalid_argument(format!("`train.grad_compression`: {e}")))?;
+            Ok(())
+        }
         Some(Kind::Selftest(s)) => {
             if s.size != 0 && (!(16..=128).contains(&s.size) || !s.size.is_multiple_of(4)) {
                 return bad("selftest.size", "a multiple of 4 in 16..=128");

@@ -7,17 +7,25 @@ use medray_proto::v1::worker_server::Worker;
 use medray_proto::v1::{
     AppendTaskLogsRequest, AppendTaskLogsResponse, DeregisterRequest, DeregisterResponse,
     FetchObjectRequest, FinishTaskRequest, FinishTaskResponse, HeartbeatRequest, HeartbeatResponse,
-    ObjectChunk, RegisterRequest, RegisterResponse,
+    ObjectChunk, RegisterRequest, RegisterResponse, TrainDown, TrainUp,
 };
 use medray_proto::PROTOCOL_VERSION;
 use ractor::ActorRef;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 use super::{object_stream, BoxStream};
 use crate::context::HeadContext;
 use crate::ids::{AttemptRef, JobId, TaskId, WorkerId};
 use crate::registry::RegistryMsg;
 use crate::scheduler::{AttemptOutcome, SchedulerMsg};
+use crate::train::{CoordEvent, Member};
+
+/// Messages to a training replica buffered before the coordinator waits (chunks of a
+/// gradient are the most: a step's worth fits).
+const TRAIN_DOWN_BUFFER: usize = 1024;
+
+/// Streams ids, unique within a head process.
+static NEXT_MEMBER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// Timeout of a call from a service into an actor.
 const ACTOR_TIMEOUT: Duration = Duration::from_secs(10);
@@ -168,6 +176,78 @@ impl Worker for WorkerService {
         Ok(Response::new(
             object_stream(&self.ctx, &req.key, "to_worker").await?,
         ))
+    }
+
+    type TrainStream = BoxStream<TrainDown>;
+
+    async fn train(
+        &self,
+        request: Request<Streaming<TrainUp>>,
+    ) -> Result<Response<Self::TrainStream>, Status> {
+        use medray_proto::v1::train_up::Msg;
+        let mut up = request.into_inner();
+        let hello = match up.message().await? {
+            Some(TrainUp {
+                msg: Some(Msg::Hello(h)),
+            }) => h,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message of a Train stream must be `hello`",
+                ))
+            }
+        };
+        let attempt = attempt_of(&hello.job_id, &hello.task_id, hello.attempt)?;
+        let worker_id = WorkerId(required(&hello.worker_id, "worker_id")?.to_string());
+        if !self
+            .ctx
+            .store
+            .is_current(&attempt, &worker_id)
+            .map_err(Status::from)?
+        {
+            return Err(Status::failed_precondition(format!(
+                "attempt {attempt} is not current for worker {worker_id}"
+            )));
+        }
+        let coordinator = self.ctx.trainers.get(&attempt.job_id).ok_or_else(|| {
+            Status::not_found(format!(
+                "job {} has no training coordinator (it ended, or is not a training job)",
+                attempt.job_id
+            ))
+        })?;
+        let id = NEXT_MEMBER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (down_tx, down_rx) = tokio::sync::mpsc::channel(TRAIN_DOWN_BUFFER);
+        coordinator
+            .send(CoordEvent::Join(Member {
+                id,
+                worker_id,
+                task_id: attempt.task_id.clone(),
+                down: down_tx,
+            }))
+            .map_err(|_| Status::unavailable("the training job ended"))?;
+        // Forward the replica's messages until its stream ends.
+        tokio::spawn(async move {
+            let reason = loop {
+                match up.message().await {
+                    Ok(Some(TrainUp { msg: Some(msg) })) => {
+                        if coordinator
+                            .send(CoordEvent::Up { member: id, msg })
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    Ok(Some(TrainUp { msg: None })) => {
+                        break "it sent an empty message".to_string();
+                    }
+                    Ok(None) => break "its stream ended".to_string(),
+                    Err(status) => break format!("its stream broke: {}", status.message()),
+                }
+            };
+            let _ = coordinator.send(CoordEvent::Gone { member: id, reason });
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(down_rx),
+        )))
     }
 
     async fn deregister(

@@ -1,0 +1,327 @@
+//! Data-parallel training on a real cluster (head and workers as processes on loopback):
+//! equivalence with one worker, a worker killed mid-epoch, cancel and resume, and chunked
+//! all-reduce under a small message limit. Volumes are tiny (16^3 to 32^3) so that CPU
+//! steps take a fraction of a second.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use candle_core::{Device, Tensor};
+use medray_tests::{HeadOptions, TestCluster};
+use nix::sys::signal::Signal;
+
+const BIN: &str = env!("CARGO_BIN_EXE_medray");
+const LONG: Duration = Duration::from_secs(300);
+
+fn cluster_with(workers: usize, options: HeadOptions) -> TestCluster {
+    let mut c = TestCluster::start(BIN, options).expect("head starts");
+    for _ in 0..workers {
+        c.add_worker().expect("worker starts");
+    }
+    c.wait_for_workers(workers, LONG).expect("workers register");
+    c
+}
+
+fn ingest(c: &TestCluster, name: &str, cases: usize, size: usize) {
+    let size = size.to_string();
+    c.cli_ok(&[
+        "ingest",
+        "synthetic",
+        "--name",
+        name,
+        "--cases",
+        &cases.to_string(),
+        "--size",
+        &size,
+        &size,
+        &size,
+        "--seed",
+        "3",
+    ])
+    .expect("ingest");
+}
+
+/// Submits `medray train` with small defaults (each replaced by the same flag in `extra`);
+/// returns the job id.
+fn submit(c: &TestCluster, dataset: &str, extra: &[&str]) -> String {
+    let defaults: [(&str, &[&str]); 6] = [
+        ("--size", &["16", "16", "16"]),
+        ("--channels", &["8"]),
+        ("--lr", &["1e-3"]),
+        ("--seed", &["7"]),
+        ("--gang-timeout", &["120"]),
+        ("--model", &["m"]),
+    ];
+    let mut args = vec!["train", "--no-wait", "--dataset", dataset];
+    for (flag, values) in defaults {
+        if !extra.contains(&flag) {
+            args.push(flag);
+            args.extend_from_slice(values);
+        }
+    }
+    args.extend_from_slice(extra);
+    c.cli_ok(&args).expect("submit").trim().to_string()
+}
+
+fn wait_ok(c: &TestCluster, job: &str) -> serde_json::Value {
+    let j = c.wait_for_job_end(job, LONG).expect("job ends");
+    assert_eq!(
+        j["state"],
+        "SUCCEEDED",
+        "{j}\n{}\n{}",
+        logs(c, job),
+        c.log_tails()
+    );
+    j
+}
+
+fn logs(c: &TestCluster, job: &str) -> String {
+    c.cli_ok(&["job", "logs", job]).unwrap_or_default()
+}
+
+/// A checkpoint's tensors, fetched through the head.
+fn checkpoint(c: &TestCluster, job: &str, epoch: usize) -> HashMap<String, Tensor> {
+    let out = c.dir().join(format!("{job}-{epoch}.safetensors"));
+    c.cli_ok(&[
+        "stage",
+        "get",
+        &format!("jobs/{job}/checkpoints/epoch-{epoch:04}/weights.safetensors"),
+        &out.display().to_string(),
+    ])
+    .expect("stage get");
+    medray_core::localnet::read_safetensors(Path::new(&out), &Device::Cpu).expect("safetensors")
+}
+
+/// Largest |a - b| over the tensors named like `filter`, relative to the largest |a|.
+fn max_rel_diff(
+    a: &HashMap<String, Tensor>,
+    b: &HashMap<String, Tensor>,
+    filter: impl Fn(&str) -> bool,
+) -> f32 {
+    let (mut diff, mut scale, mut compared) = (0f32, 0f32, 0);
+    for (name, ta) in a {
+        if !filter(name) || name.ends_with("num_batches_tracked") {
+            continue;
+        }
+        let tb = b.get(name).unwrap_or_else(|| panic!("{name} missing"));
+        let va = ta.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let vb = tb.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(va.len(), vb.len(), "{name}");
+        for (x, y) in va.iter().zip(&vb) {
+            diff = diff.max((x - y).abs());
+            scale = scale.max(x.abs());
+        }
+        compared += 1;
+    }
+    assert!(compared > 10, "only {compared} tensors compared");
+    diff / scale.max(1e-12)
+}
+
+fn is_parameter(name: &str) -> bool {
+    !name.contains("running_")
+}
+
+#[test]
+fn data_parallel_steps_match_one_worker() {
+    let c = cluster_with(3, HeadOptions::default());
+    ingest(&c, "nine", 9, 16);
+    let common = ["--epochs", "1", "--val-fraction", "0"];
+    // Global batch 2: 2 workers x 1 case against 1 worker with micro-batches of 1 (so that
+    // BatchNorm sees the same batches); 5 steps.
+    let one = submit(
+        &c,
+        "nine",
+        &[
+            &common[..],
+            &["--workers", "1", "--batch-size", "2", "--micro-batch", "1"],
+        ]
+        .concat(),
+    );
+    wait_ok(&c, &one);
+    let two = submit(
+        &c,
+        "nine",
+        &[&common[..], &["--workers", "2", "--batch-size", "2"]].concat(),
+    );
+    wait_ok(&c, &two);
+    // Global batch 3: 3 workers against 1; 3 steps.
+    let one3 = submit(
+        &c,
+        "nine",
+        &[
+            &common[..],
+            &["--workers", "1", "--batch-size", "3", "--micro-batch", "1"],
+        ]
+        .concat(),
+    );
+    wait_ok(&c, &one3);
+    let three = submit(
+        &c,
+        "nine",
+        &[&common[..], &["--workers", "3", "--batch-size", "3"]].concat(),
+    );
+    wait_ok(&c, &three);
+    let log = logs(&c, &three);
+    assert!(log.contains("step 3/3 of epoch 1/1"), "{log}");
+    assert!(log.contains("on 3 replica(s)"), "{log}");
+
+    let d = max_rel_diff(
+        &checkpoint(&c, &one, 1),
+        &checkpoint(&c, &two, 1),
+        is_parameter,
+    );
+    assert!(d < 1e-5, "2 workers vs 1: relative difference {d}");
+    let d = max_rel_diff(
+        &checkpoint(&c, &one3, 1),
+        &checkpoint(&c, &three, 1),
+        is_parameter,
+    );
+    assert!(d < 1e-5, "3 workers vs 1: relative difference {d}");
+    // The comparison can fail: different runs (batch 2 vs 3) do differ.
+    let d = max_rel_diff(
+        &checkpoint(&c, &one, 1),
+        &checkpoint(&c, &three, 1),
+        is_parameter,
+    );
+    assert!(
+        d > 1e-4,
+        "different batches should give different weights ({d})"
+    );
+}
+
+#[test]
+fn a_worker_killed_mid_epoch_leaves_the_job_to_the_others() {
+    let c = cluster_with(3, HeadOptions::default());
+    ingest(&c, "twelve", 12, 32);
+    let job = submit(
+        &c,
+        "twelve",
+        &[
+            "--size",
+            "32",
+            "32",
+            "32",
+            "--channels",
+            "16",
+            "--workers",
+            "3",
+            "--batch-size",
+            "3",
+            "--epochs",
+            "4",
+            "--val-fraction",
+            "0.25",
+        ],
+    );
+    c.wait_until("epoch 2 starts", LONG, |c| {
+        Ok(logs(c, &job).contains("of epoch 2/4"))
+    })
+    .expect("training runs");
+    c.workers[1].signal(Signal::SIGKILL);
+    let j = wait_ok(&c, &job);
+    let log = logs(&c, &job);
+    let evicted = log
+        .lines()
+        .find(|l| l.contains("evicted at epoch"))
+        .unwrap_or_else(|| panic!("no eviction in the log:\n{log}"));
+    assert!(evicted.contains("on worker worker-"), "{evicted}");
+    assert!(evicted.contains(", step "), "{evicted}");
+    // Every step of every epoch was committed, the last ones on two replicas.
+    assert_eq!(j["result"]["steps"], 12, "{j}");
+    assert!(log.contains("step 3/3 of epoch 4/4"), "{log}");
+    assert!(log.contains("on 2 replica(s)"), "{log}");
+    assert!(log.contains("registered model m:"), "{log}");
+}
+
+#[test]
+fn a_cancelled_job_resumes_to_the_same_parameters() {
+    let c = cluster_with(2, HeadOptions::default());
+    ingest(&c, "six", 6, 16);
+    let args = [
+        "--workers",
+        "2",
+        "--batch-size",
+        "2",
+        "--epochs",
+        "3",
+        "--val-fraction",
+        "0.34",
+    ];
+    let whole = submit(&c, "six", &args);
+    wait_ok(&c, &whole);
+
+    let cut = submit(&c, "six", &args);
+    c.wait_until("epoch 1 is checkpointed", LONG, |c| {
+        Ok(logs(c, &cut).contains("epoch   1  total loss"))
+    })
+    .expect("epoch 1 ends");
+    c.cli_ok(&["job", "cancel", &cut]).expect("cancel");
+    let j = c.wait_for_job_end(&cut, LONG).expect("cancelled");
+    assert_eq!(j["state"], "CANCELLED", "{j}");
+
+    let resumed = c
+        .cli_ok(&["train", "--no-wait", "--resume", &cut])
+        .expect("resume")
+        .trim()
+        .to_string();
+    wait_ok(&c, &resumed);
+    let log = logs(&c, &resumed);
+    assert!(
+        log.contains("resuming from the checkpoint after epoch"),
+        "{log}"
+    );
+    let d = max_rel_diff(
+        &checkpoint(&c, &whole, 3),
+        &checkpoint(&c, &resumed, 3),
+        |_| true,
+    );
+    assert!(
+        d < 1e-5,
+        "resumed vs uninterrupted: relative difference {d}"
+    );
+}
+
+#[test]
+fn a_4_mib_message_limit_carries_a_12_mb_gradient() {
+    let options = HeadOptions {
+        extra_args: vec![
+            "--max-message-bytes".into(),
+            (4 << 20).to_string(),
+            "--chunk-bytes".into(),
+            (2 << 20).to_string(),
+        ],
+        ..HeadOptions::default()
+    };
+    let c = cluster_with(2, options);
+    ingest(&c, "four", 4, 16);
+    let job = submit(
+        &c,
+        "four",
+        &[
+            "--channels",
+            "32",
+            "--workers",
+            "2",
+            "--batch-size",
+            "2",
+            "--epochs",
+            "1",
+            "--val-fraction",
+            "0",
+        ],
+    );
+    wait_ok(&c, &job);
+    let log = logs(&c, &job);
+    let params: u64 = log
+        .lines()
+        .find_map(|l| {
+            l.split_once("admitted: ")
+                .and_then(|(_, r)| r.split_whitespace().next())
+                .and_then(|n| n.parse().ok())
+        })
+        .unwrap_or_else(|| panic!("no admission line:\n{log}"));
+    assert!(params * 4 > 12_000_000, "{params} parameters");
+    assert!(log.contains("in chunks of 524288 values"), "{log}");
+    assert!(log.contains("step 2/2 of epoch 1/1"), "{log}");
+}
