@@ -325,3 +325,106 @@ fn a_4_mib_message_limit_carries_a_12_mb_gradient() {
     assert!(log.contains("in chunks of 524288 values"), "{log}");
     assert!(log.contains("step 2/2 of epoch 1/1"), "{log}");
 }
+
+#[test]
+fn a_hung_worker_is_evicted_and_the_job_finishes_without_it() {
+    let mut c = cluster_with(2, HeadOptions::default());
+    ingest(&c, "six", 6, 16);
+    let job = submit(
+        &c,
+        "six",
+        &[
+            "--workers",
+            "2",
+            "--batch-size",
+            "2",
+            "--epochs",
+            "4",
+            "--val-fraction",
+            "0.34",
+            "--step-timeout",
+            "30",
+        ],
+    );
+    c.wait_until("epoch 1 ends", LONG, |c| {
+        Ok(logs(c, &job).contains("epoch   1  total loss"))
+    })
+    .expect("training runs");
+    c.workers[0].signal(Signal::SIGSTOP);
+    let j = c.wait_for_job_end(&job, LONG).expect("job ends");
+    c.workers[0].signal(Signal::SIGCONT);
+    let log = logs(&c, &job);
+    assert_eq!(j["state"], "SUCCEEDED", "{j}\n{log}");
+    assert!(log.contains("evicted at epoch"), "{log}");
+    assert!(log.contains("step 2/2 of epoch 4/4"), "{log}");
+    assert_eq!(j["result"]["steps"], 8, "{j}");
+    let _ = c.workers[0].running();
+}
+
+#[test]
+fn a_restarted_head_resumes_training_from_its_checkpoint() {
+    let mut c = cluster_with(1, HeadOptions::default());
+    ingest(&c, "six", 6, 16);
+    let job = submit(
+        &c,
+        "six",
+        &[
+            "--workers",
+            "1",
+            "--batch-size",
+            "2",
+            "--epochs",
+            "4",
+            "--val-fraction",
+            "0.34",
+        ],
+    );
+    c.wait_until("epoch 1 is checkpointed", LONG, |c| {
+        Ok(logs(c, &job).contains("epoch   1  total loss"))
+    })
+    .expect("training runs");
+    let head = c.head.as_mut().expect("head");
+    head.signal(Signal::SIGKILL);
+    let _ = head.child.wait();
+    c.start_head().expect("head restarts");
+    let j = wait_ok(&c, &job);
+    let log = logs(&c, &job);
+    assert!(log.contains("head restarted"), "{log}");
+    assert!(
+        log.contains("resuming from the checkpoint after epoch"),
+        "{log}"
+    );
+    assert_eq!(j["result"]["steps"], 8, "{j}");
+}
+
+#[test]
+fn a_worker_joining_an_elastic_job_is_added_at_an_epoch_boundary() {
+    let mut c = cluster_with(1, HeadOptions::default());
+    ingest(&c, "six", 6, 16);
+    // --workers 0: every worker of the cluster, now and later.
+    let job = submit(
+        &c,
+        "six",
+        &[
+            "--workers",
+            "0",
+            "--batch-size",
+            "2",
+            "--epochs",
+            "6",
+            "--val-fraction",
+            "0.34",
+        ],
+    );
+    c.wait_until("epoch 1 ends", LONG, |c| {
+        Ok(logs(c, &job).contains("epoch   1  total loss"))
+    })
+    .expect("training runs");
+    c.add_worker().expect("second worker");
+    let j = wait_ok(&c, &job);
+    let log = logs(&c, &job);
+    assert!(log.contains("replica task(s) r002 added"), "{log}");
+    assert!(log.contains("replica r002 on worker"), "{log}");
+    assert!(log.contains("on 2 replica(s)"), "{log}");
+    assert_eq!(j["result"]["steps"], 40, "{j}");
+}

@@ -68,6 +68,9 @@ pub enum JobMsg {
     IngestDone(std::result::Result<String, String>),
     /// The training coordinator ended: its result JSON or why it failed.
     TrainDone(std::result::Result<String, String>),
+    /// An elastic training job (`workers` = 0) checks for workers that joined the cluster
+    /// and gives each a replica task (self-sent every few seconds).
+    Grow,
     /// Cancel the job; replies with an error if it cannot be cancelled now.
     Cancel(RpcReplyPort<Result<()>>),
 }
@@ -79,6 +82,7 @@ impl std::fmt::Debug for JobMsg {
             Self::TaskEnded { task_id, .. } => write!(f, "TaskEnded({task_id})"),
             Self::IngestDone(_) => f.write_str("IngestDone"),
             Self::TrainDone(_) => f.write_str("TrainDone"),
+            Self::Grow => f.write_str("Grow"),
             Self::Cancel(_) => f.write_str("Cancel"),
         }
     }
@@ -452,7 +456,10 @@ impl JobActor {
             return Err(HeadError::invalid("spec.train.model", "missing"));
         }
         // Checked now, so that a bad spec fails before it waits for workers.
-        crate::train::train_config(&spec)?;
+        if spec.resume_from.is_empty() {
+            crate::train::train_config(&spec)?;
+        }
+        let spec_workers = spec.workers;
         let existing = self.ctx.store.tasks(&s.job_id)?;
         let replicas;
         if existing.is_empty() {
@@ -520,6 +527,9 @@ impl JobActor {
             inbox: tx,
             tasks: existing.len().max(replicas),
         });
+        if spec_workers == 0 {
+            myself.send_after(GROW_EVERY, || JobMsg::Grow);
+        }
         let pending: Vec<TaskId> = self
             .ctx
             .store
@@ -531,6 +541,55 @@ impl JobActor {
         self.scheduler.cast(SchedulerMsg::Enqueue {
             job_id: s.job_id.clone(),
             tasks: pending,
+            job: myself.clone(),
+        })?;
+        Ok(())
+    }
+
+    /// Gives every live worker without a replica of this (elastic) job a new replica task;
+    /// the coordinator admits it at the next epoch boundary.
+    async fn grow(&self, myself: &ActorRef<JobMsg>, s: &mut JobActorState) -> Result<()> {
+        let Some(trainer) = s.trainer.as_mut() else {
+            return Ok(());
+        };
+        let live = self
+            .registry
+            .call(RegistryMsg::LiveCount, Some(Duration::from_secs(5)))
+            .await?
+            .success_or_else(|| HeadError::Actor("registry did not answer".into()))?
+            as usize;
+        let active = self
+            .ctx
+            .store
+            .tasks(&s.job_id)?
+            .iter()
+            .filter(|t| matches!(t.state, TaskState::Pending | TaskState::Running))
+            .count();
+        if live <= active {
+            return Ok(());
+        }
+        let spec = match &s.spec.kind {
+            Some(Kind::Train(spec)) => spec.clone(),
+            _ => return Ok(()),
+        };
+        let mut new = Vec::new();
+        for _ in active..live {
+            trainer.tasks += 1;
+            new.push((replica_task(trainer.tasks), train_assignment(&spec)));
+        }
+        self.ctx.store.insert_tasks(&s.job_id, &new)?;
+        let ids: Vec<TaskId> = new.into_iter().map(|(id, _)| id).collect();
+        self.log(
+            s,
+            format!(
+                "{} more worker(s) in the cluster: replica task(s) {} added; they join at the next epoch boundary",
+                ids.len(),
+                ids.iter().map(TaskId::as_str).collect::<Vec<_>>().join(", ")
+            ),
+        );
+        self.scheduler.cast(SchedulerMsg::Enqueue {
+            job_id: s.job_id.clone(),
+            tasks: ids,
             job: myself.clone(),
         })?;
         Ok(())
@@ -587,6 +646,9 @@ impl JobActor {
         }
     }
 }
+
+/// How often an elastic training job looks for new workers.
+const GROW_EVERY: Duration = Duration::from_secs(2);
 
 fn replica_task(i: usize) -> TaskId {
     TaskId(format!("r{i:03}"))
@@ -695,6 +757,12 @@ impl Actor for JobActor {
                 }
                 Err(e) => self.end(&myself, s, JobState::Failed, &e),
             },
+            JobMsg::Grow => {
+                if let Err(e) = self.grow(&myself, s).await {
+                    tracing::warn!(job = %s.job_id, error = %e, "cannot check for new workers");
+                }
+                myself.send_after(GROW_EVERY, || JobMsg::Grow);
+            }
             JobMsg::TrainDone(result) => match result {
                 Ok(json) => {
                     // Replacement replicas still queued are not needed any more.

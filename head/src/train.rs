@@ -981,7 +981,9 @@ impl Coordinator {
         let mut got: Vec<HashSet<u64>> = vec![HashSet::new(); lengths.len()];
         let mut reduced = 0usize;
         let mut done: HashMap<u64, (f64, f64, f64, f64)> = HashMap::new();
-        let mut first_chunk: Option<Instant> = None;
+        // The all-reduce proper starts when the last contributor starts sending (before
+        // that, the head waits for compute).
+        let mut first_chunk: HashMap<u64, Instant> = HashMap::new();
         let mut allreduce_ms = 0.0;
         let deadline = Instant::now() + self.step_timeout;
         while reduced < lengths.len() || done.len() < ids.len() {
@@ -999,7 +1001,7 @@ impl Coordinator {
                         Ok(v) => v,
                         Err(e) => return self.protocol_error(id, &e.to_string()),
                     };
-                    first_chunk.get_or_insert_with(Instant::now);
+                    first_chunk.entry(id).or_insert_with(Instant::now);
                     let sum = acc[k].get_or_insert_with(|| vec![0.0; lengths[k]]);
                     for (s, v) in sum.iter_mut().zip(values) {
                         *s += w * v;
@@ -1025,8 +1027,10 @@ impl Coordinator {
                         .await?;
                         reduced += 1;
                         if reduced == lengths.len() {
-                            allreduce_ms =
-                                first_chunk.map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3);
+                            allreduce_ms = first_chunk
+                                .values()
+                                .max()
+                                .map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3);
                         }
                     }
                 }
