@@ -220,6 +220,35 @@ pub struct NewModelVersion {
     pub source: ModelSource,
 }
 
+impl NewModelVersion {
+    /// Imported weights (e.g. trained in MONAI): no dataset, case split, job, epochs or
+    /// losses; `train_config_json` records where they came from (`{}` when nothing is
+    /// known).
+    pub fn imported(
+        name: ModelName,
+        version: Option<String>,
+        model_config: ModelConfig,
+        weights: Vec<u8>,
+        train_config_json: String,
+    ) -> Self {
+        Self {
+            name,
+            version,
+            model_config,
+            weights,
+            train_config_json,
+            dataset: String::new(),
+            train_cases: Vec::new(),
+            val_cases: Vec::new(),
+            job_id: None,
+            epochs: 0,
+            best_val_dice: None,
+            final_losses_json: "{}".into(),
+            source: ModelSource::Imported,
+        }
+    }
+}
+
 /// One registered model version.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelVersion {
@@ -645,11 +674,10 @@ pub async fn register_model(
     new: NewModelVersion,
 ) -> Result<ModelVersion> {
     validate_new(&new)?;
-    let label = format!(
-        "models/{}/{}/weights.safetensors",
-        new.name,
-        new.version.as_deref().unwrap_or("vN")
-    );
+    let label = match &new.version {
+        Some(v) => format!("of model `{}` version `{v}`", new.name),
+        None => format!("of model `{}` (next version)", new.name),
+    };
     let new = tokio::task::spawn_blocking(move || {
         validate_weights(&new.weights, &new.model_config, Path::new(&label)).map(|()| new)
     })

@@ -367,7 +367,8 @@ async fn wrong_weights_are_refused_naming_the_tensor() {
 #[tokio::test]
 async fn invalid_fields_are_refused_naming_the_field() {
     let mut f = fixture(true);
-    let cases: Vec<(&str, Box<dyn Fn(&mut NewModelVersion)>)> = vec![
+    type Change = Box<dyn Fn(&mut NewModelVersion)>;
+    let cases: Vec<(&str, Change)> = vec![
         (
             "model version",
             Box::new(|n| n.version = Some("a/b".into())),
