@@ -170,7 +170,7 @@ impl VersionRef {
         match (version, alias) {
             (Some(_), Some(_)) => Err(Error::invalid(
                 "version",
-                "give --version or --alias, not both",
+                "name a version or an alias, not both",
             )),
             (Some(v), None) => Ok(VersionRef::Version(v)),
             (None, Some(a)) => Ok(VersionRef::Alias(a)),
