@@ -6,6 +6,7 @@ mod cluster;
 mod data_dir;
 mod datasets;
 mod ingest;
+mod models;
 mod predict;
 mod remote;
 mod stage;
@@ -18,8 +19,8 @@ use clap::{Parser, Subcommand};
 ///
 /// A cluster: `medray up --workers N` (or `medray head` + `medray worker` on each machine),
 /// then `medray status`, `medray selftest`, `medray job ...`. Single-process tools: `synth`,
-/// `predict`, `train-local`, `bench`, `ingest`, `datasets`, `stage`. Distributed `train`,
-/// `infer`, `models` and `results` are not built yet.
+/// `predict`, `train-local`, `bench`, `ingest`, `datasets`, `models`, `stage`. Distributed
+/// `train`, `infer` and `results` are not built yet.
 #[derive(Debug, Parser)]
 #[command(name = "medray", version, about, long_about = None)]
 struct Cli {
@@ -45,6 +46,8 @@ enum Command {
     Ingest(ingest::Args),
     /// List and show the datasets in the catalog.
     Datasets(datasets::Args),
+    /// The model registry: list, show, export, import, alias and delete model versions.
+    Models(models::Args),
     /// List, read and write (encrypted) objects of the stage.
     Stage(stage::Args),
     /// Time object transfer head -> worker (gRPC) against a raw TCP copy, on loopback.
@@ -107,6 +110,7 @@ fn main() -> std::process::ExitCode {
         Command::Bench(args) => bench::run(args, &device),
         Command::Ingest(args) => ingest::run(args),
         Command::Datasets(args) => datasets::run(args),
+        Command::Models(args) => models::run(args),
         Command::Stage(args) => stage::run(args),
         Command::BenchTransfer(args) => bench_transfer::run(args),
         Command::Head(args) => cluster::head::run(args),

@@ -1,6 +1,7 @@
 //! The catalog: an embedded SQLite database (WAL mode) recording what has been published —
-//! datasets and their cases now; jobs, models and results later. The schema evolves through
-//! the versioned [`migrations`]; the current version is kept in `schema_version`.
+//! datasets and their cases, jobs, and the model registry ([`crate::models`]); results
+//! later. The schema evolves through the versioned [`migrations`]; the current version is
+//! kept in `schema_version`.
 //!
 //! A dataset is published in one transaction, so it is either fully visible or not at all.
 
@@ -175,6 +176,11 @@ impl Catalog {
             tracing::info!(version = i + 1, "catalog migrated");
         }
         tx.commit().map_err(|e| Error::catalog("migrate", e))
+    }
+
+    /// The connection, for the other catalog modules ([`crate::models`]).
+    pub(crate) fn conn(&self) -> &Connection {
+        &self.conn
     }
 
     /// The schema version (the number of migrations applied).

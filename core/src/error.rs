@@ -154,6 +154,47 @@ pub enum Error {
         reason: String,
     },
 
+    /// A model, model version or alias is not in the registry.
+    #[error("no model `{name}`{} in the registry", version.as_ref().map(|v| format!(" {v}")).unwrap_or_default())]
+    ModelNotFound {
+        name: String,
+        /// "version `v3`" or "alias `production`"; `None` for the model itself.
+        version: Option<String>,
+    },
+
+    /// A model version is registered already; versions are immutable.
+    #[error(
+        "model `{name}` version `{version}` already exists (sha256 {existing_sha256}); versions are immutable: register another --version"
+    )]
+    ModelVersionExists {
+        name: String,
+        version: String,
+        existing_sha256: String,
+    },
+
+    /// A model version cannot be deleted while aliases point at it.
+    #[error(
+        "model `{name}` version `{version}` is aliased as {}: move the alias or pass --force",
+        aliases.iter().map(|a| format!("`{a}`")).collect::<Vec<_>>().join(", ")
+    )]
+    ModelVersionAliased {
+        name: String,
+        version: String,
+        aliases: Vec<String>,
+    },
+
+    /// A stored model artifact does not have the sha256 the registry recorded.
+    #[error(
+        "model artifact `{object}` is damaged: sha256 {got} ({got_bytes} bytes), the registry recorded {expected} ({expected_bytes} bytes)"
+    )]
+    ArtifactMismatch {
+        object: String,
+        expected: String,
+        got: String,
+        expected_bytes: u64,
+        got_bytes: u64,
+    },
+
     /// Validation refused some cases of an ingest; nothing was published.
     #[error("{} bad case(s), nothing published:\n{}", cases.len(), crate::ingest::format_bad_cases(cases))]
     BadCases { cases: Vec<crate::ingest::BadCase> },

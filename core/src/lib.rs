@@ -12,6 +12,7 @@ pub mod localnet;
 pub mod losses;
 pub mod metrics;
 pub mod model;
+pub mod models;
 pub mod nifti_io;
 pub mod ops;
 pub mod optim;

@@ -74,8 +74,18 @@ impl From<HeadError> for tonic::Status {
             HeadError::InvalidArgument { .. } | HeadError::Config { .. } => {
                 Self::invalid_argument(message)
             }
-            HeadError::Core(medray_core::Error::InvalidArgument { .. }) => {
-                Self::invalid_argument(message)
+            HeadError::Core(
+                medray_core::Error::InvalidArgument { .. } | medray_core::Error::Weights { .. },
+            ) => Self::invalid_argument(message),
+            HeadError::Core(medray_core::Error::ModelNotFound { .. }) => Self::not_found(message),
+            HeadError::Core(medray_core::Error::ModelVersionExists { .. }) => {
+                Self::already_exists(message)
+            }
+            HeadError::Core(medray_core::Error::ModelVersionAliased { .. }) => {
+                Self::failed_precondition(message)
+            }
+            HeadError::Core(medray_core::Error::ArtifactMismatch { .. }) => {
+                Self::data_loss(message)
             }
             HeadError::Actor(_) => Self::unavailable(message),
             _ => Self::internal(message),

@@ -2,6 +2,7 @@
 //! authenticated by the token interceptor installed in [`crate::run`].
 
 pub mod client;
+pub mod model_info;
 pub mod worker;
 
 use std::pin::Pin;
@@ -33,6 +34,16 @@ pub(crate) async fn object_stream(
         }
         _ => Status::internal(e.to_string()),
     })?;
+    Ok(chunk_stream(ctx, data, direction))
+}
+
+/// Streams `data` in chunks of the configured size; the first chunk carries the size and
+/// sha256.
+pub(crate) fn chunk_stream(
+    ctx: &HeadContext,
+    data: Vec<u8>,
+    direction: &'static str,
+) -> BoxStream<ObjectChunk> {
     let sha256 = hex::encode(Sha256::digest(&data));
     let size = data.len() as u64;
     ctx.metrics.moved(direction, size);
@@ -48,7 +59,7 @@ pub(crate) async fn object_stream(
         first = false;
         Ok(c)
     }));
-    Ok(Box::pin(stream))
+    Box::pin(stream)
 }
 
 fn bytes_chunks(data: Vec<u8>, chunk: usize) -> Vec<Vec<u8>> {

@@ -84,4 +84,43 @@ pub const MIGRATIONS: &[&str] = &[
         last_heartbeat_at  TEXT NOT NULL
     );
     "#,
+    // 3: the model registry: models, their immutable versions, and aliases.
+    r#"
+    CREATE TABLE models (
+        name         TEXT PRIMARY KEY NOT NULL,
+        created_at   TEXT NOT NULL,              -- RFC 3339 UTC
+        last_number  INTEGER NOT NULL DEFAULT 0  -- highest N of a `vN` version ever registered
+    );
+    CREATE TABLE model_versions (
+        id               INTEGER PRIMARY KEY AUTOINCREMENT, -- registration order
+        name             TEXT NOT NULL REFERENCES models(name),
+        version          TEXT NOT NULL,            -- v1, v2, ... or an explicit one
+        preset           TEXT NOT NULL,            -- seed | full | custom
+        model_config     TEXT NOT NULL,            -- JSON medray_core::model::ModelConfig
+        train_config     TEXT NOT NULL,            -- JSON, opaque
+        dataset          TEXT NOT NULL,            -- empty for an import
+        train_cases      TEXT NOT NULL,            -- JSON array of case ids
+        val_cases        TEXT NOT NULL,            -- JSON array of case ids
+        job_id           TEXT,
+        epochs           INTEGER NOT NULL,
+        best_val_dice    REAL,
+        final_losses     TEXT NOT NULL,            -- JSON, opaque
+        artifact_key     TEXT NOT NULL,            -- stage key of the safetensors weights
+        artifact_sha256  TEXT NOT NULL,            -- of the plaintext weights, hex
+        artifact_bytes   INTEGER NOT NULL,         -- plaintext bytes
+        config_key       TEXT NOT NULL,            -- stage key of the ModelConfig JSON
+        source           TEXT NOT NULL CHECK (source IN ('trained', 'imported')),
+        created_at       TEXT NOT NULL,            -- RFC 3339 UTC
+        medray_version   TEXT NOT NULL,
+        UNIQUE (name, version)
+    );
+    CREATE TABLE model_aliases (
+        name        TEXT NOT NULL,
+        alias       TEXT NOT NULL,               -- e.g. production
+        version     TEXT NOT NULL,
+        updated_at  TEXT NOT NULL,               -- RFC 3339 UTC
+        PRIMARY KEY (name, alias),
+        FOREIGN KEY (name, version) REFERENCES model_versions(name, version)
+    );
+    "#,
 ];

@@ -14,11 +14,17 @@ use medray_proto::v1::{
     LogLine, ObjectChunk, StageGetRequest, StageListRequest, StageListResponse, StageObject,
     StagePutRequest, StagePutResponse, StreamJobLogsRequest, SubmitJobRequest, SubmitJobResponse,
 };
+use medray_proto::v1::{
+    DeleteModelRequest, DeleteModelResponse, ExportModelRequest, GetModelRequest, GetModelResponse,
+    ImportModelRequest, ImportModelResponse, ListModelsRequest, ListModelsResponse, ModelRef,
+    SetModelAliasRequest, SetModelAliasResponse,
+};
 use ractor::ActorRef;
 use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{object_stream, BoxStream};
+use super::model_info::{model_version_info, version_ref};
+use super::{chunk_stream, object_stream, BoxStream};
 use crate::context::HeadContext;
 use crate::ids::JobId;
 use crate::manager::ManagerMsg;
@@ -157,6 +163,25 @@ pub fn dataset_response(d: DatasetRecord, cases: Vec<CaseRecord>) -> GetDatasetR
             })
             .collect(),
     }
+}
+
+/// A core error as a status (through [`crate::HeadError`]'s one mapping).
+fn core_status(e: medray_core::Error) -> Status {
+    Status::from(crate::HeadError::from(e))
+}
+
+/// The model and version a request names; `model` is required.
+fn requested_model(
+    model: Option<ModelRef>,
+) -> Result<
+    (
+        medray_core::models::ModelName,
+        medray_core::models::VersionRef,
+    ),
+    Status,
+> {
+    let model = model.ok_or_else(|| Status::invalid_argument("missing field `model`"))?;
+    version_ref(model).map_err(core_status)
 }
 
 #[tonic::async_trait]
@@ -416,6 +441,150 @@ impl Client for ClientService {
         Ok(Response::new(StagePutResponse {
             bytes: data.len() as u64,
             sha256: hex::encode(Sha256::digest(&data)),
+        }))
+    }
+
+    async fn list_models(
+        &self,
+        _request: Request<ListModelsRequest>,
+    ) -> Result<Response<ListModelsResponse>, Status> {
+        let catalog = self.ctx.catalog().map_err(Status::from)?;
+        let versions = medray_core::models::list_models(&catalog)
+            .map_err(core_status)?
+            .iter()
+            .map(model_version_info)
+            .collect();
+        Ok(Response::new(ListModelsResponse { versions }))
+    }
+
+    async fn get_model(
+        &self,
+        request: Request<GetModelRequest>,
+    ) -> Result<Response<GetModelResponse>, Status> {
+        let (name, which) = requested_model(request.into_inner().model)?;
+        let catalog = self.ctx.catalog().map_err(Status::from)?;
+        let v = medray_core::models::model_version(&catalog, &name, &which).map_err(core_status)?;
+        Ok(Response::new(GetModelResponse {
+            version: Some(model_version_info(&v)),
+        }))
+    }
+
+    type ExportModelStream = BoxStream<ObjectChunk>;
+
+    async fn export_model(
+        &self,
+        request: Request<ExportModelRequest>,
+    ) -> Result<Response<Self::ExportModelStream>, Status> {
+        let (name, which) = requested_model(request.into_inner().model)?;
+        let v = {
+            let catalog = self.ctx.catalog().map_err(Status::from)?;
+            medray_core::models::model_version(&catalog, &name, &which).map_err(core_status)?
+        };
+        let data = medray_core::models::load_weights(&self.ctx.stage, &v)
+            .await
+            .map_err(core_status)?;
+        Ok(Response::new(chunk_stream(&self.ctx, data, "to_client")))
+    }
+
+    async fn import_model(
+        &self,
+        request: Request<Streaming<ImportModelRequest>>,
+    ) -> Result<Response<ImportModelResponse>, Status> {
+        let mut stream = request.into_inner();
+        let first = stream
+            .next()
+            .await
+            .ok_or_else(|| Status::invalid_argument("empty upload: no header"))??;
+        let header = first
+            .header
+            .ok_or_else(|| Status::invalid_argument("the first message must carry the `header`"))?;
+        let mut data = first.data;
+        let limit = self.ctx.config.max_put_bytes;
+        if header.size > limit {
+            return Err(Status::resource_exhausted(format!(
+                "weights of {} bytes are larger than the head's limit of {limit} bytes",
+                header.size
+            )));
+        }
+        while let Some(msg) = stream.next().await {
+            let msg = msg?;
+            if (data.len() + msg.data.len()) as u64 > header.size {
+                return Err(Status::invalid_argument(format!(
+                    "more data than the announced `size` of {} bytes",
+                    header.size
+                )));
+            }
+            data.extend_from_slice(&msg.data);
+        }
+        let sha256 = hex::encode(Sha256::digest(&data));
+        if data.len() as u64 != header.size || sha256 != header.sha256 {
+            return Err(Status::data_loss(format!(
+                "upload damaged: {} of {} bytes, sha256 {sha256} instead of {}",
+                data.len(),
+                header.size,
+                header.sha256
+            )));
+        }
+        self.ctx.metrics.moved("from_client", data.len() as u64);
+        let name = medray_core::models::ModelName::new(header.name).map_err(core_status)?;
+        let model_config: medray_core::model::ModelConfig =
+            serde_json::from_str(&header.model_config_json).map_err(|e| {
+                Status::invalid_argument(format!("invalid `model_config_json`: {e}"))
+            })?;
+        let train_config_json = if header.train_config_json.is_empty() {
+            "{}".to_string()
+        } else {
+            header.train_config_json
+        };
+        let new = medray_core::models::NewModelVersion::imported(
+            name,
+            (!header.version.is_empty()).then_some(header.version),
+            model_config,
+            data,
+            train_config_json,
+        );
+        let mut catalog = self.ctx.catalog().map_err(Status::from)?;
+        let v = medray_core::models::register_model(&self.ctx.stage, &mut catalog, new)
+            .await
+            .map_err(core_status)?;
+        Ok(Response::new(ImportModelResponse {
+            version: Some(model_version_info(&v)),
+        }))
+    }
+
+    async fn set_model_alias(
+        &self,
+        request: Request<SetModelAliasRequest>,
+    ) -> Result<Response<SetModelAliasResponse>, Status> {
+        let req = request.into_inner();
+        let name = medray_core::models::ModelName::new(req.name).map_err(core_status)?;
+        let mut catalog = self.ctx.catalog().map_err(Status::from)?;
+        let previous =
+            medray_core::models::set_alias(&mut catalog, &name, &req.alias, &req.version)
+                .map_err(core_status)?;
+        Ok(Response::new(SetModelAliasResponse {
+            previous_version: previous.unwrap_or_default(),
+        }))
+    }
+
+    async fn delete_model(
+        &self,
+        request: Request<DeleteModelRequest>,
+    ) -> Result<Response<DeleteModelResponse>, Status> {
+        let req = request.into_inner();
+        let name = medray_core::models::ModelName::new(req.name).map_err(core_status)?;
+        let mut catalog = self.ctx.catalog().map_err(Status::from)?;
+        let v = medray_core::models::delete_version(
+            &self.ctx.stage,
+            &mut catalog,
+            &name,
+            &req.version,
+            req.force,
+        )
+        .await
+        .map_err(core_status)?;
+        Ok(Response::new(DeleteModelResponse {
+            version: Some(model_version_info(&v)),
         }))
     }
 }
