@@ -280,6 +280,54 @@ fn a_cancelled_job_resumes_to_the_same_parameters() {
         d < 1e-5,
         "resumed vs uninterrupted: relative difference {d}"
     );
+
+    // The registered version is the job's best checkpoint; exported, it loads into the
+    // core's LocalNet and gives the same DDF.
+    let j = c.job(&resumed).expect("job");
+    let registered = j["result"]["model"].as_str().expect("model").to_string();
+    let (name, version) = registered.split_once(':').expect("name:version");
+    let exported = c.dir().join("exported.safetensors");
+    c.cli_ok(&[
+        "models",
+        "export",
+        name,
+        "--version",
+        version,
+        "--out",
+        &exported.display().to_string(),
+    ])
+    .expect("export");
+    let best = c.dir().join("best.safetensors");
+    c.cli_ok(&[
+        "stage",
+        "get",
+        &format!("jobs/{resumed}/best/weights.safetensors"),
+        &best.display().to_string(),
+    ])
+    .expect("best weights");
+    let input = Tensor::arange(0f32, 8192.0, &Device::Cpu)
+        .and_then(|t| t.reshape((1, 2, 16, 16, 16)))
+        .and_then(|t| (t / 8192.0)?.sin())
+        .expect("input");
+    let ddf = |path: &Path| {
+        let net = medray_core::localnet::LocalNet::load_safetensors(
+            path,
+            None,
+            candle_core::DType::F32,
+            &Device::Cpu,
+        )
+        .expect("loads into LocalNet");
+        let ddf = net.forward_t(&input, false).expect("forward");
+        ddf.flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .expect("values")
+    };
+    let (a, b) = (ddf(&exported), ddf(&best));
+    assert_eq!(a, b, "the exported model gives another DDF");
+    assert!(
+        a.iter().any(|v| *v != 0.0),
+        "a trained network moves something"
+    );
 }
 
 #[test]
@@ -411,7 +459,7 @@ fn a_worker_joining_an_elastic_job_is_added_at_an_epoch_boundary() {
             "--batch-size",
             "2",
             "--epochs",
-            "6",
+            "20",
             "--val-fraction",
             "0.34",
         ],

@@ -1288,11 +1288,51 @@ impl Coordinator {
         Ok(())
     }
 
-    /// Registers `weights` as the job's model version; returns `name:version`.
+    /// Registers `weights` as the job's model version (and points the alias at it);
+    /// returns `name:version`.
     async fn register(&self, weights: Vec<u8>) -> Phase<String> {
-        // Model registry: arrives with the models branch.
-        let _ = weights;
-        Ok(format!("{}:unregistered", self.spec.model))
+        use medray_core::models::{
+            register_model, set_alias, ModelName, ModelSource, NewModelVersion,
+        };
+        let name = ModelName::new(self.spec.model.clone())?;
+        let last = self.state.history.last();
+        let final_losses = serde_json::json!({
+            "total_loss": last.map(|h| h.total_loss),
+            "similarity_loss": last.map(|h| h.similarity_loss),
+            "regularisation_loss": last.map(|h| h.regularisation_loss),
+            "val_dice": last.and_then(|h| h.val_dice),
+            "val_soft_dice": last.and_then(|h| h.val_soft_dice),
+            "val_folding_pct": last.and_then(|h| h.val_folding_pct),
+            "best_epoch": self.state.best_epoch,
+        });
+        let new = NewModelVersion {
+            name: name.clone(),
+            version: (!self.spec.version.is_empty()).then(|| self.spec.version.clone()),
+            model_config: self.state.config.model_config(),
+            weights,
+            train_config_json: serde_json::to_string(&self.state.config)
+                .map_err(|e| Interrupt::Fatal(format!("config: {e}")))?,
+            dataset: self.dataset.clone(),
+            train_cases: self.state.train_cases.clone(),
+            val_cases: self.state.val_cases.clone(),
+            job_id: Some(self.job_id.to_string()),
+            epochs: self.state.epochs_done as u32,
+            best_val_dice: self.state.best_val,
+            final_losses_json: final_losses.to_string(),
+            source: ModelSource::Trained,
+        };
+        let mut catalog = self.ctx.catalog()?;
+        let version = register_model(&self.ctx.stage, &mut catalog, new).await?;
+        if !self.spec.alias.is_empty() {
+            set_alias(&mut catalog, &name, &self.spec.alias, &version.version)?;
+            self.log(format!(
+                "alias {} now points at {}:{}",
+                self.spec.alias,
+                name.as_str(),
+                version.version
+            ));
+        }
+        Ok(format!("{}:{}", name.as_str(), version.version))
     }
 
     /// Registers the best weights and ends the replicas' tasks.

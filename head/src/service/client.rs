@@ -73,6 +73,16 @@ pub fn validate_spec(spec: &JobSpec) -> Result<(), Status> {
             if t.model.is_empty() {
                 return bad("train.model", "missing");
             }
+            medray_core::models::ModelName::new(t.model.clone())
+                .map_err(|e| Status::invalid_argument(format!("`train.model`: {e}")))?;
+            if !t.version.is_empty() {
+                medray_core::models::validate_version(&t.version)
+                    .map_err(|e| Status::invalid_argument(format!("`train.version`: {e}")))?;
+            }
+            if !t.alias.is_empty() {
+                medray_core::models::validate_alias(&t.alias)
+                    .map_err(|e| Status::invalid_argument(format!("`train.alias`: {e}")))?;
+            }
             if t.workers > 1024 {
                 return bad("train.workers", "at most 1024");
             }
