@@ -1,6 +1,7 @@
 //! `medray`: the command-line tool. Thin: parse arguments, set up logging, call the library.
 
 mod bench;
+mod bench_allreduce;
 mod bench_transfer;
 mod cluster;
 mod data_dir;
@@ -52,6 +53,8 @@ enum Command {
     Stage(stage::Args),
     /// Time object transfer head -> worker (gRPC) against a raw TCP copy, on loopback.
     BenchTransfer(bench_transfer::Args),
+    /// Time the training all-reduce through the head against a raw TCP exchange, on loopback.
+    BenchAllreduce(bench_allreduce::Args),
     /// Run the cluster's head (gRPC server, scheduler, job manager, worker registry).
     Head(cluster::head::Args),
     /// Run a worker that joins the head at --address.
@@ -120,6 +123,7 @@ fn main() -> std::process::ExitCode {
         Command::Status(args) => cluster::status::run(args),
         Command::Job(args) => cluster::job::run(args),
         Command::Selftest(args) => cluster::selftest::run(args),
+        Command::BenchAllreduce(args) => bench_allreduce::run(args),
         Command::Train(args) => cluster::train::run(args),
     });
     match result {

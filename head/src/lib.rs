@@ -231,7 +231,10 @@ pub async fn run(
         .max_encoding_message_size(config.max_message_bytes),
         check,
     );
-    let mut builder = Server::builder();
+    let mut builder = Server::builder()
+        .tcp_nodelay(true)
+        .initial_stream_window_size(medray_proto::HTTP2_STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(medray_proto::HTTP2_CONNECTION_WINDOW_BYTES);
     if let Some(tls) = &config.tls {
         builder = builder
             .tls_config(

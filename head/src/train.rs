@@ -986,7 +986,9 @@ impl Coordinator {
         let mut first_chunk: HashMap<u64, Instant> = HashMap::new();
         let mut allreduce_ms = 0.0;
         let deadline = Instant::now() + self.step_timeout;
-        while reduced < lengths.len() || done.len() < ids.len() {
+        // Replicas that have every averaged chunk: the all-reduce is over when all have.
+        let mut arrived: HashSet<u64> = HashSet::new();
+        while reduced < lengths.len() || done.len() < ids.len() || arrived.len() < ids.len() {
             match self.recv(deadline).await? {
                 Event::Msg(id, Up::Grad(chunk)) if chunk.round == round => {
                     let k = chunk.index as usize;
@@ -1026,12 +1028,18 @@ impl Coordinator {
                         }))
                         .await?;
                         reduced += 1;
-                        if reduced == lengths.len() {
-                            allreduce_ms = first_chunk
-                                .values()
-                                .max()
-                                .map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3);
-                        }
+                    }
+                }
+                Event::Msg(id, Up::Reduced(r)) if r == round && ids.contains(&id) => {
+                    if reduced < lengths.len() {
+                        return self.protocol_error(id, "acknowledged chunks not sent yet");
+                    }
+                    arrived.insert(id);
+                    if arrived.len() == ids.len() {
+                        allreduce_ms = first_chunk
+                            .values()
+                            .max()
+                            .map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3);
                     }
                 }
                 Event::Msg(id, Up::StepDone(d)) if d.round == round && ids.contains(&id) => {
@@ -1056,6 +1064,9 @@ impl Coordinator {
                         if g.len() < weight.len() {
                             pending.extend(weight.keys().filter(|id| !g.contains(id)));
                         }
+                    }
+                    if reduced == lengths.len() {
+                        pending.extend(ids.iter().filter(|id| !arrived.contains(id)));
                     }
                     self.time_out(&pending, &format!("step {step}"))?;
                     return Err(Interrupt::Lost);

@@ -24,6 +24,13 @@ pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
 /// Default object transfer chunk, bytes (the brief's 1-4 MiB range).
 pub const DEFAULT_CHUNK_BYTES: usize = 2 * 1024 * 1024;
 
+/// HTTP/2 flow-control windows of every medray connection, bytes: a stream may have this
+/// much in flight before the receiver acknowledges it. The 64 KiB default of HTTP/2 caps a
+/// gradient or object stream at one window per round trip; these let several chunks fly.
+pub const HTTP2_STREAM_WINDOW_BYTES: u32 = 16 * 1024 * 1024;
+/// See [`HTTP2_STREAM_WINDOW_BYTES`]; shared by every stream of a connection.
+pub const HTTP2_CONNECTION_WINDOW_BYTES: u32 = 64 * 1024 * 1024;
+
 impl v1::JobState {
     /// True for SUCCEEDED, FAILED and CANCELLED.
     #[must_use]

@@ -39,6 +39,8 @@ pub fn endpoint(
     let mut endpoint = Endpoint::from_shared(address.to_string())?
         .connect_timeout(connect_timeout)
         .tcp_nodelay(true)
+        .initial_stream_window_size(crate::HTTP2_STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(crate::HTTP2_CONNECTION_WINDOW_BYTES)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(20));
     if let Some(tls) = tls {

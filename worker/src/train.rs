@@ -238,7 +238,9 @@ fn serve(
                     .decode(&chunk.data, n)
                     .map_err(permanent(&format!("reduced chunk {k}")))?;
                 p.mean[k * chunk_floats..k * chunk_floats + n].copy_from_slice(&values);
-                p.received[k] = true;
+                if !std::mem::replace(&mut p.received[k], true) && p.received.iter().all(|r| *r) {
+                    link.send(Up::Reduced(p.round))?;
+                }
             }
             Down::Commit(round) => {
                 let Some(p) = pending.take().filter(|p| p.round == round) else {
