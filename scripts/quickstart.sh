@@ -3,13 +3,14 @@
 #   1. build the `medray` binary (release),
 #   2. synthesise paired lung-CT phantoms with a known breathing deformation,
 #   3. start a local cluster (head + 2 workers), ingest the phantoms into its encrypted
-#      stage and catalog, run the selftest on every worker, stop the cluster,
+#      stage and catalog, run the selftest on every worker,
 #   4. train LocalNet (full preset, MI + bending energy) on the first 80% of the cases,
+#      data-parallel on both workers, register the model and export it,
 #   5. register a held-out case and print its quality (Dice, TRE, SSIM, folding).
 # Needs only a Rust toolchain (https://rustup.rs). On 2 CPU cores: about 20 minutes for the
 # first release build, then about 4 minutes for the job itself.
-# Outputs go to ${MEDRAY_QUICKSTART_DIR:-quickstart}/. Training and prediction still run in
-# one process (`train-local`, `predict`): distributed training is the next issue.
+# Outputs go to ${MEDRAY_QUICKSTART_DIR:-quickstart}/. Prediction still runs in one process
+# (`predict`): distributed inference is the next issue.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v cargo >/dev/null || { echo "cargo not found: install Rust from https://rustup.rs" >&2; exit 1; }
@@ -24,24 +25,26 @@ $M synth --out "$OUT/data" --cases 10 --size "${SIZE[@]}" --seed 0 --motion-scal
 
 echo "== 2/4 local cluster in $OUT: ingest into its stage, selftest on every worker"
 DATA="$(cd "$OUT/data" && pwd)"
-(
-  cd "$OUT"
-  $M up --workers 2 --detach --listen 127.0.0.1:${MEDRAY_QUICKSTART_PORT:-50051} --data-dir cluster-data
-  trap '$M down' EXIT
-  $M ingest dir "$DATA" --name quickstart --replace
-  $M datasets show quickstart
-  $M selftest --dataset quickstart --size 48
-  $M status
-)
+cd "$OUT"
+$M up --workers 2 --detach --listen 127.0.0.1:${MEDRAY_QUICKSTART_PORT:-50051} --data-dir cluster-data
+trap '$M down' EXIT
+$M ingest dir "$DATA" --name quickstart --replace
+$M datasets show quickstart
+$M selftest --dataset quickstart --size 48
+$M status
 
-echo "== 3/4 training LocalNet (full preset, MI + bending energy) into $OUT/run"
-rm -rf "$OUT/run"
-$M train-local --data "$OUT/data" --preset full --channels 8 --loss mi-be \
-  --epochs 12 --batch-size 2 --lr 1e-3 --size "${SIZE[@]}" --out "$OUT/run"
+echo "== 3/4 training LocalNet (full preset, MI + bending energy) on both workers"
+$M train --dataset quickstart --model quickstart --preset full --channels 8 --loss mi-be \
+  --epochs 12 --batch-size 2 --lr 1e-3 --size "${SIZE[@]}" --workers 2
+$M models list
+$M models export quickstart --out best.safetensors
+$M down
+trap - EXIT
+cd - >/dev/null
 
 echo "== 4/4 registering held-out case_010 with the best weights"
 D="$OUT/data"
-$M predict --weights "$OUT/run/best.safetensors" \
+$M predict --weights "$OUT/best.safetensors" \
   --fixed "$D/scans/case_010_exp.nii.gz" --moving "$D/scans/case_010_insp.nii.gz" \
   --fixed-mask "$D/lungMasks/case_010_exp.nii.gz" --moving-mask "$D/lungMasks/case_010_insp.nii.gz" \
   --keypoints "$D/keypoints/case_010.csv" \
