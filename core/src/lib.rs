@@ -22,5 +22,6 @@ pub mod registration;
 pub mod stage;
 pub mod synth;
 pub mod train;
+pub mod viz;
 
 pub use error::{Error, Result};

@@ -1281,6 +1281,10 @@ impl Coordinator {
                 history_csv(&self.state.history).as_bytes(),
             )
             .await?;
+        let curves = medray_core::viz::curves_png(&self.state.history)?;
+        stage
+            .put(&job_key(&self.job_id, "curves.png")?, &curves)
+            .await?;
         // Numbered checkpoints: keep every `checkpoint_every`-th; drop others once superseded.
         let every = self.state.config.checkpoint_every.max(1);
         if let Some(prev_epoch) = previous

@@ -162,6 +162,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 .map_or_else(|| "n/a".to_string(), |d| format!("{d:.4}")),
             r["best_epoch"]
         );
+        println!(
+            "curves: `medray stage get jobs/{id}/history.csv OUT.csv` and jobs/{id}/curves.png; checkpoints under jobs/{id}/checkpoints/",
+            id = job.id
+        );
         Ok(())
     })
 }
