@@ -52,8 +52,13 @@ impl Canvas {
     pub fn text(&mut self, x: i32, y: i32, text: &str, color: Rgb888) {
         let style = MonoTextStyle::new(&FONT_6X10, color);
         // Drawing into memory cannot fail.
-        let _ = Text::with_baseline(text, Point::new(x, y), style, embedded_graphics::text::Baseline::Top)
-            .draw(self);
+        let _ = Text::with_baseline(
+            text,
+            Point::new(x, y),
+            style,
+            embedded_graphics::text::Baseline::Top,
+        )
+        .draw(self);
     }
 
     /// Encodes the canvas as PNG.
@@ -110,7 +115,12 @@ const PALETTE: [Rgb888; 3] = [
 ];
 
 /// Draws a line chart of `series` in the rectangle at (x0, y0) of size (w, h).
-fn chart(canvas: &mut Canvas, (x0, y0, w, h): (i32, i32, i32, i32), title: &str, series: &[Series<'_>]) {
+fn chart(
+    canvas: &mut Canvas,
+    (x0, y0, w, h): (i32, i32, i32, i32),
+    title: &str,
+    series: &[Series<'_>],
+) {
     let all: Vec<(f64, f64)> = series
         .iter()
         .flat_map(|s| s.points.iter().copied())
@@ -143,7 +153,8 @@ fn chart(canvas: &mut Canvas, (x0, y0, w, h): (i32, i32, i32, i32), title: &str,
         ymax += pad;
     }
     let px = |x: f64| left + ((x - xmin) / (xmax - xmin) * f64::from(right - left)).round() as i32;
-    let py = |y: f64| bottom - ((y - ymin) / (ymax - ymin) * f64::from(bottom - top)).round() as i32;
+    let py =
+        |y: f64| bottom - ((y - ymin) / (ymax - ymin) * f64::from(bottom - top)).round() as i32;
     canvas.text(x0, top - 2, &format!("{ymax:.4}"), GRAY);
     canvas.text(x0, bottom - 8, &format!("{ymin:.4}"), GRAY);
     canvas.text(left, bottom + 4, &format!("epoch {xmin:.0}"), GRAY);
@@ -226,6 +237,217 @@ pub fn curves_png(history: &[EpochSummary]) -> Result<Vec<u8>> {
     canvas.to_png()
 }
 
+/// The volumes of one registered case, all on the same grid.
+#[derive(Clone, Copy, Debug)]
+pub struct CaseViews<'a> {
+    /// Fixed image.
+    pub fixed: &'a ndarray::Array3<f32>,
+    /// Moving image.
+    pub moving: &'a ndarray::Array3<f32>,
+    /// Moving image warped onto the fixed one.
+    pub warped: &'a ndarray::Array3<f32>,
+    /// Length of the displacement at each voxel (any unit; shown relative to its maximum).
+    pub ddf_magnitude: &'a ndarray::Array3<f32>,
+    /// Voxel size (mm) along the three axes, for the aspect ratio.
+    pub spacing: [f64; 3],
+}
+
+/// A 2-D slice: values row by row, and its physical aspect (height / width).
+struct Slice {
+    rows: usize,
+    cols: usize,
+    values: Vec<f32>,
+    aspect: f64,
+}
+
+/// The middle slice across `axis` (0, 1 or 2), displayed with the last remaining axis
+/// upwards (superior up for a coronal slice of a Learn2Reg scan).
+fn mid_slice(v: &ndarray::Array3<f32>, axis: usize, spacing: [f64; 3]) -> Slice {
+    let mid = v.shape()[axis] / 2;
+    let s = v.index_axis(ndarray::Axis(axis), mid);
+    let (a, b) = (s.shape()[0], s.shape()[1]);
+    let others: Vec<usize> = (0..3).filter(|&d| d != axis).collect();
+    // Columns: the first remaining axis; rows: the second, flipped so that it points up.
+    let mut values = Vec::with_capacity(a * b);
+    for r in (0..b).rev() {
+        for c in 0..a {
+            values.push(s[[c, r]]);
+        }
+    }
+    Slice {
+        rows: b,
+        cols: a,
+        values,
+        aspect: (b as f64 * spacing[others[1]]) / (a as f64 * spacing[others[0]]).max(1e-9),
+    }
+}
+
+/// Value range between the 1st and 99th percentiles of `values` (finite ones).
+fn robust_range(values: &[f32]) -> (f32, f32) {
+    let mut v: Vec<f32> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return (0.0, 1.0);
+    }
+    v.sort_by(f32::total_cmp);
+    let lo = v[v.len() / 100];
+    let hi = v[(v.len() * 99) / 100];
+    if hi > lo {
+        (lo, hi)
+    } else {
+        (lo, lo + 1.0)
+    }
+}
+
+/// Blits `slice` into a `size` x `size` box at (x0, y0), nearest-neighbour, aspect kept;
+/// `color` maps a value to a colour.
+fn blit(
+    canvas: &mut Canvas,
+    (x0, y0): (i32, i32),
+    size: i32,
+    slice: &Slice,
+    color: &dyn Fn(f32) -> [u8; 3],
+) {
+    let (w, h) = if slice.aspect >= 1.0 {
+        (((f64::from(size)) / slice.aspect).round() as i32, size)
+    } else {
+        (size, (f64::from(size) * slice.aspect).round() as i32)
+    };
+    let (ox, oy) = (x0 + (size - w) / 2, y0 + (size - h) / 2);
+    for py in 0..h.max(1) {
+        let r = ((py as usize * slice.rows) / h.max(1) as usize).min(slice.rows - 1);
+        for px in 0..w.max(1) {
+            let c = ((px as usize * slice.cols) / w.max(1) as usize).min(slice.cols - 1);
+            canvas.put(ox + px, oy + py, color(slice.values[r * slice.cols + c]));
+        }
+    }
+}
+
+fn gray(lo: f32, hi: f32) -> impl Fn(f32) -> [u8; 3] {
+    move |v| {
+        let g = (((v - lo) / (hi - lo)).clamp(0.0, 1.0) * 255.0).round() as u8;
+        [g, g, g]
+    }
+}
+
+/// Blue (0) to yellow to red (max): displacement magnitude.
+fn heat(max: f32) -> impl Fn(f32) -> [u8; 3] {
+    move |v| {
+        let t = (v / max.max(1e-6)).clamp(0.0, 1.0);
+        if t < 0.5 {
+            let u = t * 2.0;
+            [
+                (255.0 * u) as u8,
+                (255.0 * u) as u8,
+                (255.0 * (1.0 - u)) as u8,
+            ]
+        } else {
+            let u = (t - 0.5) * 2.0;
+            [255, (255.0 * (1.0 - u)) as u8, 0]
+        }
+    }
+}
+
+/// Mid slices of a registered case as a PNG: for the coronal and the axial slice, the
+/// fixed, moving and warped images, a checkerboard of fixed and warped, the absolute
+/// difference to the fixed image before and after registration, and the displacement
+/// magnitude.
+pub fn case_png(views: &CaseViews<'_>) -> Result<Vec<u8>> {
+    let shape = views.fixed.shape();
+    for (name, v) in [
+        ("moving", views.moving),
+        ("warped", views.warped),
+        ("ddf magnitude", views.ddf_magnitude),
+    ] {
+        if v.shape() != shape {
+            return Err(Error::ShapeMismatch {
+                op: "case picture",
+                expected: format!("{shape:?}"),
+                got: format!("{name} {:?}", v.shape()),
+            });
+        }
+    }
+    const BOX: i32 = 150;
+    const PAD: i32 = 6;
+    let titles = [
+        "fixed",
+        "moving",
+        "warped",
+        "checkerboard",
+        "|moving-fixed|",
+        "|warped-fixed|",
+        "|DDF|",
+    ];
+    let width = (BOX + PAD) * titles.len() as i32 + PAD;
+    let height = 2 * (BOX + 16 + PAD) + PAD;
+    let mut canvas = Canvas::new(width as u32, height as u32);
+    let (lo, hi) = robust_range(views.fixed.as_slice().unwrap_or(&[]));
+    let before: Vec<f32> = views
+        .moving
+        .iter()
+        .zip(views.fixed.iter())
+        .map(|(m, f)| (m - f).abs())
+        .collect();
+    let diff_max = robust_range(&before).1.max(1e-6);
+    let ddf_max = views.ddf_magnitude.iter().copied().fold(0f32, f32::max);
+    // Coronal: across axis 1 (anterior-posterior); axial: across axis 2.
+    for (row, (axis, label)) in [(1usize, "coronal"), (2, "axial")].into_iter().enumerate() {
+        let y0 = PAD + row as i32 * (BOX + 16 + PAD);
+        let f = mid_slice(views.fixed, axis, views.spacing);
+        let m = mid_slice(views.moving, axis, views.spacing);
+        let w = mid_slice(views.warped, axis, views.spacing);
+        let d = mid_slice(views.ddf_magnitude, axis, views.spacing);
+        let checker = Slice {
+            values: f
+                .values
+                .iter()
+                .zip(&w.values)
+                .enumerate()
+                .map(|(i, (a, b))| {
+                    let (r, c) = (i / f.cols, i % f.cols);
+                    let tile = (f.cols / 8).max(1);
+                    if (r / tile + c / tile) % 2 == 0 {
+                        *a
+                    } else {
+                        *b
+                    }
+                })
+                .collect(),
+            ..Slice {
+                rows: f.rows,
+                cols: f.cols,
+                values: Vec::new(),
+                aspect: f.aspect,
+            }
+        };
+        let diff = |s: &Slice| Slice {
+            values: s
+                .values
+                .iter()
+                .zip(&f.values)
+                .map(|(a, b)| (a - b).abs())
+                .collect(),
+            rows: s.rows,
+            cols: s.cols,
+            aspect: s.aspect,
+        };
+        let panels: [(&Slice, Box<dyn Fn(f32) -> [u8; 3]>); 7] = [
+            (&f, Box::new(gray(lo, hi))),
+            (&m, Box::new(gray(lo, hi))),
+            (&w, Box::new(gray(lo, hi))),
+            (&checker, Box::new(gray(lo, hi))),
+            (&diff(&m), Box::new(gray(0.0, diff_max))),
+            (&diff(&w), Box::new(gray(0.0, diff_max))),
+            (&d, Box::new(heat(ddf_max))),
+        ];
+        for (k, ((slice, color), title)) in panels.iter().zip(titles).enumerate() {
+            let x0 = PAD + k as i32 * (BOX + PAD);
+            canvas.text(x0, y0, &format!("{title} ({label})"), Rgb888::BLACK);
+            blit(&mut canvas, (x0, y0 + 14), BOX, slice, color.as_ref());
+        }
+    }
+    canvas.to_png()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -266,5 +488,27 @@ mod tests {
         assert!(blue > 100, "{blue} blue pixels");
         // An empty history still renders (with "no data").
         assert!(curves_png(&[]).is_ok());
+    }
+
+    #[test]
+    fn a_case_picture_shows_the_difference_shrink() {
+        let fixed = ndarray::Array3::from_shape_fn((20, 16, 24), |(i, j, k)| (i + j + k) as f32);
+        let moving = fixed.mapv(|v| v + 5.0);
+        let mag = ndarray::Array3::from_elem((20, 16, 24), 2.0f32);
+        let views = CaseViews {
+            fixed: &fixed,
+            moving: &moving,
+            warped: &fixed,
+            ddf_magnitude: &mag,
+            spacing: [1.0, 1.0, 2.0],
+        };
+        let png = case_png(&views).expect("png");
+        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+        let wrong = ndarray::Array3::zeros((2, 2, 2));
+        let bad = CaseViews {
+            warped: &wrong,
+            ..views
+        };
+        assert!(case_png(&bad).is_err());
     }
 }
