@@ -322,6 +322,9 @@ fn blit(
     }
 }
 
+/// A value-to-colour mapping.
+type Colormap = Box<dyn Fn(f32) -> [u8; 3]>;
+
 fn gray(lo: f32, hi: f32) -> impl Fn(f32) -> [u8; 3] {
     move |v| {
         let g = (((v - lo) / (hi - lo)).clamp(0.0, 1.0) * 255.0).round() as u8;
@@ -405,7 +408,7 @@ pub fn case_png(views: &CaseViews<'_>) -> Result<Vec<u8>> {
                 .map(|(i, (a, b))| {
                     let (r, c) = (i / f.cols, i % f.cols);
                     let tile = (f.cols / 8).max(1);
-                    if (r / tile + c / tile) % 2 == 0 {
+                    if (r / tile + c / tile).is_multiple_of(2) {
                         *a
                     } else {
                         *b
@@ -430,7 +433,7 @@ pub fn case_png(views: &CaseViews<'_>) -> Result<Vec<u8>> {
             cols: s.cols,
             aspect: s.aspect,
         };
-        let panels: [(&Slice, Box<dyn Fn(f32) -> [u8; 3]>); 7] = [
+        let panels: [(&Slice, Colormap); 7] = [
             (&f, Box::new(gray(lo, hi))),
             (&m, Box::new(gray(lo, hi))),
             (&w, Box::new(gray(lo, hi))),

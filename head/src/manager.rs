@@ -32,7 +32,7 @@ pub struct JobManager {
 #[derive(RactorMessage)]
 pub enum ManagerMsg {
     /// Record and start a job (spec already validated).
-    Submit(JobSpec, RpcReplyPort<Result<Job>>),
+    Submit(Box<JobSpec>, RpcReplyPort<Result<Job>>),
     /// Cancel a job.
     Cancel(JobId, RpcReplyPort<Result<Job>>),
 }
@@ -160,7 +160,7 @@ impl Actor for JobManager {
                         .logs
                         .line(&id, format!("job {id} submitted ({})", job.kind));
                     self.ctx.metrics.jobs_submitted.inc();
-                    self.spawn_job(&myself, state, id, spec, false).await?;
+                    self.spawn_job(&myself, state, id, *spec, false).await?;
                     Ok(job)
                 }
                 .await;
