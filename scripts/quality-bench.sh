@@ -52,7 +52,7 @@ for i in $(seq $(( CASES - n_val + 1 )) "$CASES"); do
       --keypoints "data/keypoints/${id}.csv" >"$OUT/$id-$preset.json"
     python3 - "$OUT/$id-$preset.json" "$id" "$preset" <<'PY' || cat "$OUT/$id-$preset.json"
 import json, sys
-m = json.load(open(sys.argv[1]))["metrics"]
+m = json.load(open(sys.argv[1]))
 print(f"{sys.argv[2]:<10} {sys.argv[3]:<8} {m['dice_before']:>10.4f} {m['dice']:>10.4f} {m['tre_before_mm']:>10.3f} {m['tre_mm']:>10.3f} {m['folding_pct']:>10.3f}")
 PY
   done
