@@ -8,7 +8,7 @@
 #      data-parallel on both workers, register the model and export it,
 #   5. register a held-out case and print its quality (Dice, TRE, SSIM, folding).
 # Needs only a Rust toolchain (https://rustup.rs). On 2 CPU cores: about 20 minutes for the
-# first release build, then about 4 minutes for the job itself.
+# first release build, then about 6-10 minutes for the job itself.
 # Outputs go to ${MEDRAY_QUICKSTART_DIR:-quickstart}/. Prediction still runs in one process
 # (`predict`): distributed inference is the next issue.
 set -euo pipefail
