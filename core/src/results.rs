@@ -44,6 +44,22 @@ pub const RESULT_COLUMNS: [&str; 24] = [
     "created_at",
 ];
 
+/// Name endings of a case's outputs in its results folder.
+pub const IMAGE_SUFFIX: &str = "_registered_img.nii.gz";
+/// See [`IMAGE_SUFFIX`].
+pub const LABEL_SUFFIX: &str = "_registered_label.nii.gz";
+/// See [`IMAGE_SUFFIX`].
+pub const DDF_SUFFIX: &str = "_ddf.nii.gz";
+
+/// The stage folder of a model version's inference outputs, `results/<model>/<version>/`.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] for an invalid version.
+pub fn results_prefix(model: &ModelName, version: &str) -> Result<String> {
+    validate_version(version)?;
+    Ok(format!("results/{model}/{version}/"))
+}
+
 /// How a case ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
@@ -211,6 +227,81 @@ impl ResultRow {
             return Err(Error::invalid("job_id", "missing"));
         }
         Ok(())
+    }
+}
+
+/// What an inference task reports for its case (its result JSON); the head turns it into a
+/// [`ResultRow`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CaseReport {
+    /// The case.
+    pub case_id: String,
+    /// Its metrics, as `medray predict` reports them.
+    pub metrics: crate::evaluate::CaseMetrics,
+    /// The worker's time for the case (fetch, register, write, upload), ms.
+    pub runtime_ms: f64,
+    /// The network's forward pass, ms.
+    pub inference_ms: f64,
+    /// The device it ran on.
+    pub device: String,
+    /// Stage key of the registered image.
+    pub output_image: String,
+    /// Stage key of the registered label (when the case has masks).
+    pub output_label: Option<String>,
+    /// Stage key of the DDF.
+    pub output_ddf: String,
+    /// Size of the images as stored.
+    pub original_size: [usize; 3],
+    /// Size the network ran on.
+    pub network_size: [usize; 3],
+    /// What the instance optimisation did, if it ran.
+    pub refine: Option<crate::refine::RefineReport>,
+    /// True when the model was already loaded on the worker.
+    pub model_cached: bool,
+}
+
+impl CaseReport {
+    /// The SUCCEEDED row of this report. `mi` is minus MONAI's MI loss.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for an invalid case id.
+    pub fn into_row(
+        self,
+        dataset: DatasetName,
+        model_name: ModelName,
+        model_version: String,
+        worker: String,
+        job_id: String,
+    ) -> Result<ResultRow> {
+        let m = self.metrics;
+        Ok(ResultRow {
+            case_id: CaseId::new(self.case_id)?,
+            dataset,
+            model_name,
+            model_version,
+            status: CaseStatus::Succeeded,
+            error: None,
+            dice_before: m.dice_before,
+            dice_score: m.dice,
+            soft_dice: m.soft_dice,
+            ssim_score: Some(m.ssim),
+            mi: Some(-m.mi_loss),
+            tre_before_mm: m.tre_before_mm,
+            tre_mm: m.tre_mm,
+            folding_pct: Some(m.folding_pct),
+            ddf_magnitude: Some(m.ddf_magnitude),
+            runtime_ms: Some(self.runtime_ms),
+            device: self.device,
+            worker,
+            job_id,
+            output_image: Some(self.output_image),
+            output_label: self.output_label,
+            output_ddf: Some(self.output_ddf),
+            refine_steps: self
+                .refine
+                .map_or(0, |r| r.steps.min(u32::MAX as usize) as u32),
+            created_at: String::new(),
+        })
     }
 }
 

@@ -60,6 +60,7 @@ pub fn kind_of(spec: &JobSpec) -> &'static str {
         Some(Kind::Selftest(_)) => "selftest",
         Some(Kind::Ingest(_)) => "ingest",
         Some(Kind::Train(_)) => "train",
+        Some(Kind::Infer(_)) => "infer",
         None => "unknown",
     }
 }
