@@ -445,6 +445,45 @@ fn inference_registers_every_case_like_predict_and_a_corrupt_case_fails_alone() 
         "refinement changed nothing"
     );
     assert!(logs(&c, &refined_job).contains("refine 5 steps"));
+    // --workers 1: never two of the job's cases running at once.
+    let capped = c
+        .cli_ok(&[
+            "infer",
+            "--no-wait",
+            "--dataset",
+            "lungs",
+            "--model",
+            "m",
+            "--workers",
+            "1",
+            "--cases",
+            "case_001,case_003,case_004",
+            "--hold-ms",
+            "600",
+        ])
+        .expect("submit")
+        .trim()
+        .to_string();
+    let mut peak = 0;
+    c.wait_until("the capped job ends", LONG, |c| {
+        let s = c.status()?;
+        let running = s["workers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|w| {
+                w["current_task"]
+                    .as_str()
+                    .is_some_and(|t| t.starts_with(&capped))
+            })
+            .count();
+        peak = peak.max(running);
+        Ok(c.job(&capped)?["state"] == "SUCCEEDED")
+    })
+    .expect("capped job");
+    assert_eq!(peak, 1, "{}", logs(&c, &capped));
+    assert!(logs(&c, &capped).contains("on at most 1 worker(s) at once"));
+
     // Ordered by Dice, descending, as a table.
     let ordered = json_rows(
         &c,
