@@ -182,6 +182,9 @@ impl PairFiles {
     }
 }
 
+/// Corresponding points: (fixed, moving), voxel coordinates.
+pub type PointPairs = (Vec<[f64; 3]>, Vec<[f64; 3]>);
+
 /// One pair in memory: the volumes as stored and the network's view of them.
 #[derive(Debug)]
 pub struct LoadedPair {
@@ -200,7 +203,7 @@ pub struct LoadedPair {
     /// Preprocessed moving mask.
     pub moving_mask: Option<Tensor>,
     /// Keypoint pairs (fixed, moving), voxel coordinates of the original grid.
-    pub keypoints: Option<(Vec<[f64; 3]>, Vec<[f64; 3]>)>,
+    pub keypoints: Option<PointPairs>,
 }
 
 impl LoadedPair {

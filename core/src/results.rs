@@ -586,7 +586,7 @@ mod tests {
             "datasets/d/scansInsp/case_002_insp.nii.gz: not a NIfTI file".into(),
             "job-3".into(),
         );
-        record_results(&mut c, &[failed.clone()]).unwrap();
+        record_results(&mut c, std::slice::from_ref(&failed)).unwrap();
         let rows = all(&c);
         assert_eq!(rows.len(), 3, "{rows:#?}");
         let keys: Vec<(&str, &str, &str)> = rows

@@ -146,7 +146,7 @@ pub fn plan_tasks(
             (
                 TaskId(c.case_id.to_string()),
                 TaskAssignment {
-                    kind: Some(TaskKind::Infer(task)),
+                    kind: Some(TaskKind::Infer(Box::new(task))),
                     ..TaskAssignment::default()
                 },
             )

@@ -31,8 +31,8 @@ pub struct JobManager {
 /// Messages of the job manager.
 #[derive(RactorMessage)]
 pub enum ManagerMsg {
-    /// Record and start a job (spec already validated).
-    Submit(JobSpec, RpcReplyPort<Result<Job>>),
+    /// Record and start a job (spec already validated; boxed, specs are large).
+    Submit(Box<JobSpec>, RpcReplyPort<Result<Job>>),
     /// Cancel a job.
     Cancel(JobId, RpcReplyPort<Result<Job>>),
 }
@@ -154,6 +154,7 @@ impl Actor for JobManager {
     ) -> Result<(), ActorProcessingErr> {
         match message {
             ManagerMsg::Submit(spec, reply) => {
+                let spec = *spec;
                 let result = async {
                     let job = self.ctx.store.insert_job(kind_of(&spec), &spec, "queued")?;
                     let id = JobId(job.id.clone());

@@ -58,7 +58,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     rt.block_on(async {
         let mut client = args.client.connect().await?;
         let spec = JobSpec {
-            kind: Some(Kind::Infer(InferSpec {
+            kind: Some(Kind::Infer(Box::new(InferSpec {
                 dataset: args.dataset.clone(),
                 model: args.model.clone(),
                 version: args.version.clone().unwrap_or_default(),
@@ -67,7 +67,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 cases,
                 refine_steps: args.refine,
                 hold_ms: args.hold_ms,
-            })),
+            }))),
         };
         let job = super::job::submit_and_wait(&mut client, spec, args.no_wait).await?;
         if args.no_wait {
