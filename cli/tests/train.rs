@@ -105,8 +105,14 @@ fn max_rel_diff(
             continue;
         }
         let tb = b.get(name).unwrap_or_else(|| panic!("{name} missing"));
-        let va = ta.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("values");
-        let vb = tb.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("values");
+        let va = ta
+            .flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .expect("values");
+        let vb = tb
+            .flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .expect("values");
         assert_eq!(va.len(), vb.len(), "{name}");
         for (x, y) in va.iter().zip(&vb) {
             diff = diff.max((x - y).abs());

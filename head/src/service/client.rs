@@ -277,7 +277,10 @@ impl Client for ClientService {
         }
         let job = self
             .manager
-            .call(|r| ManagerMsg::Submit(Box::new(spec), r), Some(ACTOR_TIMEOUT))
+            .call(
+                |r| ManagerMsg::Submit(Box::new(spec), r),
+                Some(ACTOR_TIMEOUT),
+            )
             .await
             .map_err(unavailable)?
             .success_or_else(|| unavailable("job manager timeout"))?
