@@ -507,3 +507,47 @@ pub fn predict(request: &PredictRequest, device: &Device) -> Result<PredictRepor
         refine: reg.refine,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn load_pair_errors_name_the_file_as_the_caller_names_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let cached = dir.path().join("0123abcd");
+        std::fs::write(&cached, b"not a NIfTI file").unwrap();
+        let files = PairFiles {
+            fixed: cached.clone(),
+            moving: cached.clone(),
+            names: vec![(
+                cached.clone(),
+                PathBuf::from("datasets/d/scansExp/case_001_exp.nii.gz"),
+            )],
+            ..PairFiles::default()
+        };
+        let e = load_pair(
+            &files,
+            &crate::preprocess::PreprocessConfig::default(),
+            &Device::Cpu,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("datasets/d/scansExp/case_001_exp.nii.gz"), "{e}");
+        assert!(!e.contains("0123abcd"), "{e}");
+        // Without a name, the path itself.
+        let files = PairFiles {
+            names: Vec::new(),
+            ..files
+        };
+        let e = load_pair(
+            &files,
+            &crate::preprocess::PreprocessConfig::default(),
+            &Device::Cpu,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("0123abcd"), "{e}");
+    }
+}
