@@ -388,7 +388,7 @@ mod tests {
         );
         assert_eq!(
             render(&q, Format::Table),
-            "case_id  dice    note\ncase_1   0.5000  a, \"b\"\nc2                3\n(2 rows)\n"
+            "case_id  dice    note\ncase_1   0.5000  a, \"b\"\nc2               3\n(2 rows)\n"
         );
         let json: serde_json::Value =
             serde_json::from_str(&render(&q, Format::Json)).expect("json");
