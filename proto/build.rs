@@ -13,6 +13,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for f in &files {
         println!("cargo:rerun-if-changed={f}");
     }
-    tonic_prost_build::configure().compile_protos(&files, &["proto"])?;
+    tonic_prost_build::configure()
+        // Inference specs and tasks are larger than the other kinds: boxed, the messages
+        // of the actors that carry them stay small.
+        .boxed(".medray.v1.TaskAssignment.kind.infer")
+        .boxed(".medray.v1.JobSpec.kind.infer")
+        .compile_protos(&files, &["proto"])?;
     Ok(())
 }

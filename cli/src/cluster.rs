@@ -1,8 +1,10 @@
-//! The cluster commands: `head`, `worker`, `up`, `down`, `status`, `job`, `selftest`, and
+//! The cluster commands: `head`, `worker`, `up`, `down`, `status`, `job`, `selftest`,
+//! `train`, `infer`, and
 //! the client connection they share.
 
 pub mod client;
 pub mod head;
+pub mod infer;
 pub mod job;
 pub mod selftest;
 pub mod status;

@@ -10,6 +10,7 @@ mod ingest;
 mod models;
 mod predict;
 mod remote;
+mod results;
 mod stage;
 mod synth;
 mod train_local;
@@ -19,9 +20,9 @@ use clap::{Parser, Subcommand};
 /// Deformable registration of paired lung CT (MONAI LocalNet in Rust).
 ///
 /// A cluster: `medray up --workers N` (or `medray head` + `medray worker` on each machine),
-/// then `medray status`, `medray selftest`, `medray job ...`. Single-process tools: `synth`,
-/// `predict`, `train-local`, `bench`, `ingest`, `datasets`, `models`, `stage`. Distributed
-/// `train`, `infer` and `results` are not built yet.
+/// then `medray status`, `medray selftest`, `medray train`, `medray infer`, `medray job ...`.
+/// Single-process tools: `synth`, `predict`, `train-local`, `bench`. On a local data
+/// directory or through the head: `ingest`, `datasets`, `models`, `stage`, `results`, `sql`.
 #[derive(Debug, Parser)]
 #[command(name = "medray", version, about, long_about = None)]
 struct Cli {
@@ -71,6 +72,12 @@ enum Command {
     Selftest(cluster::selftest::Args),
     /// Train LocalNet on the cluster's workers (data-parallel) and register the model.
     Train(cluster::train::Args),
+    /// Register every case of a dataset with a model version on the cluster's workers.
+    Infer(cluster::infer::Args),
+    /// The results table of inference: filter, order, print as a table, CSV or JSON.
+    Results(results::ResultsArgs),
+    /// Run one read-only SQL statement on the catalog (e.g. on the results table).
+    Sql(results::SqlArgs),
 }
 
 /// Parses `cpu` or `cuda:N`.
@@ -125,6 +132,9 @@ fn main() -> std::process::ExitCode {
         Command::Selftest(args) => cluster::selftest::run(args),
         Command::BenchAllreduce(args) => bench_allreduce::run(args),
         Command::Train(args) => cluster::train::run(args),
+        Command::Infer(args) => cluster::infer::run(args),
+        Command::Results(args) => results::run_results(args),
+        Command::Sql(args) => results::run_sql(args),
     });
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -46,6 +46,10 @@ pub struct Args {
     /// network grid.
     #[arg(long)]
     original_grid: bool,
+    /// Instance optimisation: Adam steps on the network's DDF against the model's loss
+    /// (see `medray infer --refine`).
+    #[arg(long, default_value_t = 0, value_name = "STEPS")]
+    refine: usize,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -77,6 +81,7 @@ pub fn run(args: Args, device: &candle_core::Device) -> anyhow::Result<()> {
         } else {
             OutputGrid::Network
         },
+        refine_steps: args.refine,
     };
     let report = predict(&request, device).context("predict failed")?;
     if args.json {
@@ -111,6 +116,12 @@ pub fn run(args: Args, device: &candle_core::Device) -> anyhow::Result<()> {
         m.folding_pct, m.jacobian_min
     );
     println!("  mean |DDF|      {:.3} voxels", m.ddf_magnitude);
+    if let Some(r) = &report.refine {
+        println!(
+            "  refined         {} Adam steps (lr {}): {} loss {:.5} -> {:.5} in {:.0} ms",
+            r.steps, r.lr, r.loss, r.loss_before, r.loss_after, r.refine_ms
+        );
+    }
     println!("  DDF written to  {}", report.out_ddf.display());
     if let Some(w) = &report.out_warped {
         println!("  warped image    {}", w.display());

@@ -1,11 +1,12 @@
 //! The catalog: an embedded SQLite database (WAL mode) recording what has been published —
-//! datasets and their cases, jobs, and the model registry ([`crate::models`]); results
-//! later. The schema evolves through the versioned [`migrations`]; the current version is
+//! datasets and their cases, jobs, the model registry ([`crate::models`]) and inference
+//! results ([`crate::results`]); [`query`] runs read-only SQL on it. The schema evolves through the versioned [`migrations`]; the current version is
 //! kept in `schema_version`.
 //!
 //! A dataset is published in one transaction, so it is either fully visible or not at all.
 
 pub mod migrations;
+pub mod query;
 pub mod record;
 
 use std::path::Path;
@@ -181,6 +182,11 @@ impl Catalog {
     /// The connection, for the other catalog modules ([`crate::models`]).
     pub(crate) fn conn(&self) -> &Connection {
         &self.conn
+    }
+
+    /// The connection, mutable (for transactions in the other catalog modules).
+    pub(crate) fn conn_mut(&mut self) -> &mut Connection {
+        &mut self.conn
     }
 
     /// The schema version (the number of migrations applied).

@@ -230,4 +230,30 @@ impl Error {
             source,
         }
     }
+
+    /// The same error naming `name` where it named the file `path` (a file read from a
+    /// cache, reported under its stage key).
+    #[must_use]
+    pub fn renamed(self, path: &std::path::Path, name: &std::path::Path) -> Self {
+        match self {
+            Error::Io { path: p, source } if p == path => Error::Io {
+                path: name.to_path_buf(),
+                source,
+            },
+            Error::Nifti { path: p, reason } if p == path => Error::Nifti {
+                path: name.to_path_buf(),
+                reason,
+            },
+            Error::Keypoints {
+                path: p,
+                line,
+                reason,
+            } if p == path => Error::Keypoints {
+                path: name.to_path_buf(),
+                line,
+                reason,
+            },
+            other => other,
+        }
+    }
 }

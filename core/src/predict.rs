@@ -7,20 +7,23 @@
 //! component c along array axis c, on the network grid (with the affine of that grid) or,
 //! on request, resampled to the original grid.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
+use ndarray::Array3;
 use serde::{Deserialize, Serialize};
 
 use crate::evaluate::{evaluate_case, CaseMetrics, CaseTensors, KeypointEval};
 use crate::keypoints::{read_keypoint_pairs, read_keypoints};
-use crate::model::load_model;
+use crate::model::{load_model, LoadedModel};
 use crate::nifti_io::{
     read_volume, tensor_to_array3, tensor_to_ddf_array, write_ddf, write_volume, Volume,
 };
 use crate::ops::{self, Padding};
 use crate::preprocess::{preprocess_image, preprocess_mask, resample_ddf_to};
+use crate::refine::{refine_ddf, RefineReport};
+use crate::registration::{LossPreset, PairBatch, RegistrationLoss};
 use crate::{Error, Result};
 
 /// Which grid the written DDF and warped image live on.
@@ -71,6 +74,8 @@ pub struct PredictRequest {
     pub out_warped: Option<PathBuf>,
     /// Grid of the written outputs.
     pub output_grid: OutputGrid,
+    /// Adam steps of instance optimisation on the DDF ([`crate::refine`]); 0: none.
+    pub refine_steps: usize,
 }
 
 /// What `predict` reports (`--json` prints it).
@@ -93,22 +98,25 @@ pub struct PredictReport {
     pub out_ddf: PathBuf,
     /// Where the warped image was written.
     pub out_warped: Option<PathBuf>,
+    /// What the instance optimisation did, if it ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refine: Option<RefineReport>,
 }
 
 fn check_same_shape(
     a: &Volume,
-    a_path: &std::path::Path,
+    a_name: &std::path::Path,
     b: &Volume,
-    b_path: &std::path::Path,
+    b_name: &std::path::Path,
 ) -> Result<()> {
     if a.shape() != b.shape() {
         return Err(Error::ShapeMismatch {
             op: "predict",
             expected: format!(
                 "{} to have the shape {:?} of {}",
-                b_path.display(),
+                b_name.display(),
                 a.shape(),
-                a_path.display()
+                a_name.display()
             ),
             got: format!("{:?}", b.shape()),
         });
@@ -137,6 +145,304 @@ pub fn resized_affine(
     out
 }
 
+/// The files of one pair, and the names their errors give them: a file read from a cache
+/// is reported under its stage key, a local file under its path.
+#[derive(Clone, Debug, Default)]
+pub struct PairFiles {
+    /// Fixed (expiration) image.
+    pub fixed: PathBuf,
+    /// Moving (inspiration) image.
+    pub moving: PathBuf,
+    /// Lung mask of the fixed image.
+    pub fixed_mask: Option<PathBuf>,
+    /// Lung mask of the moving image.
+    pub moving_mask: Option<PathBuf>,
+    /// Keypoints (voxel coordinates of the original images).
+    pub keypoints: Option<KeypointFiles>,
+    /// (path, name) pairs: errors about `path` name `name` instead.
+    pub names: Vec<(PathBuf, PathBuf)>,
+}
+
+impl PairFiles {
+    /// The name errors give `path`.
+    #[must_use]
+    pub fn name_of<'a>(&'a self, path: &'a Path) -> &'a Path {
+        self.names
+            .iter()
+            .find(|(p, _)| p == path)
+            .map_or(path, |(_, n)| n.as_path())
+    }
+
+    fn renamed(&self, path: &Path, e: Error) -> Error {
+        e.renamed(path, self.name_of(path))
+    }
+
+    fn read(&self, path: &Path) -> Result<Volume> {
+        read_volume(path).map_err(|e| self.renamed(path, e))
+    }
+}
+
+/// Corresponding points: (fixed, moving), voxel coordinates.
+pub type PointPairs = (Vec<[f64; 3]>, Vec<[f64; 3]>);
+
+/// One pair in memory: the volumes as stored and the network's view of them.
+#[derive(Debug)]
+pub struct LoadedPair {
+    /// The fixed image as stored (its grid and affine are the outputs').
+    pub fixed_volume: Volume,
+    /// The moving image as stored.
+    pub moving_volume: Volume,
+    /// The moving mask as stored.
+    pub moving_mask_volume: Option<Volume>,
+    /// Preprocessed fixed image (1, 1, h, w, d).
+    pub fixed: Tensor,
+    /// Preprocessed moving image.
+    pub moving: Tensor,
+    /// Preprocessed fixed mask.
+    pub fixed_mask: Option<Tensor>,
+    /// Preprocessed moving mask.
+    pub moving_mask: Option<Tensor>,
+    /// Keypoint pairs (fixed, moving), voxel coordinates of the original grid.
+    pub keypoints: Option<PointPairs>,
+}
+
+impl LoadedPair {
+    /// Size of the images as stored.
+    #[must_use]
+    pub fn original_size(&self) -> [usize; 3] {
+        self.fixed_volume.shape()
+    }
+}
+
+/// Reads and validates a pair (same shapes, both masks or neither, keypoints) and
+/// preprocesses it for the network; errors name the file.
+///
+/// # Errors
+/// [`Error::Nifti`] / [`Error::Io`] / [`Error::Keypoints`] naming the file,
+/// [`Error::ShapeMismatch`] naming both files, [`Error::InvalidArgument`] for one mask.
+pub fn load_pair(
+    files: &PairFiles,
+    pre: &crate::preprocess::PreprocessConfig,
+    device: &Device,
+) -> Result<LoadedPair> {
+    let fixed_volume = files.read(&files.fixed)?;
+    let moving_volume = files.read(&files.moving)?;
+    let name = |p: &Path| files.name_of(p).to_path_buf();
+    check_same_shape(
+        &fixed_volume,
+        &name(&files.fixed),
+        &moving_volume,
+        &name(&files.moving),
+    )?;
+    let as_file_error = |p: &Path, e: Error| match e {
+        Error::ShapeMismatch { .. } | Error::InvalidArgument { .. } => Error::Nifti {
+            path: name(p),
+            reason: e.to_string(),
+        },
+        other => other,
+    };
+    let fixed =
+        preprocess_image(&fixed_volume, pre, device).map_err(|e| as_file_error(&files.fixed, e))?;
+    let moving = preprocess_image(&moving_volume, pre, device)
+        .map_err(|e| as_file_error(&files.moving, e))?;
+    let (fixed_mask, moving_mask, moving_mask_volume) =
+        match (&files.fixed_mask, &files.moving_mask) {
+            (Some(fm), Some(mm)) => {
+                let mut out = Vec::with_capacity(2);
+                for (path, image_path, image) in [
+                    (fm, &files.fixed, &fixed_volume),
+                    (mm, &files.moving, &moving_volume),
+                ] {
+                    let vol = files.read(path)?;
+                    check_same_shape(image, &name(image_path), &vol, &name(path))?;
+                    let t =
+                        preprocess_mask(&vol, pre, device).map_err(|e| as_file_error(path, e))?;
+                    out.push((t, vol));
+                }
+                let (moving_t, moving_v) = out.pop().expect("two masks were read");
+                let (fixed_t, _) = out.pop().expect("two masks were read");
+                (Some(fixed_t), Some(moving_t), Some(moving_v))
+            }
+            (None, None) => (None, None, None),
+            _ => {
+                return Err(Error::invalid(
+                    "masks",
+                    "give both --fixed-mask and --moving-mask, or neither",
+                ))
+            }
+        };
+    let keypoints = match &files.keypoints {
+        None => None,
+        Some(KeypointFiles::Pairs(p)) => {
+            let k = read_keypoint_pairs(p).map_err(|e| files.renamed(p, e))?;
+            Some((k.fixed, k.moving))
+        }
+        Some(KeypointFiles::Separate { fixed, moving }) => {
+            let f = read_keypoints(fixed).map_err(|e| files.renamed(fixed, e))?;
+            let m = read_keypoints(moving).map_err(|e| files.renamed(moving, e))?;
+            if f.points.len() != m.points.len() {
+                return Err(Error::invalid(
+                    "keypoints",
+                    format!(
+                        "{} has {} points but {} has {}",
+                        name(fixed).display(),
+                        f.points.len(),
+                        name(moving).display(),
+                        m.points.len()
+                    ),
+                ));
+            }
+            Some((f.points, m.points))
+        }
+    };
+    Ok(LoadedPair {
+        fixed_volume,
+        moving_volume,
+        moving_mask_volume,
+        fixed,
+        moving,
+        fixed_mask,
+        moving_mask,
+        keypoints,
+    })
+}
+
+/// How [`register_pair`] runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RegisterOptions {
+    /// Adam steps of instance optimisation on the DDF ([`crate::refine`]); 0: none.
+    pub refine_steps: usize,
+    /// Also resample the DDF to the original grid (it is anyway when keypoints exist).
+    pub original_grid: bool,
+}
+
+/// A registered pair: the DDF and its quality.
+#[derive(Debug)]
+pub struct Registration {
+    /// Quality metrics, on the network grid (TRE on the original grid, in mm).
+    pub metrics: CaseMetrics,
+    /// The DDF (1, 3, h, w, d) on the network grid, voxels (refined if asked).
+    pub ddf: Tensor,
+    /// The DDF resampled to the original grid (1, 3, H, W, D), original voxels.
+    pub ddf_original: Option<Tensor>,
+    /// Wall time of the network forward pass alone, ms.
+    pub inference_ms: f64,
+    /// What the refinement did, if it ran.
+    pub refine: Option<RefineReport>,
+    /// Size the network ran on.
+    pub network_size: [usize; 3],
+}
+
+/// Registers a loaded pair with a model: the network's DDF, refined if asked, resampled to
+/// the original grid when needed, and the metrics. `medray predict` and the cluster's
+/// inference tasks both call this, so they report the same numbers for the same case.
+///
+/// # Errors
+/// A tensor error, or [`Error::InvalidArgument`] when the refinement's loss needs masks the
+/// pair lacks.
+pub fn register_pair(
+    model: &LoadedModel,
+    pair: &LoadedPair,
+    options: &RegisterOptions,
+) -> Result<Registration> {
+    let network_size = [pair.fixed.dim(2)?, pair.fixed.dim(3)?, pair.fixed.dim(4)?];
+    let input = Tensor::cat(&[&pair.moving, &pair.fixed], 1)?;
+    let t0 = Instant::now();
+    let mut ddf = model.net.forward_t(&input, false)?.detach();
+    let inference_ms = t0.elapsed().as_secs_f64() * 1e3;
+
+    let mut refine = None;
+    if options.refine_steps > 0 {
+        let preset = model.config.loss.unwrap_or(LossPreset::MiBe);
+        let batch = PairBatch {
+            fixed: pair.fixed.clone(),
+            moving: pair.moving.clone(),
+            fixed_mask: pair.fixed_mask.clone(),
+            moving_mask: pair.moving_mask.clone(),
+        };
+        let (refined, report) = refine_ddf(
+            &ddf,
+            &batch,
+            &RegistrationLoss::new(preset),
+            options.refine_steps,
+        )?;
+        ddf = refined;
+        refine = Some(report);
+    }
+
+    let original = pair.original_size();
+    let ddf_original = if !(options.original_grid || pair.keypoints.is_some()) {
+        None
+    } else if original == network_size {
+        Some(ddf.clone())
+    } else {
+        Some(resample_ddf_to(&ddf, original)?)
+    };
+    let kp_eval = match (&pair.keypoints, &ddf_original) {
+        (Some((f, m)), Some(d)) => Some(KeypointEval {
+            fixed: f,
+            moving: m,
+            ddf: d,
+            spacing_mm: pair.fixed_volume.spacing,
+        }),
+        _ => None,
+    };
+    let metrics = evaluate_case(
+        &CaseTensors {
+            fixed: &pair.fixed,
+            moving: &pair.moving,
+            ddf: &ddf,
+            fixed_mask: pair.fixed_mask.as_ref(),
+            moving_mask: pair.moving_mask.as_ref(),
+        },
+        kp_eval.as_ref(),
+    )?;
+    Ok(Registration {
+        metrics,
+        ddf,
+        ddf_original,
+        inference_ms,
+        refine,
+        network_size,
+    })
+}
+
+impl Registration {
+    fn original(&self) -> Result<&Tensor> {
+        self.ddf_original.as_ref().ok_or_else(|| {
+            Error::invalid(
+                "output grid",
+                "the DDF was not resampled to the original grid (RegisterOptions::original_grid)",
+            )
+        })
+    }
+
+    /// The moving image as stored, warped trilinearly (border padding) with the DDF on the
+    /// original grid: the registered image, on the fixed image's grid.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] without an original-grid DDF; a tensor error.
+    pub fn warped_image_original(&self, pair: &LoadedPair) -> Result<Array3<f32>> {
+        let d = self.original()?;
+        let raw = crate::nifti_io::to_tensor(&pair.moving_volume, d.device())?;
+        tensor_to_array3(&ops::warp(&raw, d, Padding::Border)?)
+    }
+
+    /// The moving mask as stored, warped with nearest-neighbour sampling (labels keep their
+    /// values) with the DDF on the original grid; `None` without masks.
+    ///
+    /// # Errors
+    /// As [`Self::warped_image_original`].
+    pub fn warped_label_original(&self, pair: &LoadedPair) -> Result<Option<Array3<f32>>> {
+        let Some(mask) = &pair.moving_mask_volume else {
+            return Ok(None);
+        };
+        let d = self.original()?;
+        let raw = crate::nifti_io::to_tensor(mask, d.device())?;
+        Ok(Some(tensor_to_array3(&ops::warp_nearest(&raw, d)?)?))
+    }
+}
+
 /// Registers one pair, writes the outputs and returns the report.
 pub fn predict(request: &PredictRequest, device: &Device) -> Result<PredictReport> {
     let start = Instant::now();
@@ -146,131 +452,102 @@ pub fn predict(request: &PredictRequest, device: &Device) -> Result<PredictRepor
         DType::F32,
         device,
     )?;
-    let pre = &model.config.preprocess;
-    let fixed_vol = read_volume(&request.fixed)?;
-    let moving_vol = read_volume(&request.moving)?;
-    check_same_shape(&fixed_vol, &request.fixed, &moving_vol, &request.moving)?;
-    let name = |p: &std::path::Path, e: Error| match e {
-        Error::ShapeMismatch { .. } | Error::InvalidArgument { .. } => Error::Nifti {
-            path: p.to_path_buf(),
-            reason: e.to_string(),
+    let files = PairFiles {
+        fixed: request.fixed.clone(),
+        moving: request.moving.clone(),
+        fixed_mask: request.fixed_mask.clone(),
+        moving_mask: request.moving_mask.clone(),
+        keypoints: request.keypoints.clone(),
+        names: Vec::new(),
+    };
+    let pair = load_pair(&files, &model.config.preprocess, device)?;
+    let reg = register_pair(
+        &model,
+        &pair,
+        &RegisterOptions {
+            refine_steps: request.refine_steps,
+            original_grid: request.output_grid == OutputGrid::Original,
         },
-        other => other,
-    };
-    let fixed = preprocess_image(&fixed_vol, pre, device).map_err(|e| name(&request.fixed, e))?;
-    let moving =
-        preprocess_image(&moving_vol, pre, device).map_err(|e| name(&request.moving, e))?;
-    let mut masks = Vec::new();
-    for (path, image_path, image) in [
-        (&request.fixed_mask, &request.fixed, &fixed_vol),
-        (&request.moving_mask, &request.moving, &moving_vol),
-    ] {
-        if let Some(path) = path {
-            let vol = read_volume(path)?;
-            check_same_shape(image, image_path, &vol, path)?;
-            masks.push(preprocess_mask(&vol, pre, device).map_err(|e| name(path, e))?);
-        }
-    }
-    let (fixed_mask, moving_mask) =
-        match (request.fixed_mask.is_some(), request.moving_mask.is_some()) {
-            (true, true) => (Some(&masks[0]), Some(&masks[1])),
-            (false, false) => (None, None),
-            _ => {
-                return Err(Error::invalid(
-                    "masks",
-                    "give both --fixed-mask and --moving-mask, or neither",
-                ))
-            }
-        };
-    let original = fixed_vol.shape();
-    let network_size = [fixed.dim(2)?, fixed.dim(3)?, fixed.dim(4)?];
-
-    let input = Tensor::cat(&[&moving, &fixed], 1)?;
-    let t0 = Instant::now();
-    let ddf = model.net.forward_t(&input, false)?.detach();
-    let inference_ms = t0.elapsed().as_secs_f64() * 1e3;
-
-    let needs_original = request.output_grid == OutputGrid::Original || request.keypoints.is_some();
-    let ddf_original = if !needs_original {
-        None
-    } else if original == network_size {
-        Some(ddf.clone())
-    } else {
-        Some(resample_ddf_to(&ddf, original)?)
-    };
-    let pairs = match &request.keypoints {
-        None => None,
-        Some(KeypointFiles::Pairs(p)) => {
-            let k = read_keypoint_pairs(p)?;
-            Some((k.fixed, k.moving))
-        }
-        Some(KeypointFiles::Separate { fixed, moving }) => {
-            let (f, m) = (read_keypoints(fixed)?, read_keypoints(moving)?);
-            if f.points.len() != m.points.len() {
-                return Err(Error::invalid(
-                    "keypoints",
-                    format!(
-                        "{} has {} points but {} has {}",
-                        fixed.display(),
-                        f.points.len(),
-                        moving.display(),
-                        m.points.len()
-                    ),
-                ));
-            }
-            Some((f.points, m.points))
-        }
-    };
-    let kp_eval = match (&pairs, &ddf_original) {
-        (Some((f, m)), Some(d)) => Some(KeypointEval {
-            fixed: f,
-            moving: m,
-            ddf: d,
-            spacing_mm: fixed_vol.spacing,
-        }),
-        _ => None,
-    };
-    let metrics = evaluate_case(
-        &CaseTensors {
-            fixed: &fixed,
-            moving: &moving,
-            ddf: &ddf,
-            fixed_mask,
-            moving_mask,
-        },
-        kp_eval.as_ref(),
     )?;
-
-    match (request.output_grid, &ddf_original) {
-        (OutputGrid::Original, Some(d)) => {
+    let original = pair.original_size();
+    match request.output_grid {
+        OutputGrid::Original => {
+            let d = reg.original()?;
             write_ddf(
                 &request.out_ddf,
                 &tensor_to_ddf_array(d)?,
-                &fixed_vol.affine,
+                &pair.fixed_volume.affine,
             )?;
             if let Some(out) = &request.out_warped {
-                let raw = crate::nifti_io::to_tensor(&moving_vol, device)?;
-                let warped = ops::warp(&raw, d, Padding::Border)?;
-                write_volume(out, &tensor_to_array3(&warped)?, &fixed_vol.affine)?;
+                write_volume(
+                    out,
+                    &reg.warped_image_original(&pair)?,
+                    &pair.fixed_volume.affine,
+                )?;
             }
         }
-        _ => {
-            let affine = resized_affine(&fixed_vol.affine, original, network_size);
-            write_ddf(&request.out_ddf, &tensor_to_ddf_array(&ddf)?, &affine)?;
+        OutputGrid::Network => {
+            let affine = resized_affine(&pair.fixed_volume.affine, original, reg.network_size);
+            write_ddf(&request.out_ddf, &tensor_to_ddf_array(&reg.ddf)?, &affine)?;
             if let Some(out) = &request.out_warped {
-                let warped = ops::warp(&moving, &ddf, Padding::Border)?;
+                let warped = ops::warp(&pair.moving, &reg.ddf, Padding::Border)?;
                 write_volume(out, &tensor_to_array3(&warped)?, &affine)?;
             }
         }
     }
     Ok(PredictReport {
-        metrics,
+        metrics: reg.metrics,
         runtime_ms: start.elapsed().as_secs_f64() * 1e3,
-        inference_ms,
+        inference_ms: reg.inference_ms,
         original_size: original,
-        network_size,
+        network_size: reg.network_size,
         device: format!("{device:?}"),
         out_ddf: request.out_ddf.clone(),
         out_warped: request.out_warped.clone(),
+        refine: reg.refine,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn load_pair_errors_name_the_file_as_the_caller_names_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let cached = dir.path().join("0123abcd");
+        std::fs::write(&cached, b"not a NIfTI file").unwrap();
+        let files = PairFiles {
+            fixed: cached.clone(),
+            moving: cached.clone(),
+            names: vec![(
+                cached.clone(),
+                PathBuf::from("datasets/d/scansExp/case_001_exp.nii.gz"),
+            )],
+            ..PairFiles::default()
+        };
+        let e = load_pair(
+            &files,
+            &crate::preprocess::PreprocessConfig::default(),
+            &Device::Cpu,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("datasets/d/scansExp/case_001_exp.nii.gz"), "{e}");
+        assert!(!e.contains("0123abcd"), "{e}");
+        // Without a name, the path itself.
+        let files = PairFiles {
+            names: Vec::new(),
+            ..files
+        };
+        let e = load_pair(
+            &files,
+            &crate::preprocess::PreprocessConfig::default(),
+            &Device::Cpu,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("0123abcd"), "{e}");
+    }
 }

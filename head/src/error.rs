@@ -77,7 +77,10 @@ impl From<HeadError> for tonic::Status {
             HeadError::Core(
                 medray_core::Error::InvalidArgument { .. } | medray_core::Error::Weights { .. },
             ) => Self::invalid_argument(message),
-            HeadError::Core(medray_core::Error::ModelNotFound { .. }) => Self::not_found(message),
+            HeadError::Core(
+                medray_core::Error::ModelNotFound { .. }
+                | medray_core::Error::DatasetNotFound { .. },
+            ) => Self::not_found(message),
             HeadError::Core(medray_core::Error::ModelVersionExists { .. }) => {
                 Self::already_exists(message)
             }

@@ -5,6 +5,7 @@ pub mod context;
 pub mod error;
 pub mod http;
 pub mod ids;
+pub mod infer;
 pub mod job;
 pub mod logs;
 pub mod manager;

@@ -31,7 +31,7 @@ pub struct JobManager {
 /// Messages of the job manager.
 #[derive(RactorMessage)]
 pub enum ManagerMsg {
-    /// Record and start a job (spec already validated).
+    /// Record and start a job (spec already validated; boxed, specs are large).
     Submit(Box<JobSpec>, RpcReplyPort<Result<Job>>),
     /// Cancel a job.
     Cancel(JobId, RpcReplyPort<Result<Job>>),
@@ -60,6 +60,7 @@ pub fn kind_of(spec: &JobSpec) -> &'static str {
         Some(Kind::Selftest(_)) => "selftest",
         Some(Kind::Ingest(_)) => "ingest",
         Some(Kind::Train(_)) => "train",
+        Some(Kind::Infer(_)) => "infer",
         None => "unknown",
     }
 }
@@ -153,6 +154,7 @@ impl Actor for JobManager {
     ) -> Result<(), ActorProcessingErr> {
         match message {
             ManagerMsg::Submit(spec, reply) => {
+                let spec = *spec;
                 let result = async {
                     let job = self.ctx.store.insert_job(kind_of(&spec), &spec, "queued")?;
                     let id = JobId(job.id.clone());

@@ -115,6 +115,14 @@ pub enum SchedulerMsg {
     },
     /// Drop a job's queued tasks and stop its running attempts.
     CancelJob(JobId),
+    /// Run at most `max_running` attempts of the job at once (sent before its tasks are
+    /// queued); 0 removes the cap.
+    LimitJob {
+        /// The job.
+        job_id: JobId,
+        /// Most attempts running at once.
+        max_running: usize,
+    },
 }
 
 impl std::fmt::Debug for SchedulerMsg {
@@ -127,6 +135,10 @@ impl std::fmt::Debug for SchedulerMsg {
             Self::Finished { attempt, .. } => write!(f, "Finished({attempt})"),
             Self::AssignAnswered { attempt, .. } => write!(f, "AssignAnswered({attempt})"),
             Self::CancelJob(j) => write!(f, "CancelJob({j})"),
+            Self::LimitJob {
+                job_id,
+                max_running,
+            } => write!(f, "LimitJob({job_id}, {max_running})"),
         }
     }
 }
@@ -148,6 +160,21 @@ pub struct SchedulerState {
     workers: HashMap<WorkerId, WorkerSlot>,
     queue: VecDeque<(JobId, TaskId)>,
     jobs: HashMap<JobId, ActorRef<JobMsg>>,
+    /// Jobs capped at a number of attempts running at once.
+    limits: HashMap<JobId, usize>,
+}
+
+impl SchedulerState {
+    /// True while `job` may start another attempt.
+    fn under_limit(&self, job: &JobId) -> bool {
+        self.limits.get(job).is_none_or(|&max| {
+            self.workers
+                .values()
+                .filter(|w| w.running.as_ref().is_some_and(|a| a.job_id == *job))
+                .count()
+                < max
+        })
+    }
 }
 
 impl Scheduler {
@@ -206,7 +233,11 @@ impl Scheduler {
             else {
                 break;
             };
-            let Some((job_id, task_id)) = state.queue.pop_front() else {
+            // The first queued task whose job is under its cap (FIFO otherwise).
+            let Some(position) = state.queue.iter().position(|(j, _)| state.under_limit(j)) else {
+                break;
+            };
+            let Some((job_id, task_id)) = state.queue.remove(position) else {
                 break;
             };
             if !state.jobs.contains_key(&job_id) {
@@ -437,9 +468,20 @@ impl Actor for Scheduler {
                     }
                 }
             }
+            SchedulerMsg::LimitJob {
+                job_id,
+                max_running,
+            } => {
+                if max_running == 0 {
+                    state.limits.remove(&job_id);
+                } else {
+                    state.limits.insert(job_id, max_running);
+                }
+            }
             SchedulerMsg::CancelJob(job_id) => {
                 state.queue.retain(|(j, _)| *j != job_id);
                 state.jobs.remove(&job_id);
+                state.limits.remove(&job_id);
                 for slot in state.workers.values_mut() {
                     if let Some(a) = slot.running.as_ref().filter(|a| a.job_id == job_id) {
                         let key = attempt_key(a.job_id.as_str(), a.task_id.as_str(), a.attempt);

@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod model_info;
+pub mod result_info;
 pub mod worker;
 
 use std::pin::Pin;

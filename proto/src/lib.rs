@@ -13,7 +13,7 @@ pub mod v1 {
 /// Version of the worker <-> head protocol. A worker with another version is refused at
 /// registration with `FailedPrecondition`, naming both versions. Bump it on any change to
 /// `worker.proto` or `control.proto` that an older peer would misread.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Metadata key of the cluster token on every gRPC call (`authorization: Bearer <token>`).
 pub const AUTHORIZATION_HEADER: &str = "authorization";

@@ -61,6 +61,8 @@ pub struct TaskContext<'a> {
     pub cache_dir: &'a std::path::Path,
     /// The stage to read objects from directly, if configured.
     pub direct_stage: Option<&'a medray_core::stage::Stage>,
+    /// Models loaded by earlier tasks, kept for the next ones (keyed by the weights' sha256).
+    pub models: &'a std::cell::RefCell<crate::infer::ModelCache>,
     cancel: &'a AtomicBool,
     events: &'a Sender<TaskEvent>,
 }
@@ -107,7 +109,13 @@ impl TaskContext<'_> {
                 self.cache_dir,
             )),
         };
-        fetched.map_err(|e| TaskError::transient(format!("fetching {key}: {e}")))
+        fetched.map_err(|e| match e {
+            // The stage holds other bytes than the catalog recorded: every attempt reads them.
+            crate::WorkerError::ContentMismatch { .. } => {
+                TaskError::permanent(format!("fetching {e}"))
+            }
+            e => TaskError::transient(format!("fetching {key}: {e}")),
+        })
     }
 }
 
@@ -133,6 +141,7 @@ impl ComputeThread {
         std::thread::Builder::new()
             .name("medray-compute".into())
             .spawn(move || {
+                let models = std::cell::RefCell::new(crate::infer::ModelCache::default());
                 for task in rx {
                     let ctx = TaskContext {
                         device: &device,
@@ -140,6 +149,7 @@ impl ComputeThread {
                         runtime: &runtime,
                         cache_dir: &cache_dir,
                         direct_stage: direct_stage.as_deref(),
+                        models: &models,
                         cancel: &task.cancel,
                         events: &task.events,
                     };
@@ -164,6 +174,9 @@ fn run_task(ctx: &TaskContext<'_>, task: &ComputeTask) -> Outcome {
             crate::selftest::run(ctx, spec, task.client.clone(), &task.worker_id)
         }
         Some(Kind::Train(_)) => crate::train::run(ctx, a, task.client.clone(), &task.worker_id),
+        Some(Kind::Infer(spec)) => {
+            crate::infer::run(ctx, a, spec, task.client.clone(), &task.worker_id)
+        }
         None => Err(TaskError::permanent(
             "the assignment names no task kind (is the head newer than this worker?)",
         )),

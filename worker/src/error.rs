@@ -42,6 +42,17 @@ pub enum WorkerError {
     /// A core operation failed.
     #[error(transparent)]
     Core(#[from] medray_core::Error),
+    /// A stage object arrived intact but is not the content the catalog recorded: the
+    /// stored object was changed or damaged. Another attempt would read the same bytes.
+    #[error("{key}: its content (sha256 {got}) differs from what the catalog recorded (sha256 {expected}); the stored object was changed or damaged")]
+    ContentMismatch {
+        /// The stage key.
+        key: String,
+        /// The recorded sha256.
+        expected: String,
+        /// The sha256 of what is stored.
+        got: String,
+    },
     /// A local file operation failed.
     #[error("{path}: {source}")]
     Io {

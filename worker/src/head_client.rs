@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use medray_proto::auth::BearerToken;
 use medray_proto::v1::worker_client::WorkerClient;
-use medray_proto::v1::FetchObjectRequest;
+use medray_proto::v1::{FetchObjectRequest, PutObjectHeader, PutObjectRequest};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 use tonic::codegen::InterceptedService;
@@ -105,15 +105,17 @@ pub async fn fetch_object(
                 announced_size.unwrap_or(0)
             )));
         }
-        if digest != announced_sha || (!expected_sha256.is_empty() && digest != expected_sha256) {
+        if digest != announced_sha {
             return Err(protocol(format!(
-                "{key}: sha256 {digest} differs from the expected {}",
-                if expected_sha256.is_empty() {
-                    &announced_sha
-                } else {
-                    expected_sha256
-                }
+                "{key}: sha256 {digest} differs from the announced {announced_sha}"
             )));
+        }
+        if !expected_sha256.is_empty() && digest != expected_sha256 {
+            return Err(WorkerError::ContentMismatch {
+                key: key.to_string(),
+                expected: expected_sha256.to_string(),
+                got: digest,
+            });
         }
         Ok(digest)
     }
@@ -156,13 +158,72 @@ pub async fn read_object_direct(
     let data = stage.get(&object).await?;
     let digest = hex::encode(Sha256::digest(&data));
     if !expected_sha256.is_empty() && digest != expected_sha256 {
-        return Err(protocol(format!(
-            "{key}: sha256 {digest} differs from the expected {expected_sha256}"
-        )));
+        return Err(WorkerError::ContentMismatch {
+            key: key.to_string(),
+            expected: expected_sha256.to_string(),
+            got: digest,
+        });
     }
     let dest = cache_dir.join(&digest);
     medray_core::atomic::write_bytes(&dest, &data)?;
     Ok(dest)
+}
+
+/// Bytes per `PutObject` message: the head accepts chunks of at least 1 MiB within its
+/// message limit, so this always fits.
+pub const UPLOAD_CHUNK_BYTES: usize = 1 << 20;
+
+/// Which task attempt writes an object (the head accepts it only from the current one).
+#[derive(Debug, Clone)]
+pub struct Writer<'a> {
+    /// This worker.
+    pub worker_id: &'a str,
+    /// The job.
+    pub job_id: &'a str,
+    /// The task.
+    pub task_id: &'a str,
+    /// The attempt.
+    pub attempt: u32,
+}
+
+/// Writes `data` to the stage at `key` through the head, in chunks, with its size and
+/// sha256 for the head to check; returns the bytes stored.
+///
+/// # Errors
+/// [`WorkerError::Rpc`] when the head refuses (not the current attempt, a key outside
+/// `results/`, a damaged upload).
+pub async fn put_object(
+    client: &mut HeadClient,
+    writer: &Writer<'_>,
+    key: &str,
+    data: Vec<u8>,
+) -> Result<u64> {
+    let header = PutObjectHeader {
+        worker_id: writer.worker_id.to_string(),
+        job_id: writer.job_id.to_string(),
+        task_id: writer.task_id.to_string(),
+        attempt: writer.attempt,
+        key: key.to_string(),
+        size: data.len() as u64,
+        sha256: hex::encode(Sha256::digest(&data)),
+    };
+    let mut messages: Vec<PutObjectRequest> = data
+        .chunks(UPLOAD_CHUNK_BYTES)
+        .map(|c| PutObjectRequest {
+            header: None,
+            data: c.to_vec(),
+        })
+        .collect();
+    if messages.is_empty() {
+        messages.push(PutObjectRequest::default());
+    }
+    messages[0].header = Some(header);
+    let reply = client
+        .put_object(futures::stream::iter(messages))
+        .await
+        .map_err(WorkerError::rpc("PutObject"))?
+        .into_inner();
+    Ok(reply.bytes)
 }
 
 /// The cached file of content `sha256` (hex), if it is in the cache.

@@ -7,6 +7,7 @@ pub mod control;
 pub mod device;
 pub mod error;
 pub mod head_client;
+pub mod infer;
 pub mod selftest;
 pub mod train;
 

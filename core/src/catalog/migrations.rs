@@ -123,4 +123,37 @@ pub const MIGRATIONS: &[&str] = &[
         FOREIGN KEY (name, version) REFERENCES model_versions(name, version)
     );
     "#,
+    // 4: inference results, one row per (dataset, model, version, case); a re-run replaces
+    // the row. No foreign keys: results stay readable after a model version is deleted or
+    // a dataset replaced.
+    r#"
+    CREATE TABLE results (
+        case_id        TEXT NOT NULL,
+        dataset        TEXT NOT NULL,
+        model_name     TEXT NOT NULL,
+        model_version  TEXT NOT NULL,
+        status         TEXT NOT NULL CHECK (status IN ('SUCCEEDED', 'FAILED')),
+        error          TEXT,                  -- why the case failed (FAILED only)
+        dice_before    REAL,                  -- binary Dice of the masks before registration
+        dice_score     REAL,                  -- binary Dice after (nearest-warped mask)
+        soft_dice      REAL,                  -- the quickstart's soft Dice after
+        ssim_score     REAL,                  -- SSIM of warped and fixed
+        mi             REAL,                  -- mutual information of warped and fixed (nats)
+        tre_before_mm  REAL,                  -- mean keypoint distance before, mm
+        tre_mm         REAL,                  -- mean target registration error after, mm
+        folding_pct    REAL,                  -- % of voxels with det J <= 0
+        ddf_magnitude  REAL,                  -- mean |u|, network-grid voxels
+        runtime_ms     REAL,                  -- the worker's time for the case, ms
+        device         TEXT NOT NULL,         -- cpu | cuda:N
+        worker         TEXT NOT NULL,         -- worker id
+        job_id         TEXT NOT NULL,
+        output_image   TEXT,                  -- stage key of the registered image
+        output_label   TEXT,                  -- stage key of the registered label
+        output_ddf     TEXT,                  -- stage key of the DDF
+        refine_steps   INTEGER NOT NULL DEFAULT 0,
+        created_at     TEXT NOT NULL,         -- RFC 3339 UTC
+        PRIMARY KEY (dataset, model_name, model_version, case_id)
+    );
+    CREATE INDEX results_by_job ON results (job_id);
+    "#,
 ];

@@ -19,6 +19,9 @@ use medray_proto::v1::{
     ImportModelRequest, ImportModelResponse, ListModelsRequest, ListModelsResponse, ModelRef,
     SetModelAliasRequest, SetModelAliasResponse,
 };
+use medray_proto::v1::{
+    ListResultsRequest, ListResultsResponse, QueryCatalogRequest, QueryCatalogResponse,
+};
 use ractor::ActorRef;
 use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status, Streaming};
@@ -31,6 +34,10 @@ use crate::manager::ManagerMsg;
 use crate::registry::RegistryMsg;
 
 const ACTOR_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most rows one `ListResults` or `QueryCatalog` call returns.
+pub const MAX_ROWS: u32 = 100_000;
+/// Longest a `QueryCatalog` statement may run.
+const QUERY_TIME_LIMIT: Duration = Duration::from_secs(10);
 /// Lines per read when streaming a log.
 const LOG_BATCH: u32 = 1000;
 
@@ -65,7 +72,8 @@ pub fn validate_spec(spec: &JobSpec) -> Result<(), Status> {
     let bad =
         |field: &str, reason: &str| Err(Status::invalid_argument(format!("`{field}`: {reason}")));
     match &spec.kind {
-        None => bad("spec.kind", "missing: set selftest, ingest or train"),
+        None => bad("spec.kind", "missing: set selftest, ingest, train or infer"),
+        Some(Kind::Infer(i)) => validate_infer(i),
         Some(Kind::Train(t)) => {
             if t.dataset.is_empty() {
                 return bad("train.dataset", "missing");
@@ -141,6 +149,59 @@ pub fn validate_spec(spec: &JobSpec) -> Result<(), Status> {
     }
 }
 
+/// Checks an inference spec; errors name the field.
+fn validate_infer(i: &medray_proto::v1::InferSpec) -> Result<(), Status> {
+    fn field(name: &'static str) -> impl Fn(medray_core::Error) -> Status {
+        move |e| Status::invalid_argument(format!("`infer.{name}`: {e}"))
+    }
+    if i.dataset.is_empty() {
+        return Err(Status::invalid_argument("`infer.dataset`: missing"));
+    }
+    DatasetName::new(i.dataset.clone()).map_err(field("dataset"))?;
+    if i.model.is_empty() {
+        return Err(Status::invalid_argument("`infer.model`: missing"));
+    }
+    medray_core::models::ModelName::new(i.model.clone()).map_err(field("model"))?;
+    if !i.version.is_empty() && !i.alias.is_empty() {
+        return Err(Status::invalid_argument(
+            "`infer.version`: name a version or an alias, not both",
+        ));
+    }
+    if !i.version.is_empty() {
+        medray_core::models::validate_version(&i.version).map_err(field("version"))?;
+    }
+    if !i.alias.is_empty() {
+        medray_core::models::validate_alias(&i.alias).map_err(field("alias"))?;
+    }
+    if i.workers > 1024 {
+        return Err(Status::invalid_argument("`infer.workers`: at most 1024"));
+    }
+    if i.cases.len() > 100_000 {
+        return Err(Status::invalid_argument("`infer.cases`: at most 100,000"));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for c in &i.cases {
+        medray_core::catalog::CaseId::new(c.clone()).map_err(field("cases"))?;
+        if !seen.insert(c) {
+            return Err(Status::invalid_argument(format!(
+                "`infer.cases`: `{c}` is listed twice"
+            )));
+        }
+    }
+    if i.refine_steps as usize > medray_core::refine::MAX_REFINE_STEPS {
+        return Err(Status::invalid_argument(format!(
+            "`infer.refine_steps`: at most {}",
+            medray_core::refine::MAX_REFINE_STEPS
+        )));
+    }
+    if i.hold_ms > 3_600_000 {
+        return Err(Status::invalid_argument(
+            "`infer.hold_ms`: at most one hour",
+        ));
+    }
+    Ok(())
+}
+
 /// The wire summary of a catalog dataset.
 fn dataset_info(d: &DatasetRecord) -> DatasetInfo {
     DatasetInfo {
@@ -205,6 +266,15 @@ impl Client for ClientService {
             .spec
             .ok_or_else(|| Status::invalid_argument("missing field `spec`"))?;
         validate_spec(&spec)?;
+        let mut spec = spec;
+        if let Some(Kind::Infer(infer)) = spec.kind.as_mut() {
+            // Refused now if the dataset, a case or the model version does not exist; the
+            // version is pinned, so the job keeps it if the alias moves meanwhile.
+            let catalog = self.ctx.catalog().map_err(Status::from)?;
+            let version = crate::infer::resolve_version(&catalog, infer).map_err(Status::from)?;
+            crate::infer::resolve_cases(&catalog, infer).map_err(Status::from)?;
+            infer.version = version.version;
+        }
         let job = self
             .manager
             .call(
@@ -599,5 +669,57 @@ impl Client for ClientService {
         Ok(Response::new(DeleteModelResponse {
             version: Some(model_version_info(&v)),
         }))
+    }
+
+    async fn list_results(
+        &self,
+        request: Request<ListResultsRequest>,
+    ) -> Result<Response<ListResultsResponse>, Status> {
+        let r = request.into_inner();
+        let some = |v: String| (!v.is_empty()).then_some(v);
+        let filter = medray_core::results::ResultFilter {
+            model: some(r.model),
+            version: some(r.version),
+            dataset: some(r.dataset),
+            job_id: some(r.job_id),
+            order_by: some(r.order_by),
+            descending: r.descending,
+            limit: Some(match r.limit {
+                0 => MAX_ROWS,
+                n => n.min(MAX_ROWS),
+            } as usize),
+        };
+        filter.validate().map_err(core_status)?;
+        let ctx = self.ctx.clone();
+        let rows = tokio::task::spawn_blocking(move || {
+            let catalog = ctx.catalog()?;
+            Ok::<_, crate::HeadError>(medray_core::results::list_results(&catalog, &filter)?)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("results query: {e}")))?
+        .map_err(Status::from)?;
+        Ok(Response::new(ListResultsResponse {
+            results: rows.iter().map(super::result_info::case_result).collect(),
+        }))
+    }
+
+    async fn query_catalog(
+        &self,
+        request: Request<QueryCatalogRequest>,
+    ) -> Result<Response<QueryCatalogResponse>, Status> {
+        let r = request.into_inner();
+        medray_core::catalog::query::check_sql_text(&r.sql).map_err(core_status)?;
+        let max_rows = match r.max_rows {
+            0 => MAX_ROWS,
+            n => n.min(MAX_ROWS),
+        } as usize;
+        let path = self.ctx.catalog_path.clone();
+        let answer = tokio::task::spawn_blocking(move || {
+            medray_core::catalog::query::query_read_only(&path, &r.sql, max_rows, QUERY_TIME_LIMIT)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("sql query: {e}")))?
+        .map_err(core_status)?;
+        Ok(Response::new(super::result_info::query_response(answer)))
     }
 }

@@ -7,10 +7,12 @@ use medray_proto::v1::worker_server::Worker;
 use medray_proto::v1::{
     AppendTaskLogsRequest, AppendTaskLogsResponse, DeregisterRequest, DeregisterResponse,
     FetchObjectRequest, FinishTaskRequest, FinishTaskResponse, HeartbeatRequest, HeartbeatResponse,
-    ObjectChunk, RegisterRequest, RegisterResponse, TrainDown, TrainUp,
+    ObjectChunk, PutObjectRequest, PutObjectResponse, RegisterRequest, RegisterResponse, TrainDown,
+    TrainUp,
 };
 use medray_proto::PROTOCOL_VERSION;
 use ractor::ActorRef;
+use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{object_stream, BoxStream};
@@ -26,6 +28,9 @@ const TRAIN_DOWN_BUFFER: usize = 1024;
 
 /// Streams ids, unique within a head process.
 static NEXT_MEMBER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// The only stage folder workers may write to.
+const WORKER_WRITABLE_PREFIX: &str = "results/";
 
 /// Timeout of a call from a service into an actor.
 const ACTOR_TIMEOUT: Duration = Duration::from_secs(10);
@@ -263,6 +268,85 @@ impl Worker for WorkerService {
             })
             .map_err(unavailable)?;
         Ok(Response::new(DeregisterResponse {}))
+    }
+
+    async fn put_object(
+        &self,
+        request: Request<Streaming<PutObjectRequest>>,
+    ) -> Result<Response<PutObjectResponse>, Status> {
+        let mut stream = request.into_inner();
+        let first = stream
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("empty upload: no header"))?;
+        let header = first
+            .header
+            .ok_or_else(|| Status::invalid_argument("the first message must carry the `header`"))?;
+        let attempt = attempt_of(&header.job_id, &header.task_id, header.attempt)?;
+        let worker_id = WorkerId(required(&header.worker_id, "header.worker_id")?.to_string());
+        if !header.key.starts_with(WORKER_WRITABLE_PREFIX) {
+            return Err(Status::permission_denied(format!(
+                "`header.key` `{}`: workers write only under `{WORKER_WRITABLE_PREFIX}`",
+                header.key
+            )));
+        }
+        let key = medray_core::stage::ObjectKey::new(header.key.clone())
+            .map_err(|e| Status::invalid_argument(format!("`header.key`: {e}")))?;
+        if header.sha256.len() != 64 || !header.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(Status::invalid_argument(
+                "`header.sha256`: expected 64 hex digits",
+            ));
+        }
+        let limit = self.ctx.config.max_put_bytes;
+        if header.size > limit {
+            return Err(Status::resource_exhausted(format!(
+                "{key}: {} bytes is more than the head's limit of {limit} bytes",
+                header.size
+            )));
+        }
+        if !self
+            .ctx
+            .store
+            .is_current(&attempt, &worker_id)
+            .map_err(Status::from)?
+        {
+            return Err(Status::failed_precondition(format!(
+                "attempt {attempt} is not current for worker {worker_id}: the upload is dropped"
+            )));
+        }
+        let mut data = first.data;
+        while let Some(msg) = stream.message().await? {
+            if msg.header.is_some() {
+                return Err(Status::invalid_argument(
+                    "only the first message carries a `header`",
+                ));
+            }
+            if (data.len() + msg.data.len()) as u64 > header.size {
+                return Err(Status::invalid_argument(format!(
+                    "{key}: more data than the announced `size` of {} bytes",
+                    header.size
+                )));
+            }
+            data.extend_from_slice(&msg.data);
+        }
+        let sha256 = hex::encode(Sha256::digest(&data));
+        if data.len() as u64 != header.size || sha256 != header.sha256.to_ascii_lowercase() {
+            return Err(Status::data_loss(format!(
+                "{key}: upload damaged: {} of {} bytes, sha256 {sha256} instead of {}",
+                data.len(),
+                header.size,
+                header.sha256
+            )));
+        }
+        self.ctx
+            .stage
+            .put(&key, &data)
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        self.ctx.metrics.moved("from_worker", data.len() as u64);
+        Ok(Response::new(PutObjectResponse {
+            bytes: data.len() as u64,
+        }))
     }
 }
 

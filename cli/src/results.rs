@@ -1,0 +1,399 @@
+//! `medray results` and `medray sql`: the results table of inference and read-only SQL on
+//! the catalog, on a local data directory or through the head (the same rules as `medray
+//! datasets`, see [`DataArgs::target`]). Both print the same either way.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use medray_core::catalog::query::{query_read_only, QueryResult, SqlValue};
+use medray_core::results::{list_results, ResultFilter, ResultRow, RESULT_COLUMNS};
+use medray_head::service::client::MAX_ROWS;
+use medray_head::service::result_info::{query_result_from, result_row_from};
+use medray_proto::v1::{ListResultsRequest, QueryCatalogRequest};
+
+use crate::cluster::client::{status_error, ClientArgs, HeadClient};
+use crate::data_dir::{DataArgs, Target};
+
+/// Longest a local `medray sql` statement may run.
+const LOCAL_QUERY_TIME_LIMIT: Duration = Duration::from_secs(60);
+
+/// How rows are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// Aligned columns.
+    Table,
+    /// Comma-separated values with a header line (RFC 4180 quoting).
+    Csv,
+    /// One JSON array of objects.
+    Json,
+}
+
+/// Arguments of `medray results`.
+#[derive(Debug, clap::Args)]
+pub struct ResultsArgs {
+    #[command(flatten)]
+    data: DataArgs,
+    #[command(flatten)]
+    client: ClientArgs,
+    /// Only this model.
+    #[arg(long)]
+    model: Option<String>,
+    /// Only this model version.
+    #[arg(long)]
+    version: Option<String>,
+    /// Only this dataset.
+    #[arg(long)]
+    dataset: Option<String>,
+    /// Only the rows written by this inference job.
+    #[arg(long)]
+    job: Option<String>,
+    /// Order by this column (e.g. dice_score, tre_mm, runtime_ms).
+    #[arg(long, value_name = "COLUMN")]
+    order_by: Option<String>,
+    /// Descending order.
+    #[arg(long)]
+    desc: bool,
+    /// At most this many rows.
+    #[arg(long)]
+    limit: Option<u32>,
+    /// `table` shows the main columns; `csv` and `json` every column.
+    #[arg(long, value_enum, default_value = "table")]
+    format: Format,
+}
+
+/// Arguments of `medray sql`.
+#[derive(Debug, clap::Args)]
+pub struct SqlArgs {
+    #[command(flatten)]
+    data: DataArgs,
+    #[command(flatten)]
+    client: ClientArgs,
+    /// One SELECT statement (or WITH ... SELECT, VALUES); anything that could write is
+    /// refused.
+    query: String,
+    /// At most this many rows.
+    #[arg(long, default_value_t = 10_000)]
+    max_rows: u32,
+    #[arg(long, value_enum, default_value = "table")]
+    format: Format,
+}
+
+/// Columns `medray results` shows as a table.
+const TABLE_COLUMNS: [&str; 14] = [
+    "case_id",
+    "dataset",
+    "model_name",
+    "model_version",
+    "status",
+    "dice_before",
+    "dice_score",
+    "soft_dice",
+    "ssim_score",
+    "tre_before_mm",
+    "tre_mm",
+    "folding_pct",
+    "runtime_ms",
+    "error",
+];
+
+fn real(v: Option<f64>) -> SqlValue {
+    v.map_or(SqlValue::Null, SqlValue::Real)
+}
+
+fn text(v: Option<&str>) -> SqlValue {
+    v.map_or(SqlValue::Null, |t| SqlValue::Text(t.to_string()))
+}
+
+/// The value of column `name` of a results row.
+fn column(r: &ResultRow, name: &str) -> SqlValue {
+    match name {
+        "case_id" => text(Some(r.case_id.as_str())),
+        "dataset" => text(Some(r.dataset.as_str())),
+        "model_name" => text(Some(r.model_name.as_str())),
+        "model_version" => text(Some(&r.model_version)),
+        "status" => text(Some(r.status.as_str())),
+        "error" => text(r.error.as_deref()),
+        "dice_before" => real(r.dice_before),
+        "dice_score" => real(r.dice_score),
+        "soft_dice" => real(r.soft_dice),
+        "ssim_score" => real(r.ssim_score),
+        "mi" => real(r.mi),
+        "tre_before_mm" => real(r.tre_before_mm),
+        "tre_mm" => real(r.tre_mm),
+        "folding_pct" => real(r.folding_pct),
+        "ddf_magnitude" => real(r.ddf_magnitude),
+        "runtime_ms" => real(r.runtime_ms),
+        "device" => text(Some(&r.device)),
+        "worker" => text(Some(&r.worker)),
+        "job_id" => text(Some(&r.job_id)),
+        "output_image" => text(r.output_image.as_deref()),
+        "output_label" => text(r.output_label.as_deref()),
+        "output_ddf" => text(r.output_ddf.as_deref()),
+        "refine_steps" => SqlValue::Integer(i64::from(r.refine_steps)),
+        "created_at" => text(Some(&r.created_at)),
+        _ => SqlValue::Null,
+    }
+}
+
+/// Results rows as a table of the given columns.
+#[must_use]
+pub fn results_table(rows: &[ResultRow], columns: &[&str]) -> QueryResult {
+    QueryResult {
+        columns: columns.iter().map(ToString::to_string).collect(),
+        rows: rows
+            .iter()
+            .map(|r| columns.iter().map(|c| column(r, c)).collect())
+            .collect(),
+        truncated: false,
+    }
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+/// Formats a value for a table cell: reals with 4 decimals, NULL as empty.
+fn cell(v: &SqlValue, table: bool) -> String {
+    match v {
+        SqlValue::Null => String::new(),
+        SqlValue::Real(f) if table => format!("{f:.4}"),
+        other => other.to_string(),
+    }
+}
+
+fn json_value(v: &SqlValue) -> serde_json::Value {
+    match v {
+        SqlValue::Null => serde_json::Value::Null,
+        SqlValue::Integer(i) => (*i).into(),
+        SqlValue::Real(f) => {
+            serde_json::Number::from_f64(*f).map_or(serde_json::Value::Null, Into::into)
+        }
+        SqlValue::Text(t) => t.clone().into(),
+        SqlValue::Blob(b) => hex::encode(b).into(),
+    }
+}
+
+/// Prints rows in `format` to a string (tables: a line per row, columns aligned).
+#[must_use]
+pub fn render(q: &QueryResult, format: Format) -> String {
+    let mut out = String::new();
+    match format {
+        Format::Json => {
+            let rows: Vec<serde_json::Value> = q
+                .rows
+                .iter()
+                .map(|row| {
+                    serde_json::Value::Object(
+                        q.columns
+                            .iter()
+                            .zip(row)
+                            .map(|(c, v)| (c.clone(), json_value(v)))
+                            .collect(),
+                    )
+                })
+                .collect();
+            out.push_str(&serde_json::Value::Array(rows).to_string());
+            out.push('\n');
+        }
+        Format::Csv => {
+            let line = |cells: Vec<String>| {
+                cells
+                    .iter()
+                    .map(|c| csv_field(c))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
+            out.push_str(&line(q.columns.clone()));
+            out.push('\n');
+            for row in &q.rows {
+                out.push_str(&line(row.iter().map(|v| cell(v, false)).collect()));
+                out.push('\n');
+            }
+        }
+        Format::Table => {
+            let cells: Vec<Vec<String>> = q
+                .rows
+                .iter()
+                .map(|row| {
+                    row.iter()
+                        .map(|v| cell(v, true).replace('\n', " "))
+                        .collect()
+                })
+                .collect();
+            let widths: Vec<usize> = q
+                .columns
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    cells
+                        .iter()
+                        .map(|r| r[i].chars().count())
+                        .chain([c.len()])
+                        .max()
+                        .unwrap_or(0)
+                })
+                .collect();
+            let line = |cells: &[String]| {
+                cells
+                    .iter()
+                    .zip(&widths)
+                    .map(|(c, w)| format!("{c:<w$}"))
+                    .collect::<Vec<_>>()
+                    .join("  ")
+                    .trim_end()
+                    .to_string()
+            };
+            out.push_str(&line(&q.columns));
+            out.push('\n');
+            for row in &cells {
+                out.push_str(&line(row));
+                out.push('\n');
+            }
+            out.push_str(&format!(
+                "({} row{})\n",
+                q.rows.len(),
+                if q.rows.len() == 1 { "" } else { "s" }
+            ));
+        }
+    }
+    out
+}
+
+fn print(q: &QueryResult, format: Format) {
+    print!("{}", render(q, format));
+    if q.truncated {
+        eprintln!("(more rows exist: raise --max-rows or add a LIMIT)");
+    }
+}
+
+/// Prints results rows: a table of the main columns, or every column as CSV or JSON.
+pub fn print_results(rows: &[ResultRow], format: Format) {
+    let columns: &[&str] = match format {
+        Format::Table => &TABLE_COLUMNS,
+        Format::Csv | Format::Json => &RESULT_COLUMNS,
+    };
+    print(&results_table(rows, columns), format);
+}
+
+/// The rows of `filter` through the head.
+pub async fn remote_results(
+    client: &mut HeadClient,
+    filter: &ResultFilter,
+) -> anyhow::Result<Vec<ResultRow>> {
+    let reply = client
+        .list_results(ListResultsRequest {
+            model: filter.model.clone().unwrap_or_default(),
+            version: filter.version.clone().unwrap_or_default(),
+            dataset: filter.dataset.clone().unwrap_or_default(),
+            job_id: filter.job_id.clone().unwrap_or_default(),
+            order_by: filter.order_by.clone().unwrap_or_default(),
+            descending: filter.descending,
+            limit: filter.limit.map_or(0, |l| l.min(MAX_ROWS as usize) as u32),
+        })
+        .await
+        .map_err(|e| status_error("results", e))?
+        .into_inner();
+    reply
+        .results
+        .into_iter()
+        .map(|r| result_row_from(r).context("the head sent an invalid results row"))
+        .collect()
+}
+
+/// Runs `medray results`.
+pub fn run_results(args: ResultsArgs) -> anyhow::Result<()> {
+    let filter = ResultFilter {
+        model: args.model,
+        version: args.version,
+        dataset: args.dataset,
+        job_id: args.job,
+        order_by: args.order_by,
+        descending: args.desc,
+        limit: args.limit.map(|l| l as usize),
+    };
+    filter.validate()?;
+    let rows = match args.data.target(&args.client)? {
+        Target::Head => {
+            let rt = crate::data_dir::runtime()?;
+            rt.block_on(async {
+                let mut c = args.client.connect().await?;
+                remote_results(&mut c, &filter).await
+            })?
+        }
+        Target::Local => list_results(&args.data.open_catalog()?, &filter)?,
+    };
+    print_results(&rows, args.format);
+    Ok(())
+}
+
+/// Runs `medray sql`.
+pub fn run_sql(args: SqlArgs) -> anyhow::Result<()> {
+    medray_core::catalog::query::check_sql_text(&args.query)?;
+    let answer = match args.data.target(&args.client)? {
+        Target::Head => {
+            let rt = crate::data_dir::runtime()?;
+            rt.block_on(async {
+                let mut c = args.client.connect().await?;
+                let reply = c
+                    .query_catalog(QueryCatalogRequest {
+                        sql: args.query.clone(),
+                        max_rows: args.max_rows,
+                    })
+                    .await
+                    .map_err(|e| status_error("sql", e))?
+                    .into_inner();
+                Ok::<_, anyhow::Error>(query_result_from(reply))
+            })?
+        }
+        Target::Local => query_read_only(
+            &args.data.dir().join("catalog.db"),
+            &args.query,
+            args.max_rows as usize,
+            LOCAL_QUERY_TIME_LIMIT,
+        )?,
+    };
+    print(&answer, args.format);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_quote_and_align() {
+        let q = QueryResult {
+            columns: vec!["case_id".into(), "dice".into(), "note".into()],
+            rows: vec![
+                vec![
+                    SqlValue::Text("case_1".into()),
+                    SqlValue::Real(0.5),
+                    SqlValue::Text("a, \"b\"".into()),
+                ],
+                vec![
+                    SqlValue::Text("c2".into()),
+                    SqlValue::Null,
+                    SqlValue::Integer(3),
+                ],
+            ],
+            truncated: false,
+        };
+        assert_eq!(
+            render(&q, Format::Csv),
+            "case_id,dice,note\ncase_1,0.5,\"a, \"\"b\"\"\"\nc2,,3\n"
+        );
+        assert_eq!(
+            render(&q, Format::Table),
+            "case_id  dice    note\ncase_1   0.5000  a, \"b\"\nc2               3\n(2 rows)\n"
+        );
+        let json: serde_json::Value =
+            serde_json::from_str(&render(&q, Format::Json)).expect("json");
+        assert_eq!(json[0]["dice"], 0.5);
+        assert_eq!(json[1]["dice"], serde_json::Value::Null);
+        assert_eq!(json[1]["note"], 3);
+    }
+}
