@@ -162,7 +162,7 @@ impl Actor for JobManager {
                         .logs
                         .line(&id, format!("job {id} submitted ({})", job.kind));
                     self.ctx.metrics.jobs_submitted.inc();
-                    self.spawn_job(&myself, state, id, *spec, false).await?;
+                    self.spawn_job(&myself, state, id, spec, false).await?;
                     Ok(job)
                 }
                 .await;
