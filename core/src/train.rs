@@ -251,6 +251,27 @@ pub(crate) fn batch_of(cases: &[&LoadedCase]) -> Result<PairBatch> {
     })
 }
 
+/// Refuses an objective that needs lung masks when a training case has none.
+pub(crate) fn check_masks(loss: LossPreset, cases: &[CaseFiles]) -> Result<()> {
+    if !loss.needs_masks() {
+        return Ok(());
+    }
+    match cases
+        .iter()
+        .find(|c| c.fixed_mask.is_none() || c.moving_mask.is_none())
+    {
+        Some(c) => Err(Error::invalid(
+            "loss",
+            format!(
+                "{} needs lung masks, but case {} has none",
+                loss.name(),
+                c.id
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// The order of the training cases in `epoch` (1-based): a permutation seeded by
 /// `(seed, epoch)`, so it does not depend on what ran before.
 pub fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
@@ -329,21 +350,7 @@ pub fn train_local(
 
     let dataset = Learn2RegDataset::open(data_dir)?;
     let (train_files, val_files) = dataset.split(config.val_fraction)?;
-    if config.loss.needs_masks() {
-        if let Some(c) = train_files
-            .iter()
-            .find(|c| c.fixed_mask.is_none() || c.moving_mask.is_none())
-        {
-            return Err(Error::invalid(
-                "loss",
-                format!(
-                    "{} needs lung masks, but case {} has none",
-                    config.loss.name(),
-                    c.id
-                ),
-            ));
-        }
-    }
+    check_masks(config.loss, &train_files)?;
     let pre = &model_config.preprocess;
     let train_cases = train_files
         .iter()

@@ -147,6 +147,39 @@ impl JobActor {
         myself.stop(None);
     }
 
+    /// Workers registered now.
+    async fn live_workers(&self) -> Result<u32> {
+        self.registry
+            .call(RegistryMsg::LiveCount, Some(Duration::from_secs(5)))
+            .await?
+            .success_or_else(|| HeadError::Actor("registry did not answer".into()))
+    }
+
+    /// The live worker count when at least `wanted` (0: any one) are registered; otherwise
+    /// the job waits PENDING with the reason, tries again shortly, and this returns `None`.
+    async fn enough_workers(
+        &self,
+        myself: &ActorRef<JobMsg>,
+        s: &mut JobActorState,
+        wanted: u32,
+    ) -> Result<Option<u32>> {
+        let live = self.live_workers().await?;
+        let needed = wanted.max(1);
+        if live >= needed {
+            return Ok(Some(live));
+        }
+        let reason = format!("needs {needed} worker(s), {live} registered");
+        if reason != s.pending_reason {
+            self.ctx
+                .store
+                .set_job_state(&s.job_id, JobState::Pending, &reason)?;
+            self.log(s, format!("waiting: {reason}"));
+            s.pending_reason = reason;
+        }
+        myself.send_after(Duration::from_millis(500), || JobMsg::Start);
+        Ok(None)
+    }
+
     async fn start_selftest(
         &self,
         myself: &ActorRef<JobMsg>,
@@ -155,24 +188,9 @@ impl JobActor {
     ) -> Result<()> {
         let existing = self.ctx.store.tasks(&s.job_id)?;
         if existing.is_empty() {
-            let live = self
-                .registry
-                .call(RegistryMsg::LiveCount, Some(Duration::from_secs(5)))
-                .await?
-                .success_or_else(|| HeadError::Actor("registry did not answer".into()))?;
-            let needed = spec.workers.max(1);
-            if live < needed {
-                let reason = format!("needs {needed} worker(s), {live} registered");
-                if reason != s.pending_reason {
-                    self.ctx
-                        .store
-                        .set_job_state(&s.job_id, JobState::Pending, &reason)?;
-                    self.log(s, format!("waiting: {reason}"));
-                    s.pending_reason = reason;
-                }
-                myself.send_after(Duration::from_millis(500), || JobMsg::Start);
+            let Some(live) = self.enough_workers(myself, s, spec.workers).await? else {
                 return Ok(());
-            }
+            };
             let count = if spec.workers == 0 {
                 live
             } else {
@@ -466,24 +484,9 @@ impl JobActor {
         let existing = self.ctx.store.tasks(&s.job_id)?;
         let replicas;
         if existing.is_empty() {
-            let live = self
-                .registry
-                .call(RegistryMsg::LiveCount, Some(Duration::from_secs(5)))
-                .await?
-                .success_or_else(|| HeadError::Actor("registry did not answer".into()))?;
-            let needed = spec.workers.max(1);
-            if live < needed {
-                let reason = format!("needs {needed} worker(s), {live} registered");
-                if reason != s.pending_reason {
-                    self.ctx
-                        .store
-                        .set_job_state(&s.job_id, JobState::Pending, &reason)?;
-                    self.log(s, format!("waiting: {reason}"));
-                    s.pending_reason = reason;
-                }
-                myself.send_after(Duration::from_millis(500), || JobMsg::Start);
+            let Some(live) = self.enough_workers(myself, s, spec.workers).await? else {
                 return Ok(());
-            }
+            };
             replicas = if spec.workers == 0 {
                 live
             } else {
@@ -555,12 +558,7 @@ impl JobActor {
         let Some(trainer) = s.trainer.as_mut() else {
             return Ok(());
         };
-        let live = self
-            .registry
-            .call(RegistryMsg::LiveCount, Some(Duration::from_secs(5)))
-            .await?
-            .success_or_else(|| HeadError::Actor("registry did not answer".into()))?
-            as usize;
+        let live = self.live_workers().await? as usize;
         let active = self
             .ctx
             .store

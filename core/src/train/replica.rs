@@ -26,7 +26,7 @@ use crate::localnet::{LocalNet, TensorKind};
 use crate::model::ModelConfig;
 use crate::optim::{Adam, AdamConfig};
 use crate::registration::RegistrationLoss;
-use crate::train::{batch_of, load_case, LoadedCase, TrainConfig};
+use crate::train::{batch_of, check_masks, load_case, LoadedCase, TrainConfig};
 use crate::{Error, Result};
 
 /// The mean gradient of a shard and its losses.
@@ -77,21 +77,7 @@ impl Replica {
         config.validate()?;
         let model_config = config.model_config();
         let pre = &model_config.preprocess;
-        if config.loss.needs_masks() {
-            if let Some(c) = train
-                .iter()
-                .find(|c| c.fixed_mask.is_none() || c.moving_mask.is_none())
-            {
-                return Err(Error::invalid(
-                    "loss",
-                    format!(
-                        "{} needs lung masks, but case {} has none",
-                        config.loss.name(),
-                        c.id
-                    ),
-                ));
-            }
-        }
+        check_masks(config.loss, train)?;
         let train = train
             .iter()
             .map(|c| load_case(c, pre, device))
