@@ -10,6 +10,7 @@ mod ingest;
 mod models;
 mod predict;
 mod remote;
+mod report;
 mod results;
 mod stage;
 mod synth;
@@ -78,6 +79,8 @@ enum Command {
     Results(results::ResultsArgs),
     /// Run one read-only SQL statement on the catalog (e.g. on the results table).
     Sql(results::SqlArgs),
+    /// Write the HTML report of an inference job (summary, per-case table, pictures).
+    Report(report::Args),
 }
 
 /// Parses `cpu` or `cuda:N`.
@@ -135,6 +138,7 @@ fn main() -> std::process::ExitCode {
         Command::Infer(args) => cluster::infer::run(args),
         Command::Results(args) => results::run_results(args),
         Command::Sql(args) => results::run_sql(args),
+        Command::Report(args) => report::run(args),
     });
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

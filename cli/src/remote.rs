@@ -11,7 +11,7 @@ use medray_proto::v1::{
 };
 use sha2::{Digest, Sha256};
 
-use crate::cluster::client::{status_error, ClientArgs};
+use crate::cluster::client::{status_error, ClientArgs, HeadClient};
 
 /// Submits an ingest job and streams it to its end.
 pub fn ingest(client: &ClientArgs, spec: IngestSpec, no_wait: bool) -> anyhow::Result<()> {
@@ -119,37 +119,46 @@ pub fn stage_ls(client: &ClientArgs, prefix: &str) -> anyhow::Result<()> {
     })
 }
 
-/// `stage get` through the head: chunks verified against the announced size and sha256,
-/// written atomically.
+/// Reads a stage object through the head; the chunks are checked against the announced
+/// size and sha256.
+///
+/// # Errors
+/// The head's answer, or a damaged transfer naming the key.
+pub async fn fetch_object(c: &mut HeadClient, key: &str) -> anyhow::Result<Vec<u8>> {
+    let mut stream = c
+        .stage_get(StageGetRequest { key: key.into() })
+        .await
+        .map_err(|e| status_error(&format!("stage get {key}"), e))?
+        .into_inner();
+    let mut data = Vec::new();
+    let mut announced = None;
+    while let Some(chunk) = stream
+        .message()
+        .await
+        .map_err(|e| status_error(&format!("stage get {key}"), e))?
+    {
+        if announced.is_none() {
+            announced = Some((chunk.size, chunk.sha256.clone()));
+        }
+        data.extend_from_slice(&chunk.data);
+    }
+    let (size, sha) = announced.with_context(|| format!("{key}: the head sent no data"))?;
+    let got = hex::encode(Sha256::digest(&data));
+    if data.len() as u64 != size || got != sha {
+        anyhow::bail!(
+            "{key}: transfer damaged ({} of {size} bytes, sha256 {got} instead of {sha})",
+            data.len()
+        );
+    }
+    Ok(data)
+}
+
+/// `stage get` through the head, written atomically.
 pub fn stage_get(client: &ClientArgs, key: &str, out: &Path) -> anyhow::Result<()> {
     let rt = crate::data_dir::runtime()?;
     rt.block_on(async {
         let mut c = client.connect().await?;
-        let mut stream = c
-            .stage_get(StageGetRequest { key: key.into() })
-            .await
-            .map_err(|e| status_error("stage get", e))?
-            .into_inner();
-        let mut data = Vec::new();
-        let mut announced = None;
-        while let Some(chunk) = stream
-            .message()
-            .await
-            .map_err(|e| status_error("stage get", e))?
-        {
-            if announced.is_none() {
-                announced = Some((chunk.size, chunk.sha256.clone()));
-            }
-            data.extend_from_slice(&chunk.data);
-        }
-        let (size, sha) = announced.context("the head sent no data")?;
-        let got = hex::encode(Sha256::digest(&data));
-        if data.len() as u64 != size || got != sha {
-            anyhow::bail!(
-                "{key}: transfer damaged ({} of {size} bytes, sha256 {got} instead of {sha})",
-                data.len()
-            );
-        }
+        let data = fetch_object(&mut c, key).await?;
         medray_core::atomic::write_bytes(out, &data)
             .with_context(|| format!("writing {}", out.display()))?;
         println!("wrote {} bytes to {}", data.len(), out.display());

@@ -20,6 +20,7 @@ pub mod predict;
 pub mod preprocess;
 pub mod refine;
 pub mod registration;
+pub mod report;
 pub mod results;
 pub mod stage;
 pub mod synth;

@@ -441,6 +441,39 @@ impl Registration {
         let raw = crate::nifti_io::to_tensor(mask, d.device())?;
         Ok(Some(tensor_to_array3(&ops::warp_nearest(&raw, d)?)?))
     }
+
+    /// The case picture ([`crate::viz::case_png`]) on the original grid: mid slices of the
+    /// fixed, moving and `warped` images (as [`Self::warped_image_original`] returns), their
+    /// differences and the displacement magnitude in mm.
+    ///
+    /// # Errors
+    /// As [`Self::warped_image_original`]; [`Error::ShapeMismatch`] when `warped` is not on
+    /// the fixed image's grid.
+    pub fn case_png(&self, pair: &LoadedPair, warped: &Array3<f32>) -> Result<Vec<u8>> {
+        let ddf = tensor_to_ddf_array(self.original()?)?;
+        let (h, w, d) = pair.fixed_volume.data.dim();
+        if ddf.dim() != (3, h, w, d) {
+            return Err(Error::ShapeMismatch {
+                op: "case picture",
+                expected: format!("a DDF of (3, {h}, {w}, {d})"),
+                got: format!("{:?}", ddf.dim()),
+            });
+        }
+        let spacing = pair.fixed_volume.spacing;
+        let magnitude = Array3::from_shape_fn(pair.fixed_volume.data.dim(), |(i, j, k)| {
+            (0..3)
+                .map(|c| (f64::from(ddf[[c, i, j, k]]) * spacing[c]).powi(2))
+                .sum::<f64>()
+                .sqrt() as f32
+        });
+        crate::viz::case_png(&crate::viz::CaseViews {
+            fixed: &pair.fixed_volume.data,
+            moving: &pair.moving_volume.data,
+            warped,
+            ddf_magnitude: &magnitude,
+            spacing,
+        })
+    }
 }
 
 /// Registers one pair, writes the outputs and returns the report.

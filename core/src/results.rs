@@ -50,6 +50,8 @@ pub const IMAGE_SUFFIX: &str = "_registered_img.nii.gz";
 pub const LABEL_SUFFIX: &str = "_registered_label.nii.gz";
 /// See [`IMAGE_SUFFIX`].
 pub const DDF_SUFFIX: &str = "_ddf.nii.gz";
+/// See [`IMAGE_SUFFIX`]: the case picture (mid slices, differences, DDF magnitude).
+pub const PNG_SUFFIX: &str = "_overview.png";
 
 /// The stage folder of a model version's inference outputs, `results/<model>/<version>/`.
 ///

@@ -11,6 +11,7 @@ pub mod logs;
 pub mod manager;
 pub mod metrics;
 pub mod registry;
+pub mod report;
 pub mod scheduler;
 pub mod service;
 pub mod store;
@@ -197,8 +198,7 @@ pub async fn run(
             http::serve(
                 addr,
                 registry.clone(),
-                store.clone(),
-                metrics.clone(),
+                ctx.clone(),
                 config.min_workers,
                 stopped(),
             )

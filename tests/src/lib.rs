@@ -1,5 +1,7 @@
 #![doc = include_str!("../README.md")]
 
+pub mod web;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

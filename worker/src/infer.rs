@@ -20,7 +20,7 @@ use medray_core::nifti_io::{
     tensor_to_ddf_array, write_ddf, write_volume, write_volume_as, StoredType,
 };
 use medray_core::predict::{load_pair, register_pair, KeypointFiles, PairFiles, RegisterOptions};
-use medray_core::results::{CaseReport, DDF_SUFFIX, IMAGE_SUFFIX, LABEL_SUFFIX};
+use medray_core::results::{CaseReport, DDF_SUFFIX, IMAGE_SUFFIX, LABEL_SUFFIX, PNG_SUFFIX};
 use medray_proto::v1::{InferTask, StageRef, TaskAssignment};
 
 use crate::compute::TaskContext;
@@ -146,16 +146,16 @@ fn write_outputs(
     std::fs::create_dir_all(dir).map_err(|e| write_err(medray_core::Error::io(dir, e)))?;
     let affine = &pair.fixed_volume.affine;
     let key = |suffix: &str| format!("{}{}{suffix}", spec.output_prefix, spec.case_id);
-    let mut out = Vec::with_capacity(3);
+    let mut out = Vec::with_capacity(4);
 
     let image = dir.join(format!("{}{IMAGE_SUFFIX}", spec.case_id));
-    write_volume(
-        &image,
-        &reg.warped_image_original(pair).map_err(compute_err)?,
-        affine,
-    )
-    .map_err(write_err)?;
+    let warped = reg.warped_image_original(pair).map_err(compute_err)?;
+    write_volume(&image, &warped, affine).map_err(write_err)?;
     out.push((image, key(IMAGE_SUFFIX)));
+    let picture = dir.join(format!("{}{PNG_SUFFIX}", spec.case_id));
+    let png = reg.case_png(pair, &warped).map_err(compute_err)?;
+    medray_core::atomic::write_bytes(&picture, &png).map_err(write_err)?;
+    out.push((picture, key(PNG_SUFFIX)));
     if let Some(label) = reg.warped_label_original(pair).map_err(compute_err)? {
         let path = dir.join(format!("{}{LABEL_SUFFIX}", spec.case_id));
         write_volume_as(&path, &label, affine, StoredType::Uint8).map_err(write_err)?;

@@ -1,0 +1,166 @@
+//! `medray report --job ID --out DIR`: the inference report of a job as a folder, an
+//! `index.html` (settings, summary statistics, the per-case table, the pictures) with the
+//! case pictures in `cases/`. The head serves the same page at `/jobs/<job>/report/`. Runs
+//! through the head, or on a local data directory (the rules of [`DataArgs::target`]).
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use medray_core::report::{plan, ReportJob, ReportPlan};
+use medray_core::results::{list_results, results_prefix, ResultFilter, ResultRow};
+use medray_core::stage::ObjectKey;
+use medray_head::ids::JobId;
+use medray_head::report::report_job;
+use medray_head::store::Store;
+use medray_proto::v1::{GetJobRequest, StageListRequest};
+
+use crate::cluster::client::{status_error, ClientArgs};
+use crate::data_dir::{DataArgs, Target};
+use crate::remote::fetch_object;
+use crate::results::remote_results;
+
+/// Arguments of `medray report`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    data: DataArgs,
+    #[command(flatten)]
+    client: ClientArgs,
+    /// The inference job (as `medray infer` and `medray job list` print it).
+    #[arg(long)]
+    job: String,
+    /// Folder to write `index.html` and `cases/*.png` into (created; files of an earlier
+    /// report of the same job are replaced).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+fn filter(job: &str) -> ResultFilter {
+    ResultFilter {
+        job_id: Some(job.to_string()),
+        order_by: Some("case_id".into()),
+        ..ResultFilter::default()
+    }
+}
+
+/// The stage folder of the job's outputs.
+fn outputs_prefix(job: &ReportJob) -> anyhow::Result<String> {
+    let model = medray_core::models::ModelName::new(job.model.clone())
+        .with_context(|| format!("job {}: model name", job.id))?;
+    Ok(results_prefix(&model, &job.version)?)
+}
+
+/// Checks the job id before it is used in a request or a file name.
+fn check_job_id(id: &str) -> anyhow::Result<()> {
+    if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    {
+        anyhow::bail!("--job `{id}`: not a job id (e.g. job-000012)");
+    }
+    Ok(())
+}
+
+/// Runs `medray report`.
+pub fn run(args: Args) -> anyhow::Result<()> {
+    check_job_id(&args.job)?;
+    let rt = crate::data_dir::runtime()?;
+    let (rows, page, pictures) = match args.data.target(&args.client)? {
+        Target::Head => rt.block_on(async {
+            let mut c = args.client.connect().await?;
+            let job = c
+                .get_job(GetJobRequest {
+                    job_id: args.job.clone(),
+                })
+                .await
+                .map_err(|e| status_error("report", e))?
+                .into_inner()
+                .job
+                .context("the head sent no job")?;
+            let info = report_job(&job)?;
+            let rows = remote_results(&mut c, &filter(&args.job)).await?;
+            let stored: HashSet<String> = c
+                .stage_list(StageListRequest {
+                    prefix: outputs_prefix(&info)?,
+                })
+                .await
+                .map_err(|e| status_error("report: listing the outputs", e))?
+                .into_inner()
+                .objects
+                .into_iter()
+                .map(|o| o.key)
+                .collect();
+            let page = plan(&info, &rows, &|k| stored.contains(k));
+            let mut pictures = Vec::with_capacity(page.pictures.len());
+            for (name, key) in &page.pictures {
+                pictures.push((name.clone(), fetch_object(&mut c, key).await?));
+            }
+            Ok::<_, anyhow::Error>((rows, page, pictures))
+        })?,
+        Target::Local => {
+            let path = args.data.dir().join("catalog.db");
+            let store =
+                Store::open(&path).with_context(|| format!("opening {}", path.display()))?;
+            let job = store
+                .job(&JobId(args.job.clone()))?
+                .with_context(|| format!("job `{}` not found in {}", args.job, path.display()))?;
+            let info = report_job(&job)?;
+            let rows = list_results(&args.data.open_catalog()?, &filter(&args.job))?;
+            let stage = args.data.open_stage()?;
+            rt.block_on(async {
+                let stored: HashSet<String> = stage
+                    .list(&outputs_prefix(&info)?)
+                    .await?
+                    .into_iter()
+                    .map(|o| o.key.as_str().to_string())
+                    .collect();
+                let page = plan(&info, &rows, &|k| stored.contains(k));
+                let mut pictures = Vec::with_capacity(page.pictures.len());
+                for (name, key) in &page.pictures {
+                    let data = stage
+                        .get(&ObjectKey::new(key.clone())?)
+                        .await
+                        .with_context(|| format!("reading {key}"))?;
+                    pictures.push((name.clone(), data));
+                }
+                Ok::<_, anyhow::Error>((rows, page, pictures))
+            })?
+        }
+    };
+    write_report(&args.out, &page, &pictures)?;
+    print_summary(&args.job, &rows, &page, &args.out);
+    Ok(())
+}
+
+/// Writes the pictures, then the page (each file atomically).
+fn write_report(
+    out: &Path,
+    page: &ReportPlan,
+    pictures: &[(String, Vec<u8>)],
+) -> anyhow::Result<()> {
+    let cases = out.join("cases");
+    std::fs::create_dir_all(&cases).with_context(|| format!("creating {}", cases.display()))?;
+    for (name, data) in pictures {
+        let path = cases.join(name);
+        medray_core::atomic::write_bytes(&path, data)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    let index = out.join("index.html");
+    medray_core::atomic::write_bytes(&index, page.html.as_bytes())
+        .with_context(|| format!("writing {}", index.display()))?;
+    Ok(())
+}
+
+fn print_summary(job: &str, rows: &[ResultRow], page: &ReportPlan, out: &Path) {
+    let failed = rows
+        .iter()
+        .filter(|r| r.status == medray_core::results::CaseStatus::Failed)
+        .count();
+    let index = out.join("index.html");
+    let shown = std::fs::canonicalize(&index).unwrap_or(index);
+    println!(
+        "report of {job}: {} case(s) ({failed} failed), {} picture(s)",
+        rows.len(),
+        page.pictures.len()
+    );
+    println!("  {}", shown.display());
+}

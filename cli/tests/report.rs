@@ -1,0 +1,227 @@
+//! The inference report: every case's picture in the results stage, `medray report` writing
+//! the page and the pictures, the head serving the same page, and the page rendering in
+//! headless Chromium without console errors (screenshot taken). Tiny volumes as in
+//! `infer.rs`.
+
+use std::path::Path;
+use std::time::Duration;
+
+use medray_tests::web::{http_get, Chromium};
+use medray_tests::{HeadOptions, TestCluster};
+
+const BIN: &str = env!("CARGO_BIN_EXE_medray");
+const LONG: Duration = Duration::from_secs(300);
+
+/// Width, height and whether a PNG has more than one colour.
+fn png_info(bytes: &[u8], what: &str) -> (u32, u32, bool) {
+    let decoder = png::Decoder::new(std::io::Cursor::new(bytes));
+    let mut reader = decoder
+        .read_info()
+        .unwrap_or_else(|e| panic!("{what}: not a PNG: {e}"));
+    let mut buf = vec![0; reader.output_buffer_size().expect("buffer size")];
+    let frame = reader.next_frame(&mut buf).expect("frame");
+    let data = &buf[..frame.buffer_size()];
+    let px = frame.color_type.samples();
+    let first = &data[..px];
+    let varied = data.chunks_exact(px).any(|p| p != first);
+    (frame.width, frame.height, varied)
+}
+
+/// Renders `url` and checks the screenshot and the console.
+fn render_clean(chromium: &Chromium, url: &str, shot: &Path) {
+    let page = chromium
+        .render(url, shot, (1400, 1800))
+        .expect("Chromium renders the page");
+    assert!(
+        page.console.is_empty(),
+        "{url}: console messages {:?}\n{}",
+        page.console,
+        page.log
+    );
+    let (w, h, varied) = png_info(&std::fs::read(shot).expect("screenshot"), "screenshot");
+    assert_eq!((w, h), (1400, 1800));
+    assert!(varied, "{url}: the screenshot is blank");
+}
+
+#[test]
+fn the_report_is_written_served_and_renders_in_chromium() {
+    // Needed before anything slow: fails at once, saying how to install it.
+    let chromium = Chromium::find().expect("headless Chromium");
+    // The check sees console errors: a page with one fails it.
+    let probe = tempfile::tempdir().expect("tmp");
+    let bad = probe.path().join("bad.html");
+    std::fs::write(
+        &bad,
+        "<!DOCTYPE html><html><head><title>x</title><link rel=\"icon\" href=\"data:,\"></head>\
+         <body><script>notDefined();</script></body></html>",
+    )
+    .expect("write");
+    let page = chromium
+        .render(
+            &format!("file://{}", bad.display()),
+            &probe.path().join("bad.png"),
+            (400, 300),
+        )
+        .expect("render");
+    assert!(
+        page.console.iter().any(|m| m.contains("notDefined")),
+        "the console check missed an uncaught error:\n{}",
+        page.log
+    );
+
+    let mut c = TestCluster::start(BIN, HeadOptions::default()).expect("head starts");
+    for _ in 0..2 {
+        c.add_worker().expect("worker starts");
+    }
+    c.wait_for_workers(2, LONG).expect("workers register");
+    c.cli_ok(&[
+        "ingest",
+        "synthetic",
+        "--name",
+        "lungs",
+        "--cases",
+        "3",
+        "--size",
+        "24",
+        "20",
+        "16",
+        "--seed",
+        "5",
+    ])
+    .expect("ingest");
+    let train_job = c
+        .cli_ok(&[
+            "train",
+            "--no-wait",
+            "--dataset",
+            "lungs",
+            "--model",
+            "m",
+            "--version",
+            "v1",
+            "--size",
+            "16",
+            "16",
+            "16",
+            "--channels",
+            "8",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "2",
+            "--val-fraction",
+            "0",
+            "--seed",
+            "7",
+            "--workers",
+            "1",
+        ])
+        .expect("train")
+        .trim()
+        .to_string();
+    let t = c.wait_for_job_end(&train_job, LONG).expect("training ends");
+    assert_eq!(t["state"], "SUCCEEDED", "{t}");
+    let job = c
+        .cli_ok(&["infer", "--no-wait", "--dataset", "lungs", "--model", "m"])
+        .expect("submit")
+        .trim()
+        .to_string();
+    let j = c.wait_for_job_end(&job, LONG).expect("job ends");
+    assert_eq!(j["state"], "SUCCEEDED", "{j}");
+    let cases = ["case_001", "case_002", "case_003"];
+
+    // A picture per case in the results stage, next to the images.
+    let listing = c
+        .cli_ok(&["stage", "ls", "results/m/v1"])
+        .expect("stage ls");
+    for case in cases {
+        assert!(
+            listing.contains(&format!("results/m/v1/{case}_overview.png")),
+            "{case}: no picture in\n{listing}"
+        );
+    }
+
+    // `medray report` writes the page and the pictures.
+    let out = c.dir().join("report");
+    let printed = c
+        .cli_ok(&["report", "--job", &job, "--out", &out.display().to_string()])
+        .expect("report");
+    assert!(
+        printed.contains("3 case(s) (0 failed), 3 picture(s)"),
+        "{printed}"
+    );
+    let html = std::fs::read_to_string(out.join("index.html")).expect("index.html");
+    for case in cases {
+        assert!(
+            html.contains(&format!("src=\"cases/{case}.png\"")),
+            "{case}"
+        );
+        let png = std::fs::read(out.join("cases").join(format!("{case}.png"))).expect("picture");
+        let (w, h, varied) = png_info(&png, case);
+        assert!(w > 600 && h > 200 && varied, "{case}: {w}x{h}");
+    }
+    for heading in [
+        "Summary over succeeded cases",
+        "Dice after",
+        "TRE after (mm)",
+        "SSIM",
+    ] {
+        assert!(html.contains(heading), "no `{heading}` in the page");
+    }
+    assert!(html.contains(&job));
+
+    // The head serves the same page and pictures.
+    let served = http_get(&c.http, &format!("/jobs/{job}/report/")).expect("GET report");
+    assert_eq!(served.status, 200, "{}", served.text());
+    assert_eq!(
+        served.text(),
+        html,
+        "the served page differs from the written one"
+    );
+    let picture =
+        http_get(&c.http, &format!("/jobs/{job}/report/cases/case_002.png")).expect("GET picture");
+    assert_eq!(picture.status, 200);
+    assert_eq!(picture.header("content-type"), Some("image/png"));
+    assert_eq!(
+        picture.body,
+        std::fs::read(out.join("cases/case_002.png")).expect("picture")
+    );
+    let redirect = http_get(&c.http, &format!("/jobs/{job}/report")).expect("GET");
+    assert_eq!(redirect.status, 308);
+    assert_eq!(
+        http_get(&c.http, "/jobs/job-999999/report/")
+            .expect("GET")
+            .status,
+        404
+    );
+    assert_eq!(
+        http_get(
+            &c.http,
+            &format!("/jobs/{job}/report/cases/..%2Fcatalog.db")
+        )
+        .expect("GET")
+        .status,
+        404
+    );
+    let answer = http_get(&c.http, &format!("/jobs/{train_job}/report/")).expect("GET");
+    assert_eq!(answer.status, 400, "{}", answer.text());
+    assert!(
+        answer.text().contains("inference jobs"),
+        "{}",
+        answer.text()
+    );
+    let index = http_get(&c.http, "/jobs").expect("GET /jobs");
+    assert!(index.text().contains(&format!("/jobs/{job}/report/")));
+
+    // Both render in headless Chromium, with every picture, and no console message.
+    render_clean(
+        &chromium,
+        &format!("file://{}", out.join("index.html").display()),
+        &c.dir().join("report-file.png"),
+    );
+    render_clean(
+        &chromium,
+        &format!("http://{}/jobs/{job}/report/", c.http),
+        &c.dir().join("report-served.png"),
+    );
+}

@@ -1,0 +1,114 @@
+//! Inference reports on the head: the page of [`medray_core::report`] for a job, built from
+//! the job store, the results table and the stage. The HTTP server serves it at
+//! `/jobs/<job>/report/`; `medray report` builds the same page through the client API.
+
+use std::collections::HashSet;
+
+use medray_core::report::{plan, ReportJob, ReportPlan};
+use medray_core::results::{list_results, results_prefix, ResultFilter, ResultRow};
+use medray_core::stage::ObjectKey;
+use medray_proto::v1::job_spec::Kind;
+use medray_proto::v1::{Job, JobState};
+
+use crate::context::HeadContext;
+use crate::ids::JobId;
+use crate::{HeadError, Result};
+
+/// The report's view of an inference job.
+///
+/// # Errors
+/// [`HeadError::InvalidArgument`] when the job is not an inference job.
+pub fn report_job(job: &Job) -> Result<ReportJob> {
+    let Some(Kind::Infer(spec)) = job.spec.as_ref().and_then(|s| s.kind.as_ref()) else {
+        return Err(HeadError::InvalidArgument {
+            field: "job".into(),
+            reason: format!(
+                "`{}` is a {} job; reports are made for inference jobs",
+                job.id, job.kind
+            ),
+        });
+    };
+    Ok(ReportJob {
+        id: job.id.clone(),
+        state: JobState::try_from(job.state)
+            .map_or("UNKNOWN", |s| s.as_str_name())
+            .trim_start_matches("JOB_STATE_")
+            .to_string(),
+        reason: job.reason.clone(),
+        dataset: spec.dataset.clone(),
+        model: spec.model.clone(),
+        version: spec.version.clone(),
+        refine_steps: spec.refine_steps,
+        created_at: job.created_at.clone(),
+        finished_at: job.finished_at.clone(),
+    })
+}
+
+/// The results rows a job wrote, in case order.
+///
+/// # Errors
+/// [`HeadError::Core`] if the catalog cannot be read.
+pub async fn job_rows(ctx: &HeadContext, id: &JobId) -> Result<Vec<ResultRow>> {
+    let filter = ResultFilter {
+        job_id: Some(id.to_string()),
+        order_by: Some("case_id".into()),
+        ..ResultFilter::default()
+    };
+    let ctx = ctx.clone();
+    tokio::task::spawn_blocking(move || {
+        let catalog = ctx.catalog()?;
+        Ok::<_, HeadError>(list_results(&catalog, &filter)?)
+    })
+    .await
+    .map_err(|e| HeadError::Actor(format!("results query: {e}")))?
+}
+
+/// The job and its report page.
+///
+/// # Errors
+/// [`HeadError::NotFound`] for an unknown job, [`HeadError::InvalidArgument`] for a job
+/// that is not an inference job, a store, catalog or stage error.
+pub async fn build(ctx: &HeadContext, id: &JobId) -> Result<(Vec<ResultRow>, ReportPlan)> {
+    let job = ctx.store.job(id)?.ok_or_else(|| HeadError::NotFound {
+        what: "job",
+        id: id.to_string(),
+    })?;
+    let info = report_job(&job)?;
+    let rows = job_rows(ctx, id).await?;
+    let stored: HashSet<String> = match outputs_prefix(&info) {
+        Some(prefix) => ctx
+            .stage
+            .list(&prefix)
+            .await?
+            .into_iter()
+            .map(|o| o.key.as_str().to_string())
+            .collect(),
+        None => HashSet::new(),
+    };
+    let page = plan(&info, &rows, &|k| stored.contains(k));
+    Ok((rows, page))
+}
+
+/// The picture `name` (`<case>.png`) of a job's report.
+///
+/// # Errors
+/// [`HeadError::NotFound`] when the job has no such picture; as [`build`].
+pub async fn picture(ctx: &HeadContext, id: &JobId, name: &str) -> Result<Vec<u8>> {
+    let (_, page) = build(ctx, id).await?;
+    let not_found = || HeadError::NotFound {
+        what: "report picture",
+        id: format!("{id}/{name}"),
+    };
+    let (_, key) = page
+        .pictures
+        .iter()
+        .find(|(n, _)| n == name)
+        .ok_or_else(not_found)?;
+    Ok(ctx.stage.get(&ObjectKey::new(key.clone())?).await?)
+}
+
+/// The stage folder of the job's outputs, when its model and version are valid.
+fn outputs_prefix(job: &ReportJob) -> Option<String> {
+    let model = medray_core::models::ModelName::new(job.model.clone()).ok()?;
+    results_prefix(&model, &job.version).ok()
+}
