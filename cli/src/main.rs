@@ -6,6 +6,7 @@ mod bench_transfer;
 mod cluster;
 mod data_dir;
 mod datasets;
+mod demo;
 mod ingest;
 mod models;
 mod predict;
@@ -26,7 +27,7 @@ use clap::{Parser, Subcommand};
 /// directory or through the head: `ingest`, `datasets`, `models`, `stage`, `results`, `sql`.
 #[derive(Debug, Parser)]
 #[command(name = "medray", version, about, long_about = None)]
-struct Cli {
+pub(crate) struct Cli {
     /// Run on this device: `cpu` or `cuda:N` (needs a build with `--features cuda`).
     #[arg(long, global = true, default_value = "cpu", env = "MEDRAY_DEVICE")]
     device: String,
@@ -81,6 +82,9 @@ enum Command {
     Sql(results::SqlArgs),
     /// Write the HTML report of an inference job (summary, per-case table, pictures).
     Report(report::Args),
+    /// The whole pipeline on this machine: phantoms (or your data), a local cluster,
+    /// ingest, training, inference, the results table and the report.
+    Demo(demo::Args),
 }
 
 /// Parses `cpu` or `cuda:N`.
@@ -106,17 +110,10 @@ fn parse_device(spec: &str) -> anyhow::Result<candle_core::Device> {
     }
 }
 
-fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    medray_proto::tls::install_crypto_provider();
-    let cli = Cli::parse();
-    let result = parse_device(&cli.device).and_then(|device| match cli.command {
+/// Runs a parsed command line (`medray demo` runs its steps through here too).
+pub(crate) fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    let device = parse_device(&cli.device)?;
+    match cli.command {
         Command::Synth(args) => synth::run(args),
         Command::Predict(args) => predict::run(args, &device),
         Command::TrainLocal(args) => train_local::run(args, &device),
@@ -139,7 +136,20 @@ fn main() -> std::process::ExitCode {
         Command::Results(args) => results::run_results(args),
         Command::Sql(args) => results::run_sql(args),
         Command::Report(args) => report::run(args),
-    });
+        Command::Demo(args) => demo::run(args, &cli.device),
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    medray_proto::tls::install_crypto_provider();
+    let result = dispatch(Cli::parse());
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

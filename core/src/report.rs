@@ -57,7 +57,7 @@ pub struct MetricSummary {
 /// The metrics the report summarises: column, heading, accessor.
 type Metric = (&'static str, &'static str, fn(&ResultRow) -> Option<f64>);
 
-const METRICS: [Metric; 11] = [
+const METRICS: [Metric; 10] = [
     ("dice_before", "Dice before", |r| r.dice_before),
     ("dice_score", "Dice after", |r| r.dice_score),
     ("soft_dice", "soft Dice", |r| r.soft_dice),
@@ -68,9 +68,6 @@ const METRICS: [Metric; 11] = [
     ("folding_pct", "folding (%)", |r| r.folding_pct),
     ("ddf_magnitude", "mean |DDF| (voxels)", |r| r.ddf_magnitude),
     ("runtime_ms", "runtime (ms)", |r| r.runtime_ms),
-    ("refine_steps", "refine steps", |r| {
-        Some(f64::from(r.refine_steps))
-    }),
 ];
 
 /// Summary statistics of every metric that at least one succeeded case has, in the order
@@ -196,7 +193,8 @@ const STYLE: &str = "
 body { font-family: system-ui, sans-serif; margin: 2em; color: #1d1d1f; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 2em; }
 table { border-collapse: collapse; font-size: 0.9em; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; white-space: nowrap; }
+td.e { white-space: normal; }
 th { background: #f2f2f2; cursor: pointer; } td.t, th.t { text-align: left; }
 tr.failed td { background: #fde8e8; }
 dl { display: grid; grid-template-columns: max-content auto; gap: 0.2em 1em; }
@@ -329,7 +327,7 @@ pub fn render_html(
         let error = r.error.as_deref().unwrap_or("");
         let _ = writeln!(
             h,
-            "<td class=\"t\" data-v=\"{}\">{}</td><td class=\"t\" data-v=\"{}\">{}</td><td class=\"t\" data-v=\"{}\">{}</td></tr>",
+            "<td class=\"t\" data-v=\"{}\">{}</td><td class=\"t\" data-v=\"{}\">{}</td><td class=\"t e\" data-v=\"{}\">{}</td></tr>",
             escape(&r.device),
             escape(&r.device),
             escape(&r.worker),

@@ -47,8 +47,18 @@ pub struct DownArgs {
     pub timeout_s: u64,
 }
 
-fn alive(pid: u32) -> bool {
-    kill(Pid::from_raw(pid as i32), None).is_ok()
+/// True while process `pid` runs. A child of this process that has exited (a zombie until
+/// reaped, e.g. after `medray demo` started the cluster in-process) is reaped here and
+/// counts as gone.
+pub(crate) fn alive(pid: u32) -> bool {
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    let pid = Pid::from_raw(pid as i32);
+    if let Ok(status) = waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+        if !matches!(status, WaitStatus::StillAlive) {
+            return false;
+        }
+    }
+    kill(pid, None).is_ok()
 }
 
 fn signal(pid: u32, sig: Signal) {
