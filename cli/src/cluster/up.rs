@@ -19,6 +19,11 @@ pub struct UpArgs {
     /// Number of worker processes.
     #[arg(long, default_value_t = 2)]
     pub workers: u32,
+    /// Compute threads of each worker (its RAYON_NUM_THREADS). 0: RAYON_NUM_THREADS if
+    /// set, else the machine's cores shared out among the workers (at least 1 each), so
+    /// that workers on one machine do not oversubscribe its cores.
+    #[arg(long, default_value_t = 0)]
+    pub threads_per_worker: usize,
     /// Data directory of the head.
     #[arg(long, env = "MEDRAY_DATA_DIR", default_value = "./medray-data")]
     pub data_dir: PathBuf,
@@ -159,6 +164,23 @@ fn stop_all(procs: &mut [Proc], timeout: Duration) {
     }
 }
 
+/// Compute threads per worker: the flag, else RAYON_NUM_THREADS, else the cores shared
+/// out among `workers`.
+fn worker_threads(flag: usize, workers: u32) -> usize {
+    if flag > 0 {
+        return flag;
+    }
+    if let Some(n) = std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|&n| n > 0)
+    {
+        return n;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    (cores / workers.max(1) as usize).max(1)
+}
+
 /// Starts the cluster and (unless detached) keeps it up until Ctrl-C, SIGTERM or
 /// `medray down`.
 pub fn up(args: UpArgs, device: &str) -> anyhow::Result<()> {
@@ -217,6 +239,7 @@ pub fn up(args: UpArgs, device: &str) -> anyhow::Result<()> {
         token: Some(token.clone()),
         tls_ca: None,
     };
+    let threads = worker_threads(args.threads_per_worker, args.workers);
     let result = (|| -> anyhow::Result<()> {
         for i in 1..=args.workers {
             let name = format!("worker-{i}");
@@ -232,7 +255,11 @@ pub fn up(args: UpArgs, device: &str) -> anyhow::Result<()> {
                     "--cache-dir".into(),
                     cache.display().to_string(),
                 ],
-                &[token_env.clone(), ("MEDRAY_DEVICE", device.to_string())],
+                &[
+                    token_env.clone(),
+                    ("MEDRAY_DEVICE", device.to_string()),
+                    ("RAYON_NUM_THREADS", threads.to_string()),
+                ],
                 &log_dir,
             )?);
         }
@@ -281,7 +308,7 @@ pub fn up(args: UpArgs, device: &str) -> anyhow::Result<()> {
         return Err(e);
     }
     println!(
-        "medray cluster ready in {:.1} s: head {address}, {} worker(s), http http://{http}",
+        "medray cluster ready in {:.1} s: head {address}, {} worker(s) of {threads} compute thread(s), http http://{http}",
         started.elapsed().as_secs_f64(),
         args.workers
     );
@@ -358,4 +385,19 @@ pub fn down(args: DownArgs) -> anyhow::Result<()> {
         file.pids.len()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::worker_threads;
+
+    #[test]
+    fn worker_threads_share_the_cores_unless_told() {
+        assert_eq!(worker_threads(3, 2), 3);
+        // More workers than cores: one thread each, never zero.
+        if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+            assert_eq!(worker_threads(0, 100_000), 1);
+        }
+        assert!(worker_threads(0, 1) >= 1);
+    }
 }
