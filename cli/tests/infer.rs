@@ -38,34 +38,7 @@ fn ingest(c: &TestCluster, name: &str, cases: usize, size: [usize; 3]) {
 
 /// Trains model `name` version v1 for one epoch at 16^3 on `dataset`.
 fn train(c: &TestCluster, dataset: &str, name: &str) {
-    c.cli_ok(&[
-        "train",
-        "--dataset",
-        dataset,
-        "--model",
-        name,
-        "--version",
-        "v1",
-        "--size",
-        "16",
-        "16",
-        "16",
-        "--channels",
-        "8",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "2",
-        "--lr",
-        "1e-3",
-        "--val-fraction",
-        "0",
-        "--seed",
-        "7",
-        "--workers",
-        "1",
-    ])
-    .expect("train");
+    c.train_tiny_model(dataset, name, LONG).expect("train");
 }
 
 /// Submits `medray infer --no-wait ARGS` and waits for the job; returns (id, job JSON).

@@ -89,38 +89,7 @@ fn the_report_is_written_served_and_renders_in_chromium() {
         "5",
     ])
     .expect("ingest");
-    let train_job = c
-        .cli_ok(&[
-            "train",
-            "--no-wait",
-            "--dataset",
-            "lungs",
-            "--model",
-            "m",
-            "--version",
-            "v1",
-            "--size",
-            "16",
-            "16",
-            "16",
-            "--channels",
-            "8",
-            "--epochs",
-            "1",
-            "--batch-size",
-            "2",
-            "--val-fraction",
-            "0",
-            "--seed",
-            "7",
-            "--workers",
-            "1",
-        ])
-        .expect("train")
-        .trim()
-        .to_string();
-    let t = c.wait_for_job_end(&train_job, LONG).expect("training ends");
-    assert_eq!(t["state"], "SUCCEEDED", "{t}");
+    let train_job = c.train_tiny_model("lungs", "m", LONG).expect("training");
     let job = c
         .cli_ok(&["infer", "--no-wait", "--dataset", "lungs", "--model", "m"])
         .expect("submit")

@@ -377,6 +377,59 @@ impl TestCluster {
         Ok(last)
     }
 
+    /// Trains a tiny model for inference tests: `medray train` of `model` version v1 on
+    /// `dataset`, one epoch at 16^3 with 8 channels on one worker, no validation; waits
+    /// for it and returns the job id.
+    ///
+    /// # Errors
+    /// If the job cannot be submitted, times out or does not succeed.
+    pub fn train_tiny_model(
+        &self,
+        dataset: &str,
+        model: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<String> {
+        let id = self
+            .cli_ok(&[
+                "train",
+                "--no-wait",
+                "--dataset",
+                dataset,
+                "--model",
+                model,
+                "--version",
+                "v1",
+                "--size",
+                "16",
+                "16",
+                "16",
+                "--channels",
+                "8",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "2",
+                "--lr",
+                "1e-3",
+                "--val-fraction",
+                "0",
+                "--seed",
+                "7",
+                "--workers",
+                "1",
+            ])?
+            .trim()
+            .to_string();
+        let job = self.wait_for_job_end(&id, timeout)?;
+        if job["state"] != "SUCCEEDED" {
+            bail!(
+                "training job {id} did not succeed: {job}\n{}",
+                self.log_tails()
+            );
+        }
+        Ok(id)
+    }
+
     /// The last 30 lines of every child's log.
     #[must_use]
     pub fn log_tails(&self) -> String {
