@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::Context;
-use medray_core::bench::{bench, BenchKind, BenchResult};
-use medray_core::localnet::Preset;
+use medray_core::bench::{bench, gemm_ceiling, profile_ops, BenchKind, BenchResult};
+use medray_core::localnet::{LocalNetConfig, Preset};
 
 /// Arguments of `medray bench`.
 #[derive(Debug, clap::Args)]
@@ -34,6 +34,10 @@ pub struct Args {
     /// Print one JSON object per result instead of a table.
     #[arg(long)]
     json: bool,
+    /// Instead of whole steps, time each main op alone at the shapes of each preset and
+    /// size (forward and backward, GFLOP/s, share of the step), after the GEMM ceiling.
+    #[arg(long)]
+    ops: bool,
 }
 
 fn parse_size(s: &str) -> anyhow::Result<[usize; 3]> {
@@ -134,6 +138,9 @@ pub fn run(args: Args, device: &candle_core::Device) -> anyhow::Result<()> {
     if args.repeats == 0 {
         anyhow::bail!("--repeats must be at least 1");
     }
+    if args.ops {
+        return run_ops(&args, &sizes, device);
+    }
     let mut results: Vec<BenchResult> = Vec::new();
     for &preset in &args.presets {
         for &size in &sizes {
@@ -197,6 +204,82 @@ pub fn run(args: Args, device: &candle_core::Device) -> anyhow::Result<()> {
                 reference
                     .map(|m| format!("{:.2}x", r.median_s / m))
                     .unwrap_or_else(|| "-".into())
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `--ops`: the GEMM ceiling, then every op of each preset at each size.
+fn run_ops(args: &Args, sizes: &[[usize; 3]], device: &candle_core::Device) -> anyhow::Result<()> {
+    // One level-0 conv GEMM: 32 output channels, 7 taps x 32 input channels, a 64^3 volume.
+    let ceiling = gemm_ceiling(32, 64 * 64 * 64, 7 * 32, args.repeats);
+    if args.json {
+        println!("{}", serde_json::json!({ "gemm_ceiling": ceiling }));
+    } else {
+        println!(
+            "GEMM ceiling: f32 {}x{}x{} (m x n x k) on {} threads: {:.4} s, {:.1} GFLOP/s",
+            ceiling.shape[0],
+            ceiling.shape[1],
+            ceiling.shape[2],
+            ceiling.threads,
+            ceiling.median_s,
+            ceiling.gflops
+        );
+    }
+    for &preset in &args.presets {
+        for &size in sizes {
+            eprintln!(
+                "timing ops of {} {} ...",
+                preset_name(preset),
+                size_key(size)
+            );
+            let config = LocalNetConfig::preset(preset);
+            let timings = profile_ops(&config, size, args.repeats, device)?;
+            let total: f64 = timings
+                .iter()
+                .map(|t| t.count as f64 * (t.forward_s + t.backward_s))
+                .sum();
+            if args.json {
+                for t in &timings {
+                    let mut v = serde_json::to_value(t)?;
+                    v["preset"] = serde_json::json!(preset_name(preset));
+                    v["size"] = serde_json::json!(size_key(size));
+                    v["forward_gflops"] = serde_json::json!(t.forward_gflops());
+                    v["backward_gflops"] = serde_json::json!(t.backward_gflops());
+                    println!("{v}");
+                }
+                continue;
+            }
+            println!(
+                "\n{} {}: median of {} runs per op; share = count x (fwd + bwd) / sum",
+                preset_name(preset),
+                size_key(size),
+                args.repeats
+            );
+            println!(
+                "{:<34} {:>5} {:>9} {:>9} {:>8} {:>8} {:>7} {:>6}",
+                "op", "count", "fwd (s)", "bwd (s)", "fwd GF/s", "bwd GF/s", "fwd/ceil", "share"
+            );
+            let gf = |v: Option<f64>| v.map(|g| format!("{g:.1}")).unwrap_or_else(|| "-".into());
+            for t in &timings {
+                println!(
+                    "{:<34} {:>5} {:>9.4} {:>9.4} {:>8} {:>8} {:>7} {:>5.1}%",
+                    t.label,
+                    t.count,
+                    t.forward_s,
+                    t.backward_s,
+                    gf(t.forward_gflops()),
+                    gf(t.backward_gflops()),
+                    t.forward_gflops()
+                        .map(|g| format!("{:.2}", g / ceiling.gflops))
+                        .unwrap_or_else(|| "-".into()),
+                    100.0 * t.count as f64 * (t.forward_s + t.backward_s) / total
+                );
+            }
+            let fwd: f64 = timings.iter().map(|t| t.count as f64 * t.forward_s).sum();
+            println!(
+                "sum: forward {fwd:.3} s, forward + backward {total:.3} s (no Adam, no elementwise glue)"
             );
         }
     }

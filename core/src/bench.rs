@@ -8,6 +8,8 @@
 //! Inputs are smooth random volumes in [0, 1]; the network uses the preset's MONAI
 //! initialisation with a random (non-zero) output layer so that the warp does real work.
 
+mod ops;
+
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -17,6 +19,8 @@ use crate::localnet::{LocalNet, LocalNetConfig, OutputInit, Preset};
 use crate::optim::{Adam, AdamConfig};
 use crate::registration::{LossPreset, PairBatch, RegistrationLoss};
 use crate::Result;
+
+pub use ops::{gemm_ceiling, layers, profile_ops, GemmCeiling, LayerOp, OpTiming};
 
 /// What is timed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,7 +47,7 @@ pub struct BenchResult {
     pub times_s: Vec<f64>,
 }
 
-fn smooth_volume(size: [usize; 3], phase: f64, device: &Device) -> Result<Tensor> {
+pub(crate) fn smooth_volume(size: [usize; 3], phase: f64, device: &Device) -> Result<Tensor> {
     let [h, w, d] = size;
     let mut v = Vec::with_capacity(h * w * d);
     for i in 0..h {
