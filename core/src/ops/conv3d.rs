@@ -13,11 +13,13 @@
 mod cpu;
 #[cfg(test)]
 mod tests;
+mod transposed;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 
 use cpu::{Element, PaddedVolume, TapGroup};
+use transposed::TransposedPass;
 
 /// 3D cross-correlation with stride 1 and zero "same" padding `(k-1)/2`, as PyTorch's
 /// `F.conv3d(x, w, bias, padding=(k-1)//2)`.
@@ -72,12 +74,20 @@ pub fn conv3d_generic(
 /// bias=False)`: `x` is `(B, Ci, H, W, D)`, `w` is `(Ci, Co, 3, 3, 3)` (PyTorch's layout),
 /// the result is `(B, Co, 2H, 2W, 2D)` with `out[2i - 1 + a] += x[i] * w[a]` per axis.
 /// Differentiable with respect to `x` and `w`.
+///
+/// CPU tensors of dtype f32 or f64 run a sub-pixel decomposition (see `transposed.rs`) that
+/// multiplies no inserted zero; everything else runs [`conv_transpose3d_generic`].
 pub fn conv_transpose3d(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     check_conv_transpose3d("conv_transpose3d", x, w)?;
-    conv3d(&dilate2(x)?, &flip_transpose(w)?, None)
+    if !has_fast_path(x) || w.dtype() != x.dtype() || !w.device().same_device(x.device()) {
+        return conv_transpose3d_generic(x, w);
+    }
+    x.contiguous()?
+        .apply_op2(&w.contiguous()?, TransposedKernel(TransposedPass::Forward))
 }
 
-/// [`conv_transpose3d`] on top of [`conv3d_generic`], for every device. Same contract.
+/// [`conv_transpose3d`] as zero insertion plus [`conv3d_generic`] with the flipped kernel
+/// (monai-spec §1.2), for every device. Same contract.
 pub fn conv_transpose3d_generic(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     check_conv_transpose3d("conv_transpose3d_generic", x, w)?;
     conv3d_generic(&dilate2(x)?, &flip_transpose(w)?, None)
@@ -450,8 +460,95 @@ impl CustomOp2 for ConvKernel {
         }
         let grad = grad.contiguous()?;
         let kernel = w.dim(2)?;
-        let dx = grad.apply_op2_no_bwd(w, &ConvKernel(Pass::InputGrad))?;
-        let dw = grad.apply_op2_no_bwd(x, &ConvKernel(Pass::WeightGrad { kernel }))?;
-        Ok((Some(dx), Some(dw)))
+        // An input that no variable depends on (LocalNet's first conv reads the images)
+        // needs no gradient; with 2 input channels its GEMM is the slowest of the step.
+        let dx = x
+            .track_op()
+            .then(|| grad.apply_op2_no_bwd(w, &ConvKernel(Pass::InputGrad)))
+            .transpose()?;
+        let dw = w
+            .track_op()
+            .then(|| grad.apply_op2_no_bwd(x, &ConvKernel(Pass::WeightGrad { kernel })))
+            .transpose()?;
+        Ok((dx, dw))
+    }
+}
+
+/// The CPU custom op of [`conv_transpose3d`]; only [`TransposedPass::Forward`] has a
+/// backward pass.
+#[derive(Debug, Clone, Copy)]
+struct TransposedKernel(TransposedPass);
+
+impl TransposedKernel {
+    fn name_str(&self) -> &'static str {
+        match self.0 {
+            TransposedPass::Forward => "conv_transpose3d",
+            TransposedPass::InputGrad => "conv_transpose3d-input-grad",
+            TransposedPass::WeightGrad => "conv_transpose3d-weight-grad",
+        }
+    }
+
+    fn run<T: Element>(
+        &self,
+        a: &[T],
+        la: &Layout,
+        b: &[T],
+        lb: &Layout,
+    ) -> candle_core::Result<(Vec<T>, Shape)> {
+        let name = self.name_str();
+        self.0.run(slice(a, la, name)?, la, slice(b, lb, name)?, lb)
+    }
+}
+
+impl CustomOp2 for TransposedKernel {
+    fn name(&self) -> &'static str {
+        self.name_str()
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        match (s1, s2) {
+            (CpuStorage::F32(a), CpuStorage::F32(b)) => {
+                let (out, shape) = self.run(a, l1, b, l2)?;
+                Ok((CpuStorage::F32(out), shape))
+            }
+            (CpuStorage::F64(a), CpuStorage::F64(b)) => {
+                let (out, shape) = self.run(a, l1, b, l2)?;
+                Ok((CpuStorage::F64(out), shape))
+            }
+            _ => bail!(
+                "{}: unsupported dtypes {:?} and {:?} (f32 or f64 expected)",
+                self.name_str(),
+                s1.dtype(),
+                s2.dtype()
+            ),
+        }
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        if self.0 != TransposedPass::Forward {
+            bail!("{}: no second-order gradient", self.name_str());
+        }
+        let grad = grad.contiguous()?;
+        let dx = x
+            .track_op()
+            .then(|| grad.apply_op2_no_bwd(w, &TransposedKernel(TransposedPass::InputGrad)))
+            .transpose()?;
+        let dw = w
+            .track_op()
+            .then(|| grad.apply_op2_no_bwd(x, &TransposedKernel(TransposedPass::WeightGrad)))
+            .transpose()?;
+        Ok((dx, dw))
     }
 }
