@@ -242,6 +242,39 @@ impl ConvDims {
         [(self.size[1] + p) * (self.size[2] + p), self.size[2] + p]
     }
 
+    /// Whether the forward pass and weight gradient fold the second kernel axis into the
+    /// channels ([`PaddedVolume::fold`]): for few input channels (LocalNet's first conv
+    /// has 2, so 7 taps x 2 channels would be a GEMM inner dimension of 14).
+    fn folds(&self) -> bool {
+        self.kernel > 1 && self.in_channels * self.kernel <= 32
+    }
+
+    /// The tap groups of the forward correlation on the folded input, one per `a`: taps
+    /// `c` along the last axis, channels `b * Ci + i`.
+    fn folded_groups<T: Element>(&self, w: &[T]) -> Vec<TapGroup<T>> {
+        let (ci, co, k) = (self.in_channels, self.out_channels, self.kernel);
+        let [s0, _] = self.padded_strides();
+        (0..k)
+            .map(|a| {
+                let mut weights = Vec::with_capacity(co * k * k * ci);
+                for o in 0..co {
+                    for c in 0..k {
+                        for b in 0..k {
+                            for i in 0..ci {
+                                weights.push(w[(((o * ci + i) * k + a) * k + b) * k + c]);
+                            }
+                        }
+                    }
+                }
+                TapGroup {
+                    offset: a * s0,
+                    taps: k,
+                    weights,
+                }
+            })
+            .collect()
+    }
+
     /// The tap groups of the correlation with `w` (`(Co, Ci, k, k, k)`, row-major), one
     /// per `(a, b)`. With `adjoint`, the groups of the input gradient instead: the kernel
     /// flipped in all axes, with `Ci` and `Co` swapped.
@@ -280,12 +313,14 @@ impl ConvDims {
 
 /// Runs the correlation `groups` on every batch item of the channels-first `x`
 /// (`in_channels` wide) and returns the channels-first result (`out_channels` wide).
+/// With `fold`, `groups` are [`ConvDims::folded_groups`] and the padded input is folded.
 fn correlate_batch<T: Element>(
     x: &[T],
     groups: &[TapGroup<T>],
     dims: &ConvDims,
     in_channels: usize,
     out_channels: usize,
+    fold: bool,
 ) -> Vec<T> {
     let n = dims.voxels();
     let p = dims.pad();
@@ -296,7 +331,10 @@ fn correlate_batch<T: Element>(
         .chunks_exact(in_channels * n)
         .zip(out.chunks_exact_mut(out_channels * n))
     {
-        let padded = PaddedVolume::new(xb, in_channels, dims.size, [p; 3], [p; 3]);
+        let mut padded = PaddedVolume::new(xb, in_channels, dims.size, [p; 3], [p; 3]);
+        if fold {
+            padded = padded.fold(dims.kernel, strides[1]);
+        }
         let result = cpu::correlate(&padded, groups, out_channels, span);
         cpu::crop(&result, out_channels, dims.size, strides, ob);
     }
@@ -310,17 +348,41 @@ fn weight_grad<T: Element>(x: &[T], g: &[T], dims: &ConvDims) -> Vec<T> {
     let p = dims.pad();
     let [s0, s1] = dims.padded_strides();
     let span = cpu::span(dims.size, [s0, s1]);
-    let groups: Vec<(usize, usize)> = (0..k * k)
-        .map(|ab| ((ab / k) * s0 + (ab % k) * s1, k))
-        .collect();
+    let fold = dims.folds();
+    let groups: Vec<(usize, usize)> = if fold {
+        (0..k).map(|a| (a * s0, k)).collect()
+    } else {
+        (0..k * k)
+            .map(|ab| ((ab / k) * s0 + (ab % k) * s1, k))
+            .collect()
+    };
     // Output position f sits at padded voxel f + p*(s0 + s1 + 1) of the padded gradient,
     // whose padding supplies the zeros at the invalid positions.
     let shift = p * (s0 + s1 + 1);
     let mut dw = vec![T::default(); co * ci * k * k * k];
     for (xb, gb) in x.chunks_exact(ci * n).zip(g.chunks_exact(co * n)) {
-        let xp = PaddedVolume::new(xb, ci, dims.size, [p; 3], [p; 3]);
+        let mut xp = PaddedVolume::new(xb, ci, dims.size, [p; 3], [p; 3]);
         let gp = PaddedVolume::new(gb, co, dims.size, [p; 3], [p; 3]);
+        if fold {
+            xp = xp.fold(k, s1);
+        }
         let per_group = cpu::correlate_weight_grad(&xp, &gp, shift, &groups, span);
+        if fold {
+            // Group a: gw[(o * k + c) * (k * Ci) + b * Ci + i] = dW[o, i, a, b, c].
+            for (a, gw) in per_group.iter().enumerate() {
+                for o in 0..co {
+                    for c in 0..k {
+                        for b in 0..k {
+                            for i in 0..ci {
+                                dw[(((o * ci + i) * k + a) * k + b) * k + c] +=
+                                    gw[((o * k + c) * k + b) * ci + i];
+                            }
+                        }
+                    }
+                }
+            }
+            continue;
+        }
         for (ab, gw) in per_group.iter().enumerate() {
             let (a, b) = (ab / k, ab % k);
             for o in 0..co {
@@ -372,8 +434,14 @@ impl ConvKernel {
         match self.0 {
             Pass::Forward => {
                 let dims = ConvDims::new(la, lb)?;
-                let groups = dims.groups(b, false);
-                let out = correlate_batch(a, &groups, &dims, dims.in_channels, dims.out_channels);
+                let fold = dims.folds();
+                let groups = if fold {
+                    dims.folded_groups(b)
+                } else {
+                    dims.groups(b, false)
+                };
+                let out =
+                    correlate_batch(a, &groups, &dims, dims.in_channels, dims.out_channels, fold);
                 let [h, w, d] = dims.size;
                 Ok((out, Shape::from((dims.batch, dims.out_channels, h, w, d))))
             }
@@ -389,7 +457,7 @@ impl ConvKernel {
                     kernel,
                 };
                 let groups = dims.groups(b, true);
-                let out = correlate_batch(a, &groups, &dims, co, ci);
+                let out = correlate_batch(a, &groups, &dims, co, ci, false);
                 Ok((out, Shape::from((batch, ci, h, wd, d))))
             }
             Pass::WeightGrad { kernel } => {

@@ -94,6 +94,31 @@ impl<T: Element> PaddedVolume<T> {
     }
 }
 
+impl<T: Element> PaddedVolume<T> {
+    /// Folds `taps` neighbours along one axis into the channels: voxel `q` of the result
+    /// holds, at channel `t * C + i`, channel `i` of voxel `q + t * stride` of `self` (zero
+    /// past the end). A correlation whose taps along that axis read consecutive
+    /// `stride`-apart voxels then reads `taps` times more channels from one voxel, which
+    /// gives its GEMMs a `taps` times longer inner dimension (worth it for few channels).
+    pub fn fold(&self, taps: usize, stride: usize) -> Self {
+        let c = self.channels;
+        let voxels = self.data.len() / c;
+        let mut data = vec![T::default(); voxels * taps * c];
+        for (q, dst) in data.chunks_exact_mut(taps * c).enumerate() {
+            for (t, dst_t) in dst.chunks_exact_mut(c).enumerate() {
+                let src = q + t * stride;
+                if src < voxels {
+                    dst_t.copy_from_slice(&self.data[src * c..(src + 1) * c]);
+                }
+            }
+        }
+        Self {
+            data,
+            channels: taps * c,
+        }
+    }
+}
+
 /// Copies the valid positions of a padded-stride, channels-last result (`src[f * C + c]`,
 /// `f = h*Wp*Dp + w*Dp + d`, with `src_strides = (Wp*Dp, Dp)`) into a channels-first
 /// `(C, H, W, D)` volume `dst` of spatial `size`.

@@ -306,6 +306,43 @@ fn generic_path_equals_fast_path_with_gradients() {
     }
 }
 
+/// Both CPU layouts against the generic path, values and gradients (f64): few input
+/// channels fold a kernel axis into the channels (`ConvDims::folds`), many do not.
+#[test]
+fn folded_and_unfolded_fast_paths_equal_generic() {
+    for (ci, k) in [(2, 7), (3, 3), (12, 3), (5, 7)] {
+        let dims = ConvDims {
+            batch: 2,
+            in_channels: ci,
+            out_channels: 3,
+            size: [5, 4, 6],
+            kernel: k,
+        };
+        let x = random(&[2, ci, 5, 4, 6], 80, DType::F64);
+        let w = random(&[3, ci, k, k, k], 81, DType::F64);
+        let r = random(&[2, 3, 5, 4, 6], 82, DType::F64);
+        let run = |conv: Conv| {
+            let (xv, wv) = (Var::from_tensor(&x).unwrap(), Var::from_tensor(&w).unwrap());
+            let y = conv(xv.as_tensor(), wv.as_tensor(), None).unwrap();
+            let grads = y.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+            vec![
+                values(&y),
+                values(grads.get(&xv).unwrap()),
+                values(grads.get(&wv).unwrap()),
+            ]
+        };
+        let (fast, generic) = (run(conv3d), run(conv3d_generic));
+        for (n, (f, g)) in fast.iter().zip(&generic).enumerate() {
+            assert_close(
+                f,
+                g,
+                1e-12,
+                &format!("ci={ci} k={k} folds={} output/grad {n}", dims.folds()),
+            );
+        }
+    }
+}
+
 /// The phase-decomposed CPU `conv_transpose3d` against the zero-insertion generic path:
 /// values and both gradients, f32 and f64, batch 2, uneven sizes (a size of 1 included).
 #[test]
