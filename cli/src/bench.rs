@@ -34,6 +34,10 @@ pub struct Args {
     /// Print one JSON object per result instead of a table.
     #[arg(long)]
     json: bool,
+    /// Run every configuration in this process instead of one fresh child process each
+    /// (the peak RSS is then the process's peak over all configurations so far).
+    #[arg(long)]
+    in_process: bool,
     /// Instead of whole steps, time each main op alone at the shapes of each preset and
     /// size (forward and backward, GFLOP/s, share of the step), after the GEMM ceiling.
     #[arg(long)]
@@ -79,11 +83,18 @@ fn kind_name(k: BenchKind) -> &'static str {
     }
 }
 
-/// Runs the MONAI script and returns median seconds by (preset, size, kind).
+/// What the MONAI script reports for one configuration.
+#[derive(Debug, Clone, Copy)]
+struct MonaiResult {
+    median_s: f64,
+    peak_rss_mib: Option<f64>,
+}
+
+/// Runs the MONAI script and returns its results by (preset, size, kind).
 fn run_monai(
     args: &Args,
     python: &PathBuf,
-) -> anyhow::Result<HashMap<(String, String, String), f64>> {
+) -> anyhow::Result<HashMap<(String, String, String), MonaiResult>> {
     let presets: Vec<&str> = args.presets.iter().map(|p| preset_name(*p)).collect();
     let out = Command::new(python)
         .arg(&args.monai_script)
@@ -118,7 +129,14 @@ fn run_monai(
             field("kind"),
             v.get("median_s").and_then(|x| x.as_f64()),
         ) {
-            medians.insert((p, s, k), m);
+            let peak_rss_mib = v.get("peak_rss_mib").and_then(|x| x.as_f64());
+            medians.insert(
+                (p, s, k),
+                MonaiResult {
+                    median_s: m,
+                    peak_rss_mib,
+                },
+            );
         }
     }
     Ok(medians)
@@ -151,9 +169,12 @@ pub fn run(args: Args, device: &candle_core::Device) -> anyhow::Result<()> {
                     size_key(size),
                     kind_name(kind)
                 );
-                let r = bench(preset, size, kind, args.repeats, device).with_context(|| {
-                    format!("benchmark {} {}", preset_name(preset), size_key(size))
-                })?;
+                let r = if args.in_process {
+                    bench(preset, size, kind, args.repeats, device).map_err(anyhow::Error::from)
+                } else {
+                    bench_in_child(preset, size, kind, args.repeats, device)
+                }
+                .with_context(|| format!("benchmark {} {}", preset_name(preset), size_key(size)))?;
                 results.push(r);
             }
         }
@@ -174,8 +195,8 @@ pub fn run(args: Args, device: &candle_core::Device) -> anyhow::Result<()> {
             args.repeats
         );
         println!(
-            "{:<6} {:<12} {:<6} {:>12} {:>12} {:>8}",
-            "preset", "size", "kind", "medray (s)", "MONAI (s)", "ratio"
+            "{:<6} {:<12} {:<6} {:>12} {:>12} {:>8} {:>12} {:>12}",
+            "preset", "size", "kind", "medray (s)", "MONAI (s)", "ratio", "medray MiB", "MONAI MiB"
         );
     }
     for r in &results {
@@ -184,16 +205,20 @@ pub fn run(args: Args, device: &candle_core::Device) -> anyhow::Result<()> {
             size_key(r.size),
             kind_name(r.kind).to_string(),
         );
-        let reference = monai.as_ref().and_then(|m| m.get(&key)).copied();
+        let monai_result = monai.as_ref().and_then(|m| m.get(&key)).copied();
+        let reference = monai_result.map(|m| m.median_s);
+        let monai_rss = monai_result.and_then(|m| m.peak_rss_mib);
+        let mib = |v: Option<f64>| v.map(|m| format!("{m:.0}")).unwrap_or_else(|| "-".into());
         if args.json {
             let mut v = serde_json::to_value(r)?;
             v["monai_median_s"] = serde_json::json!(reference);
+            v["monai_peak_rss_mib"] = serde_json::json!(monai_rss);
             v["ratio"] = serde_json::json!(reference.map(|m| r.median_s / m));
             v["cores"] = serde_json::json!(cores);
             println!("{v}");
         } else {
             println!(
-                "{:<6} {:<12} {:<6} {:>12.3} {:>12} {:>8}",
+                "{:<6} {:<12} {:<6} {:>12.3} {:>12} {:>8} {:>12} {:>12}",
                 key.0,
                 key.1,
                 key.2,
@@ -203,11 +228,49 @@ pub fn run(args: Args, device: &candle_core::Device) -> anyhow::Result<()> {
                     .unwrap_or_else(|| "-".into()),
                 reference
                     .map(|m| format!("{:.2}x", r.median_s / m))
-                    .unwrap_or_else(|| "-".into())
+                    .unwrap_or_else(|| "-".into()),
+                mib(r.peak_rss_mib),
+                mib(monai_rss)
             );
         }
     }
     Ok(())
+}
+
+/// Runs one configuration in a fresh `medray bench --in-process --json` child, so that its
+/// peak RSS is its own (as `tools/bench_monai.py` does for MONAI).
+fn bench_in_child(
+    preset: Preset,
+    size: [usize; 3],
+    kind: BenchKind,
+    repeats: usize,
+    device: &candle_core::Device,
+) -> anyhow::Result<BenchResult> {
+    let device_arg = match device.location() {
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        _ => "cpu".to_string(),
+    };
+    let exe = std::env::current_exe().context("locating the medray binary")?;
+    let out = Command::new(&exe)
+        .args(["--device", &device_arg, "bench", "--in-process", "--json"])
+        .args(["--presets", preset_name(preset)])
+        .args(["--sizes", &size_key(size)])
+        .args(["--kinds", kind_name(kind)])
+        .args(["--repeats", &repeats.to_string()])
+        .output()
+        .with_context(|| format!("running {}", exe.display()))?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "the bench child failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .context("the bench child printed no JSON result")?;
+    serde_json::from_str(line).context("parsing the bench child's result")
 }
 
 /// `--ops`: the GEMM ceiling, then every op of each preset at each size.

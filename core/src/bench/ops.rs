@@ -241,7 +241,13 @@ pub fn profile_ops(
                 size: [h, w, d],
                 norm,
             } => {
-                let x = Var::from_tensor(&random(&[1, ci, h, w, d], device)?)?;
+                // The network's first conv reads the images, which need no gradient.
+                let x = random(&[1, ci, h, w, d], device)?;
+                let x = if ci == config.in_channels {
+                    x
+                } else {
+                    Var::from_tensor(&x)?.as_tensor().clone()
+                };
                 let wt = Var::from_tensor(&(random(&[co, ci, k, k, k], device)? * 0.05)?)?;
                 let gamma = Var::ones(co, DType::F32, device)?;
                 let beta = Var::zeros(co, DType::F32, device)?;
