@@ -147,7 +147,7 @@ pub(super) fn input_grad<T: Element>(g: &[T], w: &[T], dims: &TransposedDims) ->
     for (gb, db) in g.chunks_exact(co * 8 * n).zip(dx.chunks_exact_mut(ci * n)) {
         for k in 0..8 {
             let p = phase(k);
-            let groups = dims.groups(p, adjoint_taps, ci, co, |i, o, a, b, c| at(i, o, a, b, c));
+            let groups = dims.groups(p, adjoint_taps, ci, co, &at);
             let padded = PaddedVolume::subgrid(gb, co, dims.size, 2, p, [1; 3], [0; 3]);
             let result = cpu::correlate(&padded, &groups, ci, span);
             cpu::crop(&result, ci, dims.size, strides, &mut class_dx);
