@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::Context;
-use medray_core::bench::{bench, BenchKind, BenchResult};
-use medray_core::localnet::Preset;
+use medray_core::bench::{bench, gemm_ceiling, profile_ops, BenchKind, BenchResult};
+use medray_core::localnet::{LocalNetConfig, Preset};
 
 /// Arguments of `medray bench`.
 #[derive(Debug, clap::Args)]
@@ -34,6 +34,14 @@ pub struct Args {
     /// Print one JSON object per result instead of a table.
     #[arg(long)]
     json: bool,
+    /// Run every configuration in this process instead of one fresh child process each
+    /// (the peak RSS is then the process's peak over all configurations so far).
+    #[arg(long)]
+    in_process: bool,
+    /// Instead of whole steps, time each main op alone at the shapes of each preset and
+    /// size (forward and backward, GFLOP/s, share of the step), after the GEMM ceiling.
+    #[arg(long)]
+    ops: bool,
 }
 
 fn parse_size(s: &str) -> anyhow::Result<[usize; 3]> {
@@ -75,11 +83,18 @@ fn kind_name(k: BenchKind) -> &'static str {
     }
 }
 
-/// Runs the MONAI script and returns median seconds by (preset, size, kind).
+/// What the MONAI script reports for one configuration.
+#[derive(Debug, Clone, Copy)]
+struct MonaiResult {
+    median_s: f64,
+    peak_rss_mib: Option<f64>,
+}
+
+/// Runs the MONAI script and returns its results by (preset, size, kind).
 fn run_monai(
     args: &Args,
     python: &PathBuf,
-) -> anyhow::Result<HashMap<(String, String, String), f64>> {
+) -> anyhow::Result<HashMap<(String, String, String), MonaiResult>> {
     let presets: Vec<&str> = args.presets.iter().map(|p| preset_name(*p)).collect();
     let out = Command::new(python)
         .arg(&args.monai_script)
@@ -114,7 +129,14 @@ fn run_monai(
             field("kind"),
             v.get("median_s").and_then(|x| x.as_f64()),
         ) {
-            medians.insert((p, s, k), m);
+            let peak_rss_mib = v.get("peak_rss_mib").and_then(|x| x.as_f64());
+            medians.insert(
+                (p, s, k),
+                MonaiResult {
+                    median_s: m,
+                    peak_rss_mib,
+                },
+            );
         }
     }
     Ok(medians)
@@ -134,6 +156,9 @@ pub fn run(args: Args, device: &candle_core::Device) -> anyhow::Result<()> {
     if args.repeats == 0 {
         anyhow::bail!("--repeats must be at least 1");
     }
+    if args.ops {
+        return run_ops(&args, &sizes, device);
+    }
     let mut results: Vec<BenchResult> = Vec::new();
     for &preset in &args.presets {
         for &size in &sizes {
@@ -144,9 +169,12 @@ pub fn run(args: Args, device: &candle_core::Device) -> anyhow::Result<()> {
                     size_key(size),
                     kind_name(kind)
                 );
-                let r = bench(preset, size, kind, args.repeats, device).with_context(|| {
-                    format!("benchmark {} {}", preset_name(preset), size_key(size))
-                })?;
+                let r = if args.in_process {
+                    bench(preset, size, kind, args.repeats, device).map_err(anyhow::Error::from)
+                } else {
+                    bench_in_child(preset, size, kind, args.repeats, device)
+                }
+                .with_context(|| format!("benchmark {} {}", preset_name(preset), size_key(size)))?;
                 results.push(r);
             }
         }
@@ -167,8 +195,8 @@ pub fn run(args: Args, device: &candle_core::Device) -> anyhow::Result<()> {
             args.repeats
         );
         println!(
-            "{:<6} {:<12} {:<6} {:>12} {:>12} {:>8}",
-            "preset", "size", "kind", "medray (s)", "MONAI (s)", "ratio"
+            "{:<6} {:<12} {:<6} {:>12} {:>12} {:>8} {:>12} {:>12}",
+            "preset", "size", "kind", "medray (s)", "MONAI (s)", "ratio", "medray MiB", "MONAI MiB"
         );
     }
     for r in &results {
@@ -177,16 +205,20 @@ pub fn run(args: Args, device: &candle_core::Device) -> anyhow::Result<()> {
             size_key(r.size),
             kind_name(r.kind).to_string(),
         );
-        let reference = monai.as_ref().and_then(|m| m.get(&key)).copied();
+        let monai_result = monai.as_ref().and_then(|m| m.get(&key)).copied();
+        let reference = monai_result.map(|m| m.median_s);
+        let monai_rss = monai_result.and_then(|m| m.peak_rss_mib);
+        let mib = |v: Option<f64>| v.map(|m| format!("{m:.0}")).unwrap_or_else(|| "-".into());
         if args.json {
             let mut v = serde_json::to_value(r)?;
             v["monai_median_s"] = serde_json::json!(reference);
+            v["monai_peak_rss_mib"] = serde_json::json!(monai_rss);
             v["ratio"] = serde_json::json!(reference.map(|m| r.median_s / m));
             v["cores"] = serde_json::json!(cores);
             println!("{v}");
         } else {
             println!(
-                "{:<6} {:<12} {:<6} {:>12.3} {:>12} {:>8}",
+                "{:<6} {:<12} {:<6} {:>12.3} {:>12} {:>8} {:>12} {:>12}",
                 key.0,
                 key.1,
                 key.2,
@@ -196,7 +228,121 @@ pub fn run(args: Args, device: &candle_core::Device) -> anyhow::Result<()> {
                     .unwrap_or_else(|| "-".into()),
                 reference
                     .map(|m| format!("{:.2}x", r.median_s / m))
-                    .unwrap_or_else(|| "-".into())
+                    .unwrap_or_else(|| "-".into()),
+                mib(r.peak_rss_mib),
+                mib(monai_rss)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Runs one configuration in a fresh `medray bench --in-process --json` child, so that its
+/// peak RSS is its own (as `tools/bench_monai.py` does for MONAI).
+fn bench_in_child(
+    preset: Preset,
+    size: [usize; 3],
+    kind: BenchKind,
+    repeats: usize,
+    device: &candle_core::Device,
+) -> anyhow::Result<BenchResult> {
+    let device_arg = match device.location() {
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        _ => "cpu".to_string(),
+    };
+    let exe = std::env::current_exe().context("locating the medray binary")?;
+    let out = Command::new(&exe)
+        .args(["--device", &device_arg, "bench", "--in-process", "--json"])
+        .args(["--presets", preset_name(preset)])
+        .args(["--sizes", &size_key(size)])
+        .args(["--kinds", kind_name(kind)])
+        .args(["--repeats", &repeats.to_string()])
+        .output()
+        .with_context(|| format!("running {}", exe.display()))?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "the bench child failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .context("the bench child printed no JSON result")?;
+    serde_json::from_str(line).context("parsing the bench child's result")
+}
+
+/// `--ops`: the GEMM ceiling, then every op of each preset at each size.
+fn run_ops(args: &Args, sizes: &[[usize; 3]], device: &candle_core::Device) -> anyhow::Result<()> {
+    // One level-0 conv GEMM: 32 output channels, 7 taps x 32 input channels, a 64^3 volume.
+    let ceiling = gemm_ceiling(32, 64 * 64 * 64, 7 * 32, args.repeats);
+    if args.json {
+        println!("{}", serde_json::json!({ "gemm_ceiling": ceiling }));
+    } else {
+        println!(
+            "GEMM ceiling: f32 {}x{}x{} (m x n x k) on {} threads: {:.4} s, {:.1} GFLOP/s",
+            ceiling.shape[0],
+            ceiling.shape[1],
+            ceiling.shape[2],
+            ceiling.threads,
+            ceiling.median_s,
+            ceiling.gflops
+        );
+    }
+    for &preset in &args.presets {
+        for &size in sizes {
+            eprintln!(
+                "timing ops of {} {} ...",
+                preset_name(preset),
+                size_key(size)
+            );
+            let config = LocalNetConfig::preset(preset);
+            let timings = profile_ops(&config, size, args.repeats, device)?;
+            let total: f64 = timings
+                .iter()
+                .map(|t| t.count as f64 * (t.forward_s + t.backward_s))
+                .sum();
+            if args.json {
+                for t in &timings {
+                    let mut v = serde_json::to_value(t)?;
+                    v["preset"] = serde_json::json!(preset_name(preset));
+                    v["size"] = serde_json::json!(size_key(size));
+                    v["forward_gflops"] = serde_json::json!(t.forward_gflops());
+                    v["backward_gflops"] = serde_json::json!(t.backward_gflops());
+                    println!("{v}");
+                }
+                continue;
+            }
+            println!(
+                "\n{} {}: median of {} runs per op; share = count x (fwd + bwd) / sum",
+                preset_name(preset),
+                size_key(size),
+                args.repeats
+            );
+            println!(
+                "{:<34} {:>5} {:>9} {:>9} {:>8} {:>8} {:>7} {:>6}",
+                "op", "count", "fwd (s)", "bwd (s)", "fwd GF/s", "bwd GF/s", "fwd/ceil", "share"
+            );
+            let gf = |v: Option<f64>| v.map(|g| format!("{g:.1}")).unwrap_or_else(|| "-".into());
+            for t in &timings {
+                println!(
+                    "{:<34} {:>5} {:>9.4} {:>9.4} {:>8} {:>8} {:>7} {:>5.1}%",
+                    t.label,
+                    t.count,
+                    t.forward_s,
+                    t.backward_s,
+                    gf(t.forward_gflops()),
+                    gf(t.backward_gflops()),
+                    t.forward_gflops()
+                        .map(|g| format!("{:.2}", g / ceiling.gflops))
+                        .unwrap_or_else(|| "-".into()),
+                    100.0 * t.count as f64 * (t.forward_s + t.backward_s) / total
+                );
+            }
+            let fwd: f64 = timings.iter().map(|t| t.count as f64 * t.forward_s).sum();
+            println!(
+                "sum: forward {fwd:.3} s, forward + backward {total:.3} s (no Adam, no elementwise glue)"
             );
         }
     }

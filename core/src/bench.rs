@@ -8,6 +8,8 @@
 //! Inputs are smooth random volumes in [0, 1]; the network uses the preset's MONAI
 //! initialisation with a random (non-zero) output layer so that the warp does real work.
 
+mod ops;
+
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -17,6 +19,8 @@ use crate::localnet::{LocalNet, LocalNetConfig, OutputInit, Preset};
 use crate::optim::{Adam, AdamConfig};
 use crate::registration::{LossPreset, PairBatch, RegistrationLoss};
 use crate::Result;
+
+pub use ops::{gemm_ceiling, layers, profile_ops, GemmCeiling, LayerOp, OpTiming};
 
 /// What is timed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,9 +45,43 @@ pub struct BenchResult {
     pub median_s: f64,
     /// Every repeat, seconds.
     pub times_s: Vec<f64>,
+    /// Resident memory after the inputs were made, before the network was built, MiB
+    /// (Linux `VmRSS`; `None` elsewhere).
+    #[serde(default)]
+    pub baseline_rss_mib: Option<f64>,
+    /// Peak resident memory of the whole process at the end of the runs, MiB (Linux
+    /// `VmHWM`, the same figure as `ru_maxrss`; `None` elsewhere). Only the run's own peak
+    /// when the process ran nothing else (`medray bench` runs each configuration in a
+    /// fresh child process).
+    #[serde(default)]
+    pub peak_rss_mib: Option<f64>,
 }
 
-fn smooth_volume(size: [usize; 3], phase: f64, device: &Device) -> Result<Tensor> {
+/// Resident memory of this process now (`VmRSS`), MiB; `None` off Linux.
+pub fn current_rss_mib() -> Option<f64> {
+    proc_status_mib("VmRSS")
+}
+
+/// Peak resident memory of this process (`VmHWM`), MiB; `None` off Linux.
+pub fn peak_rss_mib() -> Option<f64> {
+    proc_status_mib("VmHWM")
+}
+
+fn proc_status_mib(field: &str) -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status_field_mib(&status, field)
+}
+
+/// The value of a `Field:   1234 kB` line of `/proc/<pid>/status`, in MiB.
+fn status_field_mib(status: &str, field: &str) -> Option<f64> {
+    status.lines().find_map(|line| {
+        let rest = line.strip_prefix(field)?.strip_prefix(':')?;
+        let kib: f64 = rest.trim().strip_suffix("kB")?.trim().parse().ok()?;
+        Some(kib / 1024.0)
+    })
+}
+
+pub(crate) fn smooth_volume(size: [usize; 3], phase: f64, device: &Device) -> Result<Tensor> {
     let [h, w, d] = size;
     let mut v = Vec::with_capacity(h * w * d);
     for i in 0..h {
@@ -84,7 +122,6 @@ pub fn bench(
     device: &Device,
 ) -> Result<BenchResult> {
     let config = LocalNetConfig::preset(preset).with_output_init(OutputInit::KaimingNormal);
-    let net = LocalNet::new(&config, 0, DType::F32, device)?;
     let batch = PairBatch {
         fixed: smooth_volume(size, 0.0, device)?,
         moving: smooth_volume(size, 0.4, device)?,
@@ -92,6 +129,8 @@ pub fn bench(
         moving_mask: None,
     };
     let input = batch.network_input()?;
+    let baseline_rss_mib = current_rss_mib();
+    let net = LocalNet::new(&config, 0, DType::F32, device)?;
     let objective = RegistrationLoss::new(LossPreset::MiBe);
     let mut adam = Adam::new(net.parameters(), AdamConfig::with_lr(1e-4))?;
     let mut run = || -> Result<()> {
@@ -124,6 +163,8 @@ pub fn bench(
         kind,
         median_s: median(&times),
         times_s: times,
+        baseline_rss_mib,
+        peak_rss_mib: peak_rss_mib(),
     })
 }
 
@@ -135,6 +176,15 @@ mod tests {
     fn median_of_odd_and_even_counts() {
         assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+
+    #[test]
+    fn status_fields_are_read_in_mib() {
+        let status = "Name:\tmedray\nVmHWM:\t  2048 kB\nVmRSS:\t   512 kB\n";
+        assert_eq!(status_field_mib(status, "VmHWM"), Some(2.0));
+        assert_eq!(status_field_mib(status, "VmRSS"), Some(0.5));
+        assert_eq!(status_field_mib(status, "VmSwap"), None);
+        assert_eq!(status_field_mib("VmHWM: lots", "VmHWM"), None);
     }
 
     #[test]

@@ -21,6 +21,10 @@
 //!   weights MONAI builds in f32 whatever the input dtype; min and max are taken over the whole
 //!   batch tensor and no `[0, 1]` clamp is applied.
 //!
+//! On the CPU (f32, f64) the Gaussian histograms come from one fused custom op
+//! (`histogram.rs`): multi-threaded over samples, f64 accumulation, hand-written backward,
+//! no `(N, nb)` weight tensor. Elsewhere, and for the B-spline kernel, they are candle ops.
+//!
 //! One deliberate difference in arithmetic: the marginal histograms (means over N samples) are
 //! accumulated in f64 and rounded back, because candle's sequential f32 sum is far less
 //! accurate than PyTorch's cascade sum (see `mean_over_samples`). With it the f32 loss
@@ -31,6 +35,9 @@ use candle_core::{DType, Tensor, D};
 
 use super::{clamp_torch, same_dims5};
 use crate::{Error, Result};
+use histogram::GaussianHistograms;
+
+mod histogram;
 
 /// The Parzen window used to build the soft histograms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -133,6 +140,34 @@ impl GlobalMutualInformationLoss {
                 ),
             ));
         }
+        if self.kernel == ParzenKernel::Gaussian
+            && pred.device().is_cpu()
+            && matches!(pred.dtype(), DType::F32 | DType::F64)
+        {
+            return self.gaussian_fused(pred, target);
+        }
+        self.mutual_information_composed(pred, target)
+    }
+
+    /// The Gaussian-kernel MI from the fused CPU histogram op (`histogram.rs`).
+    fn gaussian_fused(&self, pred: &Tensor, target: &Tensor) -> Result<Tensor> {
+        let nb = self.num_bins;
+        let batch = pred.dim(0)?;
+        let centers = bin_centers_f32(nb);
+        let op = GaussianHistograms {
+            preterm: gaussian_preterm_f32(&centers, self.sigma_ratio),
+            centers: centers.into_iter().map(f64::from).collect(),
+        };
+        let h = pred.contiguous()?.apply_op2(&target.contiguous()?, op)?;
+        let pa = h.narrow(1, 0, nb)?.reshape((batch, 1, nb))?;
+        let pb = h.narrow(1, nb, nb)?.reshape((batch, 1, nb))?;
+        let pab = h.narrow(1, 2 * nb, nb * nb)?.reshape((batch, nb, nb))?;
+        self.mi_from_histograms(pab, &pa, &pb)
+    }
+
+    /// The MI of each batch item from candle's elementwise ops on `(B, N, nb)` weights: the
+    /// B-spline kernel on every device, the Gaussian kernel off the CPU. Inputs are checked.
+    fn mutual_information_composed(&self, pred: &Tensor, target: &Tensor) -> Result<Tensor> {
         let ((wa, pa), (wb, pb)) = match self.kernel {
             ParzenKernel::Gaussian => {
                 let centers = bin_centers_f32(self.num_bins);
@@ -151,7 +186,13 @@ impl GlobalMutualInformationLoss {
         };
         let samples = wa.dim(1)? as f64;
         let pab = (wa.t()?.matmul(&wb)? / samples)?;
-        let papb = pa.t()?.matmul(&pb)?;
+        self.mi_from_histograms(pab, &pa, &pb)
+    }
+
+    /// `Σ_ij pab · ln((pab + nr) / (pa^T pb + dr) + dr)` per batch item, from the joint
+    /// histogram `pab` `(B, nb, nb)` and the marginals `pa`, `pb` `(B, 1, nb)`.
+    fn mi_from_histograms(&self, pab: Tensor, pa: &Tensor, pb: &Tensor) -> Result<Tensor> {
+        let papb = pa.t()?.matmul(pb)?;
         let ratio = ((&pab + self.smooth_nr)?.div(&(papb + self.smooth_dr)?)? + self.smooth_dr)?;
         Ok((pab * ratio.log()?)?.sum((1, 2))?)
     }

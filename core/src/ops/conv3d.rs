@@ -13,11 +13,13 @@
 mod cpu;
 #[cfg(test)]
 mod tests;
+mod transposed;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 
 use cpu::{Element, PaddedVolume, TapGroup};
+use transposed::TransposedPass;
 
 /// 3D cross-correlation with stride 1 and zero "same" padding `(k-1)/2`, as PyTorch's
 /// `F.conv3d(x, w, bias, padding=(k-1)//2)`.
@@ -72,12 +74,20 @@ pub fn conv3d_generic(
 /// bias=False)`: `x` is `(B, Ci, H, W, D)`, `w` is `(Ci, Co, 3, 3, 3)` (PyTorch's layout),
 /// the result is `(B, Co, 2H, 2W, 2D)` with `out[2i - 1 + a] += x[i] * w[a]` per axis.
 /// Differentiable with respect to `x` and `w`.
+///
+/// CPU tensors of dtype f32 or f64 run a sub-pixel decomposition (see `transposed.rs`) that
+/// multiplies no inserted zero; everything else runs [`conv_transpose3d_generic`].
 pub fn conv_transpose3d(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     check_conv_transpose3d("conv_transpose3d", x, w)?;
-    conv3d(&dilate2(x)?, &flip_transpose(w)?, None)
+    if !has_fast_path(x) || w.dtype() != x.dtype() || !w.device().same_device(x.device()) {
+        return conv_transpose3d_generic(x, w);
+    }
+    x.contiguous()?
+        .apply_op2(&w.contiguous()?, TransposedKernel(TransposedPass::Forward))
 }
 
-/// [`conv_transpose3d`] on top of [`conv3d_generic`], for every device. Same contract.
+/// [`conv_transpose3d`] as zero insertion plus [`conv3d_generic`] with the flipped kernel
+/// (monai-spec §1.2), for every device. Same contract.
 pub fn conv_transpose3d_generic(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     check_conv_transpose3d("conv_transpose3d_generic", x, w)?;
     conv3d_generic(&dilate2(x)?, &flip_transpose(w)?, None)
@@ -232,6 +242,39 @@ impl ConvDims {
         [(self.size[1] + p) * (self.size[2] + p), self.size[2] + p]
     }
 
+    /// Whether the forward pass and weight gradient fold the second kernel axis into the
+    /// channels ([`PaddedVolume::fold`]): for few input channels (LocalNet's first conv
+    /// has 2, so 7 taps x 2 channels would be a GEMM inner dimension of 14).
+    fn folds(&self) -> bool {
+        self.kernel > 1 && self.in_channels * self.kernel <= 32
+    }
+
+    /// The tap groups of the forward correlation on the folded input, one per `a`: taps
+    /// `c` along the last axis, channels `b * Ci + i`.
+    fn folded_groups<T: Element>(&self, w: &[T]) -> Vec<TapGroup<T>> {
+        let (ci, co, k) = (self.in_channels, self.out_channels, self.kernel);
+        let [s0, _] = self.padded_strides();
+        (0..k)
+            .map(|a| {
+                let mut weights = Vec::with_capacity(co * k * k * ci);
+                for o in 0..co {
+                    for c in 0..k {
+                        for b in 0..k {
+                            for i in 0..ci {
+                                weights.push(w[(((o * ci + i) * k + a) * k + b) * k + c]);
+                            }
+                        }
+                    }
+                }
+                TapGroup {
+                    offset: a * s0,
+                    taps: k,
+                    weights,
+                }
+            })
+            .collect()
+    }
+
     /// The tap groups of the correlation with `w` (`(Co, Ci, k, k, k)`, row-major), one
     /// per `(a, b)`. With `adjoint`, the groups of the input gradient instead: the kernel
     /// flipped in all axes, with `Ci` and `Co` swapped.
@@ -270,12 +313,14 @@ impl ConvDims {
 
 /// Runs the correlation `groups` on every batch item of the channels-first `x`
 /// (`in_channels` wide) and returns the channels-first result (`out_channels` wide).
+/// With `fold`, `groups` are [`ConvDims::folded_groups`] and the padded input is folded.
 fn correlate_batch<T: Element>(
     x: &[T],
     groups: &[TapGroup<T>],
     dims: &ConvDims,
     in_channels: usize,
     out_channels: usize,
+    fold: bool,
 ) -> Vec<T> {
     let n = dims.voxels();
     let p = dims.pad();
@@ -286,7 +331,10 @@ fn correlate_batch<T: Element>(
         .chunks_exact(in_channels * n)
         .zip(out.chunks_exact_mut(out_channels * n))
     {
-        let padded = PaddedVolume::new(xb, in_channels, dims.size, [p; 3], [p; 3]);
+        let mut padded = PaddedVolume::new(xb, in_channels, dims.size, [p; 3], [p; 3]);
+        if fold {
+            padded = padded.fold(dims.kernel, strides[1]);
+        }
         let result = cpu::correlate(&padded, groups, out_channels, span);
         cpu::crop(&result, out_channels, dims.size, strides, ob);
     }
@@ -300,17 +348,41 @@ fn weight_grad<T: Element>(x: &[T], g: &[T], dims: &ConvDims) -> Vec<T> {
     let p = dims.pad();
     let [s0, s1] = dims.padded_strides();
     let span = cpu::span(dims.size, [s0, s1]);
-    let groups: Vec<(usize, usize)> = (0..k * k)
-        .map(|ab| ((ab / k) * s0 + (ab % k) * s1, k))
-        .collect();
+    let fold = dims.folds();
+    let groups: Vec<(usize, usize)> = if fold {
+        (0..k).map(|a| (a * s0, k)).collect()
+    } else {
+        (0..k * k)
+            .map(|ab| ((ab / k) * s0 + (ab % k) * s1, k))
+            .collect()
+    };
     // Output position f sits at padded voxel f + p*(s0 + s1 + 1) of the padded gradient,
     // whose padding supplies the zeros at the invalid positions.
     let shift = p * (s0 + s1 + 1);
     let mut dw = vec![T::default(); co * ci * k * k * k];
     for (xb, gb) in x.chunks_exact(ci * n).zip(g.chunks_exact(co * n)) {
-        let xp = PaddedVolume::new(xb, ci, dims.size, [p; 3], [p; 3]);
+        let mut xp = PaddedVolume::new(xb, ci, dims.size, [p; 3], [p; 3]);
         let gp = PaddedVolume::new(gb, co, dims.size, [p; 3], [p; 3]);
+        if fold {
+            xp = xp.fold(k, s1);
+        }
         let per_group = cpu::correlate_weight_grad(&xp, &gp, shift, &groups, span);
+        if fold {
+            // Group a: gw[(o * k + c) * (k * Ci) + b * Ci + i] = dW[o, i, a, b, c].
+            for (a, gw) in per_group.iter().enumerate() {
+                for o in 0..co {
+                    for c in 0..k {
+                        for b in 0..k {
+                            for i in 0..ci {
+                                dw[(((o * ci + i) * k + a) * k + b) * k + c] +=
+                                    gw[((o * k + c) * k + b) * ci + i];
+                            }
+                        }
+                    }
+                }
+            }
+            continue;
+        }
         for (ab, gw) in per_group.iter().enumerate() {
             let (a, b) = (ab / k, ab % k);
             for o in 0..co {
@@ -362,8 +434,14 @@ impl ConvKernel {
         match self.0 {
             Pass::Forward => {
                 let dims = ConvDims::new(la, lb)?;
-                let groups = dims.groups(b, false);
-                let out = correlate_batch(a, &groups, &dims, dims.in_channels, dims.out_channels);
+                let fold = dims.folds();
+                let groups = if fold {
+                    dims.folded_groups(b)
+                } else {
+                    dims.groups(b, false)
+                };
+                let out =
+                    correlate_batch(a, &groups, &dims, dims.in_channels, dims.out_channels, fold);
                 let [h, w, d] = dims.size;
                 Ok((out, Shape::from((dims.batch, dims.out_channels, h, w, d))))
             }
@@ -379,7 +457,7 @@ impl ConvKernel {
                     kernel,
                 };
                 let groups = dims.groups(b, true);
-                let out = correlate_batch(a, &groups, &dims, co, ci);
+                let out = correlate_batch(a, &groups, &dims, co, ci, false);
                 Ok((out, Shape::from((batch, ci, h, wd, d))))
             }
             Pass::WeightGrad { kernel } => {
@@ -450,8 +528,95 @@ impl CustomOp2 for ConvKernel {
         }
         let grad = grad.contiguous()?;
         let kernel = w.dim(2)?;
-        let dx = grad.apply_op2_no_bwd(w, &ConvKernel(Pass::InputGrad))?;
-        let dw = grad.apply_op2_no_bwd(x, &ConvKernel(Pass::WeightGrad { kernel }))?;
-        Ok((Some(dx), Some(dw)))
+        // An input that no variable depends on (LocalNet's first conv reads the images)
+        // needs no gradient; with 2 input channels its GEMM is the slowest of the step.
+        let dx = x
+            .track_op()
+            .then(|| grad.apply_op2_no_bwd(w, &ConvKernel(Pass::InputGrad)))
+            .transpose()?;
+        let dw = w
+            .track_op()
+            .then(|| grad.apply_op2_no_bwd(x, &ConvKernel(Pass::WeightGrad { kernel })))
+            .transpose()?;
+        Ok((dx, dw))
+    }
+}
+
+/// The CPU custom op of [`conv_transpose3d`]; only [`TransposedPass::Forward`] has a
+/// backward pass.
+#[derive(Debug, Clone, Copy)]
+struct TransposedKernel(TransposedPass);
+
+impl TransposedKernel {
+    fn name_str(&self) -> &'static str {
+        match self.0 {
+            TransposedPass::Forward => "conv_transpose3d",
+            TransposedPass::InputGrad => "conv_transpose3d-input-grad",
+            TransposedPass::WeightGrad => "conv_transpose3d-weight-grad",
+        }
+    }
+
+    fn run<T: Element>(
+        &self,
+        a: &[T],
+        la: &Layout,
+        b: &[T],
+        lb: &Layout,
+    ) -> candle_core::Result<(Vec<T>, Shape)> {
+        let name = self.name_str();
+        self.0.run(slice(a, la, name)?, la, slice(b, lb, name)?, lb)
+    }
+}
+
+impl CustomOp2 for TransposedKernel {
+    fn name(&self) -> &'static str {
+        self.name_str()
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        match (s1, s2) {
+            (CpuStorage::F32(a), CpuStorage::F32(b)) => {
+                let (out, shape) = self.run(a, l1, b, l2)?;
+                Ok((CpuStorage::F32(out), shape))
+            }
+            (CpuStorage::F64(a), CpuStorage::F64(b)) => {
+                let (out, shape) = self.run(a, l1, b, l2)?;
+                Ok((CpuStorage::F64(out), shape))
+            }
+            _ => bail!(
+                "{}: unsupported dtypes {:?} and {:?} (f32 or f64 expected)",
+                self.name_str(),
+                s1.dtype(),
+                s2.dtype()
+            ),
+        }
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        if self.0 != TransposedPass::Forward {
+            bail!("{}: no second-order gradient", self.name_str());
+        }
+        let grad = grad.contiguous()?;
+        let dx = x
+            .track_op()
+            .then(|| grad.apply_op2_no_bwd(w, &TransposedKernel(TransposedPass::InputGrad)))
+            .transpose()?;
+        let dw = w
+            .track_op()
+            .then(|| grad.apply_op2_no_bwd(x, &TransposedKernel(TransposedPass::WeightGrad)))
+            .transpose()?;
+        Ok((dx, dw))
     }
 }

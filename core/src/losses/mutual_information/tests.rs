@@ -169,3 +169,76 @@ fn gradient_flows_at_clamp_bound() {
     // Voxel 0 sits exactly on the bound 0; a smooth one-sided derivative exists there.
     assert!(g[0].abs() > 1e-9, "{}", g[0]);
 }
+
+/// The fused CPU histogram op against the composed candle ops: MI values per batch item and
+/// the gradients of both inputs, f32 and f64, batch 2, with values outside [0, 1] so that
+/// the clamp is active.
+#[test]
+fn fused_gaussian_matches_composed_ops() {
+    let shape = [2, 1, 6, 7, 5];
+    let pred = grid(shape, |b, _, i, j, k| {
+        0.5 + 0.6 * (0.9 * i + 0.5 * j - 0.3 * k + b as f64).sin()
+    });
+    let target = grid(shape, |b, _, i, j, k| {
+        0.45 + 0.5 * (0.4 * i - 0.6 * j + 0.2 * k - b as f64).cos()
+    });
+    let loss = GlobalMutualInformationLoss::default();
+    for dtype in [DType::F64, DType::F32] {
+        let run = |fused: bool| {
+            let p = candle_core::Var::from_tensor(&pred.to_dtype(dtype).unwrap()).unwrap();
+            let t = candle_core::Var::from_tensor(&target.to_dtype(dtype).unwrap()).unwrap();
+            let mi = if fused {
+                loss.mutual_information(p.as_tensor(), t.as_tensor())
+            } else {
+                loss.mutual_information_composed(p.as_tensor(), t.as_tensor())
+            }
+            .unwrap();
+            let probe = Tensor::new(&[0.7f64, -1.3], &candle_core::Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let grads = (&mi * probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let v = |t: &Tensor| {
+                t.to_dtype(DType::F64)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f64>()
+                    .unwrap()
+            };
+            [
+                v(&mi),
+                v(grads.get(p.as_tensor()).unwrap()),
+                v(grads.get(t.as_tensor()).unwrap()),
+            ]
+        };
+        let (fused, composed) = (run(true), run(false));
+        for (n, (f, c)) in fused.iter().zip(&composed).enumerate() {
+            let scale = c.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+            for (i, (a, b)) in f.iter().zip(c).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-5 * scale,
+                    "{dtype:?} part {n} element {i}: fused {a} vs composed {b} (scale {scale})"
+                );
+            }
+        }
+    }
+}
+
+/// The fused op leaves an input that no variable depends on without a gradient.
+#[test]
+fn fused_gaussian_gradient_only_for_tracked_inputs() {
+    let (pred, target) = gradient_inputs();
+    let p = candle_core::Var::from_tensor(&pred).unwrap();
+    let loss = GlobalMutualInformationLoss::default()
+        .forward(p.as_tensor(), &target)
+        .unwrap();
+    let grads = loss.backward().unwrap();
+    assert!(grads.get(p.as_tensor()).is_some());
+    assert!(grads.get(&target).is_none());
+}

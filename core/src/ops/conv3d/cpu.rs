@@ -54,25 +54,68 @@ impl<T: Element> PaddedVolume<T> {
         lo: [usize; 3],
         hi: [usize; 3],
     ) -> Self {
+        Self::subgrid(src, channels, size, 1, [0; 3], lo, hi)
+    }
+
+    /// Copies one stride-`step` sub-grid of a channels-first `(C, step*H, step*W, step*D)`
+    /// volume, voxel `m` of the copy being voxel `step*m + phase` of `src`, with `lo[i]`
+    /// zero voxels before and `hi[i]` after it along spatial axis `i`. `size` is the
+    /// sub-grid's `(H, W, D)`.
+    pub fn subgrid(
+        src: &[T],
+        channels: usize,
+        size: [usize; 3],
+        step: usize,
+        phase: [usize; 3],
+        lo: [usize; 3],
+        hi: [usize; 3],
+    ) -> Self {
         let [h, w, d] = size;
+        let full = size.map(|s| s * step);
         let dims = [h + lo[0] + hi[0], w + lo[1] + hi[1], d + lo[2] + hi[2]];
         let mut data = vec![T::default(); dims[0] * dims[1] * dims[2] * channels];
-        let plane = h * w * d;
+        let plane = full[0] * full[1] * full[2];
         debug_assert_eq!(src.len(), plane * channels);
         for ih in 0..h {
             for iw in 0..w {
                 let row = ((ih + lo[0]) * dims[1] + iw + lo[1]) * dims[2] + lo[2];
                 let dst = &mut data[row * channels..(row + d) * channels];
-                let src_row = (ih * w + iw) * d;
+                let src_row =
+                    ((step * ih + phase[0]) * full[1] + step * iw + phase[1]) * full[2] + phase[2];
                 for c in 0..channels {
-                    let src_c = &src[c * plane + src_row..c * plane + src_row + d];
-                    for (id, &v) in src_c.iter().enumerate() {
-                        dst[id * channels + c] = v;
+                    let src_c = &src[c * plane + src_row..];
+                    for id in 0..d {
+                        dst[id * channels + c] = src_c[step * id];
                     }
                 }
             }
         }
         Self { data, channels }
+    }
+}
+
+impl<T: Element> PaddedVolume<T> {
+    /// Folds `taps` neighbours along one axis into the channels: voxel `q` of the result
+    /// holds, at channel `t * C + i`, channel `i` of voxel `q + t * stride` of `self` (zero
+    /// past the end). A correlation whose taps along that axis read consecutive
+    /// `stride`-apart voxels then reads `taps` times more channels from one voxel, which
+    /// gives its GEMMs a `taps` times longer inner dimension (worth it for few channels).
+    pub fn fold(&self, taps: usize, stride: usize) -> Self {
+        let c = self.channels;
+        let voxels = self.data.len() / c;
+        let mut data = vec![T::default(); voxels * taps * c];
+        for (q, dst) in data.chunks_exact_mut(taps * c).enumerate() {
+            for (t, dst_t) in dst.chunks_exact_mut(c).enumerate() {
+                let src = q + t * stride;
+                if src < voxels {
+                    dst_t.copy_from_slice(&self.data[src * c..(src + 1) * c]);
+                }
+            }
+        }
+        Self {
+            data,
+            channels: taps * c,
+        }
     }
 }
 
@@ -97,6 +140,35 @@ pub(super) fn crop<T: Element>(
                 let dst_c = &mut dst[c * plane + o0..c * plane + o0 + d];
                 for (id, v) in dst_c.iter_mut().enumerate() {
                     *v = src[(f0 + id) * channels + c];
+                }
+            }
+        }
+    }
+}
+
+/// Like [`crop`], but writes voxel `m` of the `size` result to voxel `step*m + phase` of
+/// the channels-first `(C, step*H, step*W, step*D)` volume `dst`.
+pub(super) fn crop_to_subgrid<T: Element>(
+    src: &[T],
+    channels: usize,
+    size: [usize; 3],
+    src_strides: [usize; 2],
+    step: usize,
+    phase: [usize; 3],
+    dst: &mut [T],
+) {
+    let [h, w, d] = size;
+    let full = size.map(|s| s * step);
+    let plane = full[0] * full[1] * full[2];
+    debug_assert_eq!(dst.len(), plane * channels);
+    for ih in 0..h {
+        for iw in 0..w {
+            let f0 = ih * src_strides[0] + iw * src_strides[1];
+            let o0 = ((step * ih + phase[0]) * full[1] + step * iw + phase[1]) * full[2] + phase[2];
+            for c in 0..channels {
+                let dst_c = &mut dst[c * plane + o0..];
+                for id in 0..d {
+                    dst_c[step * id] = src[(f0 + id) * channels + c];
                 }
             }
         }

@@ -306,6 +306,117 @@ fn generic_path_equals_fast_path_with_gradients() {
     }
 }
 
+/// Both CPU layouts against the generic path, values and gradients (f64): few input
+/// channels fold a kernel axis into the channels (`ConvDims::folds`), many do not.
+#[test]
+fn folded_and_unfolded_fast_paths_equal_generic() {
+    for (ci, k) in [(2, 7), (3, 3), (12, 3), (5, 7)] {
+        let dims = ConvDims {
+            batch: 2,
+            in_channels: ci,
+            out_channels: 3,
+            size: [5, 4, 6],
+            kernel: k,
+        };
+        let x = random(&[2, ci, 5, 4, 6], 80, DType::F64);
+        let w = random(&[3, ci, k, k, k], 81, DType::F64);
+        let r = random(&[2, 3, 5, 4, 6], 82, DType::F64);
+        let run = |conv: Conv| {
+            let (xv, wv) = (Var::from_tensor(&x).unwrap(), Var::from_tensor(&w).unwrap());
+            let y = conv(xv.as_tensor(), wv.as_tensor(), None).unwrap();
+            let grads = y.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+            vec![
+                values(&y),
+                values(grads.get(&xv).unwrap()),
+                values(grads.get(&wv).unwrap()),
+            ]
+        };
+        let (fast, generic) = (run(conv3d), run(conv3d_generic));
+        for (n, (f, g)) in fast.iter().zip(&generic).enumerate() {
+            assert_close(
+                f,
+                g,
+                1e-12,
+                &format!("ci={ci} k={k} folds={} output/grad {n}", dims.folds()),
+            );
+        }
+    }
+}
+
+/// The phase-decomposed CPU `conv_transpose3d` against the zero-insertion generic path:
+/// values and both gradients, f32 and f64, batch 2, uneven sizes (a size of 1 included).
+#[test]
+fn conv_transpose3d_fast_path_equals_generic_with_gradients() {
+    for dtype in [DType::F64, DType::F32] {
+        for (ci, co, size) in [(4, 3, [3, 5, 2]), (2, 5, [1, 4, 3])] {
+            let x = random(&[2, ci, size[0], size[1], size[2]], 60, dtype);
+            let w = random(&[ci, co, 3, 3, 3], 61, dtype);
+            let r = random(&[2, co, 2 * size[0], 2 * size[1], 2 * size[2]], 62, dtype);
+            let run = |conv: ConvT| {
+                let (xv, wv) = (Var::from_tensor(&x).unwrap(), Var::from_tensor(&w).unwrap());
+                let y = conv(xv.as_tensor(), wv.as_tensor()).unwrap();
+                let grads = y.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+                vec![
+                    values(&y),
+                    values(grads.get(&xv).unwrap()),
+                    values(grads.get(&wv).unwrap()),
+                ]
+            };
+            let (fast, generic) = (run(conv_transpose3d), run(conv_transpose3d_generic));
+            let tol = if dtype == DType::F64 { 1e-12 } else { 1e-5 };
+            for (n, (f, g)) in fast.iter().zip(&generic).enumerate() {
+                assert_close(
+                    f,
+                    g,
+                    tol,
+                    &format!("{dtype:?} {ci}->{co} {size:?} output/grad {n}"),
+                );
+            }
+        }
+    }
+}
+
+/// An input that no variable depends on gets no gradient, and the weight gradient is the
+/// same as when the input is a variable (conv3d and conv_transpose3d).
+#[test]
+fn untracked_inputs_skip_their_gradient() {
+    let x = random(&[1, 2, 4, 3, 5], 70, DType::F64);
+    let w = random(&[3, 2, 3, 3, 3], 71, DType::F64);
+    let wt = random(&[2, 3, 3, 3, 3], 72, DType::F64);
+    let weight_grad = |track_x: bool, transposed: bool| {
+        let wv = Var::from_tensor(if transposed { &wt } else { &w }).unwrap();
+        let xv = Var::from_tensor(&x).unwrap();
+        let input = if track_x {
+            xv.as_tensor().clone()
+        } else {
+            x.clone()
+        };
+        let y = if transposed {
+            conv_transpose3d(&input, wv.as_tensor()).unwrap()
+        } else {
+            conv3d(&input, wv.as_tensor(), None).unwrap()
+        };
+        let probe = random(y.dims(), 73, DType::F64);
+        let grads = y
+            .mul(&probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert_eq!(grads.get(&xv).is_some(), track_x);
+        values(grads.get(&wv).unwrap())
+    };
+    for transposed in [false, true] {
+        assert_close(
+            &weight_grad(false, transposed),
+            &weight_grad(true, transposed),
+            1e-12,
+            &format!("transposed={transposed}"),
+        );
+    }
+}
+
 #[test]
 fn invalid_shapes_are_rejected_with_the_op_name() {
     let x = random(&[1, 3, 4, 4, 4], 40, DType::F32);
