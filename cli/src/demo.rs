@@ -43,7 +43,7 @@ pub struct Args {
     #[arg(long, num_args = 3, value_names = ["X", "Y", "Z"], default_values_t = [48, 48, 48])]
     pub size: Vec<usize>,
     /// Training epochs.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 40)]
     pub epochs: u32,
     /// LocalNet preset: `seed` (the quickstart's network) or `full`.
     #[arg(long, default_value = "full")]
