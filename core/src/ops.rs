@@ -11,12 +11,16 @@ mod batch_norm;
 mod conv3d;
 #[cfg(test)]
 mod grad_check;
+pub(crate) mod kernel;
 mod pool;
 mod resize;
 mod upsample;
 mod warp;
 
-pub use batch_norm::{batch_norm3d_eval, batch_norm3d_train, BatchNormStats};
+pub use batch_norm::{
+    batch_norm3d_eval, batch_norm3d_train, batch_norm3d_train_generic, batch_norm_relu3d_eval,
+    batch_norm_relu3d_train, BatchNormStats,
+};
 pub use conv3d::{conv3d, conv3d_generic, conv_transpose3d, conv_transpose3d_generic};
 pub use pool::max_pool3d;
 pub use resize::resize_trilinear;

@@ -14,6 +14,8 @@
 
 use candle_core::{bail, Result, Tensor};
 
+mod fused;
+
 /// What [`batch_norm3d_train`] returns.
 #[derive(Debug, Clone)]
 pub struct BatchNormStats {
@@ -37,23 +39,18 @@ pub fn batch_norm3d_train(
     bias: &Tensor,
     eps: f64,
 ) -> Result<BatchNormStats> {
-    let (b, c, h, w, d) = x.dims5()?;
-    check_channel_param("weight", weight, c)?;
-    check_channel_param("bias", bias, c)?;
-    let count = b * h * w * d;
-    if count < 2 {
-        bail!("batch_norm3d_train: expected more than 1 value per channel, got {count}")
-    }
-    let mean = channel_mean(x)?; // (1, C, 1, 1, 1)
-    let centered = x.broadcast_sub(&mean)?;
-    let var = channel_mean(&centered.sqr()?)?;
-    let output = normalise(x, weight, bias, &mean, &var, eps)?;
-    let var_unbiased = var.affine(count as f64 / (count - 1) as f64, 0.0)?;
-    Ok(BatchNormStats {
-        output,
-        mean: mean.flatten_all()?.detach(),
-        var_unbiased: var_unbiased.flatten_all()?.detach(),
-    })
+    train(x, weight, bias, eps, false)
+}
+
+/// [`batch_norm3d_train`] followed by a ReLU, in one op on the CPU (see `fused.rs`): the
+/// `conv -> BatchNorm -> ReLU` tail of every LocalNet block.
+pub fn batch_norm_relu3d_train(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<BatchNormStats> {
+    train(x, weight, bias, eps, true)
 }
 
 /// Batch norm in eval mode: normalises `x` (B, C, H, W, D) with `running_mean` and
@@ -66,20 +63,133 @@ pub fn batch_norm3d_eval(
     running_var: &Tensor,
     eps: f64,
 ) -> Result<Tensor> {
+    eval(x, weight, bias, running_mean, running_var, eps, false)
+}
+
+/// [`batch_norm3d_eval`] followed by a ReLU, in one op on the CPU.
+pub fn batch_norm_relu3d_eval(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    eval(x, weight, bias, running_mean, running_var, eps, true)
+}
+
+/// Training-mode batch norm (and ReLU with `relu`) composed from candle ops, for every
+/// device; CPU f32/f64 tensors take the fused op instead. Public so that tests can compare
+/// the two.
+pub fn batch_norm3d_train_generic(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    relu: bool,
+) -> Result<BatchNormStats> {
+    let (b, c, h, w, d) = x.dims5()?;
+    check_channel_param("weight", weight, c)?;
+    check_channel_param("bias", bias, c)?;
+    let count = check_count(b * h * w * d)?;
+    let mean = channel_mean(x)?; // (1, C, 1, 1, 1)
+    let centered = x.broadcast_sub(&mean)?;
+    let var = channel_mean(&centered.sqr()?)?;
+    let output = normalise(x, weight, bias, &mean, &var, eps)?;
+    let output = if relu { output.relu()? } else { output };
+    let var_unbiased = var.affine(count as f64 / (count - 1) as f64, 0.0)?;
+    Ok(BatchNormStats {
+        output,
+        mean: mean.flatten_all()?.detach(),
+        var_unbiased: var_unbiased.flatten_all()?.detach(),
+    })
+}
+
+fn check_count(count: usize) -> Result<usize> {
+    if count < 2 {
+        bail!("batch_norm3d_train: expected more than 1 value per channel, got {count}")
+    }
+    Ok(count)
+}
+
+fn train(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    relu: bool,
+) -> Result<BatchNormStats> {
+    if !fused::has_fast_path(&[x, weight, bias]) {
+        return batch_norm3d_train_generic(x, weight, bias, eps, relu);
+    }
+    let (b, c, h, w, d) = x.dims5()?;
+    check_channel_param("weight", weight, c)?;
+    check_channel_param("bias", bias, c)?;
+    let count = check_count(b * h * w * d)?;
+    let x = x.contiguous()?;
+    let stats = fused::channel_stats(&x)?;
+    let kernel = fused::BatchNormKernel {
+        inv_std: stats.var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect(),
+        mean: stats.mean.clone(),
+        batch_stats: true,
+        relu,
+        pass: fused::Pass::Forward,
+    };
+    let output = x.apply_op3(&weight.contiguous()?, &bias.contiguous()?, kernel)?;
+    let unbias = count as f64 / (count - 1) as f64;
+    let var_unbiased: Vec<f64> = stats.var.iter().map(|v| v * unbias).collect();
+    let channel_tensor = |v: &[f64]| Tensor::new(v, x.device())?.to_dtype(x.dtype());
+    Ok(BatchNormStats {
+        output,
+        mean: channel_tensor(&stats.mean)?,
+        var_unbiased: channel_tensor(&var_unbiased)?,
+    })
+}
+
+fn eval(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    eps: f64,
+    relu: bool,
+) -> Result<Tensor> {
     let c = x.dims5()?.1;
     check_channel_param("weight", weight, c)?;
     check_channel_param("bias", bias, c)?;
     check_channel_param("running_mean", running_mean, c)?;
     check_channel_param("running_var", running_var, c)?;
+    if fused::has_fast_path(&[x, weight, bias, running_mean, running_var]) {
+        let values = |t: &Tensor| t.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>();
+        let kernel = fused::BatchNormKernel {
+            mean: values(running_mean)?,
+            inv_std: values(running_var)?
+                .iter()
+                .map(|v| 1.0 / (v + eps).sqrt())
+                .collect(),
+            batch_stats: false,
+            relu,
+            pass: fused::Pass::Forward,
+        };
+        return x
+            .contiguous()?
+            .apply_op3(&weight.contiguous()?, &bias.contiguous()?, kernel);
+    }
     let as_channels = |t: &Tensor| t.reshape((1, c, 1, 1, 1));
-    normalise(
+    let y = normalise(
         x,
         weight,
         bias,
         &as_channels(running_mean)?,
         &as_channels(running_var)?,
         eps,
-    )
+    )?;
+    if relu {
+        y.relu()
+    } else {
+        Ok(y)
+    }
 }
 
 /// `x * alpha + beta` with `alpha = weight / sqrt(var + eps)`, `beta = bias - mean * alpha`;
@@ -228,6 +338,103 @@ mod tests {
         for wrt in 0..3 {
             check_grad(&f, &inputs, wrt, 1e-6, 1e-6);
         }
+    }
+
+    #[test]
+    fn relu_train_gradients_match_finite_differences() {
+        let x = smooth_tensor(&[2, 2, 2, 2, 3], 0.2);
+        let w = Tensor::new(&[1.2f64, -0.6], &Device::Cpu).unwrap();
+        let b = Tensor::new(&[0.1f64, 0.4], &Device::Cpu).unwrap();
+        let f = |a: &[Tensor]| Ok(batch_norm_relu3d_train(&a[0], &a[1], &a[2], 1e-5)?.output);
+        let inputs = [x, w, b];
+        for wrt in 0..3 {
+            check_grad(&f, &inputs, wrt, 1e-6, 1e-6);
+        }
+    }
+
+    #[test]
+    fn eval_gradients_match_finite_differences_with_and_without_relu() {
+        let x = smooth_tensor(&[2, 2, 2, 2, 3], 0.7);
+        let w = Tensor::new(&[0.9f64, -1.3], &Device::Cpu).unwrap();
+        let b = Tensor::new(&[-0.2f64, 0.3], &Device::Cpu).unwrap();
+        let rm = Tensor::new(&[0.1f64, -0.2], &Device::Cpu).unwrap();
+        let rv = Tensor::new(&[0.8f64, 1.7], &Device::Cpu).unwrap();
+        for relu in [false, true] {
+            let f = |a: &[Tensor]| {
+                let eval = if relu {
+                    batch_norm_relu3d_eval
+                } else {
+                    batch_norm3d_eval
+                };
+                eval(&a[0], &a[1], &a[2], &rm, &rv, 1e-5)
+            };
+            let inputs = [x.clone(), w.clone(), b.clone()];
+            for wrt in 0..3 {
+                check_grad(&f, &inputs, wrt, 1e-6, 1e-6);
+            }
+        }
+    }
+
+    /// The fused CPU op against the composition of candle ops, in f32 on a LocalNet-like
+    /// volume: outputs, statistics and all three gradients.
+    #[test]
+    fn fused_matches_the_composed_ops_in_f32() {
+        let shape = [1, 4, 12, 10, 8];
+        let x = smooth_tensor(&shape, 0.3)
+            .affine(3.0, 0.5)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let x = candle_core::Var::from_tensor(&x).unwrap();
+        let w = candle_core::Var::new(&[1.1f32, -0.5, 0.8, 2.0], &Device::Cpu).unwrap();
+        let b = candle_core::Var::new(&[0.2f32, 0.1, -0.3, 0.0], &Device::Cpu).unwrap();
+        let probe = smooth_tensor(&shape, 1.1).to_dtype(DType::F32).unwrap();
+        // Relative to the largest magnitude: the composed ops sum in f32, the fused op in
+        // f64, so sums over a channel differ in their last f32 digits.
+        let max_abs = |t: &Tensor| {
+            let t = t.abs().unwrap().flatten_all().unwrap();
+            t.max(0).unwrap().to_scalar::<f32>().unwrap()
+        };
+        let close = |a: &Tensor, b: &Tensor, what: &str| {
+            let diff = max_abs(&(a - b).unwrap());
+            let scale = max_abs(b).max(1.0);
+            assert!(
+                diff < 2e-6 * scale,
+                "{what}: max difference {diff} (scale {scale})"
+            );
+        };
+        for relu in [false, true] {
+            let fused = if relu {
+                batch_norm_relu3d_train(&x, &w, &b, 1e-5).unwrap()
+            } else {
+                batch_norm3d_train(&x, &w, &b, 1e-5).unwrap()
+            };
+            let composed = batch_norm3d_train_generic(&x, &w, &b, 1e-5, relu).unwrap();
+            close(&fused.output, &composed.output, "output");
+            close(&fused.mean, &composed.mean, "mean");
+            close(&fused.var_unbiased, &composed.var_unbiased, "var");
+            let loss = |y: &Tensor| (y * &probe).unwrap().sum_all().unwrap();
+            let gf = loss(&fused.output).backward().unwrap();
+            let gc = loss(&composed.output).backward().unwrap();
+            for (name, v) in [("dx", x.as_tensor()), ("dw", &w), ("db", &b)] {
+                close(gf.get(v).unwrap(), gc.get(v).unwrap(), name);
+            }
+        }
+    }
+
+    #[test]
+    fn relu_keeps_nan_like_pytorch() {
+        let x = Tensor::new(&[1f32, f32::NAN, -1.0], &Device::Cpu)
+            .unwrap()
+            .reshape((1, 1, 3, 1, 1))
+            .unwrap();
+        let one = Tensor::new(&[1f32], &Device::Cpu).unwrap();
+        let zero = Tensor::new(&[0f32], &Device::Cpu).unwrap();
+        let y = batch_norm_relu3d_eval(&x, &one, &zero, &zero, &one, 0.0).unwrap();
+        let y: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(y[0], 1.0);
+        assert!(y[1].is_nan());
+        assert_eq!(y[2], 0.0);
     }
 
     #[test]

@@ -15,10 +15,10 @@ mod cpu;
 mod tests;
 mod transposed;
 
-use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 
-use cpu::{Element, PaddedVolume, TapGroup};
+use crate::ops::kernel::{run_cpu, CpuKernel, Float};
+use cpu::{PaddedVolume, TapGroup};
 use transposed::TransposedPass;
 
 /// 3D cross-correlation with stride 1 and zero "same" padding `(k-1)/2`, as PyTorch's
@@ -251,7 +251,7 @@ impl ConvDims {
 
     /// The tap groups of the forward correlation on the folded input, one per `a`: taps
     /// `c` along the last axis, channels `b * Ci + i`.
-    fn folded_groups<T: Element>(&self, w: &[T]) -> Vec<TapGroup<T>> {
+    fn folded_groups<T: Float>(&self, w: &[T]) -> Vec<TapGroup<T>> {
         let (ci, co, k) = (self.in_channels, self.out_channels, self.kernel);
         let [s0, _] = self.padded_strides();
         (0..k)
@@ -278,7 +278,7 @@ impl ConvDims {
     /// The tap groups of the correlation with `w` (`(Co, Ci, k, k, k)`, row-major), one
     /// per `(a, b)`. With `adjoint`, the groups of the input gradient instead: the kernel
     /// flipped in all axes, with `Ci` and `Co` swapped.
-    fn groups<T: Element>(&self, w: &[T], adjoint: bool) -> Vec<TapGroup<T>> {
+    fn groups<T: Float>(&self, w: &[T], adjoint: bool) -> Vec<TapGroup<T>> {
         let (ci, co, k) = (self.in_channels, self.out_channels, self.kernel);
         let [s0, s1] = self.padded_strides();
         let at = |o: usize, i: usize, a: usize, b: usize, c: usize| {
@@ -314,7 +314,7 @@ impl ConvDims {
 /// Runs the correlation `groups` on every batch item of the channels-first `x`
 /// (`in_channels` wide) and returns the channels-first result (`out_channels` wide).
 /// With `fold`, `groups` are [`ConvDims::folded_groups`] and the padded input is folded.
-fn correlate_batch<T: Element>(
+fn correlate_batch<T: Float>(
     x: &[T],
     groups: &[TapGroup<T>],
     dims: &ConvDims,
@@ -342,7 +342,7 @@ fn correlate_batch<T: Element>(
 }
 
 /// The weight gradient `(Co, Ci, k, k, k)` from the input `x` and output gradient `g`.
-fn weight_grad<T: Element>(x: &[T], g: &[T], dims: &ConvDims) -> Vec<T> {
+fn weight_grad<T: Float>(x: &[T], g: &[T], dims: &ConvDims) -> Vec<T> {
     let (ci, co, k) = (dims.in_channels, dims.out_channels, dims.kernel);
     let n = dims.voxels();
     let p = dims.pad();
@@ -397,14 +397,6 @@ fn weight_grad<T: Element>(x: &[T], g: &[T], dims: &ConvDims) -> Vec<T> {
     dw
 }
 
-/// The contiguous slice of a CPU tensor's storage.
-fn slice<'a, T>(data: &'a [T], layout: &Layout, op: &str) -> candle_core::Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => bail!("{op}: expected a contiguous tensor, got layout {layout:?}"),
-    }
-}
-
 /// Which computation a [`ConvKernel`] runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Pass {
@@ -420,17 +412,19 @@ enum Pass {
 #[derive(Debug, Clone, Copy)]
 struct ConvKernel(Pass);
 
-impl ConvKernel {
-    fn run<T: Element>(
-        &self,
-        a: &[T],
-        la: &Layout,
-        b: &[T],
-        lb: &Layout,
-    ) -> candle_core::Result<(Vec<T>, Shape)> {
-        let name = self.name_str();
-        let a = slice(a, la, name)?;
-        let b = slice(b, lb, name)?;
+impl CpuKernel for ConvKernel {
+    fn kernel_name(&self) -> &'static str {
+        match self.0 {
+            Pass::Forward => "conv3d",
+            Pass::InputGrad => "conv3d-input-grad",
+            Pass::WeightGrad { .. } => "conv3d-weight-grad",
+        }
+    }
+
+    fn run<T: Float>(&self, args: &[(&[T], &Layout)]) -> candle_core::Result<(Vec<T>, Shape)> {
+        let [(a, la), (b, lb)] = args else {
+            bail!("{}: expected 2 arguments", self.kernel_name());
+        };
         match self.0 {
             Pass::Forward => {
                 let dims = ConvDims::new(la, lb)?;
@@ -476,19 +470,11 @@ impl ConvKernel {
             }
         }
     }
-
-    fn name_str(&self) -> &'static str {
-        match self.0 {
-            Pass::Forward => "conv3d",
-            Pass::InputGrad => "conv3d-input-grad",
-            Pass::WeightGrad { .. } => "conv3d-weight-grad",
-        }
-    }
 }
 
 impl CustomOp2 for ConvKernel {
     fn name(&self) -> &'static str {
-        self.name_str()
+        self.kernel_name()
     }
 
     fn cpu_fwd(
@@ -498,22 +484,7 @@ impl CustomOp2 for ConvKernel {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        match (s1, s2) {
-            (CpuStorage::F32(a), CpuStorage::F32(b)) => {
-                let (out, shape) = self.run(a, l1, b, l2)?;
-                Ok((CpuStorage::F32(out), shape))
-            }
-            (CpuStorage::F64(a), CpuStorage::F64(b)) => {
-                let (out, shape) = self.run(a, l1, b, l2)?;
-                Ok((CpuStorage::F64(out), shape))
-            }
-            _ => bail!(
-                "{}: unsupported dtypes {:?} and {:?} (f32 or f64 expected)",
-                self.name_str(),
-                s1.dtype(),
-                s2.dtype()
-            ),
-        }
+        run_cpu(self, &[(s1, l1), (s2, l2)])
     }
 
     fn bwd(
@@ -524,22 +495,41 @@ impl CustomOp2 for ConvKernel {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         if self.0 != Pass::Forward {
-            bail!("{}: no second-order gradient", self.name_str());
+            bail!("{}: no second-order gradient", self.kernel_name());
         }
-        let grad = grad.contiguous()?;
         let kernel = w.dim(2)?;
         // An input that no variable depends on (LocalNet's first conv reads the images)
         // needs no gradient; with 2 input channels its GEMM is the slowest of the step.
-        let dx = x
-            .track_op()
-            .then(|| grad.apply_op2_no_bwd(w, &ConvKernel(Pass::InputGrad)))
-            .transpose()?;
-        let dw = w
-            .track_op()
-            .then(|| grad.apply_op2_no_bwd(x, &ConvKernel(Pass::WeightGrad { kernel })))
-            .transpose()?;
-        Ok((dx, dw))
+        input_and_weight_grads(
+            x,
+            w,
+            grad,
+            &ConvKernel(Pass::InputGrad),
+            &ConvKernel(Pass::WeightGrad { kernel }),
+        )
     }
+}
+
+/// The backward pass of a forward op with arguments `(x, w)`: `input_grad` applied to
+/// `(grad, w)` and `weight_grad` to `(grad, x)`, each only when that argument tracks a
+/// variable.
+fn input_and_weight_grads(
+    x: &Tensor,
+    w: &Tensor,
+    grad: &Tensor,
+    input_grad: &impl CustomOp2,
+    weight_grad: &impl CustomOp2,
+) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    let grad = grad.contiguous()?;
+    let dx = x
+        .track_op()
+        .then(|| grad.apply_op2_no_bwd(w, input_grad))
+        .transpose()?;
+    let dw = w
+        .track_op()
+        .then(|| grad.apply_op2_no_bwd(x, weight_grad))
+        .transpose()?;
+    Ok((dx, dw))
 }
 
 /// The CPU custom op of [`conv_transpose3d`]; only [`TransposedPass::Forward`] has a
@@ -547,8 +537,8 @@ impl CustomOp2 for ConvKernel {
 #[derive(Debug, Clone, Copy)]
 struct TransposedKernel(TransposedPass);
 
-impl TransposedKernel {
-    fn name_str(&self) -> &'static str {
+impl CpuKernel for TransposedKernel {
+    fn kernel_name(&self) -> &'static str {
         match self.0 {
             TransposedPass::Forward => "conv_transpose3d",
             TransposedPass::InputGrad => "conv_transpose3d-input-grad",
@@ -556,21 +546,17 @@ impl TransposedKernel {
         }
     }
 
-    fn run<T: Element>(
-        &self,
-        a: &[T],
-        la: &Layout,
-        b: &[T],
-        lb: &Layout,
-    ) -> candle_core::Result<(Vec<T>, Shape)> {
-        let name = self.name_str();
-        self.0.run(slice(a, la, name)?, la, slice(b, lb, name)?, lb)
+    fn run<T: Float>(&self, args: &[(&[T], &Layout)]) -> candle_core::Result<(Vec<T>, Shape)> {
+        let [(a, la), (b, lb)] = args else {
+            bail!("{}: expected 2 arguments", self.kernel_name());
+        };
+        self.0.run(a, la, b, lb)
     }
 }
 
 impl CustomOp2 for TransposedKernel {
     fn name(&self) -> &'static str {
-        self.name_str()
+        self.kernel_name()
     }
 
     fn cpu_fwd(
@@ -580,22 +566,7 @@ impl CustomOp2 for TransposedKernel {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        match (s1, s2) {
-            (CpuStorage::F32(a), CpuStorage::F32(b)) => {
-                let (out, shape) = self.run(a, l1, b, l2)?;
-                Ok((CpuStorage::F32(out), shape))
-            }
-            (CpuStorage::F64(a), CpuStorage::F64(b)) => {
-                let (out, shape) = self.run(a, l1, b, l2)?;
-                Ok((CpuStorage::F64(out), shape))
-            }
-            _ => bail!(
-                "{}: unsupported dtypes {:?} and {:?} (f32 or f64 expected)",
-                self.name_str(),
-                s1.dtype(),
-                s2.dtype()
-            ),
-        }
+        run_cpu(self, &[(s1, l1), (s2, l2)])
     }
 
     fn bwd(
@@ -606,17 +577,14 @@ impl CustomOp2 for TransposedKernel {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         if self.0 != TransposedPass::Forward {
-            bail!("{}: no second-order gradient", self.name_str());
+            bail!("{}: no second-order gradient", self.kernel_name());
         }
-        let grad = grad.contiguous()?;
-        let dx = x
-            .track_op()
-            .then(|| grad.apply_op2_no_bwd(w, &TransposedKernel(TransposedPass::InputGrad)))
-            .transpose()?;
-        let dw = w
-            .track_op()
-            .then(|| grad.apply_op2_no_bwd(x, &TransposedKernel(TransposedPass::WeightGrad)))
-            .transpose()?;
-        Ok((dx, dw))
+        input_and_weight_grads(
+            x,
+            w,
+            grad,
+            &TransposedKernel(TransposedPass::InputGrad),
+            &TransposedKernel(TransposedPass::WeightGrad),
+        )
     }
 }

@@ -22,9 +22,10 @@
 //!
 //! times PyTorch's clamp gradient (1 where `0 <= pred <= 1`), and the same for the target.
 
-use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
+
+use crate::ops::kernel::{run_cpu, CpuKernel, Float};
 
 /// Samples per rayon task.
 const SAMPLES_PER_TASK: usize = 4096;
@@ -36,30 +37,6 @@ pub(super) struct GaussianHistograms {
     pub centers: Vec<f64>,
     /// `1 / (2σ²)` (MONAI's f32 value, widened).
     pub preterm: f64,
-}
-
-/// Float element types of the op.
-trait Sample: Copy + Send + Sync + 'static {
-    fn to_f64(self) -> f64;
-    fn from_f64(v: f64) -> Self;
-}
-
-impl Sample for f32 {
-    fn to_f64(self) -> f64 {
-        f64::from(self)
-    }
-    fn from_f64(v: f64) -> Self {
-        v as f32
-    }
-}
-
-impl Sample for f64 {
-    fn to_f64(self) -> f64 {
-        self
-    }
-    fn from_f64(v: f64) -> Self {
-        v
-    }
 }
 
 impl GaussianHistograms {
@@ -95,7 +72,7 @@ impl GaussianHistograms {
     }
 
     /// `[pa | pb | pab]` of one batch item, in f64.
-    fn histograms<T: Sample>(&self, pred: &[T], target: &[T]) -> Vec<f64> {
+    fn histograms<T: Float>(&self, pred: &[T], target: &[T]) -> Vec<f64> {
         let nb = self.bins();
         let n = pred.len();
         let sums = pred
@@ -133,7 +110,7 @@ impl GaussianHistograms {
     }
 
     /// Gradients of pred and target of one batch item from the upstream `[Ga | Gb | Gab]`.
-    fn backward<T: Sample>(
+    fn backward<T: Float>(
         &self,
         pred: &[T],
         target: &[T],
@@ -174,14 +151,14 @@ impl GaussianHistograms {
             });
     }
 
-    fn forward_cpu<T: Sample>(
+    fn forward_cpu<T: Float>(
         &self,
         pred: &[T],
         lp: &Layout,
         target: &[T],
         lt: &Layout,
     ) -> candle_core::Result<(Vec<T>, Shape)> {
-        let (pred, target, batch) = batch_slices(pred, lp, target, lt)?;
+        let batch = batch_size(lp, lt)?;
         let nb = self.bins();
         let per_item = pred.len() / batch;
         let mut out = Vec::with_capacity(batch * nb * (nb + 2));
@@ -195,17 +172,8 @@ impl GaussianHistograms {
     }
 }
 
-/// The contiguous data of `pred` and `target` and the batch size.
-fn batch_slices<'a, T>(
-    pred: &'a [T],
-    lp: &Layout,
-    target: &'a [T],
-    lt: &Layout,
-) -> candle_core::Result<(&'a [T], &'a [T], usize)> {
-    let (Some((p0, p1)), Some((t0, t1))) = (lp.contiguous_offsets(), lt.contiguous_offsets())
-    else {
-        bail!("mutual information histograms: expected contiguous inputs");
-    };
+/// The batch size of `pred` and `target`, which must share one non-empty batched shape.
+fn batch_size(lp: &Layout, lt: &Layout) -> candle_core::Result<usize> {
     if lp.shape() != lt.shape() || lp.shape().rank() == 0 {
         bail!(
             "mutual information histograms: pred {:?} and target {:?} must have one batched shape",
@@ -220,12 +188,25 @@ fn batch_slices<'a, T>(
             lp.shape()
         );
     }
-    Ok((&pred[p0..p1], &target[t0..t1], batch))
+    Ok(batch)
+}
+
+impl CpuKernel for GaussianHistograms {
+    fn kernel_name(&self) -> &'static str {
+        "mi-gaussian-histograms"
+    }
+
+    fn run<T: Float>(&self, args: &[(&[T], &Layout)]) -> candle_core::Result<(Vec<T>, Shape)> {
+        let [(pred, lp), (target, lt)] = args else {
+            bail!("{}: expected 2 arguments", self.kernel_name());
+        };
+        self.forward_cpu(pred, lp, target, lt)
+    }
 }
 
 impl CustomOp2 for GaussianHistograms {
     fn name(&self) -> &'static str {
-        "mi-gaussian-histograms"
+        self.kernel_name()
     }
 
     fn cpu_fwd(
@@ -235,21 +216,7 @@ impl CustomOp2 for GaussianHistograms {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        match (s1, s2) {
-            (CpuStorage::F32(a), CpuStorage::F32(b)) => {
-                let (out, shape) = self.forward_cpu(a, l1, b, l2)?;
-                Ok((CpuStorage::F32(out), shape))
-            }
-            (CpuStorage::F64(a), CpuStorage::F64(b)) => {
-                let (out, shape) = self.forward_cpu(a, l1, b, l2)?;
-                Ok((CpuStorage::F64(out), shape))
-            }
-            _ => bail!(
-                "mutual information histograms: unsupported dtypes {:?} and {:?}",
-                s1.dtype(),
-                s2.dtype()
-            ),
-        }
+        run_cpu(self, &[(s1, l1), (s2, l2)])
     }
 
     fn bwd(
@@ -300,7 +267,7 @@ impl CustomOp2 for GaussianHistograms {
 
 impl GaussianHistograms {
     /// Both gradients for a whole batch; `grad[b]` is batch item b's upstream row.
-    fn backward_all<T: Sample + Default + Clone>(
+    fn backward_all<T: Float>(
         &self,
         pred: &[T],
         target: &[T],

@@ -13,23 +13,9 @@
 //! result is cropped; the waste is about `Wp*Dp / (W*D)`.
 
 use gemm::{gemm, Parallelism};
+
+use crate::ops::kernel::Float;
 use rayon::prelude::*;
-
-/// The element types the kernels run on (those of the `gemm` crate that candle tensors use).
-pub(super) trait Element:
-    Copy + Default + Send + Sync + 'static + std::ops::AddAssign + std::fmt::Debug
-{
-    /// The multiplicative identity.
-    const ONE: Self;
-}
-
-impl Element for f32 {
-    const ONE: Self = 1.0;
-}
-
-impl Element for f64 {
-    const ONE: Self = 1.0;
-}
 
 /// Output voxels per GEMM in the forward sweep: small enough that a block of outputs stays
 /// in the L2 cache while all tap groups accumulate into it.
@@ -44,7 +30,7 @@ pub(super) struct PaddedVolume<T> {
     pub channels: usize,
 }
 
-impl<T: Element> PaddedVolume<T> {
+impl<T: Float> PaddedVolume<T> {
     /// Copies a channels-first `(C, H, W, D)` volume, with `lo[i]` zero voxels before and
     /// `hi[i]` after it along spatial axis `i`.
     pub fn new(
@@ -94,7 +80,7 @@ impl<T: Element> PaddedVolume<T> {
     }
 }
 
-impl<T: Element> PaddedVolume<T> {
+impl<T: Float> PaddedVolume<T> {
     /// Folds `taps` neighbours along one axis into the channels: voxel `q` of the result
     /// holds, at channel `t * C + i`, channel `i` of voxel `q + t * stride` of `self` (zero
     /// past the end). A correlation whose taps along that axis read consecutive
@@ -122,7 +108,7 @@ impl<T: Element> PaddedVolume<T> {
 /// Copies the valid positions of a padded-stride, channels-last result (`src[f * C + c]`,
 /// `f = h*Wp*Dp + w*Dp + d`, with `src_strides = (Wp*Dp, Dp)`) into a channels-first
 /// `(C, H, W, D)` volume `dst` of spatial `size`.
-pub(super) fn crop<T: Element>(
+pub(super) fn crop<T: Float>(
     src: &[T],
     channels: usize,
     size: [usize; 3],
@@ -148,7 +134,7 @@ pub(super) fn crop<T: Element>(
 
 /// Like [`crop`], but writes voxel `m` of the `size` result to voxel `step*m + phase` of
 /// the channels-first `(C, step*H, step*W, step*D)` volume `dst`.
-pub(super) fn crop_to_subgrid<T: Element>(
+pub(super) fn crop_to_subgrid<T: Float>(
     src: &[T],
     channels: usize,
     size: [usize; 3],
@@ -195,7 +181,7 @@ pub(super) fn span(size: [usize; 3], strides: [usize; 2]) -> usize {
 
 /// Computes `out[f * Co + o] = sum_groups W_g[o, :] . Xp[(f + offset_g) * Ci ..]` for the
 /// first `span` positions `f`, in parallel over blocks of positions.
-pub(super) fn correlate<T: Element>(
+pub(super) fn correlate<T: Float>(
     input: &PaddedVolume<T>,
     groups: &[TapGroup<T>],
     out_channels: usize,
@@ -258,7 +244,7 @@ pub(super) fn correlate<T: Element>(
 /// holds `G[f, o]` at `grad.data[(f + grad_shift) * Co + o]` (zero at the positions that
 /// are not valid outputs). Returns one weight vector per group, laid out as
 /// [`TapGroup::weights`].
-pub(super) fn correlate_weight_grad<T: Element>(
+pub(super) fn correlate_weight_grad<T: Float>(
     input: &PaddedVolume<T>,
     grad: &PaddedVolume<T>,
     grad_shift: usize,

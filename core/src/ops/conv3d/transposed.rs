@@ -19,7 +19,8 @@
 
 use candle_core::{Layout, Shape};
 
-use super::cpu::{self, Element, PaddedVolume, TapGroup};
+use super::cpu::{self, PaddedVolume, TapGroup};
+use crate::ops::kernel::Float;
 
 /// The taps of one axis for output parity `p`, as `(offset, a)`: the class reads voxel
 /// `m + offset` of the high-padded input with kernel index `a`.
@@ -69,7 +70,7 @@ impl TransposedDims {
     /// The tap groups of parity class `p`: one per pair of taps along the first two axes,
     /// with the taps of the last axis as consecutive voxels. `rows` x `cols` weights per
     /// tap, where `weight(r, s, a, b, c)` reads `w`.
-    fn groups<T: Element>(
+    fn groups<T: Float>(
         &self,
         p: [usize; 3],
         taps: fn(usize) -> &'static [(usize, usize)],
@@ -102,16 +103,13 @@ impl TransposedDims {
 }
 
 /// `w[i, o, a, b, c]` of a row-major `(Ci, Co, 3, 3, 3)` kernel.
-fn kernel_at<T: Element>(
-    w: &[T],
-    co: usize,
-) -> impl Fn(usize, usize, usize, usize, usize) -> T + '_ {
+fn kernel_at<T: Float>(w: &[T], co: usize) -> impl Fn(usize, usize, usize, usize, usize) -> T + '_ {
     move |i, o, a, b, c| w[(((i * co + o) * 3 + a) * 3 + b) * 3 + c]
 }
 
 /// The forward pass: `x` is `(B, Ci, H, W, D)`, `w` is `(Ci, Co, 3, 3, 3)`; returns
 /// `(B, Co, 2H, 2W, 2D)`.
-pub(super) fn forward<T: Element>(x: &[T], w: &[T], dims: &TransposedDims) -> Vec<T> {
+pub(super) fn forward<T: Float>(x: &[T], w: &[T], dims: &TransposedDims) -> Vec<T> {
     let (ci, co) = (dims.in_channels, dims.out_channels);
     let n = dims.voxels();
     let strides = dims.padded_strides();
@@ -136,7 +134,7 @@ pub(super) fn forward<T: Element>(x: &[T], w: &[T], dims: &TransposedDims) -> Ve
 }
 
 /// The input gradient `(B, Ci, H, W, D)` from the output gradient `g` `(B, Co, 2H, 2W, 2D)`.
-pub(super) fn input_grad<T: Element>(g: &[T], w: &[T], dims: &TransposedDims) -> Vec<T> {
+pub(super) fn input_grad<T: Float>(g: &[T], w: &[T], dims: &TransposedDims) -> Vec<T> {
     let (ci, co) = (dims.in_channels, dims.out_channels);
     let n = dims.voxels();
     let strides = dims.padded_strides();
@@ -160,7 +158,7 @@ pub(super) fn input_grad<T: Element>(g: &[T], w: &[T], dims: &TransposedDims) ->
 }
 
 /// The weight gradient `(Ci, Co, 3, 3, 3)` from the input `x` and output gradient `g`.
-pub(super) fn weight_grad<T: Element>(x: &[T], g: &[T], dims: &TransposedDims) -> Vec<T> {
+pub(super) fn weight_grad<T: Float>(x: &[T], g: &[T], dims: &TransposedDims) -> Vec<T> {
     let (ci, co) = (dims.in_channels, dims.out_channels);
     let n = dims.voxels();
     let strides = dims.padded_strides();
@@ -212,7 +210,7 @@ pub(super) enum TransposedPass {
 
 impl TransposedPass {
     /// Runs the pass on contiguous slices `a` and `b` with layouts `la` and `lb`.
-    pub(super) fn run<T: Element>(
+    pub(super) fn run<T: Float>(
         self,
         a: &[T],
         la: &Layout,
