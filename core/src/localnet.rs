@@ -299,7 +299,9 @@ impl LocalNet {
     }
 
     /// The DDF for `x = cat(moving, fixed)`. In training mode BatchNorm uses the batch
-    /// statistics and updates its running statistics.
+    /// statistics and updates its running statistics. In eval mode the parameters are read
+    /// detached: no gradient reaches them, and a forward pass keeps no intermediate alive
+    /// (a gradient with respect to `x` still flows).
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         self.check_input(x)?;
         let x = x.to_dtype(self.dtype)?;
@@ -323,7 +325,7 @@ impl LocalNet {
         }
         let mut sum: Option<Tensor> = None;
         for (weight, &level) in self.output.iter().zip(&self.config.extract_levels) {
-            let feat = ops::conv3d(&outs[depth - level], weight, None)?;
+            let feat = ops::conv3d(&outs[depth - level], &blocks::param(weight, train), None)?;
             let feat = if level == 0 {
                 feat
             } else {

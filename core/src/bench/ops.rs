@@ -33,11 +33,12 @@ pub enum LayerOp {
         k: usize,
         /// Spatial size of input and output.
         size: [usize; 3],
-        /// Whether a BatchNorm + ReLU follows (every conv but the output convs).
+        /// Whether a BatchNorm + ReLU follows (every conv but the output convs); timed as
+        /// its own row.
         norm: bool,
     },
     /// `conv_transpose3d(x (1, ci, size), w (ci, co, 3, 3, 3))` to `2 x size`, followed by
-    /// BatchNorm and ReLU.
+    /// BatchNorm and ReLU (timed as its own row).
     ConvTranspose {
         /// Input channels.
         ci: usize,
@@ -68,7 +69,7 @@ impl LayerOp {
         }
     }
 
-    /// A short label, e.g. `conv k7 32->32 64x64x64 +bn`.
+    /// A short label, e.g. `conv k7 32->32 64x64x64`.
     pub fn label(&self) -> String {
         let s = |v: [usize; 3]| format!("{}x{}x{}", v[0], v[1], v[2]);
         match *self {
@@ -81,11 +82,9 @@ impl LayerOp {
             } => format!(
                 "conv k{k} {ci}->{co} {}{}",
                 s(size),
-                if norm { " +bn+relu" } else { "" }
+                if norm { "" } else { " (output)" }
             ),
-            LayerOp::ConvTranspose { ci, co, size } => {
-                format!("convT {ci}->{co} {} +bn+relu", s(size))
-            }
+            LayerOp::ConvTranspose { ci, co, size } => format!("convT {ci}->{co} {}", s(size)),
             LayerOp::MaxPool { c, size } => format!("maxpool {c} {}", s(size)),
         }
     }
@@ -232,6 +231,13 @@ pub fn profile_ops(
     device: &Device,
 ) -> Result<Vec<OpTiming>> {
     let mut out = Vec::new();
+    // BatchNorm + ReLU shapes (channels, size) with their counts, in first-use order.
+    let mut norms: Vec<((usize, [usize; 3]), usize)> = Vec::new();
+    let mut add_norm =
+        |key: (usize, [usize; 3]), count: usize| match norms.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, n)) => *n += count,
+            None => norms.push((key, count)),
+        };
     for (op, count) in layers(config, size) {
         let (forward_s, backward_s) = match op {
             LayerOp::Conv {
@@ -249,18 +255,10 @@ pub fn profile_ops(
                     Var::from_tensor(&x)?.as_tensor().clone()
                 };
                 let wt = Var::from_tensor(&(random(&[co, ci, k, k, k], device)? * 0.05)?)?;
-                let gamma = Var::ones(co, DType::F32, device)?;
-                let beta = Var::zeros(co, DType::F32, device)?;
-                time_op(repeats, || {
-                    let y = ops::conv3d(&x, &wt, None)?;
-                    Ok(if norm {
-                        ops::batch_norm3d_train(&y, &gamma, &beta, 1e-5)?
-                            .output
-                            .relu()?
-                    } else {
-                        y
-                    })
-                })?
+                if norm {
+                    add_norm((co, [h, w, d]), count);
+                }
+                time_op(repeats, || Ok(ops::conv3d(&x, &wt, None)?))?
             }
             LayerOp::ConvTranspose {
                 ci,
@@ -269,14 +267,8 @@ pub fn profile_ops(
             } => {
                 let x = Var::from_tensor(&random(&[1, ci, h, w, d], device)?)?;
                 let wt = Var::from_tensor(&(random(&[ci, co, 3, 3, 3], device)? * 0.05)?)?;
-                let gamma = Var::ones(co, DType::F32, device)?;
-                let beta = Var::zeros(co, DType::F32, device)?;
-                time_op(repeats, || {
-                    let y = ops::conv_transpose3d(&x, &wt)?;
-                    Ok(ops::batch_norm3d_train(&y, &gamma, &beta, 1e-5)?
-                        .output
-                        .relu()?)
-                })?
+                add_norm((co, [2 * h, 2 * w, 2 * d]), count);
+                time_op(repeats, || Ok(ops::conv_transpose3d(&x, &wt)?))?
             }
             LayerOp::MaxPool { c, size: [h, w, d] } => {
                 let x = Var::from_tensor(&random(&[1, c, h, w, d], device)?)?;
@@ -289,6 +281,21 @@ pub fn profile_ops(
             forward_s,
             backward_s,
             forward_flop: op.forward_flop(),
+        });
+    }
+    for ((c, [h, w, d]), count) in norms {
+        let x = Var::from_tensor(&random(&[1, c, h, w, d], device)?)?;
+        let gamma = Var::ones(c, DType::F32, device)?;
+        let beta = Var::zeros(c, DType::F32, device)?;
+        let (forward_s, backward_s) = time_op(repeats, || {
+            Ok(ops::batch_norm_relu3d_train(&x, &gamma, &beta, 1e-5)?.output)
+        })?;
+        out.push(OpTiming {
+            label: format!("batchnorm+relu {c} {h}x{w}x{d}"),
+            count,
+            forward_s,
+            backward_s,
+            forward_flop: 0.0,
         });
     }
     let [h, w, d] = size;
@@ -498,7 +505,14 @@ mod tests {
     fn profile_runs_on_a_tiny_full_network() {
         let config = LocalNetConfig::full().with_num_channel_initial(2);
         let t = profile_ops(&config, [16, 16, 16], 1, &Device::Cpu).unwrap();
-        assert_eq!(t.len(), layers(&config, [16, 16, 16]).len() + 3);
+        // Every layer, one BatchNorm row per (channels, size) that follows a conv, and
+        // warp, MI and bending energy.
+        // (channels 2, 4, 8 at levels 0-2 and 16 at the bottom; the decoder's share them.)
+        let norm_shapes = 4;
+        assert_eq!(
+            t.len(),
+            layers(&config, [16, 16, 16]).len() + norm_shapes + 3
+        );
         assert!(t.iter().all(|o| o.forward_s > 0.0 && o.backward_s >= 0.0));
     }
 }

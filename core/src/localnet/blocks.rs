@@ -70,6 +70,17 @@ pub(crate) fn init_weight(
     Var::from_tensor(&Tensor::from_vec(values, shape, device)?.to_dtype(dtype)?)
 }
 
+/// A parameter as the forward pass reads it: tracked in training mode; detached in eval
+/// mode, so that inference builds no autograd graph and frees each intermediate as soon as
+/// the next layer has read it.
+pub(crate) fn param(var: &Var, train: bool) -> Tensor {
+    if train {
+        var.as_tensor().clone()
+    } else {
+        var.as_tensor().detach()
+    }
+}
+
 /// `nn.BatchNorm3d(C)` with eps 1e-5 and momentum 0.1.
 #[derive(Debug)]
 pub struct BatchNorm3d {
@@ -104,8 +115,22 @@ impl BatchNorm3d {
     /// Normalises `x`; in training mode with the batch statistics (and updates the running
     /// statistics), otherwise with the running statistics.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        self.apply(x, train, false)
+    }
+
+    /// `ReLU(self.forward_t(x, train))`, fused into one op on the CPU.
+    pub fn forward_relu_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        self.apply(x, train, true)
+    }
+
+    fn apply(&self, x: &Tensor, train: bool, relu: bool) -> candle_core::Result<Tensor> {
+        let (weight, bias) = (param(&self.weight, train), param(&self.bias, train));
         if train {
-            let stats = ops::batch_norm3d_train(x, &self.weight, &self.bias, Self::EPS)?;
+            let stats = if relu {
+                ops::batch_norm_relu3d_train(x, &weight, &bias, Self::EPS)?
+            } else {
+                ops::batch_norm3d_train(x, &weight, &bias, Self::EPS)?
+            };
             let m = Self::MOMENTUM;
             let rm = ((self.running_mean.as_tensor() * (1.0 - m))? + (stats.mean * m)?)?;
             let rv = ((self.running_var.as_tensor() * (1.0 - m))? + (stats.var_unbiased * m)?)?;
@@ -114,12 +139,17 @@ impl BatchNorm3d {
             self.num_batches_tracked.fetch_add(1, Ordering::Relaxed);
             Ok(stats.output)
         } else {
-            ops::batch_norm3d_eval(
+            let eval = if relu {
+                ops::batch_norm_relu3d_eval
+            } else {
+                ops::batch_norm3d_eval
+            };
+            eval(
                 x,
-                &self.weight,
-                &self.bias,
-                &self.running_mean,
-                &self.running_var,
+                &weight,
+                &bias,
+                self.running_mean.as_tensor(),
+                self.running_var.as_tensor(),
                 Self::EPS,
             )
         }
@@ -196,8 +226,8 @@ impl ConvBlock {
     }
 
     pub fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let h = ops::conv3d(x, &self.weight, None)?;
-        self.norm.forward_t(&h, train)?.relu()
+        let h = ops::conv3d(x, &param(&self.weight, train), None)?;
+        self.norm.forward_relu_t(&h, train)
     }
 
     pub(crate) fn collect(&self, out: &mut Vec<NamedVar>) {
@@ -247,9 +277,9 @@ impl ResidualBlock {
     }
 
     pub fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let h = ops::conv3d(x, &self.weights[0], None)?;
-        let h = self.norms[0].forward_t(&h, train)?.relu()?;
-        let h = ops::conv3d(&h, &self.weights[1], None)?;
+        let h = ops::conv3d(x, &param(&self.weights[0], train), None)?;
+        let h = self.norms[0].forward_relu_t(&h, train)?;
+        let h = ops::conv3d(&h, &param(&self.weights[1], train), None)?;
         (self.norms[1].forward_t(&h, train)? + x)?.relu()
     }
 
@@ -311,8 +341,8 @@ impl AdditiveUpSample {
     }
 
     pub fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let deconved = ops::conv_transpose3d(x, &self.weight)?;
-        let deconved = self.norm.forward_t(&deconved, train)?.relu()?;
+        let deconved = ops::conv_transpose3d(x, &param(&self.weight, train))?;
+        let deconved = self.norm.forward_relu_t(&deconved, train)?;
         // Nearest upsampling copies values, so summing the halves first is exact and cheaper.
         let halves = (x.narrow(1, 0, self.c_out)? + x.narrow(1, self.c_out, self.c_out)?)?;
         deconved + ops::upsample_nearest3d(&halves, 2)?
