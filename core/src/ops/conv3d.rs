@@ -10,6 +10,8 @@
 //! zeros with stride 2, then run a "same" 3x3x3 convolution with the kernel flipped in all
 //! three spatial axes and its two channel axes swapped.
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 mod cpu;
 #[cfg(test)]
 mod tests;
@@ -325,7 +327,6 @@ fn correlate_batch<T: Float>(
     let n = dims.voxels();
     let p = dims.pad();
     let strides = dims.padded_strides();
-    let span = cpu::span(dims.size, strides);
     let mut out = vec![T::default(); dims.batch * out_channels * n];
     for (xb, ob) in x
         .chunks_exact(in_channels * n)
@@ -335,8 +336,7 @@ fn correlate_batch<T: Float>(
         if fold {
             padded = padded.fold(dims.kernel, strides[1]);
         }
-        let result = cpu::correlate(&padded, groups, out_channels, span);
-        cpu::crop(&result, out_channels, dims.size, strides, ob);
+        cpu::correlate_rows(&padded, groups, out_channels, dims.size, strides, ob);
     }
     out
 }

@@ -306,6 +306,38 @@ fn generic_path_equals_fast_path_with_gradients() {
     }
 }
 
+/// f32 convolutions whose output channels (or, for the input gradient, input channels)
+/// are a multiple of 16 run the AVX2 register-tile kernel on CPUs that have it
+/// (`avx2.rs`); rows of 13 voxels need two full 6-voxel tiles and a 1-voxel one. Values
+/// and gradients against the generic path, with and without the few-channel fold.
+#[test]
+fn avx2_tiles_equal_generic_with_gradients() {
+    for (ci, co, k) in [(16, 32, 3), (3, 16, 5), (32, 16, 3)] {
+        let x = random(&[2, ci, 4, 3, 13], 90, DType::F32);
+        let w = random(&[co, ci, k, k, k], 91, DType::F32);
+        let r = random(&[2, co, 4, 3, 13], 92, DType::F32);
+        let run = |conv: Conv| {
+            let (xv, wv) = (Var::from_tensor(&x).unwrap(), Var::from_tensor(&w).unwrap());
+            let y = conv(xv.as_tensor(), wv.as_tensor(), None).unwrap();
+            let grads = y.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+            vec![
+                values(&y),
+                values(grads.get(&xv).unwrap()),
+                values(grads.get(&wv).unwrap()),
+            ]
+        };
+        let (fast, generic) = (run(conv3d), run(conv3d_generic));
+        for (n, (f, g)) in fast.iter().zip(&generic).enumerate() {
+            assert_close(
+                f,
+                g,
+                1e-5,
+                &format!("ci={ci} co={co} k={k} output/grad {n}"),
+            );
+        }
+    }
+}
+
 /// Both CPU layouts against the generic path, values and gradients (f64): few input
 /// channels fold a kernel axis into the channels (`ConvDims::folds`), many do not.
 #[test]
