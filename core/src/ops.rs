@@ -21,7 +21,9 @@ pub use batch_norm::{
     batch_norm3d_eval, batch_norm3d_train, batch_norm3d_train_generic, batch_norm_relu3d_eval,
     batch_norm_relu3d_train, BatchNormStats,
 };
-pub use conv3d::{conv3d, conv3d_generic, conv_transpose3d, conv_transpose3d_generic};
+pub use conv3d::{
+    conv3d, conv3d_fused, conv3d_generic, conv_transpose3d, conv_transpose3d_generic, Epilogue,
+};
 pub use pool::max_pool3d;
 pub use resize::resize_trilinear;
 pub use upsample::{upsample_nearest3d, upsample_nearest3d_to};

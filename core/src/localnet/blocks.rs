@@ -155,6 +155,27 @@ impl BatchNorm3d {
         }
     }
 
+    /// This layer in eval mode as the [`ops::Epilogue`] of the convolution before it:
+    /// `scale = weight / sqrt(running_var + eps)`, `shift = bias - running_mean * scale`,
+    /// and a ReLU when `relu`.
+    pub(crate) fn epilogue(&self, relu: bool) -> candle_core::Result<ops::Epilogue> {
+        let values = |v: &Var| v.as_tensor().to_dtype(DType::F64)?.to_vec1::<f64>();
+        let (weight, bias) = (values(&self.weight)?, values(&self.bias)?);
+        let (mean, var) = (values(&self.running_mean)?, values(&self.running_var)?);
+        let scale: Vec<f64> = weight
+            .iter()
+            .zip(&var)
+            .map(|(w, v)| w / (v + Self::EPS).sqrt())
+            .collect();
+        let shift = bias
+            .iter()
+            .zip(&mean)
+            .zip(&scale)
+            .map(|((b, m), s)| b - m * s)
+            .collect();
+        Ok(ops::Epilogue { scale, shift, relu })
+    }
+
     /// The number of training batches seen (`num_batches_tracked`).
     pub fn num_batches_tracked(&self) -> i64 {
         self.num_batches_tracked.load(Ordering::Relaxed)
@@ -226,7 +247,11 @@ impl ConvBlock {
     }
 
     pub fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let h = ops::conv3d(x, &param(&self.weight, train), None)?;
+        let weight = param(&self.weight, train);
+        if !train {
+            return ops::conv3d_fused(x, &weight, &self.norm.epilogue(true)?);
+        }
+        let h = ops::conv3d(x, &weight, None)?;
         self.norm.forward_relu_t(&h, train)
     }
 
@@ -277,9 +302,15 @@ impl ResidualBlock {
     }
 
     pub fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let h = ops::conv3d(x, &param(&self.weights[0], train), None)?;
+        let [w0, w1] = [0, 1].map(|i| param(&self.weights[i], train));
+        if !train {
+            let h = ops::conv3d_fused(x, &w0, &self.norms[0].epilogue(true)?)?;
+            let h = ops::conv3d_fused(&h, &w1, &self.norms[1].epilogue(false)?)?;
+            return (h + x)?.relu();
+        }
+        let h = ops::conv3d(x, &w0, None)?;
         let h = self.norms[0].forward_relu_t(&h, train)?;
-        let h = ops::conv3d(&h, &param(&self.weights[1], train), None)?;
+        let h = ops::conv3d(&h, &w1, None)?;
         (self.norms[1].forward_t(&h, train)? + x)?.relu()
     }
 

@@ -20,6 +20,7 @@ mod transposed;
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 
 use crate::ops::kernel::{run_cpu, CpuKernel, Float};
+pub use cpu::Epilogue;
 use cpu::{PaddedVolume, TapGroup};
 use transposed::TransposedPass;
 
@@ -36,8 +37,41 @@ pub fn conv3d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> candle_core::Res
     }
     let y = x
         .contiguous()?
-        .apply_op2(&w.contiguous()?, ConvKernel(Pass::Forward))?;
+        .apply_op2(&w.contiguous()?, ConvKernel(Pass::Forward, None))?;
     add_bias(y, bias)
+}
+
+/// `relu?(conv3d(x, w) * scale + shift)` per output channel ([`Epilogue`]): an eval-mode
+/// BatchNorm and its ReLU folded into the convolution. On the CPU, when neither `x` nor
+/// `w` needs a gradient, the map is applied as the outputs are written, with no extra
+/// pass or tensor; otherwise it is composed from differentiable candle ops.
+pub fn conv3d_fused(x: &Tensor, w: &Tensor, epilogue: &Epilogue) -> candle_core::Result<Tensor> {
+    check_conv3d("conv3d_fused", x, w, None)?;
+    let co = w.dim(0)?;
+    if epilogue.scale.len() != co || epilogue.shift.len() != co {
+        bail!(
+            "conv3d_fused: the epilogue has {} scales and {} shifts for {co} output channels",
+            epilogue.scale.len(),
+            epilogue.shift.len()
+        );
+    }
+    if has_fast_path(x) && !x.track_op() && !w.track_op() {
+        let kernel = ConvKernel(Pass::Forward, Some(std::sync::Arc::new(epilogue.clone())));
+        return x.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &kernel);
+    }
+    let channel = |v: &[f64]| {
+        Tensor::new(v, x.device())?
+            .to_dtype(x.dtype())?
+            .reshape((1, co, 1, 1, 1))
+    };
+    let y = conv3d(x, w, None)?
+        .broadcast_mul(&channel(&epilogue.scale)?)?
+        .broadcast_add(&channel(&epilogue.shift)?)?;
+    if epilogue.relu {
+        y.relu()
+    } else {
+        Ok(y)
+    }
 }
 
 /// [`conv3d`] built only from candle ops (`pad_with_zeros`, `conv2d`, sums), so it runs
@@ -315,7 +349,8 @@ impl ConvDims {
 
 /// Runs the correlation `groups` on every batch item of the channels-first `x`
 /// (`in_channels` wide) and returns the channels-first result (`out_channels` wide).
-/// With `fold`, `groups` are [`ConvDims::folded_groups`] and the padded input is folded.
+/// With `fold`, `groups` are [`ConvDims::folded_groups`] and the padded input is folded;
+/// with an `epilogue`, the outputs pass through it.
 fn correlate_batch<T: Float>(
     x: &[T],
     groups: &[TapGroup<T>],
@@ -323,6 +358,7 @@ fn correlate_batch<T: Float>(
     in_channels: usize,
     out_channels: usize,
     fold: bool,
+    epilogue: Option<&Epilogue>,
 ) -> Vec<T> {
     let n = dims.voxels();
     let p = dims.pad();
@@ -336,7 +372,15 @@ fn correlate_batch<T: Float>(
         if fold {
             padded = padded.fold(dims.kernel, strides[1]);
         }
-        cpu::correlate_rows(&padded, groups, out_channels, dims.size, strides, ob);
+        cpu::correlate_rows(
+            &padded,
+            groups,
+            out_channels,
+            dims.size,
+            strides,
+            epilogue,
+            ob,
+        );
     }
     out
 }
@@ -408,9 +452,10 @@ enum Pass {
     WeightGrad { kernel: usize },
 }
 
-/// The CPU custom op of [`conv3d`]; only [`Pass::Forward`] has a backward pass.
-#[derive(Debug, Clone, Copy)]
-struct ConvKernel(Pass);
+/// The CPU custom op of [`conv3d`] (and, with an epilogue, [`conv3d_fused`]); only
+/// [`Pass::Forward`] without an epilogue has a backward pass.
+#[derive(Debug, Clone)]
+struct ConvKernel(Pass, Option<std::sync::Arc<Epilogue>>);
 
 impl CpuKernel for ConvKernel {
     fn kernel_name(&self) -> &'static str {
@@ -434,8 +479,15 @@ impl CpuKernel for ConvKernel {
                 } else {
                     dims.groups(b, false)
                 };
-                let out =
-                    correlate_batch(a, &groups, &dims, dims.in_channels, dims.out_channels, fold);
+                let out = correlate_batch(
+                    a,
+                    &groups,
+                    &dims,
+                    dims.in_channels,
+                    dims.out_channels,
+                    fold,
+                    self.1.as_deref(),
+                );
                 let [h, w, d] = dims.size;
                 Ok((out, Shape::from((dims.batch, dims.out_channels, h, w, d))))
             }
@@ -451,7 +503,7 @@ impl CpuKernel for ConvKernel {
                     kernel,
                 };
                 let groups = dims.groups(b, true);
-                let out = correlate_batch(a, &groups, &dims, co, ci, false);
+                let out = correlate_batch(a, &groups, &dims, co, ci, false, None);
                 Ok((out, Shape::from((batch, ci, h, wd, d))))
             }
             Pass::WeightGrad { kernel } => {
@@ -494,8 +546,8 @@ impl CustomOp2 for ConvKernel {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        if self.0 != Pass::Forward {
-            bail!("{}: no second-order gradient", self.kernel_name());
+        if self.0 != Pass::Forward || self.1.is_some() {
+            bail!("{}: no gradient for this pass", self.kernel_name());
         }
         let kernel = w.dim(2)?;
         // An input that no variable depends on (LocalNet's first conv reads the images)
@@ -504,8 +556,8 @@ impl CustomOp2 for ConvKernel {
             x,
             w,
             grad,
-            &ConvKernel(Pass::InputGrad),
-            &ConvKernel(Pass::WeightGrad { kernel }),
+            &ConvKernel(Pass::InputGrad, None),
+            &ConvKernel(Pass::WeightGrad { kernel }, None),
         )
     }
 }

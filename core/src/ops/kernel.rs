@@ -8,7 +8,7 @@
 //! or f64) and are contiguous, and hands the kernel their data.
 
 use std::fmt::Debug;
-use std::ops::AddAssign;
+use std::ops::{Add, AddAssign, Mul};
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, Layout, Shape};
@@ -16,7 +16,16 @@ use candle_core::{bail, CpuStorage, Layout, Shape};
 /// The element types of the CPU kernels: f32 and f64 (those of the `gemm` crate that
 /// candle tensors use).
 pub(crate) trait Float:
-    Copy + Default + Send + Sync + 'static + AddAssign + Debug + PartialOrd
+    Copy
+    + Default
+    + Send
+    + Sync
+    + 'static
+    + Add<Output = Self>
+    + AddAssign
+    + Mul<Output = Self>
+    + Debug
+    + PartialOrd
 {
     /// The multiplicative identity.
     const ONE: Self;

@@ -245,13 +245,15 @@ pub(super) fn correlate<T: Float>(
 /// `Wp*Dp / (W*D) - 1` of the work: 20% for a 7-tap kernel at 64^3) are never computed,
 /// and each row's `Co x D` block stays in the L1 cache while all groups accumulate into it.
 /// f32 with `Co` a multiple of 16 on an AVX2/FMA CPU runs [`super::avx2`]; everything
-/// else one `gemm` call per group and row. Parallel over `h`.
+/// else one `gemm` call per group and row. With an `epilogue`, each value is mapped as it
+/// is written. Parallel over `h`.
 pub(super) fn correlate_rows<T: Float>(
     input: &PaddedVolume<T>,
     groups: &[TapGroup<T>],
     out_channels: usize,
     size: [usize; 3],
     strides: [usize; 2],
+    epilogue: Option<&Epilogue>,
     dst: &mut [T],
 ) {
     let ci = input.channels;
@@ -285,7 +287,7 @@ pub(super) fn correlate_rows<T: Float>(
             )
         };
         let panels = super::avx2::pack(groups, co, ci);
-        for_each_row(size, strides, co, dst, |f0, row: &mut [T]| {
+        for_each_row(size, strides, co, epilogue, dst, |f0, row: &mut [T]| {
             // SAFETY: T is f32; the CPU has AVX2 and FMA (checked above); row holds d * co
             // values and every group's reads end inside the input (asserted above).
             unsafe {
@@ -295,7 +297,7 @@ pub(super) fn correlate_rows<T: Float>(
         });
         return;
     }
-    for_each_row(size, strides, co, dst, |f0, row: &mut [T]| {
+    for_each_row(size, strides, co, epilogue, dst, |f0, row: &mut [T]| {
         for (gi, group) in groups.iter().enumerate() {
             let k = group.taps * ci;
             // SAFETY: row is (co x d) with column stride co and row stride 1; lhs is the
@@ -331,17 +333,20 @@ pub(super) fn correlate_rows<T: Float>(
 
 /// Runs `row_fn(f0, row)` for every `(h, w)` row of a `size` output, `f0 = h*s0 + w*s1`
 /// being its first padded-stride position and `row` a channels-last `D x Co` scratch, and
-/// copies each row into the channels-first `(Co, H, W, D)` volume `dst`. Parallel over `h`.
+/// copies each row into the channels-first `(Co, H, W, D)` volume `dst`, through the
+/// `epilogue` if any. Parallel over `h`.
 fn for_each_row<T: Float>(
     size: [usize; 3],
     strides: [usize; 2],
     co: usize,
+    epilogue: Option<&Epilogue>,
     dst: &mut [T],
     row_fn: impl Fn(usize, &mut [T]) + Sync,
 ) {
     let [h, w, d] = size;
     let plane = w * d;
     debug_assert_eq!(dst.len(), co * h * plane);
+    let map = epilogue.map(|e| e.coefficients::<T>(co));
     let out = SharedOut(dst.as_mut_ptr());
     (0..h).into_par_iter().for_each(|ih| {
         let mut row = vec![T::default(); d * co];
@@ -353,13 +358,46 @@ fn for_each_row<T: Float>(
                 // the task of this `ih` writes row (ih, iw) of any channel.
                 unsafe {
                     let dst_row = out.at(o * h * plane + base);
-                    for id in 0..d {
-                        *dst_row.add(id) = row[id * co + o];
+                    match &map {
+                        None => {
+                            for id in 0..d {
+                                *dst_row.add(id) = row[id * co + o];
+                            }
+                        }
+                        Some((scale, shift, relu)) => {
+                            let zero = T::default();
+                            for id in 0..d {
+                                let v = row[id * co + o] * scale[o] + shift[o];
+                                // `v < 0`, not `!(v > 0)`: NaN stays NaN, as in PyTorch.
+                                *dst_row.add(id) = if *relu && v < zero { zero } else { v };
+                            }
+                        }
                     }
                 }
             }
         }
     });
+}
+
+/// A per-output-channel map applied to a convolution's output as it is written:
+/// `relu?(y * scale[o] + shift[o])`; an eval-mode BatchNorm (and its ReLU) folded into
+/// the convolution.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Epilogue {
+    /// Per output channel factor.
+    pub scale: Vec<f64>,
+    /// Per output channel offset.
+    pub shift: Vec<f64>,
+    /// Whether a ReLU follows.
+    pub relu: bool,
+}
+
+impl Epilogue {
+    fn coefficients<T: Float>(&self, co: usize) -> (Vec<T>, Vec<T>, bool) {
+        debug_assert!(self.scale.len() == co && self.shift.len() == co);
+        let cast = |v: &[f64]| v.iter().map(|&x| T::from_f64(x)).collect::<Vec<T>>();
+        (cast(&self.scale), cast(&self.shift), self.relu)
+    }
 }
 
 /// The destination pointer of [`correlate_rows`], shared by the tasks that write its

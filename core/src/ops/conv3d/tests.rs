@@ -338,6 +338,78 @@ fn avx2_tiles_equal_generic_with_gradients() {
     }
 }
 
+/// `conv3d_fused` (eval-mode BatchNorm folded into the conv) against the conv followed by
+/// the per-channel map and ReLU in candle ops: on the AVX2 (`Co` = 16) and `gemm`
+/// (`Co` = 3) paths, with and without ReLU, and on the differentiable fallback taken when
+/// the input tracks a variable.
+#[test]
+fn fused_epilogue_equals_conv_then_affine_and_relu() {
+    for co in [16, 3] {
+        let x = random(&[1, 4, 5, 6, 7], 100, DType::F32);
+        let w = random(&[co, 4, 3, 3, 3], 101, DType::F32);
+        let scale: Vec<f64> = (0..co).map(|o| 0.5 + 0.1 * o as f64).collect();
+        let shift: Vec<f64> = (0..co).map(|o| 0.3 - 0.05 * o as f64).collect();
+        for relu in [false, true] {
+            let epilogue = Epilogue {
+                scale: scale.clone(),
+                shift: shift.clone(),
+                relu,
+            };
+            let channel = |v: &[f64]| {
+                Tensor::new(v, &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .reshape((1, co, 1, 1, 1))
+                    .unwrap()
+            };
+            let want = conv3d(&x, &w, None)
+                .unwrap()
+                .broadcast_mul(&channel(&scale))
+                .unwrap()
+                .broadcast_add(&channel(&shift))
+                .unwrap();
+            let want = if relu { want.relu().unwrap() } else { want };
+            let got = conv3d_fused(&x, &w, &epilogue).unwrap();
+            assert!(!got.track_op());
+            assert_close(
+                &values(&got),
+                &values(&want),
+                1e-6,
+                &format!("co={co} relu={relu}"),
+            );
+            if relu {
+                assert!(values(&got).iter().all(|v| *v >= 0.0));
+                assert!(
+                    values(&want).iter().any(|v| *v == 0.0),
+                    "the ReLU clips something"
+                );
+            }
+            let xv = Var::from_tensor(&x).unwrap();
+            let tracked = conv3d_fused(xv.as_tensor(), &w, &epilogue).unwrap();
+            assert!(tracked.track_op());
+            assert_close(
+                &values(&tracked),
+                &values(&want),
+                1e-6,
+                "differentiable fallback",
+            );
+        }
+    }
+    let x = random(&[1, 4, 5, 6, 7], 100, DType::F32);
+    let w = random(&[16, 4, 3, 3, 3], 101, DType::F32);
+    let short = Epilogue {
+        scale: vec![1.0; 15],
+        shift: vec![0.0; 16],
+        relu: false,
+    };
+    let err = conv3d_fused(&x, &w, &short).unwrap_err().to_string();
+    assert!(
+        err.contains("15 scales") && err.contains("16 output channels"),
+        "{err}"
+    );
+}
+
 /// Both CPU layouts against the generic path, values and gradients (f64): few input
 /// channels fold a kernel axis into the channels (`ConvDims::folds`), many do not.
 #[test]
