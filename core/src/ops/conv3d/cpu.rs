@@ -62,20 +62,28 @@ impl<T: Float> PaddedVolume<T> {
         let mut data = vec![T::default(); dims[0] * dims[1] * dims[2] * channels];
         let plane = full[0] * full[1] * full[2];
         debug_assert_eq!(src.len(), plane * channels);
-        for ih in 0..h {
-            for iw in 0..w {
-                let row = ((ih + lo[0]) * dims[1] + iw + lo[1]) * dims[2] + lo[2];
-                let dst = &mut data[row * channels..(row + d) * channels];
-                let src_row =
-                    ((step * ih + phase[0]) * full[1] + step * iw + phase[1]) * full[2] + phase[2];
-                for c in 0..channels {
-                    let src_c = &src[c * plane + src_row..];
-                    for id in 0..d {
-                        dst[id * channels + c] = src_c[step * id];
+        // One task per padded `h` plane that holds data (a copy of 100+ MB at 96x96x104
+        // with 32 channels is worth both cores).
+        let padded_plane = dims[1] * dims[2] * channels;
+        data.par_chunks_mut(padded_plane)
+            .skip(lo[0])
+            .take(h)
+            .enumerate()
+            .for_each(|(ih, dst_plane)| {
+                for iw in 0..w {
+                    let row = (iw + lo[1]) * dims[2] + lo[2];
+                    let dst = &mut dst_plane[row * channels..(row + d) * channels];
+                    let src_row = ((step * ih + phase[0]) * full[1] + step * iw + phase[1])
+                        * full[2]
+                        + phase[2];
+                    for c in 0..channels {
+                        let src_c = &src[c * plane + src_row..];
+                        for id in 0..d {
+                            dst[id * channels + c] = src_c[step * id];
+                        }
                     }
                 }
-            }
-        }
+            });
         Self { data, channels }
     }
 }
@@ -90,14 +98,16 @@ impl<T: Float> PaddedVolume<T> {
         let c = self.channels;
         let voxels = self.data.len() / c;
         let mut data = vec![T::default(); voxels * taps * c];
-        for (q, dst) in data.chunks_exact_mut(taps * c).enumerate() {
-            for (t, dst_t) in dst.chunks_exact_mut(c).enumerate() {
-                let src = q + t * stride;
-                if src < voxels {
-                    dst_t.copy_from_slice(&self.data[src * c..(src + 1) * c]);
+        data.par_chunks_exact_mut(taps * c)
+            .enumerate()
+            .for_each(|(q, dst)| {
+                for (t, dst_t) in dst.chunks_exact_mut(c).enumerate() {
+                    let src = q + t * stride;
+                    if src < voxels {
+                        dst_t.copy_from_slice(&self.data[src * c..(src + 1) * c]);
+                    }
                 }
-            }
-        }
+            });
         Self {
             data,
             channels: taps * c,
