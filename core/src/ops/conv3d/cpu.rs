@@ -286,7 +286,7 @@ pub(super) fn correlate_rows<T: Float>(
     }
     #[cfg(target_arch = "x86_64")]
     if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
-        && co % super::avx2::PANEL == 0
+        && co.is_multiple_of(super::avx2::PANEL)
         && super::avx2::available()
     {
         // SAFETY: T is f32 (checked above), so these are the same slices retyped.
