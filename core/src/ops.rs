@@ -18,8 +18,8 @@ mod upsample;
 mod warp;
 
 pub use batch_norm::{
-    batch_norm3d_eval, batch_norm3d_train, batch_norm3d_train_generic, batch_norm_relu3d_eval,
-    batch_norm_relu3d_train, BatchNormStats,
+    batch_norm3d_eval, batch_norm3d_train, batch_norm3d_train_generic, batch_norm_add_relu3d_train,
+    batch_norm_relu3d_eval, batch_norm_relu3d_train, BatchNormStats,
 };
 pub use conv3d::{
     conv3d, conv3d_fused, conv3d_generic, conv_transpose3d, conv_transpose3d_generic, Epilogue,

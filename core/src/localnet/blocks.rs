@@ -115,21 +115,38 @@ impl BatchNorm3d {
     /// Normalises `x`; in training mode with the batch statistics (and updates the running
     /// statistics), otherwise with the running statistics.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        self.apply(x, train, false)
+        self.apply(x, train, false, None)
     }
 
     /// `ReLU(self.forward_t(x, train))`, fused into one op on the CPU.
     pub fn forward_relu_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        self.apply(x, train, true)
+        self.apply(x, train, true, None)
     }
 
-    fn apply(&self, x: &Tensor, train: bool, relu: bool) -> candle_core::Result<Tensor> {
+    /// `ReLU(self.forward_t(x, train) + residual)`, fused into one op on the CPU in
+    /// training mode (the tail of a residual block).
+    pub fn forward_add_relu_t(
+        &self,
+        x: &Tensor,
+        residual: &Tensor,
+        train: bool,
+    ) -> candle_core::Result<Tensor> {
+        self.apply(x, train, true, Some(residual))
+    }
+
+    fn apply(
+        &self,
+        x: &Tensor,
+        train: bool,
+        relu: bool,
+        residual: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
         let (weight, bias) = (param(&self.weight, train), param(&self.bias, train));
         if train {
-            let stats = if relu {
-                ops::batch_norm_relu3d_train(x, &weight, &bias, Self::EPS)?
-            } else {
-                ops::batch_norm3d_train(x, &weight, &bias, Self::EPS)?
+            let stats = match residual {
+                Some(r) => ops::batch_norm_add_relu3d_train(x, &weight, &bias, r, Self::EPS)?,
+                None if relu => ops::batch_norm_relu3d_train(x, &weight, &bias, Self::EPS)?,
+                None => ops::batch_norm3d_train(x, &weight, &bias, Self::EPS)?,
             };
             let m = Self::MOMENTUM;
             let rm = ((self.running_mean.as_tensor() * (1.0 - m))? + (stats.mean * m)?)?;
@@ -137,21 +154,24 @@ impl BatchNorm3d {
             self.running_mean.set(&rm.detach())?;
             self.running_var.set(&rv.detach())?;
             self.num_batches_tracked.fetch_add(1, Ordering::Relaxed);
-            Ok(stats.output)
+            return Ok(stats.output);
+        }
+        let eval = if relu && residual.is_none() {
+            ops::batch_norm_relu3d_eval
         } else {
-            let eval = if relu {
-                ops::batch_norm_relu3d_eval
-            } else {
-                ops::batch_norm3d_eval
-            };
-            eval(
-                x,
-                &weight,
-                &bias,
-                self.running_mean.as_tensor(),
-                self.running_var.as_tensor(),
-                Self::EPS,
-            )
+            ops::batch_norm3d_eval
+        };
+        let y = eval(
+            x,
+            &weight,
+            &bias,
+            self.running_mean.as_tensor(),
+            self.running_var.as_tensor(),
+            Self::EPS,
+        )?;
+        match residual {
+            Some(r) => (y + r)?.relu(),
+            None => Ok(y),
         }
     }
 
@@ -311,7 +331,7 @@ impl ResidualBlock {
         let h = ops::conv3d(x, &w0, None)?;
         let h = self.norms[0].forward_relu_t(&h, train)?;
         let h = ops::conv3d(&h, &w1, None)?;
-        (self.norms[1].forward_t(&h, train)? + x)?.relu()
+        self.norms[1].forward_add_relu_t(&h, x, train)
     }
 
     pub(crate) fn collect(&self, out: &mut Vec<NamedVar>) {

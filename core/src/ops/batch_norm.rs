@@ -53,6 +53,36 @@ pub fn batch_norm_relu3d_train(
     train(x, weight, bias, eps, true)
 }
 
+/// `ReLU(batch_norm3d_train(x) + residual)`, in one op on the CPU: the tail of MONAI's
+/// residual block. `residual` has the shape of `x` and receives its gradient.
+pub fn batch_norm_add_relu3d_train(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    residual: &Tensor,
+    eps: f64,
+) -> Result<BatchNormStats> {
+    if residual.dims() != x.dims() {
+        bail!(
+            "batch_norm_add_relu3d_train: residual {:?} must have the shape of x {:?}",
+            residual.dims(),
+            x.dims()
+        );
+    }
+    if !fused::has_fast_path(&[x, weight, bias, residual]) {
+        let stats = batch_norm3d_train_generic(x, weight, bias, eps, false)?;
+        return Ok(BatchNormStats {
+            output: (stats.output + residual)?.relu()?,
+            ..stats
+        });
+    }
+    let (_, c, _, _, _) = x.dims5()?;
+    check_channel_param("weight", weight, c)?;
+    check_channel_param("bias", bias, c)?;
+    let params = Tensor::stack(&[weight, bias], 0)?;
+    fused_train(x, &params, &residual.contiguous()?, eps, true, true)
+}
+
 /// Batch norm in eval mode: normalises `x` (B, C, H, W, D) with `running_mean` and
 /// `running_var` (each (C,)), then applies `weight` and `bias`.
 pub fn batch_norm3d_eval(
@@ -122,9 +152,30 @@ fn train(
     if !fused::has_fast_path(&[x, weight, bias]) {
         return batch_norm3d_train_generic(x, weight, bias, eps, relu);
     }
-    let (b, c, h, w, d) = x.dims5()?;
+    let c = x.dims5()?.1;
     check_channel_param("weight", weight, c)?;
     check_channel_param("bias", bias, c)?;
+    fused_train(
+        x,
+        &weight.contiguous()?,
+        &bias.contiguous()?,
+        eps,
+        relu,
+        false,
+    )
+}
+
+/// The fused op in training mode on checked arguments: `(x, weight, bias)`, or with
+/// `residual` `(x, [weight; bias] (2, C), residual)`.
+fn fused_train(
+    x: &Tensor,
+    second: &Tensor,
+    third: &Tensor,
+    eps: f64,
+    relu: bool,
+    residual: bool,
+) -> Result<BatchNormStats> {
+    let (b, _, h, w, d) = x.dims5()?;
     let count = check_count(b * h * w * d)?;
     let x = x.contiguous()?;
     let stats = fused::channel_stats(&x)?;
@@ -133,9 +184,10 @@ fn train(
         mean: stats.mean.clone(),
         batch_stats: true,
         relu,
+        residual,
         pass: fused::Pass::Forward,
     };
-    let output = x.apply_op3(&weight.contiguous()?, &bias.contiguous()?, kernel)?;
+    let output = x.apply_op3(second, third, kernel)?;
     let unbias = count as f64 / (count - 1) as f64;
     let var_unbiased: Vec<f64> = stats.var.iter().map(|v| v * unbias).collect();
     let channel_tensor = |v: &[f64]| Tensor::new(v, x.device())?.to_dtype(x.dtype());
@@ -170,6 +222,7 @@ fn eval(
                 .collect(),
             batch_stats: false,
             relu,
+            residual: false,
             pass: fused::Pass::Forward,
         };
         return x
@@ -435,6 +488,46 @@ mod tests {
         assert_eq!(y[0], 1.0);
         assert!(y[1].is_nan());
         assert_eq!(y[2], 0.0);
+    }
+
+    #[test]
+    fn add_relu_train_gradients_match_finite_differences() {
+        let x = smooth_tensor(&[2, 2, 2, 2, 3], 0.2);
+        let w = Tensor::new(&[1.2f64, -0.6], &Device::Cpu).unwrap();
+        let b = Tensor::new(&[0.1f64, 0.4], &Device::Cpu).unwrap();
+        let r = smooth_tensor(&[2, 2, 2, 2, 3], 1.7);
+        let f = |a: &[Tensor]| {
+            Ok(batch_norm_add_relu3d_train(&a[0], &a[1], &a[2], &a[3], 1e-5)?.output)
+        };
+        let inputs = [x.clone(), w.clone(), b.clone(), r.clone()];
+        for wrt in 0..4 {
+            check_grad(&f, &inputs, wrt, 1e-6, 1e-6);
+        }
+        // The same values as the composition, and the residual's shape is checked.
+        let fused = batch_norm_add_relu3d_train(&x, &w, &b, &r, 1e-5).unwrap();
+        let composed = (batch_norm3d_train_generic(&x, &w, &b, 1e-5, false)
+            .unwrap()
+            .output
+            + &r)
+            .unwrap()
+            .relu()
+            .unwrap();
+        let diff = (fused.output - composed)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!(diff < 1e-12, "{diff}");
+        let short = smooth_tensor(&[2, 2, 2, 2, 2], 0.0);
+        let err = batch_norm_add_relu3d_train(&x, &w, &b, &short, 1e-5)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("residual"), "{err}");
     }
 
     #[test]

@@ -573,13 +573,15 @@ fn input_and_weight_grads(
     weight_grad: &impl CustomOp2,
 ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
     let grad = grad.contiguous()?;
-    let dx = x
-        .track_op()
-        .then(|| grad.apply_op2_no_bwd(w, input_grad))
-        .transpose()?;
+    // The weight gradient first: its padded copies of x and grad are freed before the
+    // input gradient allocates its own and its result, which lowers the step's peak.
     let dw = w
         .track_op()
         .then(|| grad.apply_op2_no_bwd(x, weight_grad))
+        .transpose()?;
+    let dx = x
+        .track_op()
+        .then(|| grad.apply_op2_no_bwd(w, input_grad))
         .transpose()?;
     Ok((dx, dw))
 }

@@ -7,7 +7,11 @@
 //! read passes for the statistics and one write pass, and keeps nothing but its input and
 //! output, which the graph holds anyway.
 //!
-//! With `xhat = (x - mean) * inv_std`, `y = relu?(weight * xhat + bias)` and `g` the
+//! With a residual `r` (the tail of MONAI's residual block, `relu(bn(x) + r)`), the op also
+//! takes `r` and returns its gradient, the masked `g`; composed, that tail keeps two more
+//! full-size tensors (`bn(x)` and the sum).
+//!
+//! With `xhat = (x - mean) * inv_std`, `y = relu?(weight * xhat + bias [+ r])` and `g` the
 //! upstream gradient masked by `y > 0` (PyTorch's `threshold_backward` on the result), the
 //! backward pass is, per channel over its `N` values,
 //!
@@ -104,8 +108,12 @@ fn sum_lanes<T: Float>(values: &[T], f: impl Fn(f64) -> f64) -> f64 {
 /// Which computation a [`BatchNormKernel`] runs.
 #[derive(Debug, Clone, PartialEq)]
 pub(super) enum Pass {
-    /// Arguments `(x, weight, bias)`: the normalised (and rectified) output.
+    /// Arguments `(x, weight, bias)`, or with a residual `(x, [weight; bias] (2, C), r)`:
+    /// the normalised (plus residual, rectified) output.
     Forward,
+    /// Arguments `(x, grad, y)`: the upstream gradient masked by the ReLU (the residual's
+    /// gradient).
+    MaskedGrad,
     /// Arguments `(x, grad, y)`: `(2, C)` rows `Σ g` and `Σ g · xhat`.
     GradSums,
     /// Arguments `(x, grad, y)`: the input gradient, given the weight and the two rows of
@@ -128,6 +136,9 @@ pub(super) struct BatchNormKernel {
     pub batch_stats: bool,
     /// Whether a ReLU follows.
     pub relu: bool,
+    /// Whether a residual is added before the ReLU (the third argument of the forward pass;
+    /// weight and bias then come stacked as the second).
+    pub residual: bool,
     /// Which computation this is.
     pub pass: Pass,
 }
@@ -169,6 +180,7 @@ impl CpuKernel for BatchNormKernel {
     fn kernel_name(&self) -> &'static str {
         match self.pass {
             Pass::Forward => "batch_norm3d",
+            Pass::MaskedGrad => "batch_norm3d-masked-grad",
             Pass::GradSums => "batch_norm3d-grad-sums",
             Pass::InputGrad { .. } => "batch_norm3d-input-grad",
         }
@@ -182,20 +194,28 @@ impl CpuKernel for BatchNormKernel {
         let zero = T::default();
         match &self.pass {
             Pass::Forward => {
-                // a = weight (C), b = bias (C).
-                if a.len() != channels || b.len() != channels {
-                    bail!(
-                        "{}: weight and bias must have {channels} values",
-                        self.kernel_name()
-                    );
-                }
-                let alpha: Vec<f64> = (0..channels)
-                    .map(|c| a[c].to_f64() * self.inv_std[c])
-                    .collect();
-                let coef: Vec<(T, T)> = (0..channels)
+                // a = weight (C) and b = bias (C); or a = [weight; bias] (2C), b = residual.
+                let (weight, bias, residual) = if self.residual {
+                    if a.len() != 2 * channels || b.len() != x.len() {
+                        bail!(
+                            "{}: expected [weight; bias] of 2 x {channels} and a residual shaped like x",
+                            self.kernel_name()
+                        );
+                    }
+                    (&a[..channels], &a[channels..], Some(*b))
+                } else {
+                    if a.len() != channels || b.len() != channels {
+                        bail!(
+                            "{}: weight and bias must have {channels} values",
+                            self.kernel_name()
+                        );
+                    }
+                    (*a, *b, None)
+                };
+                let coef: Vec<(f64, f64)> = (0..channels)
                     .map(|c| {
-                        let beta = b[c].to_f64() - self.mean[c] * alpha[c];
-                        (T::from_f64(alpha[c]), T::from_f64(beta))
+                        let alpha = weight[c].to_f64() * self.inv_std[c];
+                        (alpha, bias[c].to_f64() - self.mean[c] * alpha)
                     })
                     .collect();
                 let mut out = vec![zero; x.len()];
@@ -204,12 +224,26 @@ impl CpuKernel for BatchNormKernel {
                     .enumerate()
                     .for_each(|(i, (dst, src))| {
                         let (alpha, beta) = coef[i % channels];
-                        for (d, &v) in dst.iter_mut().zip(src) {
-                            let y = T::from_f64(v.to_f64() * alpha.to_f64() + beta.to_f64());
+                        let r = residual.map(|r| &r[i * n..(i + 1) * n]);
+                        for (j, (d, &v)) in dst.iter_mut().zip(src).enumerate() {
+                            let mut y = v.to_f64() * alpha + beta;
+                            if let Some(r) = r {
+                                y += r[j].to_f64();
+                            }
+                            let y = T::from_f64(y);
                             // `y < 0`, not `!(y > 0)`: a NaN stays NaN, as in PyTorch.
                             *d = if self.relu && y < zero { zero } else { y };
                         }
                     });
+                Ok((out, lx.shape().clone()))
+            }
+            Pass::MaskedGrad => {
+                // a = grad, b = y.
+                let out = a
+                    .par_iter()
+                    .zip(b.par_iter())
+                    .map(|(g, y)| T::from_f64(self.masked(*g, *y)))
+                    .collect();
                 Ok((out, lx.shape().clone()))
             }
             Pass::GradSums => {
@@ -292,15 +326,17 @@ impl CustomOp3 for BatchNormKernel {
     fn bwd(
         &self,
         x: &Tensor,
-        weight: &Tensor,
-        bias: &Tensor,
+        params: &Tensor,
+        third: &Tensor,
         y: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         if self.pass != Pass::Forward {
             bail!("{}: no second-order gradient", self.kernel_name());
         }
-        if !(x.track_op() || weight.track_op() || bias.track_op()) {
+        // Without a residual: (x, weight, bias). With one: (x, [weight; bias], residual).
+        let params_tracked = params.track_op() || (!self.residual && third.track_op());
+        if !(x.track_op() || params_tracked || (self.residual && third.track_op())) {
             return Ok((None, None, None));
         }
         let grad = grad.contiguous()?;
@@ -310,6 +346,11 @@ impl CustomOp3 for BatchNormKernel {
             let [s0, s1]: [Vec<f64>; 2] = rows
                 .try_into()
                 .map_err(|_| candle_core::Error::Msg("batch_norm3d: sums are not 2 rows".into()))?;
+            let weight = if self.residual {
+                params.get(0)?
+            } else {
+                params.clone()
+            };
             let pass = Pass::InputGrad {
                 weight: weight.to_dtype(DType::F64)?.to_vec1::<f64>()?,
                 sums: [s0, s1],
@@ -318,8 +359,22 @@ impl CustomOp3 for BatchNormKernel {
         } else {
             None
         };
-        let dweight = weight.track_op().then(|| sums.get(1)).transpose()?;
-        let dbias = bias.track_op().then(|| sums.get(0)).transpose()?;
-        Ok((dx, dweight, dbias))
+        let (dweight, dbias) = (sums.get(1)?, sums.get(0)?);
+        if self.residual {
+            let dparams = params
+                .track_op()
+                .then(|| Tensor::stack(&[&dweight, &dbias], 0))
+                .transpose()?;
+            let dresidual = third
+                .track_op()
+                .then(|| x.apply_op3_no_bwd(&grad, y, &self.with_pass(Pass::MaskedGrad)))
+                .transpose()?;
+            return Ok((dx, dparams, dresidual));
+        }
+        Ok((
+            dx,
+            params.track_op().then_some(dweight),
+            third.track_op().then_some(dbias),
+        ))
     }
 }
