@@ -4,7 +4,10 @@
 //! `nn.ConvTranspose3d(3, stride=2, padding=1, output_padding=1, bias=False)`.
 //!
 //! On the CPU, [`conv3d`] runs a candle custom op whose forward and backward passes are
-//! GEMMs over a zero-padded copy of the input (see `cpu.rs`). On other devices, and in
+//! tap-group products over a zero-padded channels-last copy of the input (see `cpu.rs`;
+//! f32 runs an AVX2/FMA register tile where the CPU has it, `avx2.rs`), and
+//! [`conv3d_fused`] applies an eval-mode BatchNorm + ReLU as the outputs are written. On
+//! other devices, and in
 //! [`conv3d_generic`], it is a sum over the depth taps of candle `conv2d`s, whose gradient
 //! candle already knows. [`conv_transpose3d`] follows the recipe of monai-spec §1.2: insert
 //! zeros with stride 2, then run a "same" 3x3x3 convolution with the kernel flipped in all

@@ -8,9 +8,14 @@
 //! last axis read consecutive voxels, so their `k * Ci` input rows are one matrix with row
 //! stride 1 and column stride `Ci`, and
 //! `out[f, :] += W_ab[Co, k*Ci] x Xp[(f + a*Wp*Dp + b*Dp)*Ci ..]`
-//! is a single GEMM with an inner dimension of `k * Ci`. Positions `f` with `w >= W` or
-//! `d >= D` are computed too (they read the padding of the next row) and dropped when the
-//! result is cropped; the waste is about `Wp*Dp / (W*D)`.
+//! is a single GEMM with an inner dimension of `k * Ci`.
+//!
+//! [`correlate_rows`] (the forward pass and the input gradient of `conv3d`) runs these
+//! products one `(h, w)` row of `D` valid outputs at a time, with the AVX2 register tile of
+//! `avx2.rs` where it applies, and writes channels-first directly. [`correlate`] (used by
+//! the transposed convolution) runs them over long blocks of consecutive positions `f`
+//! instead: positions with `w >= W` or `d >= D` are computed too (they read the padding of
+//! the next row) and dropped by [`crop`]; the waste is about `Wp*Dp / (W*D)`.
 
 use gemm::{gemm, Parallelism};
 
