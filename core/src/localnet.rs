@@ -319,7 +319,7 @@ impl LocalNet {
         let mut outs = vec![h.clone()];
         for (i, (up, conv, res)) in self.decode.iter().enumerate() {
             let level = depth - 1 - i;
-            h = (up.forward_t(&h, train)? + &skips[level])?;
+            h = up.forward_t(&h, &skips[level], train)?;
             h = res.forward_t(&conv.forward_t(&h, train)?, train)?;
             outs.push(h.clone());
         }

@@ -26,5 +26,5 @@ pub use conv3d::{
 };
 pub use pool::max_pool3d;
 pub use resize::resize_trilinear;
-pub use upsample::{upsample_nearest3d, upsample_nearest3d_to};
+pub use upsample::{add_upsampled2x, upsample_nearest3d, upsample_nearest3d_to};
 pub use warp::{warp, warp_nearest, Padding};

@@ -391,12 +391,14 @@ impl AdditiveUpSample {
         })
     }
 
-    pub fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+    /// The block's output plus the decoder's skip connection `skip` (LocalNet adds it
+    /// right after the block), in one op on the CPU.
+    pub fn forward_t(&self, x: &Tensor, skip: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let deconved = ops::conv_transpose3d(x, &param(&self.weight, train))?;
         let deconved = self.norm.forward_relu_t(&deconved, train)?;
         // Nearest upsampling copies values, so summing the halves first is exact and cheaper.
         let halves = (x.narrow(1, 0, self.c_out)? + x.narrow(1, self.c_out, self.c_out)?)?;
-        deconved + ops::upsample_nearest3d(&halves, 2)?
+        ops::add_upsampled2x(&deconved, &halves, skip)
     }
 
     pub(crate) fn collect(&self, out: &mut Vec<NamedVar>) {
