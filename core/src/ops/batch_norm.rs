@@ -14,6 +14,8 @@
 
 use candle_core::{bail, Result, Tensor};
 
+use crate::ops::kernel::has_fast_path;
+
 mod fused;
 
 /// What [`batch_norm3d_train`] returns.
@@ -69,7 +71,7 @@ pub fn batch_norm_add_relu3d_train(
             x.dims()
         );
     }
-    if !fused::has_fast_path(&[x, weight, bias, residual]) {
+    if !has_fast_path(&[x, weight, bias, residual]) {
         let stats = batch_norm3d_train_generic(x, weight, bias, eps, false)?;
         return Ok(BatchNormStats {
             output: (stats.output + residual)?.relu()?,
@@ -149,7 +151,7 @@ fn train(
     eps: f64,
     relu: bool,
 ) -> Result<BatchNormStats> {
-    if !fused::has_fast_path(&[x, weight, bias]) {
+    if !has_fast_path(&[x, weight, bias]) {
         return batch_norm3d_train_generic(x, weight, bias, eps, relu);
     }
     let c = x.dims5()?.1;
@@ -212,7 +214,7 @@ fn eval(
     check_channel_param("bias", bias, c)?;
     check_channel_param("running_mean", running_mean, c)?;
     check_channel_param("running_var", running_var, c)?;
-    if fused::has_fast_path(&[x, weight, bias, running_mean, running_var]) {
+    if has_fast_path(&[x, weight, bias, running_mean, running_var]) {
         let values = |t: &Tensor| t.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>();
         let kernel = fused::BatchNormKernel {
             mean: values(running_mean)?,
@@ -382,26 +384,16 @@ mod tests {
     }
 
     #[test]
-    fn train_gradients_match_finite_differences() {
+    fn train_gradients_match_finite_differences_with_and_without_relu() {
         let x = smooth_tensor(&[2, 2, 2, 2, 3], 0.2);
         let w = Tensor::new(&[1.2f64, -0.6], &Device::Cpu).unwrap();
         let b = Tensor::new(&[0.1f64, 0.4], &Device::Cpu).unwrap();
-        let f = |a: &[Tensor]| Ok(batch_norm3d_train(&a[0], &a[1], &a[2], 1e-5)?.output);
-        let inputs = [x, w, b];
-        for wrt in 0..3 {
-            check_grad(&f, &inputs, wrt, 1e-6, 1e-6);
-        }
-    }
-
-    #[test]
-    fn relu_train_gradients_match_finite_differences() {
-        let x = smooth_tensor(&[2, 2, 2, 2, 3], 0.2);
-        let w = Tensor::new(&[1.2f64, -0.6], &Device::Cpu).unwrap();
-        let b = Tensor::new(&[0.1f64, 0.4], &Device::Cpu).unwrap();
-        let f = |a: &[Tensor]| Ok(batch_norm_relu3d_train(&a[0], &a[1], &a[2], 1e-5)?.output);
-        let inputs = [x, w, b];
-        for wrt in 0..3 {
-            check_grad(&f, &inputs, wrt, 1e-6, 1e-6);
+        for train in [batch_norm3d_train, batch_norm_relu3d_train] {
+            let f = |a: &[Tensor]| Ok(train(&a[0], &a[1], &a[2], 1e-5)?.output);
+            let inputs = [x.clone(), w.clone(), b.clone()];
+            for wrt in 0..3 {
+                check_grad(&f, &inputs, wrt, 1e-6, 1e-6);
+            }
         }
     }
 

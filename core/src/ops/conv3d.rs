@@ -20,9 +20,9 @@ mod cpu;
 mod tests;
 mod transposed;
 
-use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp2, Layout, Shape, Tensor};
 
-use crate::ops::kernel::{run_cpu, CpuKernel, Float};
+use crate::ops::kernel::{has_fast_path, run_cpu, CpuKernel, Float};
 pub use cpu::Epilogue;
 use cpu::{PaddedVolume, TapGroup};
 use transposed::TransposedPass;
@@ -35,7 +35,7 @@ use transposed::TransposedPass;
 /// of dtype f32 or f64 take the fast path; everything else runs [`conv3d_generic`].
 pub fn conv3d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
     check_conv3d("conv3d", x, w, bias)?;
-    if !has_fast_path(x) {
+    if !has_fast_path(&[x]) {
         return conv3d_generic(x, w, bias);
     }
     let y = x
@@ -58,7 +58,7 @@ pub fn conv3d_fused(x: &Tensor, w: &Tensor, epilogue: &Epilogue) -> candle_core:
             epilogue.shift.len()
         );
     }
-    if has_fast_path(x) && !x.track_op() && !w.track_op() {
+    if has_fast_path(&[x]) && !x.track_op() && !w.track_op() {
         let kernel = ConvKernel(Pass::Forward, Some(std::sync::Arc::new(epilogue.clone())));
         return x.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &kernel);
     }
@@ -118,7 +118,7 @@ pub fn conv3d_generic(
 /// multiplies no inserted zero; everything else runs [`conv_transpose3d_generic`].
 pub fn conv_transpose3d(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     check_conv_transpose3d("conv_transpose3d", x, w)?;
-    if !has_fast_path(x) || w.dtype() != x.dtype() || !w.device().same_device(x.device()) {
+    if !has_fast_path(&[x, w]) {
         return conv_transpose3d_generic(x, w);
     }
     x.contiguous()?
@@ -130,11 +130,6 @@ pub fn conv_transpose3d(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
 pub fn conv_transpose3d_generic(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     check_conv_transpose3d("conv_transpose3d_generic", x, w)?;
     conv3d_generic(&dilate2(x)?, &flip_transpose(w)?, None)
-}
-
-/// Whether `x` can run the CPU kernels.
-fn has_fast_path(x: &Tensor) -> bool {
-    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
 }
 
 fn add_bias(y: Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {

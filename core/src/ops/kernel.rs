@@ -11,7 +11,7 @@ use std::fmt::Debug;
 use std::ops::{Add, AddAssign, Mul};
 
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, Layout, Shape};
+use candle_core::{bail, CpuStorage, DType, Layout, Shape, Tensor};
 
 /// The element types of the CPU kernels: f32 and f64 (those of the `gemm` crate that
 /// candle tensors use).
@@ -75,6 +75,18 @@ impl Float for f64 {
     fn storage(data: Vec<Self>) -> CpuStorage {
         CpuStorage::F64(data)
     }
+}
+
+/// Whether `tensors` can run the CPU kernels: all on the CPU, all of one dtype, f32 or f64.
+pub(crate) fn has_fast_path(tensors: &[&Tensor]) -> bool {
+    let Some(first) = tensors.first() else {
+        return false;
+    };
+    let dtype = first.dtype();
+    matches!(dtype, DType::F32 | DType::F64)
+        && tensors
+            .iter()
+            .all(|t| t.device().is_cpu() && t.dtype() == dtype)
 }
 
 /// A CPU kernel written once for every [`Float`].

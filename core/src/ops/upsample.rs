@@ -8,7 +8,7 @@
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::ops::kernel::{run_cpu, CpuKernel, Float};
+use crate::ops::kernel::{has_fast_path, run_cpu, CpuKernel, Float};
 
 /// Repeats every voxel `factor` times along each spatial axis: (B, C, H, W, D) ->
 /// (B, C, fH, fW, fD). This is `F.interpolate(x, scale_factor=f, mode="nearest")`, where
@@ -42,12 +42,7 @@ pub fn add_upsampled2x(a: &Tensor, low: &Tensor, skip: &Tensor) -> Result<Tensor
             low.dims()
         );
     }
-    let fast = [a, low, skip].iter().all(|t| {
-        t.device().is_cpu()
-            && t.dtype() == a.dtype()
-            && matches!(t.dtype(), DType::F32 | DType::F64)
-    });
-    if !fast {
+    if !has_fast_path(&[a, low, skip]) {
         return (a + upsample_nearest3d(low, 2)?)? + skip;
     }
     a.contiguous()?.apply_op3(

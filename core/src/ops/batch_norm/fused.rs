@@ -41,15 +41,6 @@ pub(super) struct ChannelStats {
     pub count: usize,
 }
 
-/// Whether the fused op can run on these tensors: CPU, f32 or f64, one dtype.
-pub(super) fn has_fast_path(tensors: &[&Tensor]) -> bool {
-    let dtype = tensors[0].dtype();
-    tensors
-        .iter()
-        .all(|t| t.device().is_cpu() && t.dtype() == dtype)
-        && matches!(dtype, DType::F32 | DType::F64)
-}
-
 /// The mean and biased variance of every channel of the contiguous CPU tensor `x`
 /// `(B, C, ...)`, in two passes (mean, then squared deviations) accumulated in f64.
 pub(super) fn channel_stats(x: &Tensor) -> candle_core::Result<ChannelStats> {

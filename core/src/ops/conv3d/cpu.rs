@@ -214,41 +214,7 @@ pub(super) fn correlate<T: Float>(
             let f0 = block * VOXELS_PER_BLOCK;
             let n = dst.len() / co;
             for (gi, group) in groups.iter().enumerate() {
-                let k = group.taps * ci;
-                let first = (f0 + group.offset) * ci;
-                // The GEMM reads rows first .. first + (n - 1 + taps) * ci of the input.
-                let needed = first + (n - 1 + group.taps) * ci;
-                assert!(
-                    needed <= input.data.len() && group.weights.len() == co * k,
-                    "conv3d kernel: tap group out of the padded input"
-                );
-                // SAFETY: dst is (co x n) with column stride co and row stride 1 inside
-                // `dst`; lhs is the (co x k) row-major weight matrix; rhs (k x n) reads
-                // input.data[first + j*ci + kk] for kk < k, j < n, whose largest index is
-                // first + (n-1)*ci + taps*ci - 1 < needed <= input.data.len() (asserted).
-                unsafe {
-                    gemm(
-                        co,
-                        n,
-                        k,
-                        dst.as_mut_ptr(),
-                        co as isize,
-                        1,
-                        gi > 0,
-                        group.weights.as_ptr(),
-                        1,
-                        k as isize,
-                        input.data.as_ptr().add(first),
-                        ci as isize,
-                        1,
-                        T::ONE,
-                        T::ONE,
-                        false,
-                        false,
-                        false,
-                        Parallelism::None,
-                    );
-                }
+                tap_group_gemm(dst, n, group, &input.data, f0 + group.offset, ci, gi > 0);
             }
         });
     out
@@ -314,36 +280,69 @@ pub(super) fn correlate_rows<T: Float>(
     }
     for_each_row(size, strides, co, epilogue, dst, |f0, row: &mut [T]| {
         for (gi, group) in groups.iter().enumerate() {
-            let k = group.taps * ci;
-            // SAFETY: row is (co x d) with column stride co and row stride 1; lhs is the
-            // (co x k) row-major weights; rhs (k x d) reads input.data[(f0 + offset)*ci
-            // + j*ci + kk] for j < d, kk < k, inside the input (asserted above for the
-            // last row; earlier rows read less).
-            unsafe {
-                gemm(
-                    co,
-                    size[2],
-                    k,
-                    row.as_mut_ptr(),
-                    co as isize,
-                    1,
-                    gi > 0,
-                    group.weights.as_ptr(),
-                    1,
-                    k as isize,
-                    input.data.as_ptr().add((f0 + group.offset) * ci),
-                    ci as isize,
-                    1,
-                    T::ONE,
-                    T::ONE,
-                    false,
-                    false,
-                    false,
-                    Parallelism::None,
-                );
-            }
+            tap_group_gemm(
+                row,
+                size[2],
+                group,
+                &input.data,
+                f0 + group.offset,
+                ci,
+                gi > 0,
+            );
         }
     });
+}
+
+/// One tap group's product for `n` consecutive positions, one single-threaded `gemm`:
+/// `dst[j * Co + o] (+)= Σ_kk weights[o * k + kk] * input[(voxel + j) * Ci + kk]` for
+/// `j < n`, `k = taps * Ci`, where `voxel` is the padded voxel the group's first tap reads
+/// for the first position. Adds to `dst` with `accumulate`, overwrites it otherwise.
+fn tap_group_gemm<T: Float>(
+    dst: &mut [T],
+    n: usize,
+    group: &TapGroup<T>,
+    input: &[T],
+    voxel: usize,
+    ci: usize,
+    accumulate: bool,
+) {
+    let k = group.taps * ci;
+    let co = group.weights.len() / k.max(1);
+    let first = voxel * ci;
+    assert!(
+        n > 0
+            && dst.len() >= co * n
+            && group.weights.len() == co * k
+            && first + (n - 1 + group.taps) * ci <= input.len(),
+        "conv3d kernel: tap group out of the padded input"
+    );
+    // SAFETY: dst is (co x n) with column stride co and row stride 1, inside `dst`; lhs is
+    // the (co x k) row-major weights; rhs (k x n) reads input[first + j*ci + kk] for
+    // j < n, kk < k, whose largest index first + (n-1)*ci + taps*ci - 1 is inside `input`
+    // (all asserted above).
+    unsafe {
+        gemm(
+            co,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            co as isize,
+            1,
+            accumulate,
+            group.weights.as_ptr(),
+            1,
+            k as isize,
+            input.as_ptr().add(first),
+            ci as isize,
+            1,
+            T::ONE,
+            T::ONE,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        );
+    }
 }
 
 /// Runs `row_fn(f0, row)` for every `(h, w)` row of a `size` output, `f0 = h*s0 + w*s1`
