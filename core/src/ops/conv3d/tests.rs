@@ -312,7 +312,9 @@ fn generic_path_equals_fast_path_with_gradients() {
 /// and gradients against the generic path, with and without the few-channel fold.
 #[test]
 fn avx2_tiles_equal_generic_with_gradients() {
-    for (ci, co, k) in [(16, 32, 3), (3, 16, 5), (32, 16, 3)] {
+    // Ci = 32 and 64 take the constant-stride tiles, Ci = 3 (odd inner dimension) and 16
+    // the general one; the input gradient runs the tiles with Ci and Co swapped.
+    for (ci, co, k) in [(16, 32, 3), (3, 16, 5), (32, 16, 3), (64, 32, 3)] {
         let x = random(&[2, ci, 4, 3, 13], 90, DType::F32);
         let w = random(&[co, ci, k, k, k], 91, DType::F32);
         let r = random(&[2, co, 4, 3, 13], 92, DType::F32);
