@@ -1142,9 +1142,17 @@ fn dockerfiles_are_multi_stage_portable_and_unprivileged() {
                 d.texts[file].contains("ENV CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP}"),
                 "{file}: CUDA_COMPUTE_CAP must reach the build's environment"
             );
+            // The features are a build arg: cuda by default, cudnn with the cuDNN images.
             assert!(
-                runs.iter().any(|r| r.contains("--features cuda")),
-                "{file}: the build lacks --features cuda"
+                d.texts[file].contains("ARG MEDRAY_FEATURES=cuda\n")
+                    && runs
+                        .iter()
+                        .any(|r| r.contains("--features \"${MEDRAY_FEATURES}\"")),
+                "{file}: the build must default to --features cuda through MEDRAY_FEATURES"
+            );
+            assert!(
+                d.texts[file].contains("ARG IMAGE_FLAVOR=\n"),
+                "{file}: the plain CUDA images must be the default (IMAGE_FLAVOR empty)"
             );
             assert!(
                 runs.iter().any(|r| r.contains("rustup")),
@@ -1160,12 +1168,12 @@ fn dockerfiles_are_multi_stage_portable_and_unprivileged() {
             let devel = image(froms[0]);
             let runtime = image(froms[froms.len() - 1]);
             assert!(
-                devel.starts_with("nvidia/cuda:") && devel.contains("-devel-"),
+                devel.starts_with("nvidia/cuda:") && devel.contains("devel-ubuntu"),
                 "{file}: builder {devel} is not an nvidia/cuda devel image"
             );
             assert_eq!(
                 runtime,
-                devel.replace("-devel-", "-runtime-"),
+                devel.replace("devel-ubuntu", "runtime-ubuntu"),
                 "{file}: the runtime image must match the devel image"
             );
         } else {

@@ -16,6 +16,8 @@
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 mod cpu;
+#[cfg(feature = "cudnn")]
+mod cudnn;
 #[cfg(test)]
 mod tests;
 mod transposed;
@@ -35,7 +37,7 @@ use transposed::TransposedPass;
 /// of dtype f32 or f64 take the fast path; everything else runs [`conv3d_generic`].
 pub fn conv3d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
     check_conv3d("conv3d", x, w, bias)?;
-    if !has_fast_path(&[x]) {
+    if !has_fast_path(&[x]) && !runs_cudnn(x) {
         return conv3d_generic(x, w, bias);
     }
     let y = x
@@ -118,7 +120,7 @@ pub fn conv3d_generic(
 /// multiplies no inserted zero; everything else runs [`conv_transpose3d_generic`].
 pub fn conv_transpose3d(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     check_conv_transpose3d("conv_transpose3d", x, w)?;
-    if !has_fast_path(&[x, w]) {
+    if !has_fast_path(&[x, w]) && !runs_cudnn(x) {
         return conv_transpose3d_generic(x, w);
     }
     x.contiguous()?
@@ -140,6 +142,14 @@ fn add_bias(y: Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
             y.broadcast_add(&bias.reshape((1, co, 1, 1, 1))?)
         }
     }
+}
+
+/// Whether `x` takes the cuDNN custom ops: a CUDA tensor of dtype f32 or f64 in a build
+/// with the `cudnn` feature. (The other arguments are checked to match `x` before.)
+fn runs_cudnn(x: &Tensor) -> bool {
+    cfg!(feature = "cudnn")
+        && x.device().is_cuda()
+        && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
 }
 
 /// Checks shapes, dtypes and devices of a [`conv3d`] call.
@@ -212,6 +222,12 @@ fn check_conv_transpose3d(op: &'static str, x: &Tensor, w: &Tensor) -> candle_co
             w.dims()
         );
     }
+    if w.dtype() != x.dtype() {
+        bail!("{op}: w is {:?} but x is {:?}", w.dtype(), x.dtype());
+    }
+    if !w.device().same_device(x.device()) {
+        bail!("{op}: w and x are on different devices");
+    }
     Ok(())
 }
 
@@ -237,6 +253,13 @@ fn flip_transpose(w: &Tensor) -> candle_core::Result<Tensor> {
         w = w.contiguous()?.index_select(&rev, dim)?;
     }
     w.contiguous()
+}
+
+/// The five dimensions of a rank-5 layout.
+#[cfg(feature = "cudnn")]
+fn dims5(layout: &Layout) -> candle_core::Result<[usize; 5]> {
+    let (a, b, c, d, e) = layout.shape().dims5()?;
+    Ok([a, b, c, d, e])
 }
 
 /// Sizes of one convolution call.
@@ -537,6 +560,42 @@ impl CustomOp2 for ConvKernel {
         run_cpu(self, &[(s1, l1), (s2, l2)])
     }
 
+    #[cfg(feature = "cudnn")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        if self.1.is_some() {
+            bail!(
+                "{}: the fused epilogue runs on the CPU only",
+                self.kernel_name()
+            );
+        }
+        let (a, b) = (dims5(l1)?, dims5(l2)?);
+        let same =
+            |x: [usize; 5], batch: usize, channels: usize| [batch, channels, x[2], x[3], x[4]];
+        // a and b per pass: Forward (x, w), InputGrad (dy, w), WeightGrad (dy, x).
+        let (call, x, w, y, kernel) = match self.0 {
+            Pass::Forward => (cudnn::Call::Forward, a, b, same(a, a[0], b[0]), b[2]),
+            Pass::InputGrad => (cudnn::Call::BackwardData, same(a, a[0], b[1]), b, a, b[2]),
+            Pass::WeightGrad { kernel } => {
+                let w = [a[1], b[1], kernel, kernel, kernel];
+                (cudnn::Call::BackwardFilter, b, w, a, kernel)
+            }
+        };
+        let geometry = cudnn::Geometry {
+            x,
+            w,
+            y,
+            pad: (kernel - 1) / 2,
+            stride: 1,
+        };
+        cudnn::run(self.kernel_name(), call, &geometry, (s1, l1), (s2, l2))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -619,6 +678,56 @@ impl CustomOp2 for TransposedKernel {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         run_cpu(self, &[(s1, l1), (s2, l2)])
+    }
+
+    /// The transposed convolution is the input gradient of the stride-2 convolution from
+    /// the `(B, Co, 2H, 2W, 2D)` volume to the `(B, Ci, H, W, D)` one with the same
+    /// `(Ci, Co, 3, 3, 3)` filter: see `cudnn.rs`.
+    #[cfg(feature = "cudnn")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (a, b) = (dims5(l1)?, dims5(l2)?);
+        let up = |x: [usize; 5], channels: usize| [x[0], channels, 2 * x[2], 2 * x[3], 2 * x[4]];
+        let down = |x: [usize; 5], channels: usize| [x[0], channels, x[2] / 2, x[3] / 2, x[4] / 2];
+        let name = self.kernel_name();
+        // a and b per pass: Forward (x, w), InputGrad (dy, w), WeightGrad (dy, x).
+        let (call, big, w, small, args) = match self.0 {
+            TransposedPass::Forward => (
+                cudnn::Call::BackwardData,
+                up(a, b[1]),
+                b,
+                a,
+                [(s1, l1), (s2, l2)],
+            ),
+            TransposedPass::InputGrad => (
+                cudnn::Call::Forward,
+                a,
+                b,
+                down(a, b[0]),
+                [(s1, l1), (s2, l2)],
+            ),
+            // The convolution's dy is this op's x, its input this op's dy.
+            TransposedPass::WeightGrad => (
+                cudnn::Call::BackwardFilter,
+                a,
+                [b[1], a[1], 3, 3, 3],
+                b,
+                [(s2, l2), (s1, l1)],
+            ),
+        };
+        let geometry = cudnn::Geometry {
+            x: big,
+            w,
+            y: small,
+            pad: 1,
+            stride: 2,
+        };
+        cudnn::run(name, call, &geometry, args[0], args[1])
     }
 
     fn bwd(

@@ -568,3 +568,60 @@ fn timing() {
         );
     }
 }
+
+/// The cuDNN path (feature `cudnn`) against the CPU fast path: `conv3d` (k = 3 and 7,
+/// Co = 3 and 16) and `conv_transpose3d`, values and both gradients, in f64 (exact up to
+/// summation order) and f32 (cuDNN may run TF32 tensor cores, so 1% of the largest value).
+/// Needs a CUDA GPU: `cargo test -p medray-core --features cudnn cudnn -- --ignored`.
+#[cfg(feature = "cudnn")]
+#[test]
+#[ignore = "needs a CUDA GPU; run with --features cudnn -- --ignored cudnn"]
+fn cudnn_matches_cpu_with_gradients() {
+    let gpu = Device::new_cuda(0).expect("a CUDA device");
+    let grads_of = |y: Tensor, r: &Tensor, vars: &[&Var]| -> Vec<Vec<f64>> {
+        let grads = y
+            .mul(&r.to_device(y.device()).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let mut out = vec![values(&y.to_device(&Device::Cpu).unwrap())];
+        for v in vars {
+            let g = grads.get(v).expect("a gradient");
+            out.push(values(&g.to_device(&Device::Cpu).unwrap()));
+        }
+        out
+    };
+    let compare = |gpu_out: &[Vec<f64>], cpu_out: &[Vec<f64>], rel: f64, what: &str| {
+        for (n, (g, c)) in gpu_out.iter().zip(cpu_out).enumerate() {
+            assert_close(g, c, rel, &format!("{what} output/grad {n}"));
+        }
+    };
+    for (dtype, rel) in [(DType::F64, 1e-10), (DType::F32, 1e-2)] {
+        for (ci, co, k) in [(4, 16, 3), (2, 3, 7), (16, 16, 3)] {
+            let x = random(&[2, ci, 5, 6, 7], 110, dtype);
+            let w = random(&[co, ci, k, k, k], 111, dtype);
+            let r = random(&[2, co, 5, 6, 7], 112, dtype);
+            let run = |device: &Device| {
+                let xv = Var::from_tensor(&x.to_device(device).unwrap()).unwrap();
+                let wv = Var::from_tensor(&w.to_device(device).unwrap()).unwrap();
+                let y = conv3d(xv.as_tensor(), wv.as_tensor(), None).unwrap();
+                grads_of(y, &r, &[&xv, &wv])
+            };
+            let what = format!("conv3d {dtype:?} ci={ci} co={co} k={k}");
+            compare(&run(&gpu), &run(&Device::Cpu), rel, &what);
+        }
+        let x = random(&[2, 8, 3, 4, 5], 113, dtype);
+        let w = random(&[8, 4, 3, 3, 3], 114, dtype);
+        let r = random(&[2, 4, 6, 8, 10], 115, dtype);
+        let run = |device: &Device| {
+            let xv = Var::from_tensor(&x.to_device(device).unwrap()).unwrap();
+            let wv = Var::from_tensor(&w.to_device(device).unwrap()).unwrap();
+            let y = conv_transpose3d(xv.as_tensor(), wv.as_tensor()).unwrap();
+            grads_of(y, &r, &[&xv, &wv])
+        };
+        let what = format!("conv_transpose3d {dtype:?}");
+        compare(&run(&gpu), &run(&Device::Cpu), rel, &what);
+    }
+}
