@@ -31,6 +31,12 @@ pub struct Args {
     /// Path of tools/bench_monai.py.
     #[arg(long, default_value = "tools/bench_monai.py")]
     monai_script: PathBuf,
+    /// With --compare-monai: time each configuration in this many rounds, each round one
+    /// medray run right followed by one MONAI run of the same configuration, so that both
+    /// sides of every ratio share the machine's state; reports the median over rounds of
+    /// each side and of the per-round ratios.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
     /// Print one JSON object per result instead of a table.
     #[arg(long)]
     json: bool,
@@ -90,17 +96,20 @@ struct MonaiResult {
     peak_rss_mib: Option<f64>,
 }
 
-/// Runs the MONAI script and returns its results by (preset, size, kind).
+/// Runs the MONAI script on every configuration of `presets` x `sizes` x `kinds` and
+/// returns its results by (preset, size, kind).
 fn run_monai(
     args: &Args,
     python: &PathBuf,
+    presets: &[&str],
+    sizes: &[String],
+    kinds: &[&str],
 ) -> anyhow::Result<HashMap<(String, String, String), MonaiResult>> {
-    let presets: Vec<&str> = args.presets.iter().map(|p| preset_name(*p)).collect();
     let out = Command::new(python)
         .arg(&args.monai_script)
         .args(["--presets", &presets.join(",")])
-        .args(["--sizes", &args.sizes.join(",")])
-        .args(["--kinds", &args.kinds.join(",")])
+        .args(["--sizes", &sizes.join(",")])
+        .args(["--kinds", &kinds.join(",")])
         .args(["--repeats", &args.repeats.to_string()])
         .output()
         .with_context(|| {
@@ -159,33 +168,82 @@ pub fn run(args: Args, device: &candle_core::Device) -> anyhow::Result<()> {
     if args.ops {
         return run_ops(&args, &sizes, device);
     }
+    if args.rounds == 0 {
+        anyhow::bail!("--rounds must be at least 1");
+    }
+    if args.rounds > 1 && args.compare_monai.is_none() {
+        anyhow::bail!("--rounds interleaves medray and MONAI runs: it needs --compare-monai");
+    }
+    let time_medray = |preset: Preset, size: [usize; 3], kind: BenchKind| {
+        eprintln!(
+            "timing medray {} {} {} ...",
+            preset_name(preset),
+            size_key(size),
+            kind_name(kind)
+        );
+        if args.in_process {
+            bench(preset, size, kind, args.repeats, device).map_err(anyhow::Error::from)
+        } else {
+            bench_in_child(preset, size, kind, args.repeats, device)
+        }
+        .with_context(|| format!("benchmark {} {}", preset_name(preset), size_key(size)))
+    };
     let mut results: Vec<BenchResult> = Vec::new();
-    for &preset in &args.presets {
-        for &size in &sizes {
-            for &kind in &kinds {
-                eprintln!(
-                    "timing medray {} {} {} ...",
-                    preset_name(preset),
-                    size_key(size),
-                    kind_name(kind)
-                );
-                let r = if args.in_process {
-                    bench(preset, size, kind, args.repeats, device).map_err(anyhow::Error::from)
-                } else {
-                    bench_in_child(preset, size, kind, args.repeats, device)
+    // Per configuration with --rounds > 1: the ratio of each round.
+    let mut round_ratios: HashMap<(String, String, String), Vec<f64>> = HashMap::new();
+    let mut monai: Option<HashMap<(String, String, String), MonaiResult>> = None;
+    if let (Some(python), true) = (&args.compare_monai, args.rounds > 1) {
+        let mut references = HashMap::new();
+        for &preset in &args.presets {
+            for &size in &sizes {
+                for &kind in &kinds {
+                    let key = (
+                        preset_name(preset).to_string(),
+                        size_key(size),
+                        kind_name(kind).to_string(),
+                    );
+                    let mut ours = Vec::new();
+                    let mut theirs = Vec::new();
+                    for round in 1..=args.rounds {
+                        eprintln!("round {round} of {}", args.rounds);
+                        ours.push(time_medray(preset, size, kind)?);
+                        eprintln!("timing MONAI {} {} {} ...", key.0, key.1, key.2);
+                        let m = run_monai(&args, python, &[&key.0], &[key.1.clone()], &[&key.2])?;
+                        let m = *m.get(&key).with_context(|| {
+                            format!(
+                                "{} printed no result for {key:?}",
+                                args.monai_script.display()
+                            )
+                        })?;
+                        theirs.push(m);
+                    }
+                    let ratios: Vec<f64> = ours
+                        .iter()
+                        .zip(&theirs)
+                        .map(|(o, t)| o.median_s / t.median_s)
+                        .collect();
+                    references.insert(key.clone(), aggregate_monai(&theirs));
+                    round_ratios.insert(key, ratios);
+                    results.push(aggregate_medray(ours));
                 }
-                .with_context(|| format!("benchmark {} {}", preset_name(preset), size_key(size)))?;
-                results.push(r);
             }
         }
-    }
-    let monai = match &args.compare_monai {
-        Some(python) => {
-            eprintln!("timing MONAI with {} ...", python.display());
-            Some(run_monai(&args, python)?)
+        monai = Some(references);
+    } else {
+        for &preset in &args.presets {
+            for &size in &sizes {
+                for &kind in &kinds {
+                    results.push(time_medray(preset, size, kind)?);
+                }
+            }
         }
-        None => None,
-    };
+        if let Some(python) = &args.compare_monai {
+            eprintln!("timing MONAI with {} ...", python.display());
+            let presets: Vec<&str> = args.presets.iter().map(|p| preset_name(*p)).collect();
+            let kinds: Vec<&str> = args.kinds.iter().map(String::as_str).collect();
+            monai = Some(run_monai(&args, python, &presets, &args.sizes, &kinds)?);
+        }
+    }
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
@@ -194,6 +252,13 @@ pub fn run(args: Args, device: &candle_core::Device) -> anyhow::Result<()> {
             "machine: {cores} cores, device {device:?}; median of {} runs after 1 warm-up",
             args.repeats
         );
+        if args.rounds > 1 {
+            println!(
+                "{} rounds of medray then MONAI per configuration: times are medians over \
+                 rounds, the ratio the median of the rounds' ratios",
+                args.rounds
+            );
+        }
         println!(
             "{:<6} {:<12} {:<6} {:>12} {:>12} {:>8} {:>12} {:>12}",
             "preset", "size", "kind", "medray (s)", "MONAI (s)", "ratio", "medray MiB", "MONAI MiB"
@@ -208,12 +273,19 @@ pub fn run(args: Args, device: &candle_core::Device) -> anyhow::Result<()> {
         let monai_result = monai.as_ref().and_then(|m| m.get(&key)).copied();
         let reference = monai_result.map(|m| m.median_s);
         let monai_rss = monai_result.and_then(|m| m.peak_rss_mib);
+        let ratios = round_ratios.get(&key);
+        // With rounds, the median of the per-round ratios; otherwise medray / MONAI.
+        let ratio = match ratios {
+            Some(r) => Some(median(r.clone())),
+            None => reference.map(|m| r.median_s / m),
+        };
         let mib = |v: Option<f64>| v.map(|m| format!("{m:.0}")).unwrap_or_else(|| "-".into());
         if args.json {
             let mut v = serde_json::to_value(r)?;
             v["monai_median_s"] = serde_json::json!(reference);
             v["monai_peak_rss_mib"] = serde_json::json!(monai_rss);
-            v["ratio"] = serde_json::json!(reference.map(|m| r.median_s / m));
+            v["ratio"] = serde_json::json!(ratio);
+            v["round_ratios"] = serde_json::json!(ratios);
             v["cores"] = serde_json::json!(cores);
             println!("{v}");
         } else {
@@ -226,15 +298,57 @@ pub fn run(args: Args, device: &candle_core::Device) -> anyhow::Result<()> {
                 reference
                     .map(|m| format!("{m:.3}"))
                     .unwrap_or_else(|| "-".into()),
-                reference
-                    .map(|m| format!("{:.2}x", r.median_s / m))
+                ratio
+                    .map(|q| format!("{q:.2}x"))
                     .unwrap_or_else(|| "-".into()),
                 mib(r.peak_rss_mib),
                 mib(monai_rss)
             );
+            if let Some(ratios) = ratios {
+                let each: Vec<String> = ratios.iter().map(|q| format!("{q:.2}x")).collect();
+                println!("{:<26} rounds: {}", "", each.join(" "));
+            }
         }
     }
     Ok(())
+}
+
+/// The median of `values` (the mean of the middle two for an even count); NaN if empty.
+fn median(mut values: Vec<f64>) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    }
+}
+
+/// One configuration's medray result over rounds: the median of the rounds' medians, every
+/// timed repeat, the largest peak RSS.
+fn aggregate_medray(rounds: Vec<BenchResult>) -> BenchResult {
+    let mut out = rounds[0].clone();
+    out.median_s = median(rounds.iter().map(|r| r.median_s).collect());
+    out.times_s = rounds.iter().flat_map(|r| r.times_s.clone()).collect();
+    out.peak_rss_mib = rounds
+        .iter()
+        .filter_map(|r| r.peak_rss_mib)
+        .reduce(f64::max);
+    out
+}
+
+/// One configuration's MONAI result over rounds, as [`aggregate_medray`].
+fn aggregate_monai(rounds: &[MonaiResult]) -> MonaiResult {
+    MonaiResult {
+        median_s: median(rounds.iter().map(|r| r.median_s).collect()),
+        peak_rss_mib: rounds
+            .iter()
+            .filter_map(|r| r.peak_rss_mib)
+            .reduce(f64::max),
+    }
 }
 
 /// Runs one configuration in a fresh `medray bench --in-process --json` child, so that its
