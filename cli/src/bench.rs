@@ -208,7 +208,13 @@ pub fn run(args: Args, device: &candle_core::Device) -> anyhow::Result<()> {
                         eprintln!("round {round} of {}", args.rounds);
                         ours.push(time_medray(preset, size, kind)?);
                         eprintln!("timing MONAI {} {} {} ...", key.0, key.1, key.2);
-                        let m = run_monai(&args, python, &[&key.0], &[key.1.clone()], &[&key.2])?;
+                        let m = run_monai(
+                            &args,
+                            python,
+                            &[&key.0],
+                            std::slice::from_ref(&key.1),
+                            &[&key.2],
+                        )?;
                         let m = *m.get(&key).with_context(|| {
                             format!(
                                 "{} printed no result for {key:?}",
