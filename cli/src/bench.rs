@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::Context;
-use medray_core::bench::{bench, gemm_ceiling, profile_ops, BenchKind, BenchResult};
+use medray_core::bench::{bench, gemm_ceiling, median, profile_ops, BenchKind, BenchResult};
 use medray_core::localnet::{LocalNetConfig, Preset};
 
 /// Arguments of `medray bench`.
@@ -282,7 +282,7 @@ pub fn run(args: Args, device: &candle_core::Device) -> anyhow::Result<()> {
         let ratios = round_ratios.get(&key);
         // With rounds, the median of the per-round ratios; otherwise medray / MONAI.
         let ratio = match ratios {
-            Some(r) => Some(median(r.clone())),
+            Some(r) => Some(median(r)),
             None => reference.map(|m| r.median_s / m),
         };
         let mib = |v: Option<f64>| v.map(|m| format!("{m:.0}")).unwrap_or_else(|| "-".into());
@@ -319,25 +319,11 @@ pub fn run(args: Args, device: &candle_core::Device) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The median of `values` (the mean of the middle two for an even count); NaN if empty.
-fn median(mut values: Vec<f64>) -> f64 {
-    if values.is_empty() {
-        return f64::NAN;
-    }
-    values.sort_by(f64::total_cmp);
-    let n = values.len();
-    if n % 2 == 1 {
-        values[n / 2]
-    } else {
-        (values[n / 2 - 1] + values[n / 2]) / 2.0
-    }
-}
-
 /// One configuration's medray result over rounds: the median of the rounds' medians, every
 /// timed repeat, the largest peak RSS.
 fn aggregate_medray(rounds: Vec<BenchResult>) -> BenchResult {
     let mut out = rounds[0].clone();
-    out.median_s = median(rounds.iter().map(|r| r.median_s).collect());
+    out.median_s = median(&rounds.iter().map(|r| r.median_s).collect::<Vec<_>>());
     out.times_s = rounds.iter().flat_map(|r| r.times_s.clone()).collect();
     out.peak_rss_mib = rounds
         .iter()
@@ -349,7 +335,7 @@ fn aggregate_medray(rounds: Vec<BenchResult>) -> BenchResult {
 /// One configuration's MONAI result over rounds, as [`aggregate_medray`].
 fn aggregate_monai(rounds: &[MonaiResult]) -> MonaiResult {
     MonaiResult {
-        median_s: median(rounds.iter().map(|r| r.median_s).collect()),
+        median_s: median(&rounds.iter().map(|r| r.median_s).collect::<Vec<_>>()),
         peak_rss_mib: rounds
             .iter()
             .filter_map(|r| r.peak_rss_mib)

@@ -100,7 +100,8 @@ pub(crate) fn smooth_volume(size: [usize; 3], phase: f64, device: &Device) -> Re
     Ok(Tensor::from_vec(v, (1, 1, h, w, d), device)?)
 }
 
-fn median(times: &[f64]) -> f64 {
+/// The median of `times` (the mean of the middle two for an even count); NaN if empty.
+pub fn median(times: &[f64]) -> f64 {
     let mut t = times.to_vec();
     t.sort_by(f64::total_cmp);
     let n = t.len();

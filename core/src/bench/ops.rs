@@ -14,6 +14,7 @@ use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use super::median;
 use crate::localnet::LocalNetConfig;
 use crate::losses::{BendingEnergyLoss, GlobalMutualInformationLoss};
 use crate::ops;
@@ -185,15 +186,6 @@ impl OpTiming {
     }
 }
 
-fn median(mut t: Vec<f64>) -> f64 {
-    t.sort_by(f64::total_cmp);
-    match t.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => t[n / 2],
-        n => 0.5 * (t[n / 2 - 1] + t[n / 2]),
-    }
-}
-
 fn random(shape: &[usize], device: &Device) -> Result<Tensor> {
     Ok(Tensor::rand(0f32, 1f32, shape, device)?)
 }
@@ -220,7 +212,7 @@ fn time_op(repeats: usize, mut forward: impl FnMut() -> Result<Tensor>) -> Resul
             bwd.push((t2 - t1).as_secs_f64());
         }
     }
-    Ok((median(fwd), median(bwd)))
+    Ok((median(&fwd), median(&bwd)))
 }
 
 /// Times every op of [`layers`] plus warp, MI and bending energy at `size`.
@@ -392,7 +384,7 @@ pub fn gemm_ceiling(m: usize, n: usize, k: usize, repeats: usize) -> GemmCeiling
             times.push(t0.elapsed().as_secs_f64());
         }
     }
-    let median_s = median(times);
+    let median_s = median(&times);
     GemmCeiling {
         shape: [m, n, k],
         threads,
