@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use medray_core::localnet::LocalNet;
-use medray_core::ops::{self, Padding};
+use medray_core::ops::{self, with_conv3d_algorithm, Conv3dAlgorithm, Padding};
 use medray_core::optim::{Adam, AdamConfig};
 use medray_core::registration::{LossPreset, PairBatch, RegistrationLoss};
 
@@ -50,8 +50,20 @@ fn scalar(t: &Tensor) -> f64 {
 }
 
 fn net(preset: &str) -> LocalNet {
+    net_in(preset, DType::F64)
+}
+
+fn net_in(preset: &str, dtype: DType) -> LocalNet {
     let path = fixture(&format!("localnet_{preset}_weights.safetensors"));
-    LocalNet::load_safetensors(&path, None, DType::F64, &Device::Cpu).unwrap()
+    LocalNet::load_safetensors(&path, None, dtype, &Device::Cpu).unwrap()
+}
+
+/// The fixture's tensors in `dtype`.
+fn load_as(name: &str, dtype: DType) -> HashMap<String, Tensor> {
+    load(name)
+        .into_iter()
+        .map(|(k, v)| (k, v.to_dtype(dtype).unwrap()))
+        .collect()
 }
 
 fn check_forward(preset: &str) {
@@ -131,6 +143,60 @@ fn check_gradients(preset: &str) {
         checked,
         fx.keys().filter(|k| k.starts_with("grad.")).count()
     );
+}
+
+/// The f32 network on each CPU conv algorithm (the fixtures' 4-channel k7 convolutions
+/// would run the direct loops under `Auto`; `Fft` forces the FFT tiles) against the same
+/// MONAI outputs and gradients: f32 rounding bounds, not 1e-6.
+fn check_f32(preset: &str) {
+    for algorithm in [Conv3dAlgorithm::Direct, Conv3dAlgorithm::Fft] {
+        with_conv3d_algorithm(algorithm, || check_f32_on(preset, algorithm));
+    }
+}
+
+fn check_f32_on(preset: &str, algorithm: Conv3dAlgorithm) {
+    let fx = load_as(
+        &format!("localnet_{preset}_forward.safetensors"),
+        DType::F32,
+    );
+    let model = net_in(preset, DType::F32);
+    for (train, key) in [(false, "out_eval"), (true, "out_train")] {
+        let y = model.forward_t(&fx["input"], train).unwrap();
+        let e = rel_err(&y, &fx[key]);
+        assert!(e < 1e-4, "{preset} f32 {algorithm:?} {key}: rel err {e}");
+    }
+    let fx = load_as(&format!("localnet_{preset}_grad.safetensors"), DType::F32);
+    let model = net_in(preset, DType::F32);
+    let batch = pair(&fx);
+    let ddf = model
+        .forward_t(&batch.network_input().unwrap(), true)
+        .unwrap();
+    let e = rel_err(&ddf, &fx["ddf"]);
+    assert!(e < 1e-4, "{preset} f32 {algorithm:?} ddf: rel err {e}");
+    let loss = RegistrationLoss::new(LossPreset::MiBe)
+        .forward(&ddf, &batch)
+        .unwrap();
+    let grads = loss.total.backward().unwrap();
+    let mut worst = 0f64;
+    for (name, var) in model.parameters() {
+        let e = rel_err(grads.get(&var).unwrap(), &fx[&format!("grad.{name}")]);
+        assert!(
+            e < 1e-3,
+            "{preset} f32 {algorithm:?} grad.{name}: rel err {e}"
+        );
+        worst = worst.max(e);
+    }
+    println!("{preset} f32 {algorithm:?}: worst gradient rel err {worst:.2e}");
+}
+
+#[test]
+fn localnet_seed_f32_matches_monai() {
+    check_f32("seed");
+}
+
+#[test]
+fn localnet_full_f32_matches_monai() {
+    check_f32("full");
 }
 
 #[test]

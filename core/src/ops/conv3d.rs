@@ -18,6 +18,7 @@ mod avx2;
 mod cpu;
 #[cfg(feature = "cudnn")]
 mod cudnn;
+mod fft;
 #[cfg(test)]
 mod tests;
 mod transposed;
@@ -36,13 +37,79 @@ use transposed::TransposedPass;
 /// Returns `(B, Co, H, W, D)`. Differentiable with respect to all three inputs. CPU tensors
 /// of dtype f32 or f64 take the fast path; everything else runs [`conv3d_generic`].
 pub fn conv3d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    conv3d_with(x, w, bias, Algorithm::Auto)
+}
+
+/// Which CPU algorithm runs an f32 [`conv3d`] (forward and both gradients); f64 and other
+/// devices ignore it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Algorithm {
+    /// FFT tiles (`fft.rs`) where they need less time than the direct tap loops, unless
+    /// the environment variable `MEDRAY_CONV3D` is `direct`: kernels of 5 and up with
+    /// `Ci * Co * k^3 >= 1300 * (Ci + Co)` (the FFT work grows with `Ci + Co` transforms,
+    /// the direct work with `Ci * Co * k^3` taps; the constant is where the two measured
+    /// equal on a 2-core AVX2 machine: LocalNet's k7 32 -> 32 runs 4x faster as FFT, its
+    /// k7 2 -> 32 2x slower).
+    Auto,
+    /// Always the direct tap loops (`cpu.rs`, `avx2.rs`).
+    Direct,
+    /// FFT tiles for kernels of 5 and up, whatever the environment says.
+    Fft,
+}
+
+impl Algorithm {
+    /// Whether a convolution of these sizes takes the FFT path (which itself only takes
+    /// kernels of 5 and up).
+    fn uses_fft(self, dims: &ConvDims) -> bool {
+        let (ci, co, k) = (dims.in_channels, dims.out_channels, dims.kernel);
+        match self {
+            Algorithm::Auto => fft_enabled() && ci * co * k * k * k >= 1300 * (ci + co),
+            Algorithm::Direct => false,
+            Algorithm::Fft => true,
+        }
+    }
+}
+
+thread_local! {
+    /// The algorithm that replaces [`Algorithm::Auto`] on this thread, if any.
+    static AUTO_OVERRIDE: std::cell::Cell<Option<Algorithm>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with every [`Algorithm::Auto`] convolution started on this thread (by
+/// [`conv3d`], [`conv3d_fused`], and their gradients) running `algorithm` instead: for
+/// tests and benchmarks of whole networks on one path.
+pub fn with_conv3d_algorithm<R>(algorithm: Algorithm, f: impl FnOnce() -> R) -> R {
+    let previous = AUTO_OVERRIDE.with(|cell| cell.replace(Some(algorithm)));
+    let result = f();
+    AUTO_OVERRIDE.with(|cell| cell.set(previous));
+    result
+}
+
+/// `algorithm`, with [`Algorithm::Auto`] replaced by this thread's override.
+fn resolve(algorithm: Algorithm) -> Algorithm {
+    match algorithm {
+        Algorithm::Auto => AUTO_OVERRIDE
+            .with(|cell| cell.get())
+            .unwrap_or(Algorithm::Auto),
+        other => other,
+    }
+}
+
+/// [`conv3d`] with an explicit CPU [`Algorithm`] (for tests and benchmarks).
+pub fn conv3d_with(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    algorithm: Algorithm,
+) -> candle_core::Result<Tensor> {
     check_conv3d("conv3d", x, w, bias)?;
     if !has_fast_path(&[x]) && !runs_cudnn(x) {
         return conv3d_generic(x, w, bias);
     }
-    let y = x
-        .contiguous()?
-        .apply_op2(&w.contiguous()?, ConvKernel(Pass::Forward, None))?;
+    let y = x.contiguous()?.apply_op2(
+        &w.contiguous()?,
+        ConvKernel(Pass::Forward, None, resolve(algorithm)),
+    )?;
     add_bias(y, bias)
 }
 
@@ -61,7 +128,8 @@ pub fn conv3d_fused(x: &Tensor, w: &Tensor, epilogue: &Epilogue) -> candle_core:
         );
     }
     if has_fast_path(&[x]) && !x.track_op() && !w.track_op() {
-        let kernel = ConvKernel(Pass::Forward, Some(std::sync::Arc::new(epilogue.clone())));
+        let epilogue = Some(std::sync::Arc::new(epilogue.clone()));
+        let kernel = ConvKernel(Pass::Forward, epilogue, resolve(Algorithm::Auto));
         return x.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &kernel);
     }
     let channel = |v: &[f64]| {
@@ -476,7 +544,7 @@ enum Pass {
 /// The CPU custom op of [`conv3d`] (and, with an epilogue, [`conv3d_fused`]); only
 /// [`Pass::Forward`] without an epilogue has a backward pass.
 #[derive(Debug, Clone)]
-struct ConvKernel(Pass, Option<std::sync::Arc<Epilogue>>);
+struct ConvKernel(Pass, Option<std::sync::Arc<Epilogue>>, Algorithm);
 
 impl CpuKernel for ConvKernel {
     fn kernel_name(&self) -> &'static str {
@@ -491,58 +559,94 @@ impl CpuKernel for ConvKernel {
         let [(a, la), (b, lb)] = args else {
             bail!("{}: expected 2 arguments", self.kernel_name());
         };
-        match self.0 {
+        let dims = self.dims(la, lb)?;
+        let [h, wd, d] = dims.size;
+        let (ci, co, k) = (dims.in_channels, dims.out_channels, dims.kernel);
+        let shape = match self.0 {
+            Pass::Forward => Shape::from((dims.batch, co, h, wd, d)),
+            Pass::InputGrad => Shape::from((dims.batch, ci, h, wd, d)),
+            Pass::WeightGrad { .. } => Shape::from((co, ci, k, k, k)),
+        };
+        if let Some(out) = self.run_fft(a, b, &dims) {
+            return Ok((out, shape));
+        }
+        let out = match self.0 {
             Pass::Forward => {
-                let dims = ConvDims::new(la, lb)?;
                 let fold = dims.folds();
                 let groups = if fold {
                     dims.folded_groups(b)
                 } else {
                     dims.groups(b, false)
                 };
-                let out = correlate_batch(
-                    a,
-                    &groups,
-                    &dims,
-                    dims.in_channels,
-                    dims.out_channels,
-                    fold,
-                    self.1.as_deref(),
-                );
-                let [h, w, d] = dims.size;
-                Ok((out, Shape::from((dims.batch, dims.out_channels, h, w, d))))
+                correlate_batch(a, &groups, &dims, ci, co, fold, self.1.as_deref())
             }
+            // a = grad_out (B, Co, H, W, D), b = w (Co, Ci, k, k, k).
             Pass::InputGrad => {
-                // a = grad_out (B, Co, H, W, D), b = w (Co, Ci, k, k, k).
-                let (batch, co, h, wd, d) = la.shape().dims5()?;
-                let (_, ci, kernel, _, _) = lb.shape().dims5()?;
-                let dims = ConvDims {
-                    batch,
-                    in_channels: ci,
-                    out_channels: co,
-                    size: [h, wd, d],
-                    kernel,
-                };
-                let groups = dims.groups(b, true);
-                let out = correlate_batch(a, &groups, &dims, co, ci, false, None);
-                Ok((out, Shape::from((batch, ci, h, wd, d))))
+                correlate_batch(a, &dims.groups(b, true), &dims, co, ci, false, None)
             }
-            Pass::WeightGrad { kernel } => {
-                // a = grad_out (B, Co, H, W, D), b = x (B, Ci, H, W, D).
-                let (batch, co, h, wd, d) = la.shape().dims5()?;
-                let ci = lb.shape().dims5()?.1;
-                let dims = ConvDims {
-                    batch,
-                    in_channels: ci,
-                    out_channels: co,
-                    size: [h, wd, d],
-                    kernel,
-                };
-                let dw = weight_grad(b, a, &dims);
-                Ok((dw, Shape::from((co, ci, kernel, kernel, kernel))))
-            }
-        }
+            // a = grad_out (B, Co, H, W, D), b = x (B, Ci, H, W, D).
+            Pass::WeightGrad { .. } => weight_grad(b, a, &dims),
+        };
+        Ok((out, shape))
     }
+}
+
+impl ConvKernel {
+    /// The sizes of this pass's call: arguments `(x, w)` for [`Pass::Forward`], `(grad_out,
+    /// w)` for [`Pass::InputGrad`], `(grad_out, x)` for [`Pass::WeightGrad`].
+    fn dims(&self, la: &Layout, lb: &Layout) -> candle_core::Result<ConvDims> {
+        if self.0 == Pass::Forward {
+            return ConvDims::new(la, lb);
+        }
+        let (batch, out_channels, h, wd, d) = la.shape().dims5()?;
+        let (in_channels, kernel) = match self.0 {
+            Pass::WeightGrad { kernel } => (lb.shape().dims5()?.1, kernel),
+            _ => {
+                let (_, ci, kernel, _, _) = lb.shape().dims5()?;
+                (ci, kernel)
+            }
+        };
+        Ok(ConvDims {
+            batch,
+            in_channels,
+            out_channels,
+            size: [h, wd, d],
+            kernel,
+        })
+    }
+
+    /// This pass through the FFT convolution (`fft.rs`), when it takes the call: f32,
+    /// kernels of 5 and up, and the [`Algorithm`] allows it.
+    fn run_fft<T: Float>(&self, a: &[T], b: &[T], dims: &ConvDims) -> Option<Vec<T>> {
+        if !self.2.uses_fft(dims) {
+            return None;
+        }
+        let (a, b) = (T::as_f32(a)?, T::as_f32(b)?);
+        let channels = [dims.in_channels, dims.out_channels];
+        let (batch, size, k) = (dims.batch, dims.size, dims.kernel);
+        let out = match self.0 {
+            Pass::Forward => fft::forward(a, b, batch, channels, size, k, self.1.as_deref()),
+            Pass::InputGrad => fft::input_grad(a, b, batch, channels, size, k),
+            Pass::WeightGrad { .. } => fft::weight_grad(b, a, batch, channels, size, k),
+        }?;
+        T::from_f32(out)
+    }
+}
+
+/// Whether f32 convolutions with kernels of 5 and up take the FFT path: yes, unless the
+/// environment variable `MEDRAY_CONV3D` is `direct` (for comparisons; `auto`, the default,
+/// picks FFT). Read once per process.
+fn fft_enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| match std::env::var("MEDRAY_CONV3D") {
+        Err(_) => true,
+        Ok(v) if v == "auto" => true,
+        Ok(v) if v == "direct" => false,
+        Ok(v) => {
+            tracing::warn!("MEDRAY_CONV3D={v:?} is neither `auto` nor `direct`; using `auto`");
+            true
+        }
+    })
 }
 
 impl CustomOp2 for ConvKernel {
@@ -613,8 +717,8 @@ impl CustomOp2 for ConvKernel {
             x,
             w,
             grad,
-            &ConvKernel(Pass::InputGrad, None),
-            &ConvKernel(Pass::WeightGrad { kernel }, None),
+            &ConvKernel(Pass::InputGrad, None, self.2),
+            &ConvKernel(Pass::WeightGrad { kernel }, None, self.2),
         )
     }
 }

@@ -37,6 +37,10 @@ pub(crate) trait Float:
     fn data(storage: &CpuStorage) -> Option<&[Self]>;
     /// Wraps a result as a CPU storage.
     fn storage(data: Vec<Self>) -> CpuStorage;
+    /// These values as f32, when `Self` is f32 (for kernels that exist in f32 only).
+    fn as_f32(values: &[Self]) -> Option<&[f32]>;
+    /// f32 results as `Self`, when `Self` is f32.
+    fn from_f32(values: Vec<f32>) -> Option<Vec<Self>>;
 }
 
 impl Float for f32 {
@@ -56,6 +60,12 @@ impl Float for f32 {
     fn storage(data: Vec<Self>) -> CpuStorage {
         CpuStorage::F32(data)
     }
+    fn as_f32(values: &[Self]) -> Option<&[f32]> {
+        Some(values)
+    }
+    fn from_f32(values: Vec<f32>) -> Option<Vec<Self>> {
+        Some(values)
+    }
 }
 
 impl Float for f64 {
@@ -74,6 +84,12 @@ impl Float for f64 {
     }
     fn storage(data: Vec<Self>) -> CpuStorage {
         CpuStorage::F64(data)
+    }
+    fn as_f32(_: &[Self]) -> Option<&[f32]> {
+        None
+    }
+    fn from_f32(_: Vec<f32>) -> Option<Vec<Self>> {
+        None
     }
 }
 

@@ -407,7 +407,7 @@ pub struct Epilogue {
 }
 
 impl Epilogue {
-    fn coefficients<T: Float>(&self, co: usize) -> (Vec<T>, Vec<T>, bool) {
+    pub(super) fn coefficients<T: Float>(&self, co: usize) -> (Vec<T>, Vec<T>, bool) {
         debug_assert!(self.scale.len() == co && self.shift.len() == co);
         let cast = |v: &[f64]| v.iter().map(|&x| T::from_f64(x)).collect::<Vec<T>>();
         (cast(&self.scale), cast(&self.shift), self.relu)

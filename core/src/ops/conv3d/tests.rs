@@ -12,6 +12,16 @@ use rand_chacha::ChaCha8Rng;
 type Conv = fn(&Tensor, &Tensor, Option<&Tensor>) -> candle_core::Result<Tensor>;
 type ConvT = fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>;
 
+/// [`conv3d`] on the direct tap loops whatever the kernel size.
+fn conv3d_direct(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    conv3d_with(x, w, bias, Algorithm::Direct)
+}
+
+/// [`conv3d`] on the FFT tiles for kernels of 5 and up.
+fn conv3d_fft(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    conv3d_with(x, w, bias, Algorithm::Fft)
+}
+
 fn random(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let n: usize = shape.iter().product();
@@ -135,7 +145,8 @@ fn assert_close(got: &[f64], want: &[f64], tol: f64, what: &str) {
 #[test]
 fn conv3d_matches_direct_loops_k3_and_k7() {
     for (conv, name) in [
-        (conv3d as Conv, "fast"),
+        (conv3d_direct as Conv, "direct"),
+        (conv3d_fft as Conv, "fft"),
         (conv3d_generic as Conv, "generic"),
     ] {
         for (k, size) in [(3, [6, 5, 7]), (7, [8, 8, 8]), (1, [3, 4, 5])] {
@@ -328,7 +339,7 @@ fn avx2_tiles_equal_generic_with_gradients() {
                 values(grads.get(&wv).unwrap()),
             ]
         };
-        let (fast, generic) = (run(conv3d), run(conv3d_generic));
+        let (fast, generic) = (run(conv3d_direct), run(conv3d_generic));
         for (n, (f, g)) in fast.iter().zip(&generic).enumerate() {
             assert_close(
                 f,
@@ -549,23 +560,28 @@ fn invalid_shapes_are_rejected_with_the_op_name() {
 #[test]
 #[ignore = "timing probe: prints conv3d forward/backward seconds; run with --ignored --nocapture"]
 fn timing() {
-    let x = random(&[1, 32, 32, 32, 32], 50, DType::F32);
+    let x = random(&[1, 32, 64, 64, 64], 50, DType::F32);
     let w = random(&[32, 32, 7, 7, 7], 51, DType::F32);
     let xv = Var::from_tensor(&x).unwrap();
     let wv = Var::from_tensor(&w).unwrap();
-    for _ in 0..3 {
-        let t0 = std::time::Instant::now();
-        let y = conv3d(xv.as_tensor(), wv.as_tensor(), None).unwrap();
-        let t1 = std::time::Instant::now();
-        let grads = y.sum_all().unwrap().backward().unwrap();
-        let t2 = std::time::Instant::now();
-        assert!(grads.get(&wv).is_some());
-        println!(
-            "conv3d B=1 Ci=Co=32 k=7 32^3 f32: forward {:.3} s, backward {:.3} s ({} threads)",
-            (t1 - t0).as_secs_f64(),
-            (t2 - t1).as_secs_f64(),
-            rayon::current_num_threads()
-        );
+    for (conv, name) in [
+        (conv3d_direct as Conv, "direct"),
+        (conv3d_fft as Conv, "fft"),
+    ] {
+        for _ in 0..3 {
+            let t0 = std::time::Instant::now();
+            let y = conv(xv.as_tensor(), wv.as_tensor(), None).unwrap();
+            let t1 = std::time::Instant::now();
+            let grads = y.sum_all().unwrap().backward().unwrap();
+            let t2 = std::time::Instant::now();
+            assert!(grads.get(&wv).is_some());
+            println!(
+                "conv3d {name} B=1 Ci=Co=32 k=7 64^3 f32: forward {:.3} s, backward {:.3} s ({} threads)",
+                (t1 - t0).as_secs_f64(),
+                (t2 - t1).as_secs_f64(),
+                rayon::current_num_threads()
+            );
+        }
     }
 }
 
@@ -623,5 +639,73 @@ fn cudnn_matches_cpu_with_gradients() {
         };
         let what = format!("conv_transpose3d {dtype:?}");
         compare(&run(&gpu), &run(&Device::Cpu), rel, &what);
+    }
+}
+
+/// The FFT tiles (`fft.rs`) against the direct tap loops, f32, values and both gradients:
+/// kernels 5 and 7, batch 2, uneven sizes that need 1 to 3 tiles per axis with a clipped
+/// last tile (30 x 9 x 40 at k = 7 runs blocks of 24 x 16 x 32), few and many channels.
+#[test]
+fn fft_tiles_equal_direct_with_gradients() {
+    for (ci, co, k, size) in [
+        (3, 5, 7, [30, 9, 40]),
+        (16, 16, 5, [12, 29, 7]),
+        (2, 32, 7, [9, 10, 11]),
+        (4, 3, 5, [1, 33, 2]),
+    ] {
+        let [h, wd, d] = size;
+        let x = random(&[2, ci, h, wd, d], 110, DType::F32);
+        let w = random(&[co, ci, k, k, k], 111, DType::F32);
+        let bias = random(&[co], 112, DType::F32);
+        let r = random(&[2, co, h, wd, d], 113, DType::F32);
+        let run = |conv: Conv| {
+            let (xv, wv) = (Var::from_tensor(&x).unwrap(), Var::from_tensor(&w).unwrap());
+            let y = conv(xv.as_tensor(), wv.as_tensor(), Some(&bias)).unwrap();
+            let grads = y.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+            vec![
+                values(&y),
+                values(grads.get(&xv).unwrap()),
+                values(grads.get(&wv).unwrap()),
+            ]
+        };
+        let (fft, direct) = (run(conv3d_fft), run(conv3d_direct));
+        for (n, (f, g)) in fft.iter().zip(&direct).enumerate() {
+            let what = format!("ci={ci} co={co} k={k} size={size:?} output/grad {n}");
+            assert_close(f, g, 2e-6, &what);
+        }
+    }
+}
+
+/// The FFT forward with a fused eval-mode BatchNorm + ReLU equals the direct convolution
+/// followed by the map; and `MEDRAY_CONV3D` unset means [`Algorithm::Auto`] takes the
+/// FFT tiles (the two paths round differently, so the outputs are not bit-equal).
+#[test]
+fn fft_forward_with_epilogue_and_auto_choice() {
+    let x = random(&[1, 8, 14, 27, 9], 120, DType::F32);
+    let w = random(&[16, 8, 7, 7, 7], 121, DType::F32);
+    let co = 16;
+    let epilogue = Epilogue {
+        scale: (0..co).map(|o| 0.5 + 0.1 * o as f64).collect(),
+        shift: (0..co).map(|o| 0.3 - 0.05 * o as f64).collect(),
+        relu: true,
+    };
+    let direct = values(&conv3d_direct(&x, &w, None).unwrap());
+    let vox = 14 * 27 * 9;
+    let want: Vec<f64> = direct
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (v * epilogue.scale[i / vox] + epilogue.shift[i / vox]).max(0.0))
+        .collect();
+    let got = values(&conv3d_fused(&x, &w, &epilogue).unwrap());
+    assert_close(&got, &want, 2e-6, "fused FFT forward");
+    assert!(want.contains(&0.0), "the ReLU clips something");
+    if std::env::var_os("MEDRAY_CONV3D").is_none() {
+        let auto = values(&conv3d(&x, &w, None).unwrap());
+        let fft = values(&conv3d_fft(&x, &w, None).unwrap());
+        assert_eq!(auto, fft, "Auto takes the FFT tiles for k = 7");
+        assert_ne!(
+            auto, direct,
+            "the FFT tiles round differently from the tap loops"
+        );
     }
 }
