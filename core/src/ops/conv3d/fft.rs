@@ -114,6 +114,19 @@ struct Plan {
     inv: [Arc<dyn Fft<f32>>; 2],
 }
 
+/// How the blocks of one tensor are cut around the tiles.
+#[derive(Debug, Clone, Copy)]
+struct Blocks {
+    /// Channels of the tensor.
+    channels: usize,
+    /// Voxels between a block's first voxel and its tile's origin, per axis.
+    shift: usize,
+    /// Voxels kept per axis from the block's start (zeros beyond).
+    extent: [usize; 3],
+    /// Whether the spectra are conjugated.
+    conj: bool,
+}
+
 /// Per-thread buffers of the block transforms.
 struct Workspace {
     /// One real block, `N0 * N1 * N2`.
@@ -404,22 +417,23 @@ impl Plan {
         spectra
     }
 
-    /// The spectra of the blocks of a group of tiles (`first..first + count` over the batch),
-    /// one per tile and channel of the channels-first `input` (`channels` wide), in chunks,
-    /// layout `[tile][channel][chunk]`, into `dst`. Each block starts `shift` voxels before
-    /// its tile's origin and keeps `extent` voxels per axis; `conj` conjugates.
-    #[allow(clippy::too_many_arguments)]
+    /// The spectra of the blocks of the tiles `tiles` (numbered over the batch), one per
+    /// tile and channel of the channels-first `input`, cut as `blocks` says, in chunks,
+    /// layout `[tile][channel][chunk]`, into `dst`.
     fn block_spectra(
         &self,
         input: &[f32],
-        channels: usize,
-        first: usize,
-        count: usize,
-        shift: usize,
-        extent: [usize; 3],
-        conj: bool,
+        blocks: Blocks,
+        tiles: std::ops::Range<usize>,
         dst: &mut [f32],
     ) {
+        let Blocks {
+            channels,
+            shift,
+            extent,
+            conj,
+        } = blocks;
+        let (first, count) = (tiles.start, tiles.len());
         let per_item = self.tiles_per_item();
         let vox = self.voxels();
         dst[..count * channels * self.spectrum_floats()]
@@ -440,16 +454,15 @@ impl Plan {
             );
     }
 
-    /// `out[tile][row] = Σ_col spectra[row][col] ⊙ input[tile][col]` for the tiles
-    /// `first..first + count`, then back to voxels: the shared body of the forward pass and
-    /// the input gradient. `offset` is where the valid outputs sit in the block.
-    #[allow(clippy::too_many_arguments)]
+    /// `out[tile][row] = Σ_col spectra[row][col] ⊙ input[tile][col]` over all tiles, then
+    /// back to voxels: the shared body of the forward pass and the input gradient. `input`
+    /// has `cols` channels, the result `rows`; `offset` is where the valid outputs sit in
+    /// the block.
     fn apply(
         &self,
         input: &[f32],
         batch: usize,
-        cols: usize,
-        rows: usize,
+        [cols, rows]: [usize; 2],
         spectra: &[f32],
         offset: usize,
         epilogue: Option<&Epilogue>,
@@ -466,12 +479,24 @@ impl Plan {
         let coefficients = epilogue.map(|e| e.coefficients::<f32>(rows));
         for first in (0..total).step_by(group) {
             let count = group.min(total - first);
-            self.block_spectra(input, cols, first, count, pad, self.block, false, &mut xs);
+            let blocks = Blocks {
+                channels: cols,
+                shift: pad,
+                extent: self.block,
+                conj: false,
+            };
+            self.block_spectra(input, blocks, first..first + count, &mut xs);
             ys[..count * rows * sf]
                 .par_chunks_mut(count * rows * CHUNK_FLOATS)
                 .enumerate()
                 .for_each(|(c, dst)| {
-                    products(spectra, &xs, dst, c, self.chunks, count, rows, cols);
+                    let sizes = Sizes {
+                        chunks: self.chunks,
+                        tiles: count,
+                        rows,
+                        cols,
+                    };
+                    products(spectra, &xs, dst, c, sizes);
                 });
             let ys = &ys;
             out.par_chunks_mut(vox).enumerate().for_each_init(
@@ -534,7 +559,7 @@ pub(super) fn forward(
 ) -> Option<Vec<f32>> {
     let plan = plan(size, kernel)?;
     let spectra = plan.kernel_spectra(w, co, ci, false);
-    let y = plan.apply(x, batch, ci, co, &spectra, 0, epilogue);
+    let y = plan.apply(x, batch, [ci, co], &spectra, 0, epilogue);
     Buffers::give(spectra);
     Some(y)
 }
@@ -551,7 +576,7 @@ pub(super) fn input_grad(
 ) -> Option<Vec<f32>> {
     let plan = plan(size, kernel)?;
     let spectra = plan.kernel_spectra(w, co, ci, true);
-    let dx = plan.apply(dy, batch, co, ci, &spectra, kernel - 1, None);
+    let dx = plan.apply(dy, batch, [co, ci], &spectra, kernel - 1, None);
     Buffers::give(spectra);
     Some(dx)
 }
@@ -578,12 +603,31 @@ pub(super) fn weight_grad(
     let mut xs = Buffers::take(group * ci * sf);
     for first in (0..total).step_by(group) {
         let count = group.min(total - first);
-        plan.block_spectra(dy, co, first, count, 0, plan.tile(), true, &mut dys);
-        plan.block_spectra(x, ci, first, count, pad, plan.block, false, &mut xs);
+        // dy: each tile's own outputs only; x: the whole block around them.
+        let dy_blocks = Blocks {
+            channels: co,
+            shift: 0,
+            extent: plan.tile(),
+            conj: true,
+        };
+        let x_blocks = Blocks {
+            channels: ci,
+            shift: pad,
+            extent: plan.block,
+            conj: false,
+        };
+        plan.block_spectra(dy, dy_blocks, first..first + count, &mut dys);
+        plan.block_spectra(x, x_blocks, first..first + count, &mut xs);
         sums.par_chunks_mut(co * ci * CHUNK_FLOATS)
             .enumerate()
             .for_each(|(c, dst)| {
-                accumulate(dst, &dys, &xs, c, plan.chunks, count, co, ci);
+                let sizes = Sizes {
+                    chunks: plan.chunks,
+                    tiles: count,
+                    rows: co,
+                    cols: ci,
+                };
+                accumulate(dst, &dys, &xs, c, sizes);
             });
     }
     Buffers::give(dys);
@@ -653,6 +697,17 @@ fn from_chunks<'a>(spectrum: &mut [Complex32], chunk: impl Fn(usize) -> &'a [f32
     }
 }
 
+/// The sizes of one chunk's frequency-domain products: chunks per spectrum, tiles in the
+/// group, and the channel counts (`rows` produced, `cols` summed over; for the weight
+/// gradient, `Co` and `Ci`).
+#[derive(Debug, Clone, Copy)]
+struct Sizes {
+    chunks: usize,
+    tiles: usize,
+    rows: usize,
+    cols: usize,
+}
+
 /// `a * b + c`, fused where the caller is compiled with FMA.
 #[inline(always)]
 fn fma<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
@@ -688,24 +743,14 @@ fn chunk(v: &[f32], at: usize) -> &[f32; CHUNK_FLOATS] {
 /// Chunk `c` of `y[tile][row] = Σ_col k[row][col] ⊙ x[tile][col]` for `tiles` tiles:
 /// `k` is `[row][chunk][col]`, `x` is `[tile][col][chunk]`, `y` (this chunk only) is
 /// `[tile][row]`.
-#[allow(clippy::too_many_arguments)]
-fn products(
-    k: &[f32],
-    x: &[f32],
-    y: &mut [f32],
-    c: usize,
-    chunks: usize,
-    tiles: usize,
-    rows: usize,
-    cols: usize,
-) {
+fn products(k: &[f32], x: &[f32], y: &mut [f32], c: usize, sizes: Sizes) {
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
         // SAFETY: the CPU has AVX2 and FMA, checked just above.
-        unsafe { products_avx2(k, x, y, c, chunks, tiles, rows, cols) };
+        unsafe { products_avx2(k, x, y, c, sizes) };
         return;
     }
-    products_with::<false>(k, x, y, c, chunks, tiles, rows, cols);
+    products_with::<false>(k, x, y, c, sizes);
 }
 
 /// [`products`] compiled for AVX2 and FMA.
@@ -714,32 +759,18 @@ fn products(
 /// The CPU must have AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn products_avx2(
-    k: &[f32],
-    x: &[f32],
-    y: &mut [f32],
-    c: usize,
-    chunks: usize,
-    tiles: usize,
-    rows: usize,
-    cols: usize,
-) {
-    products_with::<true>(k, x, y, c, chunks, tiles, rows, cols);
+unsafe fn products_avx2(k: &[f32], x: &[f32], y: &mut [f32], c: usize, sizes: Sizes) {
+    products_with::<true>(k, x, y, c, sizes);
 }
 
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn products_with<const FMA: bool>(
-    k: &[f32],
-    x: &[f32],
-    y: &mut [f32],
-    c: usize,
-    chunks: usize,
-    tiles: usize,
-    rows: usize,
-    cols: usize,
-) {
+fn products_with<const FMA: bool>(k: &[f32], x: &[f32], y: &mut [f32], c: usize, sizes: Sizes) {
+    let Sizes {
+        chunks,
+        tiles,
+        rows,
+        cols,
+    } = sizes;
     // Two tiles per pass, so that each kernel chunk loaded serves both.
     let mut t = 0;
     while t < tiles {
@@ -768,24 +799,14 @@ fn products_with<const FMA: bool>(
 /// Chunk `c` of `sums[co][ci] += dy[tile][co] ⊙ x[tile][ci]` over `tiles` tiles (`dy`
 /// already conjugated): `dy` is `[tile][co][chunk]`, `x` is `[tile][ci][chunk]`, `sums`
 /// (this chunk only) is `[co][ci]`.
-#[allow(clippy::too_many_arguments)]
-fn accumulate(
-    sums: &mut [f32],
-    dy: &[f32],
-    x: &[f32],
-    c: usize,
-    chunks: usize,
-    tiles: usize,
-    co: usize,
-    ci: usize,
-) {
+fn accumulate(sums: &mut [f32], dy: &[f32], x: &[f32], c: usize, sizes: Sizes) {
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
         // SAFETY: the CPU has AVX2 and FMA, checked just above.
-        unsafe { accumulate_avx2(sums, dy, x, c, chunks, tiles, co, ci) };
+        unsafe { accumulate_avx2(sums, dy, x, c, sizes) };
         return;
     }
-    accumulate_with::<false>(sums, dy, x, c, chunks, tiles, co, ci);
+    accumulate_with::<false>(sums, dy, x, c, sizes);
 }
 
 /// [`accumulate`] compiled for AVX2 and FMA.
@@ -794,32 +815,24 @@ fn accumulate(
 /// The CPU must have AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn accumulate_avx2(
-    sums: &mut [f32],
-    dy: &[f32],
-    x: &[f32],
-    c: usize,
-    chunks: usize,
-    tiles: usize,
-    co: usize,
-    ci: usize,
-) {
-    accumulate_with::<true>(sums, dy, x, c, chunks, tiles, co, ci);
+unsafe fn accumulate_avx2(sums: &mut [f32], dy: &[f32], x: &[f32], c: usize, sizes: Sizes) {
+    accumulate_with::<true>(sums, dy, x, c, sizes);
 }
 
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn accumulate_with<const FMA: bool>(
     sums: &mut [f32],
     dy: &[f32],
     x: &[f32],
     c: usize,
-    chunks: usize,
-    tiles: usize,
-    co: usize,
-    ci: usize,
+    sizes: Sizes,
 ) {
+    let Sizes {
+        chunks,
+        tiles,
+        rows: co,
+        cols: ci,
+    } = sizes;
     // Two sums at a time stay in registers over all tiles; each dy chunk serves both.
     for o in 0..co {
         let mut i = 0;
