@@ -22,8 +22,8 @@ pub use batch_norm::{
     batch_norm_relu3d_eval, batch_norm_relu3d_train, BatchNormStats,
 };
 pub use conv3d::{
-    conv3d, conv3d_fused, conv3d_generic, conv3d_with, conv_transpose3d, conv_transpose3d_generic,
-    with_conv3d_algorithm, Algorithm as Conv3dAlgorithm, Epilogue,
+    conv3d, conv3d_auto_uses_fft, conv3d_fused, conv3d_generic, conv3d_with, conv_transpose3d,
+    conv_transpose3d_generic, with_conv3d_algorithm, Algorithm as Conv3dAlgorithm, Epilogue,
 };
 pub use pool::max_pool3d;
 pub use resize::resize_trilinear;

@@ -267,8 +267,18 @@ pub fn profile_ops(
                 time_op(repeats, || Ok(ops::max_pool3d(&x, 2)?))?
             }
         };
+        // FFT convolutions do far fewer operations than the direct count of forward_flop:
+        // their GFLOP/s is the direct-equivalent rate.
+        let label = match op {
+            LayerOp::Conv { ci, co, k, .. }
+                if device.is_cpu() && ops::conv3d_auto_uses_fft(ci, co, k) =>
+            {
+                format!("{} [fft]", op.label())
+            }
+            _ => op.label(),
+        };
         out.push(OpTiming {
-            label: op.label(),
+            label,
             count,
             forward_s,
             backward_s,

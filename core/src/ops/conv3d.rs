@@ -70,6 +70,19 @@ impl Algorithm {
     }
 }
 
+/// Whether an f32 CPU [`conv3d`] with these channel counts and odd kernel size runs as
+/// FFT tiles under [`Algorithm::Auto`] on this thread.
+pub fn conv3d_auto_uses_fft(in_channels: usize, out_channels: usize, kernel: usize) -> bool {
+    let dims = ConvDims {
+        batch: 1,
+        in_channels,
+        out_channels,
+        size: [1, 1, 1],
+        kernel,
+    };
+    kernel >= fft::MIN_KERNEL && resolve(Algorithm::Auto).uses_fft(&dims)
+}
+
 thread_local! {
     /// The algorithm that replaces [`Algorithm::Auto`] on this thread, if any.
     static AUTO_OVERRIDE: std::cell::Cell<Option<Algorithm>> = const { std::cell::Cell::new(None) };

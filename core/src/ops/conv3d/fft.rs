@@ -34,6 +34,8 @@ use rustfft::{Fft, FftPlanner};
 
 use super::Epilogue;
 
+/// The smallest kernel the FFT path takes (below it the direct loops always win).
+pub(super) const MIN_KERNEL: usize = 5;
 /// Frequencies per chunk of the pointwise products.
 const CHUNK: usize = 16;
 /// Floats per chunk of one spectrum: `CHUNK` real parts, then `CHUNK` imaginary parts.
@@ -539,7 +541,7 @@ impl Plan {
 
 /// The plan of a convolution of `size` with kernel `kernel`, when the FFT path takes it.
 fn plan(size: [usize; 3], kernel: usize) -> Option<Plan> {
-    if kernel < 5 {
+    if kernel < MIN_KERNEL {
         return None;
     }
     Plan::new(size, kernel)

@@ -700,6 +700,16 @@ fn fft_forward_with_epilogue_and_auto_choice() {
     assert_close(&got, &want, 2e-6, "fused FFT forward");
     assert!(want.contains(&0.0), "the ReLU clips something");
     if std::env::var_os("MEDRAY_CONV3D").is_none() {
+        // LocalNet's level-0 convolutions: 32 -> 32 gains from FFT, 2 -> 32 does not;
+        // kernels of 3 never take it.
+        assert!(conv3d_auto_uses_fft(32, 32, 7) && conv3d_auto_uses_fft(8, 16, 7));
+        assert!(!conv3d_auto_uses_fft(2, 32, 7) && !conv3d_auto_uses_fft(256, 256, 3));
+        assert!(with_conv3d_algorithm(Algorithm::Fft, || {
+            conv3d_auto_uses_fft(2, 32, 7)
+        }));
+        assert!(!with_conv3d_algorithm(Algorithm::Direct, || {
+            conv3d_auto_uses_fft(32, 32, 7)
+        }));
         let auto = values(&conv3d(&x, &w, None).unwrap());
         let fft = values(&conv3d_fft(&x, &w, None).unwrap());
         assert_eq!(auto, fft, "Auto takes the FFT tiles for k = 7");
