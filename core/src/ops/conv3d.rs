@@ -5,7 +5,9 @@
 //!
 //! On the CPU, [`conv3d`] runs a candle custom op whose forward and backward passes are
 //! tap-group products over a zero-padded channels-last copy of the input (see `cpu.rs`;
-//! f32 runs an AVX2/FMA register tile where the CPU has it, `avx2.rs`), and
+//! f32 runs an AVX2/FMA register tile where the CPU has it, `avx2.rs`), or, for f32 with
+//! large kernels and many channels (LocalNet's level-0 k7 32 -> 32), FFT tiles (`fft.rs`,
+//! chosen by [`Algorithm::Auto`]); and
 //! [`conv3d_fused`] applies an eval-mode BatchNorm + ReLU as the outputs are written. On
 //! other devices, and in
 //! [`conv3d_generic`], it is a sum over the depth taps of candle `conv2d`s, whose gradient
@@ -92,10 +94,15 @@ thread_local! {
 /// [`conv3d`], [`conv3d_fused`], and their gradients) running `algorithm` instead: for
 /// tests and benchmarks of whole networks on one path.
 pub fn with_conv3d_algorithm<R>(algorithm: Algorithm, f: impl FnOnce() -> R) -> R {
-    let previous = AUTO_OVERRIDE.with(|cell| cell.replace(Some(algorithm)));
-    let result = f();
-    AUTO_OVERRIDE.with(|cell| cell.set(previous));
-    result
+    /// Puts the previous override back, also when `f` panics.
+    struct Restore(Option<Algorithm>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            AUTO_OVERRIDE.with(|cell| cell.set(self.0));
+        }
+    }
+    let _restore = Restore(AUTO_OVERRIDE.with(|cell| cell.replace(Some(algorithm))));
+    f()
 }
 
 /// `algorithm`, with [`Algorithm::Auto`] replaced by this thread's override.

@@ -388,7 +388,7 @@ impl Plan {
     /// The spectra of the `(rows, cols)` kernels of `w` (`(Co, Ci, k, k, k)`), in chunks,
     /// layout `[row][chunk][col]`: `rows = Co` for the forward pass (conjugated), `rows = Ci`
     /// for the input gradient (`transpose`). A chunk of one row for all columns is one
-    /// contiguous run, as [`products`] reads it.
+    /// contiguous run, as [`products_with`] reads it.
     fn kernel_spectra(&self, w: &[f32], co: usize, ci: usize, transpose: bool) -> Vec<f32> {
         let k = self.kernel;
         let k3 = k * k * k;
@@ -498,7 +498,7 @@ impl Plan {
                         rows,
                         cols,
                     };
-                    products(spectra, &xs, dst, c, sizes);
+                    chunk_products(Product::Sum, dst, spectra, &xs, c, sizes);
                 });
             let ys = &ys;
             out.par_chunks_mut(vox).enumerate().for_each_init(
@@ -629,7 +629,7 @@ pub(super) fn weight_grad(
                     rows: co,
                     cols: ci,
                 };
-                accumulate(dst, &dys, &xs, c, sizes);
+                chunk_products(Product::Outer, dst, &dys, &xs, c, sizes);
             });
     }
     Buffers::give(dys);
@@ -742,29 +742,61 @@ fn chunk(v: &[f32], at: usize) -> &[f32; CHUNK_FLOATS] {
         .expect("a chunk is CHUNK_FLOATS long")
 }
 
-/// Chunk `c` of `y[tile][row] = Σ_col k[row][col] ⊙ x[tile][col]` for `tiles` tiles:
-/// `k` is `[row][chunk][col]`, `x` is `[tile][col][chunk]`, `y` (this chunk only) is
-/// `[tile][row]`.
-fn products(k: &[f32], x: &[f32], y: &mut [f32], c: usize, sizes: Sizes) {
+/// The two frequency-domain kernels of one chunk.
+#[derive(Debug, Clone, Copy)]
+enum Product {
+    /// [`products_with`]: `out[tile][row] = Σ_col a[row][col] ⊙ b[tile][col]`.
+    Sum,
+    /// [`accumulate_with`]: `out[co][ci] += a[tile][co] ⊙ b[tile][ci]` over tiles.
+    Outer,
+}
+
+/// Runs `kind` on chunk `c`, compiled for AVX2 and FMA where the CPU has them.
+fn chunk_products(kind: Product, out: &mut [f32], a: &[f32], b: &[f32], c: usize, sizes: Sizes) {
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
         // SAFETY: the CPU has AVX2 and FMA, checked just above.
-        unsafe { products_avx2(k, x, y, c, sizes) };
+        unsafe { chunk_products_avx2(kind, out, a, b, c, sizes) };
         return;
     }
-    products_with::<false>(k, x, y, c, sizes);
+    chunk_products_with::<false>(kind, out, a, b, c, sizes);
 }
 
-/// [`products`] compiled for AVX2 and FMA.
+/// [`chunk_products`] compiled for AVX2 and FMA.
 ///
 /// # Safety
 /// The CPU must have AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn products_avx2(k: &[f32], x: &[f32], y: &mut [f32], c: usize, sizes: Sizes) {
-    products_with::<true>(k, x, y, c, sizes);
+unsafe fn chunk_products_avx2(
+    kind: Product,
+    out: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    c: usize,
+    sizes: Sizes,
+) {
+    chunk_products_with::<true>(kind, out, a, b, c, sizes);
 }
 
+#[inline(always)]
+fn chunk_products_with<const FMA: bool>(
+    kind: Product,
+    out: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    c: usize,
+    sizes: Sizes,
+) {
+    match kind {
+        Product::Sum => products_with::<FMA>(a, b, out, c, sizes),
+        Product::Outer => accumulate_with::<FMA>(out, a, b, c, sizes),
+    }
+}
+
+/// Chunk `c` of `y[tile][row] = Σ_col k[row][col] ⊙ x[tile][col]` for `tiles` tiles:
+/// `k` is `[row][chunk][col]`, `x` is `[tile][col][chunk]`, `y` (this chunk only) is
+/// `[tile][row]`.
 #[inline(always)]
 fn products_with<const FMA: bool>(k: &[f32], x: &[f32], y: &mut [f32], c: usize, sizes: Sizes) {
     let Sizes {
@@ -801,26 +833,6 @@ fn products_with<const FMA: bool>(k: &[f32], x: &[f32], y: &mut [f32], c: usize,
 /// Chunk `c` of `sums[co][ci] += dy[tile][co] ⊙ x[tile][ci]` over `tiles` tiles (`dy`
 /// already conjugated): `dy` is `[tile][co][chunk]`, `x` is `[tile][ci][chunk]`, `sums`
 /// (this chunk only) is `[co][ci]`.
-fn accumulate(sums: &mut [f32], dy: &[f32], x: &[f32], c: usize, sizes: Sizes) {
-    #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has AVX2 and FMA, checked just above.
-        unsafe { accumulate_avx2(sums, dy, x, c, sizes) };
-        return;
-    }
-    accumulate_with::<false>(sums, dy, x, c, sizes);
-}
-
-/// [`accumulate`] compiled for AVX2 and FMA.
-///
-/// # Safety
-/// The CPU must have AVX2 and FMA.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn accumulate_avx2(sums: &mut [f32], dy: &[f32], x: &[f32], c: usize, sizes: Sizes) {
-    accumulate_with::<true>(sums, dy, x, c, sizes);
-}
-
 #[inline(always)]
 fn accumulate_with<const FMA: bool>(
     sums: &mut [f32],
