@@ -20,10 +20,10 @@
 //! The frequency-domain products run over chunks of [`CHUNK`] frequencies stored as split real
 //! and imaginary parts (two AVX registers each), so that one chunk of every kernel spectrum
 //! stays in cache while the products of a whole group of tiles use it. Block edges are picked
-//! per axis from [`BLOCKS`] to waste the fewest padded voxels; tiles are processed in groups of
-//! up to [`GROUP_BYTES`] of spectra, to bound their memory. Accuracy: the FFT's rounding error grows with
-//! `log N` instead of with the number of taps; against the direct kernels the outputs agree
-//! to about `1e-6` of their scale (`tests.rs`).
+//! per axis from [`BLOCKS`] to waste the fewest padded voxels; tiles are processed in groups
+//! holding up to [`GROUP_BYTES`] of spectra, to bound their memory. Accuracy: the FFT's
+//! rounding error grows with `log N` instead of with the number of taps; against the direct
+//! kernels the outputs agree to about `1e-6` of their scale (`tests.rs`).
 
 use std::sync::Arc;
 
