@@ -590,6 +590,7 @@ impl CpuKernel for ConvKernel {
         if let Some(out) = self.run_fft(a, b, &dims) {
             return Ok((out, shape));
         }
+        fft::release_buffers();
         let out = match self.0 {
             Pass::Forward => {
                 let fold = dims.folds();

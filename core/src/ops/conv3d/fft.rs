@@ -80,6 +80,11 @@ impl Buffers {
         }
     }
 
+    /// Frees every kept buffer.
+    fn clear() {
+        POOL.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
     /// Keeps `v` for a later [`Buffers::take`], dropping the smallest kept buffers while
     /// the pool would hold more than [`POOL_BYTES`].
     fn give(v: Vec<f32>) {
@@ -537,6 +542,13 @@ impl Plan {
         Buffers::give(ys);
         out
     }
+}
+
+/// Frees the spectrum buffers kept between FFT convolutions. The direct path calls it: its
+/// own padded copies are large, and between the FFT calls of a LocalNet step (the level-0
+/// convolutions, forward then backward) the kept buffers would only add to the peak.
+pub(super) fn release_buffers() {
+    Buffers::clear();
 }
 
 /// The plan of a convolution of `size` with kernel `kernel`, when the FFT path takes it.
