@@ -55,7 +55,9 @@ const POOL_BYTES: usize = 512 << 20;
 /// fresh allocations of that size come straight from the kernel as untouched pages, whose
 /// first-write faults (and, for pages first read as zeros, copy-on-write faults with TLB
 /// shootdowns across threads) cost as much as the FFTs. Reused buffers are already mapped.
-/// At most [`POOL_BYTES`] are kept.
+/// At most [`POOL_BYTES`] are kept, and only until a convolution takes the direct path
+/// ([`release_buffers`]): in LocalNet the FFT calls come in runs (the level-0 convolutions
+/// of the forward pass, then of the backward pass).
 struct Buffers;
 
 static POOL: std::sync::Mutex<Vec<Vec<f32>>> = std::sync::Mutex::new(Vec::new());
