@@ -62,8 +62,7 @@ pub enum Algorithm {
 impl Algorithm {
     /// Whether a convolution of these sizes takes the FFT path (which itself only takes
     /// kernels of 5 and up).
-    fn uses_fft(self, dims: &ConvDims) -> bool {
-        let (ci, co, k) = (dims.in_channels, dims.out_channels, dims.kernel);
+    fn uses_fft(self, ci: usize, co: usize, k: usize) -> bool {
         match self {
             Algorithm::Auto => fft_enabled() && ci * co * k * k * k >= 1300 * (ci + co),
             Algorithm::Direct => false,
@@ -75,14 +74,8 @@ impl Algorithm {
 /// Whether an f32 CPU [`conv3d`] with these channel counts and odd kernel size runs as
 /// FFT tiles under [`Algorithm::Auto`] on this thread.
 pub fn conv3d_auto_uses_fft(in_channels: usize, out_channels: usize, kernel: usize) -> bool {
-    let dims = ConvDims {
-        batch: 1,
-        in_channels,
-        out_channels,
-        size: [1, 1, 1],
-        kernel,
-    };
-    kernel >= fft::MIN_KERNEL && resolve(Algorithm::Auto).uses_fft(&dims)
+    kernel >= fft::MIN_KERNEL
+        && resolve(Algorithm::Auto).uses_fft(in_channels, out_channels, kernel)
 }
 
 thread_local! {
@@ -639,7 +632,10 @@ impl ConvKernel {
     /// This pass through the FFT convolution (`fft.rs`), when it takes the call: f32,
     /// kernels of 5 and up, and the [`Algorithm`] allows it.
     fn run_fft<T: Float>(&self, a: &[T], b: &[T], dims: &ConvDims) -> Option<Vec<T>> {
-        if !self.2.uses_fft(dims) {
+        if !self
+            .2
+            .uses_fft(dims.in_channels, dims.out_channels, dims.kernel)
+        {
             return None;
         }
         let (a, b) = (T::as_f32(a)?, T::as_f32(b)?);
