@@ -18,6 +18,7 @@ pub mod ops;
 pub mod optim;
 pub mod predict;
 pub mod preprocess;
+pub mod quality;
 pub mod refine;
 pub mod registration;
 pub mod report;
