@@ -48,6 +48,10 @@ pub struct Args {
     /// size (forward and backward, GFLOP/s, share of the step), after the GEMM ceiling.
     #[arg(long)]
     ops: bool,
+    /// Registration quality on held-out pairs (see `--quality-*`, `--held-out`, `--weights`,
+    /// `--refine`, `--compare-peers`) instead of timings.
+    #[command(flatten)]
+    quality: crate::bench_quality::QualityArgs,
 }
 
 fn parse_size(s: &str) -> anyhow::Result<[usize; 3]> {
@@ -152,6 +156,9 @@ fn run_monai(
 }
 
 pub fn run(args: Args, device: &candle_core::Device) -> anyhow::Result<()> {
+    if args.quality.quality {
+        return crate::bench_quality::run(&args.quality, args.json, device);
+    }
     let sizes = args
         .sizes
         .iter()

@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_allreduce;
+mod bench_quality;
 mod bench_transfer;
 mod cluster;
 mod data_dir;
