@@ -4,19 +4,31 @@
 //! 1. `synth`: paired lung-CT phantoms with a known breathing deformation (or `--data`:
 //!    a folder of real scans in the Learn2Reg layout or with a manifest);
 //! 2. `up --detach`: a local cluster, a head and `--workers` workers;
-//! 3. `ingest dir`: the cases into the cluster's encrypted stage and catalog;
-//! 4. `train`: LocalNet data-parallel on the workers, registered in the model registry;
-//! 5. `infer`: every case registered on the workers, the results table printed;
+//! 3. `ingest dir`: the training cases as dataset `demo-train` and every case as `demo`,
+//!    into the cluster's encrypted stage and catalog;
+//! 4. `train`: LocalNet data-parallel on the workers on `demo-train` (its first 80% train,
+//!    the rest validate), registered in the model registry with the images it saw;
+//! 5. `infer`: every case of `demo` registered on the workers, the results table printed;
 //! 6. `report`: the HTML report of the inference job;
 //! 7. `down` (unless `--keep-running`).
 //!
+//! **Held-out cases.** `--held-out N` more cases (synthesised beyond `--cases`, or the last
+//! N of `--data`) are never in `demo-train`: neither trained on nor used to select the
+//! epoch. Every result row says whether its case's images were trained on (`split`:
+//! `train`, `validation`, `held-out`), and the demo's headline is the held-out figures,
+//! with the validation and training figures apart and labelled.
+//!
 //! Everything goes to `--dir`. The cluster is stopped on an error and on Ctrl-C too.
+
+mod split;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
 use clap::Parser;
+use medray_core::report::split_summaries;
+use medray_core::results::{ResultFilter, ResultRow, Split};
 use medray_proto::v1::ListJobsRequest;
 
 use crate::cluster::client::{read_cluster_file, status_error, ClientArgs};
@@ -35,9 +47,14 @@ pub struct Args {
     /// lungMasks/, keypoints/) or with a manifest.csv (see `medray ingest dir --help`).
     #[arg(long, value_name = "FOLDER")]
     pub data: Option<PathBuf>,
-    /// Number of synthetic cases.
+    /// Number of synthetic cases the model is trained on (its first 80% train, the rest
+    /// validate).
     #[arg(long, default_value_t = 12)]
     pub cases: usize,
+    /// Cases held out of training altogether: synthesised in addition to `--cases`, or the
+    /// last N cases of `--data`. Inference runs on every case; the headline is theirs.
+    #[arg(long, default_value_t = 3)]
+    pub held_out: usize,
     /// Network grid X Y Z (the size cases are resampled to); also the size of the
     /// synthetic scans.
     #[arg(long, num_args = 3, value_names = ["X", "Y", "Z"], default_values_t = [48, 48, 48])]
@@ -67,7 +84,10 @@ pub struct Args {
     pub seed: u64,
 }
 
+/// Every case: what inference runs on.
 const DATASET: &str = "demo";
+/// The training cases only (all of `DATASET` when nothing is held out).
+const TRAIN_DATASET: &str = "demo-train";
 const MODEL: &str = "demo";
 
 /// Stops the demo's cluster when dropped (errors, early returns).
@@ -92,6 +112,9 @@ fn check(args: &Args) -> anyhow::Result<()> {
     }
     if args.data.is_none() && !(2..=1000).contains(&args.cases) {
         anyhow::bail!("--cases {}: expected 2..=1000", args.cases);
+    }
+    if args.held_out > 1000 {
+        anyhow::bail!("--held-out {}: expected 0..=1000", args.held_out);
     }
     if let Some(bad) = args.size.iter().find(|&&s| !(16..=512).contains(&s)) {
         anyhow::bail!("--size: {bad} is outside 16..=512 voxels");
@@ -158,6 +181,54 @@ fn newest_infer_job() -> anyhow::Result<String> {
     })
 }
 
+/// The results rows of an inference job of the demo's cluster.
+fn job_rows(job: &str) -> anyhow::Result<Vec<ResultRow>> {
+    let client = ClientArgs {
+        address: None,
+        token: None,
+        tls_ca: None,
+    };
+    let rt = crate::data_dir::runtime()?;
+    rt.block_on(async {
+        let mut c = client.connect().await?;
+        let filter = ResultFilter {
+            job_id: Some(job.to_string()),
+            ..ResultFilter::default()
+        };
+        crate::results::remote_results(&mut c, &filter).await
+    })
+}
+
+/// The demo's headline: the held-out figures, then the validation and training figures
+/// apart and labelled (never mixed into the headline).
+fn headline(rows: &[ResultRow]) -> String {
+    let summaries = split_summaries(rows);
+    let mut out =
+        String::from("held-out cases (never trained on, not used to select the model):\n");
+    match summaries.iter().find(|s| s.split == Some(Split::HeldOut)) {
+        Some(s) => out.push_str(&format!("  {}\n", s.line())),
+        None => out.push_str(
+            "  none (--held-out 0): every figure below is on cases that trained or selected the model\n",
+        ),
+    }
+    let others: Vec<_> = summaries
+        .iter()
+        .filter(|s| s.split != Some(Split::HeldOut))
+        .collect();
+    if !others.is_empty() {
+        out.push_str("apart, not a measure of generalisation:\n");
+    }
+    for s in others {
+        let why = match s.split {
+            Some(Split::Validation) => "not trained on, but used to pick the best epoch",
+            Some(Split::Train) => "trained on: optimistic",
+            _ => "the model records no training data",
+        };
+        out.push_str(&format!("  {} ({why})\n", s.line()));
+    }
+    out
+}
+
 /// A free TCP port on loopback for the head.
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
@@ -200,8 +271,11 @@ pub fn run(args: Args, device: &str) -> anyhow::Result<()> {
         dir.display(),
         args.workers,
         match &data {
-            Some(d) => format!("cases from {}", d.display()),
-            None => format!("{} synthetic cases", args.cases),
+            Some(d) => format!("cases from {} (the last {} held out)", d.display(), args.held_out),
+            None => format!(
+                "{} synthetic training cases + {} held out",
+                args.cases, args.held_out
+            ),
         },
         size.join("x"),
         args.epochs,
@@ -216,7 +290,7 @@ pub fn run(args: Args, device: &str) -> anyhow::Result<()> {
         }
         None => {
             let mut argv = strings(&["synth", "--out", "data", "--cases"]);
-            argv.push(args.cases.to_string());
+            argv.push((args.cases + args.held_out).to_string());
             argv.push("--size".into());
             argv.extend(size.iter().cloned());
             argv.extend(["--seed".into(), args.seed.to_string()]);
@@ -224,6 +298,40 @@ pub fn run(args: Args, device: &str) -> anyhow::Result<()> {
             step(1, "synthesising paired lung-CT phantoms", &argv, device)?;
             dir.join("data")
         }
+    };
+
+    // The training cases: all but the held-out ones, as a folder of their own.
+    let all = split::list_cases(&source)?;
+    let n_train = all
+        .len()
+        .checked_sub(args.held_out)
+        .filter(|&n| n >= 2)
+        .with_context(|| {
+            format!(
+                "--held-out {}: {} has {} case(s); at least 2 must remain to train on",
+                args.held_out,
+                source.display(),
+                all.len()
+            )
+        })?;
+    let train_source = if args.held_out > 0 {
+        let out = split::write_subset(&all[..n_train], &dir.join("data-train"))?;
+        println!(
+            "training cases: {} of {} ({} to {}) in {}; held out: {}",
+            n_train,
+            all.len(),
+            all[0].id,
+            all[n_train - 1].id,
+            out.display(),
+            all[n_train..]
+                .iter()
+                .map(|c| c.id.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        Some(out)
+    } else {
+        None
     };
 
     // Ctrl-C: stop the cluster (its processes run in their own process groups).
@@ -246,17 +354,39 @@ pub fn run(args: Args, device: &str) -> anyhow::Result<()> {
     step(2, "starting a local cluster", &argv, device)?;
     let mut guard = ClusterGuard { armed: true };
 
+    let train_dataset = match &train_source {
+        Some(folder) => {
+            let mut argv = strings(&["ingest", "dir"]);
+            argv.push(folder.display().to_string());
+            argv.extend(strings(&["--name", TRAIN_DATASET, "--replace"]));
+            step(
+                3,
+                "ingesting the training cases into the cluster's stage",
+                &argv,
+                device,
+            )?;
+            TRAIN_DATASET
+        }
+        None => DATASET,
+    };
     let mut argv = strings(&["ingest", "dir"]);
     argv.push(source.display().to_string());
     argv.extend(strings(&["--name", DATASET, "--replace"]));
     step(
         3,
-        "ingesting the cases into the cluster's stage",
+        "ingesting every case, held-out ones included, into the cluster's stage",
         &argv,
         device,
     )?;
 
-    let mut argv = strings(&["train", "--dataset", DATASET, "--model", MODEL, "--preset"]);
+    let mut argv = strings(&[
+        "train",
+        "--dataset",
+        train_dataset,
+        "--model",
+        MODEL,
+        "--preset",
+    ]);
     argv.push(args.preset.clone());
     argv.extend(["--channels".into(), args.channels.to_string()]);
     argv.extend(strings(&["--loss", "mi-be", "--batch-size", "2"]));
@@ -275,6 +405,7 @@ pub fn run(args: Args, device: &str) -> anyhow::Result<()> {
     step(5, "registering every case on the workers", &argv, device)?;
 
     let job = newest_infer_job()?;
+    let rows = job_rows(&job)?;
     let argv = vec![
         "report".into(),
         "--job".into(),
@@ -286,6 +417,7 @@ pub fn run(args: Args, device: &str) -> anyhow::Result<()> {
     let http = read_cluster_file()?.and_then(|f| f.http);
 
     println!("\n== 7/7 done in {:.0} s", started.elapsed().as_secs_f64());
+    print!("{}", headline(&rows));
     print_where(&dir, &job, http.as_deref(), args.keep_running);
     if args.keep_running {
         guard.armed = false;
@@ -312,7 +444,7 @@ fn print_where(dir: &Path, job: &str, http: Option<&str>, running: bool) {
         ),
     }
     println!(
-        "query:   cd {} && medray sql \"SELECT case_id, model_version, dice_score, ssim_score FROM results ORDER BY dice_score DESC\" --data-dir cluster-data",
+        "query:   cd {} && medray sql \"SELECT case_id, split, dice_before, dice_score, tre_mm FROM results WHERE dataset = 'demo' ORDER BY split, dice_score DESC\" --data-dir cluster-data",
         dir.display()
     );
 }

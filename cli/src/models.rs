@@ -549,6 +549,20 @@ fn show_text(v: &ModelVersion) -> String {
         ("dataset", or_dash(&v.dataset).to_string()),
         ("train_cases", or_dash(&v.train_cases.join(",")).to_string()),
         ("val_cases", or_dash(&v.val_cases.join(",")).to_string()),
+        (
+            "training_data",
+            v.training_data.as_ref().map_or_else(
+                || "unknown (results of this version have no split)".to_string(),
+                |t| {
+                    format!(
+                        "{} train + {} validation case(s) with their image sha256; dataset content {}",
+                        t.train.len(),
+                        t.validation.len(),
+                        t.dataset_sha256.as_deref().unwrap_or("changed during training")
+                    )
+                },
+            ),
+        ),
         ("job_id", v.job_id.clone().unwrap_or_else(|| "-".into())),
         ("epochs", v.epochs.to_string()),
         ("best_val_dice", dice_text(v.best_val_dice)),

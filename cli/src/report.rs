@@ -162,5 +162,6 @@ fn print_summary(job: &str, rows: &[ResultRow], page: &ReportPlan, out: &Path) {
         rows.len(),
         page.pictures.len()
     );
+    print!("{}", crate::results::split_summary(rows));
     println!("  {}", shown.display());
 }

@@ -1,12 +1,17 @@
 //! `medray results` and `medray sql`: the results table of inference and read-only SQL on
 //! the catalog, on a local data directory or through the head (the same rules as `medray
 //! datasets`, see [`DataArgs::target`]). Both print the same either way.
+//!
+//! The table shows each row's `split` (whether the case was among the model's training
+//! data) and ends with a summary per split, held-out cases first, so that figures on
+//! training cases are never mixed into held-out ones.
 
 use std::time::Duration;
 
 use anyhow::Context;
 use medray_core::catalog::query::{query_read_only, QueryResult, SqlValue};
-use medray_core::results::{list_results, ResultFilter, ResultRow, RESULT_COLUMNS};
+use medray_core::report::split_summaries;
+use medray_core::results::{list_results, ResultFilter, ResultRow, Split, RESULT_COLUMNS};
 use medray_head::service::client::MAX_ROWS;
 use medray_head::service::result_info::{query_result_from, result_row_from};
 use medray_proto::v1::{ListResultsRequest, QueryCatalogRequest};
@@ -79,11 +84,12 @@ pub struct SqlArgs {
 }
 
 /// Columns `medray results` shows as a table.
-const TABLE_COLUMNS: [&str; 14] = [
+const TABLE_COLUMNS: [&str; 15] = [
     "case_id",
     "dataset",
     "model_name",
     "model_version",
+    "split",
     "status",
     "dice_before",
     "dice_score",
@@ -130,6 +136,7 @@ fn column(r: &ResultRow, name: &str) -> SqlValue {
         "output_label" => text(r.output_label.as_deref()),
         "output_ddf" => text(r.output_ddf.as_deref()),
         "refine_steps" => SqlValue::Integer(i64::from(r.refine_steps)),
+        "split" => text(r.split.map(|s| s.as_str())),
         "created_at" => text(Some(&r.created_at)),
         _ => SqlValue::Null,
     }
@@ -270,13 +277,41 @@ fn print(q: &QueryResult, format: Format) {
     }
 }
 
-/// Prints results rows: a table of the main columns, or every column as CSV or JSON.
+/// The summary lines under a results table: per split (held-out first, then validation,
+/// training and unknown), the mean Dice and TRE before and after and the mean folding over
+/// the succeeded cases. Rows of several models or datasets are summarised together: filter
+/// with `--model`, `--version`, `--dataset` or `--job` to compare like with like.
+#[must_use]
+pub fn split_summary(rows: &[ResultRow]) -> String {
+    let summaries = split_summaries(rows);
+    if summaries.is_empty() {
+        return String::new();
+    }
+    let mut out = String::from("means over succeeded cases, by split:\n");
+    for s in &summaries {
+        out.push_str("  ");
+        out.push_str(&s.line());
+        out.push('\n');
+    }
+    if !summaries.iter().any(|s| s.split == Some(Split::HeldOut)) {
+        out.push_str(
+            "  (no held-out case: these figures do not measure how the model generalises)\n",
+        );
+    }
+    out
+}
+
+/// Prints results rows: a table of the main columns and the summary per split, or every
+/// column as CSV or JSON.
 pub fn print_results(rows: &[ResultRow], format: Format) {
     let columns: &[&str] = match format {
         Format::Table => &TABLE_COLUMNS,
         Format::Csv | Format::Json => &RESULT_COLUMNS,
     };
     print(&results_table(rows, columns), format);
+    if format == Format::Table {
+        print!("{}", split_summary(rows));
+    }
 }
 
 /// The rows of `filter` through the head.
@@ -395,5 +430,52 @@ mod tests {
         assert_eq!(json[0]["dice"], 0.5);
         assert_eq!(json[1]["dice"], serde_json::Value::Null);
         assert_eq!(json[1]["note"], 3);
+    }
+
+    #[test]
+    fn the_summary_keeps_held_out_and_training_cases_apart() {
+        use medray_core::catalog::{CaseId, DatasetName};
+        use medray_core::models::ModelName;
+        use medray_core::results::CaseStatus;
+        let row = |case: &str, split: Option<Split>, before: f64, after: f64| {
+            let mut r = ResultRow::failed(
+                CaseId::new(case).expect("id"),
+                DatasetName::new("d").expect("dataset"),
+                ModelName::new("m").expect("model"),
+                "v1".into(),
+                String::new(),
+                "job-1".into(),
+            );
+            r.status = CaseStatus::Succeeded;
+            r.error = None;
+            r.split = split;
+            r.dice_before = Some(before);
+            r.dice_score = Some(after);
+            r.folding_pct = Some(0.0);
+            r
+        };
+        let rows = [
+            row("c1", Some(Split::Train), 0.5, 0.9),
+            row("c2", Some(Split::Train), 0.5, 0.7),
+            row("c3", Some(Split::HeldOut), 0.4, 0.6),
+            row("c4", None, 0.1, 0.2),
+        ];
+        let table = render(&results_table(&rows, &TABLE_COLUMNS), Format::Table);
+        assert!(
+            table.lines().nth(3).is_some_and(|l| l.contains("held-out")),
+            "{table}"
+        );
+        let summary = split_summary(&rows);
+        let lines: Vec<&str> = summary.lines().collect();
+        assert_eq!(
+            lines[1..],
+            [
+                "  held-out: 1 case(s), Dice 0.4000 -> 0.6000, TRE n/a -> n/a mm, folding 0.000 %",
+                "  training: 2 case(s), Dice 0.5000 -> 0.8000, TRE n/a -> n/a mm, folding 0.000 %",
+                "  unknown split: 1 case(s), Dice 0.1000 -> 0.2000, TRE n/a -> n/a mm, folding 0.000 %",
+            ],
+            "{summary}"
+        );
+        assert!(split_summary(&rows[..2]).contains("no held-out case"));
     }
 }

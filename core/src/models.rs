@@ -5,7 +5,9 @@
 //! `models/<name>/<version>/weights.safetensors` with its [`ModelConfig`] beside it
 //! (`weights.json`, the layout [`crate::model::load_model`] reads). The catalog row records
 //! where the weights came from (dataset, case split, job, epochs, best validation Dice, final
-//! losses, the training config) and the weights' sha256, which [`load_weights`] checks.
+//! losses, the training config) and the weights' sha256, which [`load_weights`] checks. A
+//! trained version also records the images of its training and validation cases
+//! ([`provenance::TrainingData`]), so that results can say which cases were held out.
 //!
 //! Versions are `v1`, `v2`, ... per name (a number is never reused, even after a delete) or
 //! an explicit name. A version is immutable: registering an existing one is refused.
@@ -33,6 +35,10 @@ use crate::localnet::LocalNet;
 use crate::model::ModelConfig;
 use crate::stage::{ObjectKey, Stage};
 use crate::{Error, Result};
+
+pub mod provenance;
+
+pub use provenance::{Split, TrainingData};
 
 /// The medray version recorded with every model version.
 pub const MEDRAY_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -218,6 +224,9 @@ pub struct NewModelVersion {
     pub final_losses_json: String,
     /// Trained here or imported.
     pub source: ModelSource,
+    /// The data it was trained on; `None` when unknown (an import). Must agree with
+    /// `dataset`, `train_cases` and `val_cases`.
+    pub training_data: Option<TrainingData>,
 }
 
 impl NewModelVersion {
@@ -245,6 +254,7 @@ impl NewModelVersion {
             best_val_dice: None,
             final_losses_json: "{}".into(),
             source: ModelSource::Imported,
+            training_data: None,
         }
     }
 }
@@ -293,6 +303,10 @@ pub struct ModelVersion {
     pub medray_version: String,
     /// Aliases pointing at it, sorted.
     pub aliases: Vec<String>,
+    /// The data it was trained on; `None` when unknown (imported weights, versions
+    /// registered before medray recorded it).
+    #[serde(default)]
+    pub training_data: Option<TrainingData>,
 }
 
 /// The stage key of a version's weights.
@@ -371,6 +385,18 @@ fn validate_new(new: &NewModelVersion) -> Result<()> {
     if let Some(job) = &new.job_id {
         check_label("job id", job, MAX_LABEL_CHARS)?;
     }
+    if let Some(t) = &new.training_data {
+        t.validate()?;
+        if t.dataset != new.dataset
+            || t.train_ids() != new.train_cases
+            || t.validation_ids() != new.val_cases
+        {
+            return Err(Error::invalid(
+                "training_data",
+                "its dataset and cases differ from the version's dataset, train_cases and val_cases",
+            ));
+        }
+    }
     if let Some(d) = new.best_val_dice {
         if !(d.is_finite() && (0.0..=1.0).contains(&d)) {
             return Err(Error::invalid(
@@ -400,7 +426,8 @@ const VERSION_COLUMNS: &str = "v.name, v.version, v.preset, v.model_config, v.tr
     v.source, v.created_at, v.medray_version,
     (SELECT group_concat(alias, char(10)) FROM
         (SELECT alias FROM model_aliases a
-         WHERE a.name = v.name AND a.version = v.version ORDER BY alias))";
+         WHERE a.name = v.name AND a.version = v.version ORDER BY alias)),
+    v.training_data";
 
 fn conversion<E: std::error::Error + Send + Sync + 'static>(idx: usize, e: E) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Text, Box::new(e))
@@ -438,6 +465,10 @@ fn version_from(row: &rusqlite::Row<'_>) -> rusqlite::Result<ModelVersion> {
         aliases: aliases
             .map(|a| a.split('\n').map(str::to_string).collect())
             .unwrap_or_default(),
+        training_data: row
+            .get::<_, Option<String>>(20)?
+            .map(|t| serde_json::from_str(&t).map_err(|e| conversion(20, e)))
+            .transpose()?,
     })
 }
 
@@ -621,6 +652,16 @@ fn insert_version(conn: &Connection, row: &Row<'_>) -> Result<()> {
         params![new.name.as_str(), row.last_number],
     )
     .map_err(err)?;
+    let training_data = new
+        .training_data
+        .as_ref()
+        .map(|t| {
+            serde_json::to_string(t).map_err(|source| Error::Json {
+                path: "model training data".into(),
+                source,
+            })
+        })
+        .transpose()?;
     let cases = |c: &Vec<String>| {
         serde_json::to_string(c).map_err(|source| Error::Json {
             path: "model cases".into(),
@@ -630,9 +671,10 @@ fn insert_version(conn: &Connection, row: &Row<'_>) -> Result<()> {
     conn.execute(
         "INSERT INTO model_versions (name, version, preset, model_config, train_config, dataset,
             train_cases, val_cases, job_id, epochs, best_val_dice, final_losses, artifact_key,
-            artifact_sha256, artifact_bytes, config_key, source, created_at, medray_version)
+            artifact_sha256, artifact_bytes, config_key, source, created_at, medray_version,
+            training_data)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
-            strftime('%Y-%m-%dT%H:%M:%SZ', 'now'), ?18)",
+            strftime('%Y-%m-%dT%H:%M:%SZ', 'now'), ?18, ?19)",
         params![
             new.name.as_str(),
             row.version,
@@ -652,6 +694,7 @@ fn insert_version(conn: &Connection, row: &Row<'_>) -> Result<()> {
             row.config_key.as_str(),
             new.source.as_str(),
             MEDRAY_VERSION,
+            training_data,
         ],
     )
     .map_err(err)?;

@@ -3,12 +3,17 @@
 //! picture. `medray report --job ID --out DIR` writes it with the pictures beside it; the
 //! head serves the same page at `/jobs/<job>/report/`.
 //!
+//! Cases are shown in groups by their `split` ([`Split`]): held-out cases first, then
+//! validation cases, then the cases the model was trained on, then those whose split is
+//! unknown, each group with its own statistics, so that figures on training data are never
+//! mixed into held-out ones ([`split_groups`], [`split_summaries`]).
+//!
 //! The page links each picture as `cases/<case>.png` (relative, see [`picture_name`]); the
 //! writer of the page puts the pictures there.
 
 use std::fmt::Write as _;
 
-use crate::results::{CaseStatus, ResultRow, IMAGE_SUFFIX, PNG_SUFFIX};
+use crate::results::{CaseStatus, ResultRow, Split, IMAGE_SUFFIX, PNG_SUFFIX};
 
 /// What the report says about the job itself.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -113,6 +118,134 @@ pub fn summarize(rows: &[ResultRow]) -> Vec<MetricSummary> {
                 min: v[0],
                 max: v[n - 1],
             })
+        })
+        .collect()
+}
+
+/// The groups of a report, in the order shown: held-out, validation, train, unknown (`None`).
+pub const GROUPS: [Option<Split>; 4] = [
+    Some(Split::HeldOut),
+    Some(Split::Validation),
+    Some(Split::Train),
+    None,
+];
+
+/// Heading of a group of cases.
+#[must_use]
+pub fn group_label(split: Option<Split>) -> &'static str {
+    match split {
+        Some(Split::HeldOut) => "held-out",
+        Some(Split::Validation) => "validation",
+        Some(Split::Train) => "training",
+        None => "unknown split",
+    }
+}
+
+/// What a group of cases means, for readers of the report.
+fn group_note(split: Option<Split>) -> &'static str {
+    match split {
+        Some(Split::HeldOut) => {
+            "Neither image of these cases was used to train the model or to select its weights: \
+             these figures measure how it generalises."
+        }
+        Some(Split::Validation) => {
+            "Not trained on, but used to select the model's best epoch: slightly optimistic."
+        }
+        Some(Split::Train) => {
+            "The model was trained on these cases: their figures overstate its quality."
+        }
+        None => {
+            "The model records no training data (e.g. imported weights): these cases may or \
+                 may not have been trained on."
+        }
+    }
+}
+
+/// The rows of each group present, in [`GROUPS`] order (rows keep their order).
+#[must_use]
+pub fn split_groups(rows: &[ResultRow]) -> Vec<(Option<Split>, Vec<&ResultRow>)> {
+    GROUPS
+        .iter()
+        .map(|&g| (g, rows.iter().filter(|r| r.split == g).collect::<Vec<_>>()))
+        .filter(|(_, rows)| !rows.is_empty())
+        .collect()
+}
+
+/// The headline figures of one group of cases: means over its succeeded cases that have
+/// the value (`None` when none has it).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SplitSummary {
+    /// The group.
+    pub split: Option<Split>,
+    /// Its cases.
+    pub cases: usize,
+    /// Its succeeded cases.
+    pub succeeded: usize,
+    /// Mean binary Dice before registration.
+    pub dice_before: Option<f64>,
+    /// Mean binary Dice after.
+    pub dice: Option<f64>,
+    /// Mean TRE before, mm.
+    pub tre_before_mm: Option<f64>,
+    /// Mean TRE after, mm.
+    pub tre_mm: Option<f64>,
+    /// Mean folding, % of voxels.
+    pub folding_pct: Option<f64>,
+}
+
+impl SplitSummary {
+    /// One line: `held-out: 3 case(s), Dice 0.61 -> 0.80, TRE 4.1 -> 2.0 mm, folding 0.00 %`.
+    #[must_use]
+    pub fn line(&self) -> String {
+        let f = |v: Option<f64>, d: usize| v.map_or_else(|| "n/a".into(), |v| format!("{v:.d$}"));
+        let failed = self.cases - self.succeeded;
+        format!(
+            "{}: {} case(s){}, Dice {} -> {}, TRE {} -> {} mm, folding {} %",
+            group_label(self.split),
+            self.cases,
+            if failed > 0 {
+                format!(" ({failed} failed)")
+            } else {
+                String::new()
+            },
+            f(self.dice_before, 4),
+            f(self.dice, 4),
+            f(self.tre_before_mm, 2),
+            f(self.tre_mm, 2),
+            f(self.folding_pct, 3),
+        )
+    }
+}
+
+/// The headline figures of every group present, in [`GROUPS`] order.
+#[must_use]
+pub fn split_summaries(rows: &[ResultRow]) -> Vec<SplitSummary> {
+    split_groups(rows)
+        .into_iter()
+        .map(|(split, group)| {
+            let ok: Vec<&ResultRow> = group
+                .iter()
+                .copied()
+                .filter(|r| r.status == CaseStatus::Succeeded)
+                .collect();
+            let mean = |get: fn(&ResultRow) -> Option<f64>| {
+                let v: Vec<f64> = ok
+                    .iter()
+                    .filter_map(|r| get(r))
+                    .filter(|x| x.is_finite())
+                    .collect();
+                (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+            };
+            SplitSummary {
+                split,
+                cases: group.len(),
+                succeeded: ok.len(),
+                dice_before: mean(|r| r.dice_before),
+                dice: mean(|r| r.dice_score),
+                tre_before_mm: mean(|r| r.tre_before_mm),
+                tre_mm: mean(|r| r.tre_mm),
+                folding_pct: mean(|r| r.folding_pct),
+            }
         })
         .collect()
 }
@@ -223,77 +356,40 @@ document.querySelectorAll('table.sortable th').forEach(function (th, col) {
 });
 ";
 
-/// The report page. `has_picture` says whether a case's picture is in `cases/` (a case
-/// whose picture could not be read is shown without one).
-#[must_use]
-pub fn render_html(
-    job: &ReportJob,
-    rows: &[ResultRow],
-    has_picture: &dyn Fn(&ResultRow) -> bool,
-) -> String {
-    let succeeded = rows
-        .iter()
-        .filter(|r| r.status == CaseStatus::Succeeded)
-        .count();
-    let failed = rows.len() - succeeded;
-    let mut h = String::new();
-    let title = format!("medray report: {} ({} {})", job.id, job.model, job.version);
-    // Writing into a String cannot fail.
-    let _ = write!(
-        h,
-        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
-         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n\
-         <title>{}</title>\n<link rel=\"icon\" href=\"data:,\">\n<style>{STYLE}</style>\n</head>\n<body>\n\
-         <h1>{}</h1>\n<dl>\n",
-        escape(&title),
-        escape(&title)
-    );
-    let facts = [
-        ("job", job.id.clone()),
-        ("state", job.state.clone()),
-        ("reason", job.reason.clone()),
-        ("dataset", job.dataset.clone()),
-        ("model", format!("{} version {}", job.model, job.version)),
-        ("refine steps", job.refine_steps.to_string()),
-        ("submitted", job.created_at.clone()),
-        ("finished", job.finished_at.clone()),
-        (
-            "cases",
-            format!("{} ({succeeded} succeeded, {failed} failed)", rows.len()),
-        ),
-    ];
-    for (k, v) in facts.iter().filter(|(_, v)| !v.is_empty()) {
-        let _ = writeln!(h, "<dt>{}</dt><dd>{}</dd>", escape(k), escape(v));
-    }
-    h.push_str("</dl>\n");
-
-    h.push_str("<h2>Summary over succeeded cases</h2>\n");
+/// The statistics of `rows` as a table with id `summary-<id>`.
+fn summary_table(h: &mut String, rows: &[ResultRow], id: &str) {
+    h.push_str("<h3>Summary over succeeded cases</h3>\n");
     let summary = summarize(rows);
     if summary.is_empty() {
         h.push_str("<p>No case succeeded: there is nothing to summarise.</p>\n");
-    } else {
-        h.push_str(
-            "<table id=\"summary\">\n<thead><tr><th class=\"t\">metric</th><th>n</th>\
-             <th>mean</th><th>std</th><th>median</th><th>min</th><th>max</th></tr></thead>\n<tbody>\n",
-        );
-        for s in &summary {
-            let _ = writeln!(
-                h,
-                "<tr><td class=\"t\">{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-                escape(s.label),
-                s.n,
-                num(Some(s.mean), 4),
-                num(Some(s.std), 4),
-                num(Some(s.median), 4),
-                num(Some(s.min), 4),
-                num(Some(s.max), 4),
-            );
-        }
-        h.push_str("</tbody>\n</table>\n");
+        return;
     }
+    let _ = write!(
+        h,
+        "<table id=\"summary-{id}\">\n<thead><tr><th class=\"t\">metric</th><th>n</th>\
+         <th>mean</th><th>std</th><th>median</th><th>min</th><th>max</th></tr></thead>\n<tbody>\n",
+    );
+    for s in &summary {
+        let _ = writeln!(
+            h,
+            "<tr><td class=\"t\">{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            escape(s.label),
+            s.n,
+            num(Some(s.mean), 4),
+            num(Some(s.std), 4),
+            num(Some(s.median), 4),
+            num(Some(s.min), 4),
+            num(Some(s.max), 4),
+        );
+    }
+    h.push_str("</tbody>\n</table>\n");
+}
 
-    h.push_str(
-        "<h2>Cases</h2>\n<p>Click a column heading to sort.</p>\n<table id=\"cases\" class=\"sortable\">\n<thead><tr>\
+/// The per-case table of `rows`, sortable, with id `cases-<id>`.
+fn cases_table(h: &mut String, rows: &[ResultRow], id: &str) {
+    let _ = write!(
+        h,
+        "<h3>Cases</h3>\n<p>Click a column heading to sort.</p>\n<table id=\"cases-{id}\" class=\"sortable\">\n<thead><tr>\
          <th class=\"t\">case</th><th class=\"t\">status</th><th>Dice before</th><th>Dice after</th>\
          <th>soft Dice</th><th>SSIM</th><th>MI</th><th>TRE before (mm)</th><th>TRE after (mm)</th>\
          <th>folding (%)</th><th>|DDF|</th><th>runtime (ms)</th><th class=\"t\">device</th>\
@@ -337,6 +433,81 @@ pub fn render_html(
         );
     }
     h.push_str("</tbody>\n</table>\n");
+}
+
+/// The report page. `has_picture` says whether a case's picture is in `cases/` (a case
+/// whose picture could not be read is shown without one).
+#[must_use]
+pub fn render_html(
+    job: &ReportJob,
+    rows: &[ResultRow],
+    has_picture: &dyn Fn(&ResultRow) -> bool,
+) -> String {
+    let succeeded = rows
+        .iter()
+        .filter(|r| r.status == CaseStatus::Succeeded)
+        .count();
+    let failed = rows.len() - succeeded;
+    let mut h = String::new();
+    let title = format!("medray report: {} ({} {})", job.id, job.model, job.version);
+    // Writing into a String cannot fail.
+    let _ = write!(
+        h,
+        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
+         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n\
+         <title>{}</title>\n<link rel=\"icon\" href=\"data:,\">\n<style>{STYLE}</style>\n</head>\n<body>\n\
+         <h1>{}</h1>\n<dl>\n",
+        escape(&title),
+        escape(&title)
+    );
+    let facts = [
+        ("job", job.id.clone()),
+        ("state", job.state.clone()),
+        ("reason", job.reason.clone()),
+        ("dataset", job.dataset.clone()),
+        ("model", format!("{} version {}", job.model, job.version)),
+        ("refine steps", job.refine_steps.to_string()),
+        ("submitted", job.created_at.clone()),
+        ("finished", job.finished_at.clone()),
+        (
+            "cases",
+            format!("{} ({succeeded} succeeded, {failed} failed)", rows.len()),
+        ),
+    ];
+    for (k, v) in facts.iter().filter(|(_, v)| !v.is_empty()) {
+        let _ = writeln!(h, "<dt>{}</dt><dd>{}</dd>", escape(k), escape(v));
+    }
+    let groups = split_groups(rows);
+    let counts: Vec<String> = groups
+        .iter()
+        .map(|(split, g)| format!("{} {}", g.len(), group_label(*split)))
+        .collect();
+    let _ = writeln!(h, "<dt>splits</dt><dd>{}</dd>", escape(&counts.join(", ")));
+    h.push_str("</dl>\n");
+    if !groups.iter().any(|(s, _)| *s == Some(Split::HeldOut)) {
+        h.push_str(
+            "<p id=\"no-held-out\"><strong>No held-out case:</strong> every case of this job was \
+             used to train or select the model, or its split is unknown; these figures do not \
+             measure how the model generalises.</p>\n",
+        );
+    }
+    for (split, group) in &groups {
+        let (id, heading) = match split {
+            Some(Split::HeldOut) => ("held-out", "Held-out cases"),
+            Some(Split::Validation) => ("validation", "Validation cases"),
+            Some(Split::Train) => ("training", "Training cases"),
+            None => ("unknown", "Cases of unknown split"),
+        };
+        let _ = writeln!(
+            h,
+            "<h2 id=\"{id}\">{heading} ({})</h2>\n<p>{}</p>",
+            group.len(),
+            escape(group_note(*split)),
+        );
+        let owned: Vec<ResultRow> = group.iter().map(|r| (*r).clone()).collect();
+        summary_table(&mut h, &owned, id);
+        cases_table(&mut h, &owned, id);
+    }
 
     h.push_str(
         "<h2>Images</h2>\n<p>Mid coronal (top) and axial (bottom) slices on the original grid: \
@@ -344,14 +515,19 @@ pub fn render_html(
          |warped - fixed| and the displacement magnitude (mm).</p>\n",
     );
     let mut pictures = 0;
-    for r in rows.iter().filter(|r| has_picture(r)) {
+    for r in groups
+        .iter()
+        .flat_map(|(_, g)| g.iter())
+        .filter(|r| has_picture(r))
+    {
         pictures += 1;
         let _ = writeln!(
             h,
-            "<figure id=\"case-{}\"><figcaption>{}: Dice {} &rarr; {}, TRE {} &rarr; {} mm</figcaption>\
+            "<figure id=\"case-{}\"><figcaption>{} ({}): Dice {} &rarr; {}, TRE {} &rarr; {} mm</figcaption>\
              <img src=\"cases/{}\" alt=\"mid slices of {}\" loading=\"lazy\"></figure>",
             escape(r.case_id.as_str()),
             escape(r.case_id.as_str()),
+            group_label(r.split),
             num(r.dice_before, 4),
             num(r.dice_score, 4),
             num(r.tre_before_mm, 2),
@@ -420,7 +596,10 @@ mod tests {
         failed.status = CaseStatus::Failed;
         failed.output_image = None;
         failed.error = Some("reading <stage> \"x\" & y".into());
-        let rows = [row("c1", Some(0.9), Some(1.5)), failed];
+        let mut held_out = row("c1", Some(0.9), Some(1.5));
+        held_out.split = Some(Split::HeldOut);
+        failed.split = Some(Split::Train);
+        let rows = [held_out, failed];
         let job = ReportJob {
             id: "job-000001".into(),
             state: "SUCCEEDED".into(),
@@ -434,6 +613,27 @@ mod tests {
         assert!(html.contains("src=\"cases/c1.png\""));
         assert!(!html.contains("cases/c2.png"));
         assert!(html.contains("2 (1 succeeded, 1 failed)"));
+        // Held-out and training cases in their own sections, held-out first, each with its
+        // own statistics and table.
+        let at = |needle: &str| html.find(needle).unwrap_or_else(|| panic!("no {needle}"));
+        assert!(at("id=\"held-out\"") < at("id=\"training\""));
+        assert!(at("id=\"summary-held-out\"") < at("id=\"cases-held-out\""));
+        assert!(at("id=\"cases-held-out\"") < at("id=\"training\""));
+        assert!(html[at("id=\"training\"")..].contains("c2"));
+        assert!(!html[at("id=\"cases-held-out\"")..at("id=\"training\"")].contains(">c2<"));
+        assert!(!html.contains("no-held-out"));
+        let training_only = render_html(&job, &rows[1..], &|_| false);
+        assert!(training_only.contains("id=\"no-held-out\""));
+        let s = split_summaries(&rows);
+        assert_eq!(s.len(), 2);
+        assert_eq!(
+            (s[0].split, s[0].cases, s[0].dice),
+            (Some(Split::HeldOut), 1, Some(0.9))
+        );
+        assert_eq!(
+            (s[1].split, s[1].succeeded, s[1].dice),
+            (Some(Split::Train), 0, None)
+        );
         assert_eq!(
             picture_key(&rows[0]).as_deref(),
             Some("results/m/1/c1_overview.png")

@@ -5,11 +5,17 @@
 //! inserts the new ones in one transaction, so a re-run never leaves a case twice, and a
 //! failed write leaves the old rows as they were. [`list_results`] filters and orders them
 //! (`medray results`); any other question is one `SELECT` away ([`crate::catalog::query`]).
+//!
+//! Each row says whether its case was among the data its model was trained on (`split`,
+//! migration 5: [`Split`], see [`crate::models::provenance`]); [`crate::report`] keeps
+//! held-out and training cases apart.
 
 use rusqlite::{params, TransactionBehavior};
 use serde::{Deserialize, Serialize};
 
 use crate::catalog::{CaseId, Catalog, DatasetName};
+pub use crate::models::Split;
+
 use crate::models::{validate_version, ModelName};
 use crate::{Error, Result};
 
@@ -17,7 +23,7 @@ use crate::{Error, Result};
 pub const MAX_ERROR_BYTES: usize = 4096;
 
 /// Columns of the `results` table, in order: what `--order-by` accepts.
-pub const RESULT_COLUMNS: [&str; 24] = [
+pub const RESULT_COLUMNS: [&str; 25] = [
     "case_id",
     "dataset",
     "model_name",
@@ -41,6 +47,7 @@ pub const RESULT_COLUMNS: [&str; 24] = [
     "output_label",
     "output_ddf",
     "refine_steps",
+    "split",
     "created_at",
 ];
 
@@ -147,6 +154,10 @@ pub struct ResultRow {
     pub output_ddf: Option<String>,
     /// Adam steps of instance optimisation.
     pub refine_steps: u32,
+    /// Whether the case was among the model's training data; `None`: unknown (the model
+    /// records no training data).
+    #[serde(default)]
+    pub split: Option<Split>,
     /// When the row was written, RFC 3339 UTC (set by [`record_results`]).
     pub created_at: String,
 }
@@ -186,6 +197,7 @@ impl ResultRow {
             output_label: None,
             output_ddf: None,
             refine_steps: 0,
+            split: None,
             created_at: String::new(),
         }
     }
@@ -263,7 +275,8 @@ pub struct CaseReport {
 }
 
 impl CaseReport {
-    /// The SUCCEEDED row of this report. `mi` is minus MONAI's MI loss.
+    /// The SUCCEEDED row of this report. `mi` is minus MONAI's MI loss. The split is left
+    /// unknown: the caller knows the model's training data.
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] for an invalid case id.
@@ -302,6 +315,7 @@ impl CaseReport {
             refine_steps: self
                 .refine
                 .map_or(0, |r| r.steps.min(u32::MAX as usize) as u32),
+            split: None,
             created_at: String::new(),
         })
     }
@@ -386,6 +400,7 @@ pub fn record_results(catalog: &mut Catalog, rows: &[ResultRow]) -> Result<()> {
                     r.output_label,
                     r.output_ddf,
                     i64::from(r.refine_steps),
+                    r.split.map(Split::as_str),
                 ])
                 .map_err(err)?;
         }
@@ -486,7 +501,11 @@ fn row_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<ResultRow> {
         output_label: r.get(20)?,
         output_ddf: r.get(21)?,
         refine_steps: r.get::<_, i64>(22)?.clamp(0, i64::from(u32::MAX)) as u32,
-        created_at: r.get(23)?,
+        split: r
+            .get::<_, Option<String>>(23)?
+            .map(|s| s.parse().map_err(|e| conversion(23, e)))
+            .transpose()?,
+        created_at: r.get(24)?,
     })
 }
 
@@ -663,16 +682,37 @@ mod tests {
     #[test]
     fn rows_filter_and_order() {
         let mut c = Catalog::open_in_memory().unwrap();
-        record_results(
-            &mut c,
-            &[
-                row("case_001", "v1", 0.8, "job-1"),
-                row("case_002", "v1", 0.9, "job-1"),
-                row("case_003", "v1", 0.7, "job-1"),
-                row("case_001", "v2", 0.95, "job-2"),
-            ],
-        )
-        .unwrap();
+        let splits = [
+            Some(Split::Train),
+            Some(Split::Validation),
+            Some(Split::HeldOut),
+            None,
+        ];
+        let mut rows = [
+            row("case_001", "v1", 0.8, "job-1"),
+            row("case_002", "v1", 0.9, "job-1"),
+            row("case_003", "v1", 0.7, "job-1"),
+            row("case_001", "v2", 0.95, "job-2"),
+        ];
+        for (r, s) in rows.iter_mut().zip(splits) {
+            r.split = s;
+        }
+        record_results(&mut c, &rows).unwrap();
+        // The split is stored as its text (NULL when unknown) and read back.
+        let stored: Vec<Option<String>> = c
+            .conn()
+            .prepare("SELECT split FROM results ORDER BY model_version, case_id")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(
+            stored,
+            [Some("train"), Some("validation"), Some("held-out"), None]
+                .map(|s| s.map(String::from))
+        );
+        assert_eq!(all(&c).iter().map(|r| r.split).collect::<Vec<_>>(), splits);
         let ids = |f: ResultFilter| -> Vec<String> {
             list_results(&c, &f)
                 .unwrap()

@@ -2,16 +2,22 @@
 //! per case, to turn each task's end into a row of the catalog's results table, and to
 //! summarise the job.
 //!
+//! Each row records the case's split: whether its images were among the data the model
+//! version was trained on ([`case_splits`], `medray_core::models::provenance`), so that
+//! summaries keep held-out and training cases apart.
+//!
 //! Policy: a case that fails (bad file, a worker lost too often) is a FAILED row with its
 //! error and the job goes on. The job ends SUCCEEDED when at least one case succeeded (its
 //! result counts the failed cases and names them), FAILED when every case failed.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use medray_core::catalog::{CaseId, CaseRecord, Catalog, DatasetName, StoredFile};
+use medray_core::models::provenance::case_split;
 use medray_core::models::{model_version, ModelName, ModelVersion, VersionRef};
+use medray_core::report::split_summaries;
 use medray_core::results::{
-    list_results, results_prefix, CaseReport, CaseStatus, ResultFilter, ResultRow,
+    list_results, results_prefix, CaseReport, CaseStatus, ResultFilter, ResultRow, Split,
 };
 use medray_proto::v1::task_assignment::Kind as TaskKind;
 use medray_proto::v1::{InferSpec, InferTask, JobState, StageRef, TaskAssignment};
@@ -31,6 +37,22 @@ pub struct InferPlan {
     pub version: String,
     /// Adam steps of instance optimisation per case.
     pub refine_steps: u32,
+    /// The split of each case of the dataset for this model version (see [`case_splits`]);
+    /// a case missing here is of unknown split.
+    pub splits: HashMap<CaseId, Split>,
+}
+
+/// The split of each of `cases` for `version`: whether their images were among its
+/// training or validation cases. Empty when the version records no training data
+/// (imported weights, older versions): their rows' split stays unknown, never guessed.
+#[must_use]
+pub fn case_splits(version: &ModelVersion, cases: &[CaseRecord]) -> HashMap<CaseId, Split> {
+    cases
+        .iter()
+        .filter_map(|c| {
+            case_split(version.training_data.as_ref(), c).map(|s| (c.case_id.clone(), s))
+        })
+        .collect()
 }
 
 /// A running inference job: its plan and the cases whose rows are written.
@@ -177,13 +199,15 @@ pub fn success_row(
             format!("task {task} reported case `{}` instead", report.case_id),
         ));
     }
-    Ok(report.into_row(
+    let mut row = report.into_row(
         plan.dataset.clone(),
         plan.model.clone(),
         plan.version.clone(),
         worker.to_string(),
         job.to_string(),
-    )?)
+    )?;
+    row.split = plan.splits.get(&row.case_id).copied();
+    Ok(row)
 }
 
 /// The row of a task that ended before a head restart, from what the store kept: its result
@@ -230,6 +254,7 @@ pub fn failure_row(
     );
     row.worker = worker.to_string();
     row.refine_steps = plan.refine_steps;
+    row.split = plan.splits.get(&row.case_id).copied();
     Ok(row)
 }
 
@@ -267,6 +292,22 @@ pub fn summary(
         .iter()
         .filter(|t| t.state == TaskState::Succeeded)
         .count();
+    // Held-out, validation, training and unknown-split cases apart, held-out first.
+    let by_split: Vec<serde_json::Value> = split_summaries(&rows)
+        .iter()
+        .map(|s| {
+            serde_json::json!({
+                "split": s.split.map(Split::as_str),
+                "cases": s.cases,
+                "succeeded": s.succeeded,
+                "mean_dice_before": s.dice_before,
+                "mean_dice": s.dice,
+                "mean_tre_before_mm": s.tre_before_mm,
+                "mean_tre_mm": s.tre_mm,
+                "mean_folding_pct": s.folding_pct,
+            })
+        })
+        .collect();
     let result = serde_json::json!({
         "dataset": plan.dataset.as_str(),
         "model": plan.model.as_str(),
@@ -283,6 +324,7 @@ pub fn summary(
         "mean_tre_mm": mean(|r| r.tre_mm),
         "mean_runtime_ms": mean(|r| r.runtime_ms),
         "workers": ok.iter().map(|r| r.worker.as_str()).collect::<HashSet<_>>().len(),
+        "by_split": by_split,
     });
     let (state, reason) = if succeeded == 0 && !tasks.is_empty() {
         (

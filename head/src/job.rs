@@ -660,8 +660,10 @@ impl JobActor {
     ) -> Result<()> {
         let mut catalog = self.ctx.catalog()?;
         let version = crate::infer::resolve_version(&catalog, spec)?;
+        let dataset = DatasetName::new(spec.dataset.clone())?;
         let plan = crate::infer::InferPlan {
-            dataset: DatasetName::new(spec.dataset.clone())?,
+            splits: crate::infer::case_splits(&version, &catalog.cases(&dataset)?),
+            dataset,
             model: version.name.clone(),
             version: version.version.clone(),
             refine_steps: spec.refine_steps,

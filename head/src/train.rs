@@ -1303,6 +1303,54 @@ impl Coordinator {
         Ok(())
     }
 
+    /// What the job trained on, for the registry: the cases the replicas loaded (ids and
+    /// image sha256) and the dataset's content version, which is recorded only while the
+    /// catalog still holds those very images (a dataset replaced meanwhile has none).
+    /// `None` if a case lacks an image reference (never the case for cases from the
+    /// catalog): results of the version then say "unknown", never a guess.
+    fn training_data(&self) -> Result<Option<medray_core::models::TrainingData>> {
+        use medray_core::models::provenance::TrainedCase;
+        let trained = |cases: &[TrainCase]| -> Option<Vec<TrainedCase>> {
+            cases
+                .iter()
+                .map(|c| {
+                    Some(TrainedCase {
+                        case_id: c.id.clone(),
+                        fixed_sha256: c.fixed.as_ref()?.sha256.clone(),
+                        moving_sha256: c.moving.as_ref()?.sha256.clone(),
+                    })
+                })
+                .collect()
+        };
+        let (Some(train), Some(validation)) =
+            (trained(&self.train_cases), trained(&self.val_cases))
+        else {
+            return Ok(None);
+        };
+        let name = DatasetName::new(self.dataset.clone())?;
+        let catalog = self.ctx.catalog()?;
+        let now: HashMap<String, TrainedCase> = catalog
+            .cases(&name)?
+            .iter()
+            .map(|r| (r.case_id.to_string(), TrainedCase::of(r)))
+            .collect();
+        let unchanged = train
+            .iter()
+            .chain(&validation)
+            .all(|c| now.get(&c.case_id) == Some(c));
+        let dataset_sha256 = if unchanged {
+            catalog.dataset(&name)?.map(|d| d.content_sha256)
+        } else {
+            None
+        };
+        Ok(Some(medray_core::models::TrainingData {
+            dataset: self.dataset.clone(),
+            dataset_sha256,
+            train,
+            validation,
+        }))
+    }
+
     /// Registers `weights` as the job's model version (and points the alias at it);
     /// returns `name:version`.
     async fn register(&self, weights: Vec<u8>) -> Phase<String> {
@@ -1335,6 +1383,7 @@ impl Coordinator {
             best_val_dice: self.state.best_val,
             final_losses_json: final_losses.to_string(),
             source: ModelSource::Trained,
+            training_data: self.training_data()?,
         };
         let mut catalog = self.ctx.catalog()?;
         let version = register_model(&self.ctx.stage, &mut catalog, new).await?;

@@ -84,19 +84,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         )
         .await?;
         print_results(&rows, args.format);
-        let mean = |k: &str| r[k].as_f64().map_or_else(|| "n/a".to_string(), |v| format!("{v:.4}"));
+        // The means are in the table's summary, by split (held-out apart from training).
         eprintln!(
-            "{}: {} case(s) with {}:{}, {} succeeded, {} failed; mean Dice {} -> {}, mean TRE {} -> {} mm; outputs in results/{}/{}/",
+            "{}: {} case(s) with {}:{}, {} succeeded, {} failed; outputs in results/{}/{}/",
             job.id,
             r["cases"],
             args.model,
             r["version"].as_str().unwrap_or("?"),
             r["succeeded"],
             r["failed"],
-            mean("mean_dice_before"),
-            mean("mean_dice"),
-            mean("mean_tre_before_mm"),
-            mean("mean_tre_mm"),
             args.model,
             r["version"].as_str().unwrap_or("?"),
         );

@@ -156,4 +156,12 @@ pub const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX results_by_job ON results (job_id);
     "#,
+    // 5: honest evaluation. A model version records the data it was trained on (NULL:
+    // unknown, e.g. imported weights); a result records whether its case was among it
+    // (NULL: unknown, the model records no training data).
+    r#"
+    ALTER TABLE model_versions ADD COLUMN training_data TEXT; -- JSON medray_core::models::provenance::TrainingData
+    ALTER TABLE results ADD COLUMN split TEXT
+        CHECK (split IS NULL OR split IN ('train', 'validation', 'held-out'));
+    "#,
 ];

@@ -46,6 +46,22 @@ fn new_version(name: &str, version: Option<&str>, seed: u64) -> NewModelVersion 
         best_val_dice: Some(0.5),
         final_losses_json: r#"{"total":0.1}"#.into(),
         source: ModelSource::Trained,
+        training_data: Some(training_data()),
+    }
+}
+
+/// What `new_version` was trained on: case_001 and case_002, validated on case_003.
+fn training_data() -> TrainingData {
+    let case = |id: &str| provenance::TrainedCase {
+        case_id: id.into(),
+        fixed_sha256: sha256_hex(format!("{id}/exp").as_bytes()),
+        moving_sha256: sha256_hex(format!("{id}/insp").as_bytes()),
+    };
+    TrainingData {
+        dataset: "synth".into(),
+        dataset_sha256: Some(sha256_hex(b"synth")),
+        train: vec![case("case_001"), case("case_002")],
+        validation: vec![case("case_003")],
     }
 }
 
@@ -110,6 +126,7 @@ async fn versions_auto_increment_and_explicit_ones_are_kept() {
     assert_eq!(v1.config_key.as_str(), "models/lung/v1/weights.json");
     assert_eq!(v1.model_config, tiny_config());
     assert_eq!(v1.train_cases, ["case_001", "case_002"]);
+    assert_eq!(v1.training_data, Some(training_data()));
     assert_eq!(v1.job_id.as_deref(), Some("job-000007"));
     assert!(v1.created_at.ends_with('Z'), "{}", v1.created_at);
     let v2 = register_model(&f.stage, &mut f.catalog, new_version("lung", None, 2))
@@ -140,6 +157,19 @@ async fn versions_auto_increment_and_explicit_ones_are_kept() {
         .await
         .unwrap();
     assert_eq!(other.version, "v1");
+    // Imported weights record no training data: their results' split stays unknown.
+    let trained = new_version("monai", None, 8);
+    let imported = NewModelVersion::imported(
+        ModelName::new("monai").unwrap(),
+        None,
+        trained.model_config,
+        trained.weights,
+        "{}".into(),
+    );
+    let imported = register_model(&f.stage, &mut f.catalog, imported)
+        .await
+        .unwrap();
+    assert_eq!(imported.training_data, None);
 
     let name = ModelName::new("lung").unwrap();
     let latest = model_version(&f.catalog, &name, &VersionRef::Latest).unwrap();
@@ -156,6 +186,7 @@ async fn versions_auto_increment_and_explicit_ones_are_kept() {
             ("lung", "v3"),
             ("lung", "v7"),
             ("lung", "v8"),
+            ("monai", "v1"),
         ]
         .map(|(a, b)| (a.to_string(), b.to_string()))
     );
@@ -389,6 +420,18 @@ async fn invalid_fields_are_refused_naming_the_field() {
         ("dataset name", Box::new(|n| n.dataset = "../x".into())),
         ("case id", Box::new(|n| n.val_cases = vec!["a b".into()])),
         ("job id", Box::new(|n| n.job_id = Some(String::new()))),
+        (
+            "training_data",
+            Box::new(|n| n.train_cases = vec!["case_001".into()]),
+        ),
+        (
+            "training_data",
+            Box::new(|n| {
+                if let Some(t) = n.training_data.as_mut() {
+                    t.validation[0].moving_sha256 = "nope".into();
+                }
+            }),
+        ),
         (
             "preprocess size",
             Box::new(|n| n.model_config.preprocess.size = Some([16, 16, 20])),

@@ -32,6 +32,11 @@ pub fn model_version_info(v: &ModelVersion) -> ModelVersionInfo {
         source: v.source.as_str().to_string(),
         created_at: v.created_at.clone(),
         medray_version: v.medray_version.clone(),
+        // Plain data with string keys: always serialises.
+        training_data_json: v
+            .training_data
+            .as_ref()
+            .and_then(|t| serde_json::to_string(t).ok()),
     }
 }
 
@@ -71,6 +76,12 @@ pub fn model_version_from_info(info: ModelVersionInfo) -> medray_core::Result<Mo
         created_at: info.created_at,
         medray_version: info.medray_version,
         aliases: info.aliases,
+        training_data: info
+            .training_data_json
+            .as_deref()
+            .map(serde_json::from_str)
+            .transpose()
+            .map_err(|e| medray_core::Error::invalid("training_data_json", e.to_string()))?,
     })
 }
 

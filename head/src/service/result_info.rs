@@ -38,6 +38,7 @@ pub fn case_result(r: &ResultRow) -> CaseResult {
         output_ddf: r.output_ddf.clone(),
         refine_steps: r.refine_steps,
         created_at: r.created_at.clone(),
+        split: r.split.map(|s| s.as_str().to_string()),
     }
 }
 
@@ -70,6 +71,7 @@ pub fn result_row_from(c: CaseResult) -> medray_core::Result<ResultRow> {
         output_label: c.output_label,
         output_ddf: c.output_ddf,
         refine_steps: c.refine_steps,
+        split: c.split.as_deref().map(str::parse).transpose()?,
         created_at: c.created_at,
     })
 }
