@@ -1,27 +1,42 @@
-//! Synthetic lung CT pairs with a known deformation, in the Learn2Reg 2020 "CT Lung" layout.
+//! Synthetic breath-hold lung CT pairs with a known deformation, in the Learn2Reg 2020
+//! "CT Lung" layout.
 //!
 //! Used when the real dataset (Zenodo 3835682) is absent, and by tests and benchmarks, because
-//! unlike the real data the phantom comes with the exact answer. For each case:
+//! unlike the real data the phantom comes with the exact answer. Everything is defined in
+//! physical space (mm) over a fixed field of view, [`EXTENT_MM`] = 336 x 240 x 364 mm, and
+//! sampled on the grid: the spacing is the extent over the grid size, so 96 x 96 x 104 voxels
+//! show the same patient as 192 x 192 x 208 at twice the spacing. For each case:
 //!
-//! * the **inspiration** anatomy (body, fat, ribs, spine, lungs under a diaphragm dome,
-//!   branching vessel trees; see [`anatomy`]) is a continuous function `A(q)`; the MOVING image
-//!   is `A` sampled on the grid, lung parenchyma at [`SynthConfig::lung_hu_insp`];
-//! * a smooth breathing field `u` on the fixed grid ([`breathing`]) describes where each
-//!   expiration point lies in inspiration; the FIXED (expiration) image is `A(p + u(p))` with
-//!   the denser expiration parenchyma [`SynthConfig::lung_hu_exp`]. So `u` is exactly the
-//!   backward DDF of MONAI's `Warp`: `warp(moving, u) ~ fixed`, and it is written as the
-//!   ground truth;
-//! * landmarks are the vessel branch points `m_k` (moving space) and the fixed points `f_k`
-//!   with `f_k + u(f_k) = m_k`;
+//! * the **inspiration** anatomy (body, fat, ribs, spine, two lungs over diaphragm domes,
+//!   dense vessel trees; see `anatomy`) is a continuous function `A(q)`; the MOVING image is
+//!   `A` sampled on the grid, lung parenchyma at [`SynthConfig::lung_hu_insp`];
+//! * the breath-hold motion ([`breathing`]: the diaphragm rises in expiration, the lungs slide
+//!   along a still chest wall, the abdomen follows the diaphragm) maps each expiration point
+//!   `p` to its inspiration position `Φ(p) = p + u(p)`. The FIXED (expiration) image is
+//!   `A(Φ(p))`, with the parenchyma denser where it is compressed
+//!   ([`breathing::expiration_hu`]). So `u` is exactly the backward DDF of MONAI's `Warp`:
+//!   `warp(moving, u) ~ fixed`; it is written (in voxels) as the ground truth;
+//! * its amplitude is drawn per case from the [`Motion`] preset (DIR-Lab-like by default:
+//!   mean landmark displacement 6-15 mm) and calibrated on the case's own landmarks, so the
+//!   drawn mean is what the landmark table shows (before [`SynthConfig::amplitude_scale`]);
+//! * landmarks are the vessel branch points `m_k` (moving space; several hundred per case,
+//!   at most [`MAX_LANDMARKS`]) and the fixed points `f_k` with `Φ(f_k) = m_k`;
 //! * lung masks are the lungs of each phase, 0/1;
 //! * gaussian noise is added to both scans, which are stored as int16 HU.
+//!
+//! [`generate`] also writes `synth.json` (a [`SynthSummary`]: per case the landmark
+//! displacement mean, 95th percentile and maximum in mm, and the lung Dice before
+//! registration), to compare with published tables.
 //!
 //! Everything is deterministic for a seed (ChaCha8: one stream per case, one per noise slab),
 //! independent of the number of threads; the slabs along array axis 0 are computed in
 //! parallel with rayon.
 
 mod anatomy;
-mod breathing;
+pub mod breathing;
+mod config;
+mod sample;
+mod stats;
 mod vec3;
 mod vessels;
 
@@ -37,109 +52,15 @@ use crate::keypoints::{write_keypoint_pairs, KeypointPairs};
 use crate::nifti_io::{write_ddf, write_volume_as, StoredType};
 use crate::{Error, Result};
 
-use anatomy::Anatomy;
-use breathing::Breathing;
+use anatomy::{Anatomy, Chest};
+use breathing::{Breathing, BreathingParams};
 
-/// What to generate.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct SynthConfig {
-    /// Number of cases (`case_001` ..).
-    pub cases: usize,
-    /// Grid size `[H, W, D]` in voxels; axis 2 is cranio-caudal (apex at high indices).
-    pub size: [usize; 3],
-    /// Seed of every random choice.
-    pub seed: u64,
-    /// Voxel size in mm, written to the affine.
-    pub spacing: [f64; 3],
-    /// Standard deviation of the gaussian image noise (HU).
-    pub noise_hu: f32,
-    /// Lung parenchyma at inspiration (HU).
-    pub lung_hu_insp: f32,
-    /// Lung parenchyma at expiration (HU), denser than at inspiration.
-    pub lung_hu_exp: f32,
-    /// Multiplies the breathing amplitude (1: the diaphragm descends ~16 voxels at 192x192x208).
-    pub amplitude_scale: f64,
-}
+pub use anatomy::EXTENT_MM;
+pub use config::{Motion, SynthConfig};
+pub use stats::MotionStats;
 
-impl Default for SynthConfig {
-    /// Learn2Reg-like: 192 x 192 x 208 voxels of 1.75 x 1.25 x 1.75 mm.
-    fn default() -> Self {
-        SynthConfig {
-            cases: 20,
-            size: [192, 192, 208],
-            seed: 0,
-            spacing: [1.75, 1.25, 1.75],
-            noise_hu: 20.0,
-            lung_hu_insp: -850.0,
-            lung_hu_exp: -750.0,
-            amplitude_scale: 1.0,
-        }
-    }
-}
-
-impl SynthConfig {
-    /// Sets the number of cases.
-    pub fn with_cases(mut self, cases: usize) -> Self {
-        self.cases = cases;
-        self
-    }
-
-    /// Sets the grid size.
-    pub fn with_size(mut self, size: [usize; 3]) -> Self {
-        self.size = size;
-        self
-    }
-
-    /// Sets the seed.
-    pub fn with_seed(mut self, seed: u64) -> Self {
-        self.seed = seed;
-        self
-    }
-
-    /// Checks sizes, spacing and intensities.
-    pub fn validate(&self) -> Result<()> {
-        if self.size.iter().any(|&n| !(16..=1024).contains(&n)) {
-            return Err(Error::invalid(
-                "synth size",
-                format!("{:?}: every size must be in 16..=1024", self.size),
-            ));
-        }
-        if self.spacing.iter().any(|s| !s.is_finite() || *s <= 0.0) {
-            return Err(Error::invalid(
-                "synth spacing",
-                format!("{:?}: must be finite and positive", self.spacing),
-            ));
-        }
-        let finite = [self.noise_hu, self.lung_hu_insp, self.lung_hu_exp]
-            .iter()
-            .all(|v| v.is_finite());
-        if !finite || self.noise_hu < 0.0 {
-            return Err(Error::invalid(
-                "synth intensities",
-                "noise and lung values must be finite, noise non-negative",
-            ));
-        }
-        if !self.amplitude_scale.is_finite() || !(0.0..=4.0).contains(&self.amplitude_scale) {
-            return Err(Error::invalid(
-                "synth amplitude_scale",
-                format!("{} must be in 0..=4", self.amplitude_scale),
-            ));
-        }
-        Ok(())
-    }
-
-    /// Voxel-to-world affine: `diag(spacing)`, origin at voxel 0.
-    pub fn affine(&self) -> [[f64; 4]; 4] {
-        let [sx, sy, sz] = self.spacing;
-        [
-            [sx, 0.0, 0.0, 0.0],
-            [0.0, sy, 0.0, 0.0],
-            [0.0, 0.0, sz, 0.0],
-            [0.0, 0.0, 0.0, 1.0],
-        ]
-    }
-}
+/// At most this many landmark pairs are written per case (evenly thinned over both lungs).
+pub const MAX_LANDMARKS: usize = 1000;
 
 /// One generated case in memory.
 #[derive(Debug, Clone)]
@@ -156,8 +77,21 @@ pub struct SynthCase {
     pub moving_mask: Array3<f32>,
     /// True backward DDF on the fixed grid, `[3, H, W, D]`, voxels.
     pub ddf: Array4<f32>,
-    /// Vessel branch points: fixed point and its moving correspondence.
+    /// Vessel branch points: fixed point and its moving correspondence (voxels).
     pub keypoints: KeypointPairs,
+    /// Displacement statistics of `keypoints` (mm).
+    pub motion: MotionStats,
+}
+
+/// The landmarks of a case without its volumes ([`case_landmarks`]).
+#[derive(Debug, Clone)]
+pub struct CaseLandmarks {
+    /// Landmark pairs (voxels), as [`SynthCase::keypoints`].
+    pub keypoints: KeypointPairs,
+    /// Their displacement statistics (mm).
+    pub motion: MotionStats,
+    /// The breathing parameters in use (after calibration and caps).
+    pub breathing: BreathingParams,
 }
 
 /// What one case contains, as reported by [`generate`].
@@ -167,17 +101,27 @@ pub struct SynthCaseSummary {
     pub case_id: String,
     /// Number of landmark pairs written.
     pub keypoints: usize,
-    /// Largest displacement magnitude (voxels).
+    /// Largest displacement magnitude over the whole DDF (voxels).
     pub max_displacement_vox: f32,
     /// Lung voxels in the fixed and moving masks.
     pub lung_voxels: [usize; 2],
+    /// Landmark displacement statistics (mm).
+    pub motion: MotionStats,
+    /// Dice of the fixed and moving lung masks (before registration).
+    pub lung_dice: f64,
+    /// Expiration over inspiration lung volume.
+    pub lung_volume_ratio: f64,
 }
 
-/// What [`generate`] wrote.
+/// What [`generate`] wrote (also saved as `synth.json` in the output folder).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SynthSummary {
     /// The dataset root (contains `scans/`, `lungMasks/`, `keypoints/`, `groundtruth/`).
     pub out_dir: PathBuf,
+    /// The motion preset.
+    pub motion: Motion,
+    /// Voxel size (mm).
+    pub spacing_mm: [f64; 3],
     /// One entry per case, in order.
     pub cases: Vec<SynthCaseSummary>,
 }
@@ -186,7 +130,8 @@ pub struct SynthSummary {
 /// `scans/case_XXX_{exp,insp}.nii.gz` (int16 HU; exp = fixed, insp = moving),
 /// `lungMasks/case_XXX_{exp,insp}.nii.gz` (uint8 0/1), `keypoints/case_XXX.csv` (6-column
 /// pairs, fixed then moving, voxels) and `groundtruth/case_XXX_ddf.nii.gz` (the true DDF,
-/// see [`crate::nifti_io::write_ddf`]). `progress(done, total)` is called after each case.
+/// see [`crate::nifti_io::write_ddf`]), plus `synth.json` (the returned [`SynthSummary`],
+/// written atomically at the end). `progress(done, total)` is called after each case.
 ///
 /// # Errors
 /// [`Error::InvalidArgument`] for an invalid configuration, [`Error::Io`] if a file cannot be
@@ -234,21 +179,32 @@ pub fn generate(
             .map(|w| w())
             .collect::<Result<Vec<()>>>()?;
 
-        let max_displacement_vox = max_magnitude(&case.ddf);
-        let count = |m: &Array3<f32>| m.iter().filter(|&&v| v > 0.5).count();
+        let lung_voxels = [
+            stats::count(&case.fixed_mask),
+            stats::count(&case.moving_mask),
+        ];
         cases.push(SynthCaseSummary {
             case_id: case.case_id.clone(),
             keypoints: case.keypoints.len(),
-            max_displacement_vox,
-            lung_voxels: [count(&case.fixed_mask), count(&case.moving_mask)],
+            max_displacement_vox: max_magnitude(&case.ddf),
+            lung_voxels,
+            motion: case.motion,
+            lung_dice: stats::dice(&case.fixed_mask, &case.moving_mask),
+            lung_volume_ratio: lung_voxels[0] as f64 / lung_voxels[1].max(1) as f64,
         });
         tracing::debug!(case = %case.case_id, "synthetic case written");
         progress(index + 1, config.cases);
     }
-    Ok(SynthSummary {
+    let summary = SynthSummary {
         out_dir: out_dir.to_path_buf(),
+        motion: config.motion,
+        spacing_mm: config.spacing(),
         cases,
-    })
+    };
+    let json = serde_json::to_vec_pretty(&summary)
+        .map_err(|e| Error::invalid("synth.json", e.to_string()))?;
+    crate::atomic::write_bytes(&out_dir.join("synth.json"), &json)?;
+    Ok(summary)
 }
 
 /// Generates case number `index` (0-based; named `case_{index+1:03}`) in memory.
@@ -257,120 +213,130 @@ pub fn generate(
 /// [`Error::InvalidArgument`] for an invalid configuration.
 pub fn generate_case(config: &SynthConfig, index: usize) -> Result<SynthCase> {
     config.validate()?;
-    let size = config.size;
-    let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
-    rng.set_stream(index as u64);
-    let anatomy = Anatomy::random(size, &mut rng);
-    let breathing = random_breathing(config, &anatomy, &mut rng);
-
-    let slab = size[1] * size[2];
-    let voxels = size[0] * slab;
-    let noise = |phase: u64, i: usize| {
-        let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
-        rng.set_stream((1 << 63) | ((index as u64) << 32) | (phase << 24) | i as u64);
-        move || gaussian(&mut rng) * config.noise_hu as f64
-    };
-
-    // Moving (inspiration): the anatomy on the grid.
-    let mut moving = vec![0f32; voxels];
-    let mut moving_mask = vec![0f32; voxels];
-    moving
-        .par_chunks_mut(slab)
-        .zip(moving_mask.par_chunks_mut(slab))
-        .enumerate()
-        .for_each(|(i, (image, mask))| {
-            let mut next_noise = noise(0, i);
-            for j in 0..size[1] {
-                for k in 0..size[2] {
-                    let p = [i as f64, j as f64, k as f64];
-                    let at = j * size[2] + k;
-                    image[at] =
-                        (anatomy.hounsfield(p, config.lung_hu_insp as f64) + next_noise()) as f32;
-                    mask[at] = (anatomy.lung_fraction(p) >= 0.5) as u8 as f32;
-                }
-            }
-        });
-
-    // Fixed (expiration): the anatomy at p + u(p), and u itself.
-    let mut fixed = vec![0f32; voxels];
-    let mut fixed_mask = vec![0f32; voxels];
-    let mut ddf = vec![0f32; 3 * voxels];
-    let (ddf0, rest) = ddf.split_at_mut(voxels);
-    let (ddf1, ddf2) = rest.split_at_mut(voxels);
-    fixed
-        .par_chunks_mut(slab)
-        .zip(fixed_mask.par_chunks_mut(slab))
-        .zip(ddf0.par_chunks_mut(slab))
-        .zip(ddf1.par_chunks_mut(slab).zip(ddf2.par_chunks_mut(slab)))
-        .enumerate()
-        .for_each(|(i, (((image, mask), u0), (u1, u2)))| {
-            let mut next_noise = noise(1, i);
-            for j in 0..size[1] {
-                for k in 0..size[2] {
-                    let p = [i as f64, j as f64, k as f64];
-                    let u = breathing.displacement(p);
-                    let q = [p[0] + u[0], p[1] + u[1], p[2] + u[2]];
-                    let at = j * size[2] + k;
-                    image[at] =
-                        (anatomy.hounsfield(q, config.lung_hu_exp as f64) + next_noise()) as f32;
-                    mask[at] = (anatomy.lung_fraction(q) >= 0.5) as u8 as f32;
-                    u0[at] = u[0] as f32;
-                    u1[at] = u[1] as f32;
-                    u2[at] = u[2] as f32;
-                }
-            }
-        });
-
-    let keypoints = landmarks(&anatomy, &breathing, size);
-    let shape = (size[0], size[1], size[2]);
-    let array = |v: Vec<f32>| Array3::from_shape_vec(shape, v).expect("vector sized H*W*D");
+    let model = CaseModel::new(config, index);
+    let volumes = sample::sample(config, index, &model.anatomy, &model.breathing);
+    let keypoints = model.keypoints(config);
     Ok(SynthCase {
         case_id: format!("case_{:03}", index + 1),
-        fixed: array(fixed),
-        moving: array(moving),
-        fixed_mask: array(fixed_mask),
-        moving_mask: array(moving_mask),
-        ddf: Array4::from_shape_vec((3, size[0], size[1], size[2]), ddf)
-            .expect("vector sized 3*H*W*D"),
+        fixed: volumes.fixed,
+        moving: volumes.moving,
+        fixed_mask: volumes.fixed_mask,
+        moving_mask: volumes.moving_mask,
+        ddf: volumes.ddf,
+        motion: MotionStats::from_pairs(&keypoints, config.spacing()),
         keypoints,
     })
 }
 
-/// The breathing field of a case, proportional to the grid size: at 192x192x208 with 1.75 mm
-/// voxels the diaphragm descends about 16 voxels (28 mm) and the bases widen by 5-6 voxels,
-/// the range of breath-hold inspiration/expiration pairs (identity lung Dice about 0.8).
-fn random_breathing(config: &SynthConfig, anatomy: &Anatomy, rng: &mut ChaCha8Rng) -> Breathing {
-    let s = config.amplitude_scale * rng.gen_range(0.7..1.3);
-    let size = config.size.map(|n| n as f64);
-    let amplitude = [
-        5.0 * s * size[0] / 192.0,
-        6.0 * s * size[1] / 192.0,
-        16.0 * s * size[2] / 208.0,
-    ];
-    let lungs = &anatomy.lungs;
-    let base = lungs[0].center[2] - 0.5 * lungs[0].radii[2];
-    Breathing::new(anatomy.body, amplitude, base, 0.3 * lungs[0].radii[2])
+/// The landmarks and motion statistics of case `index`, as [`generate_case`] makes them, but
+/// without sampling any volume (fast at any grid size).
+///
+/// # Errors
+/// [`Error::InvalidArgument`] for an invalid configuration.
+pub fn case_landmarks(config: &SynthConfig, index: usize) -> Result<CaseLandmarks> {
+    config.validate()?;
+    let model = CaseModel::new(config, index);
+    let keypoints = model.keypoints(config);
+    Ok(CaseLandmarks {
+        motion: MotionStats::from_pairs(&keypoints, config.spacing()),
+        keypoints,
+        breathing: model.breathing.params().clone(),
+    })
 }
 
-/// Vessel branch points inside the grid, with their fixed-space positions.
-fn landmarks(anatomy: &Anatomy, breathing: &Breathing, size: [usize; 3]) -> KeypointPairs {
-    let inside = |p: [f64; 3]| (0..3).all(|a| p[a] >= 0.0 && p[a] <= (size[a] - 1) as f64);
-    let mut pairs = KeypointPairs::default();
-    for &m in &anatomy.vessels.branch_points {
-        let (f, residual) = breathing.invert(m);
-        if residual < 1e-6 && inside(f) && inside(m) {
+/// The anatomy and breathing of one case, and its landmarks in mm.
+struct CaseModel {
+    anatomy: Anatomy,
+    breathing: Breathing<Chest>,
+    /// (expiration, inspiration) landmark positions, mm.
+    landmarks: Vec<([f64; 3], [f64; 3])>,
+}
+
+impl CaseModel {
+    /// Draws the anatomy and the motion of case `index` (nothing here depends on the grid).
+    fn new(config: &SynthConfig, index: usize) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
+        rng.set_stream(index as u64);
+        let anatomy = Anatomy::random(&mut rng);
+        let (lo, hi) = config.motion.mean_displacement_range_mm();
+        let target_mean = rng.gen_range(lo..hi);
+        let slide_ratio = rng.gen_range(0.5..0.8);
+        let params = BreathingParams {
+            descent_mm: 2.0 * target_mean,
+            lung_gain: vec![rng.gen_range(0.9..1.1), rng.gen_range(0.9..1.1)],
+            posterior_gain: rng.gen_range(0.15..0.35),
+            base_bias: rng.gen_range(0.4..0.7),
+            slide_mm: 2.0 * target_mean * slide_ratio,
+            slide_direction: [
+                rng.gen_range(-0.5..0.5),
+                if rng.gen_bool(0.5) { 1.0 } else { -1.0 },
+            ],
+        };
+        // Calibrate the amplitude on the case's own landmarks (the mean is nearly linear in
+        // it), then apply the user's scale.
+        let mut breathing = Breathing::new(anatomy.chest.clone(), params);
+        for _ in 0..3 {
+            let mean = mean_displacement(&breathing, &anatomy);
+            if mean <= 0.0 || (mean - target_mean).abs() < 0.01 * target_mean {
+                break;
+            }
+            breathing = breathing.scaled(target_mean / mean);
+        }
+        let breathing = breathing.scaled(config.amplitude_scale);
+        let landmarks = landmark_pairs(&breathing, &anatomy);
+        CaseModel {
+            anatomy,
+            breathing,
+            landmarks,
+        }
+    }
+
+    /// The landmarks inside the grid, in voxels, thinned evenly to [`MAX_LANDMARKS`].
+    fn keypoints(&self, config: &SynthConfig) -> KeypointPairs {
+        let spacing = config.spacing();
+        let to_voxels = |p: [f64; 3]| [0, 1, 2].map(|a| p[a] / spacing[a]);
+        let inside =
+            |p: [f64; 3]| (0..3).all(|a| p[a] >= 0.0 && p[a] <= (config.size[a] - 1) as f64);
+        let all: Vec<_> = self
+            .landmarks
+            .iter()
+            .map(|&(f, m)| (to_voxels(f), to_voxels(m)))
+            .filter(|&(f, m)| inside(f) && inside(m))
+            .collect();
+        let mut pairs = KeypointPairs::default();
+        let n = all.len();
+        let keep = n.min(MAX_LANDMARKS);
+        for i in 0..keep {
+            let (f, m) = all[i * n / keep];
             pairs.fixed.push(f);
             pairs.moving.push(m);
         }
+        pairs
     }
-    pairs
 }
 
-/// A standard normal sample (Box-Muller).
-fn gaussian(rng: &mut ChaCha8Rng) -> f64 {
-    let u1: f64 = 1.0 - rng.gen::<f64>(); // (0, 1]
-    let u2: f64 = rng.gen();
-    (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+/// Vessel branch points (inspiration, mm) with their expiration positions, for those that
+/// invert exactly inside a lung.
+fn landmark_pairs(breathing: &Breathing<Chest>, anatomy: &Anatomy) -> Vec<([f64; 3], [f64; 3])> {
+    anatomy
+        .vessels
+        .branch_points
+        .iter()
+        .filter_map(|&m| {
+            breathing.inspiration_lung(m)?;
+            let (f, residual) = breathing.invert(m);
+            (residual < 1e-6 && breathing.expiration_lung(f).is_some()).then_some((f, m))
+        })
+        .collect()
+}
+
+fn mean_displacement(breathing: &Breathing<Chest>, anatomy: &Anatomy) -> f64 {
+    let pairs = landmark_pairs(breathing, anatomy);
+    let total: f64 = pairs
+        .iter()
+        .map(|(f, m)| vec3::norm(vec3::sub(*m, *f)))
+        .sum();
+    total / pairs.len().max(1) as f64
 }
 
 fn max_magnitude(ddf: &Array4<f32>) -> f32 {

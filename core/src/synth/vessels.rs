@@ -1,16 +1,22 @@
-//! Branching vessel trees: recursive line segments of decreasing radius, grown inside a
-//! lung, and a bucket grid that finds the segments near a point quickly.
+//! Branching vessel trees (mm): recursive line segments of decreasing radius grown inside a
+//! lung from its hilum, and a bucket grid that finds the segments near a point quickly.
 
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
-use super::anatomy::{inside, Lung, EDGE_REACH_VOXELS};
+use super::anatomy::{inside, Lung, EXTENT_MM};
 use super::vec3::{add, dot, norm, normalize, scale, sub, Vec3};
 
-/// Cell edge of the bucket grid, in voxels.
-const CELL: f64 = 8.0;
+/// Cell edge of the bucket grid (mm).
+const CELL_MM: f64 = 12.0;
+/// Clearance (mm) between a segment's end and the lung surface, beyond its radius.
+const CLEARANCE_MM: f64 = 2.0;
+/// How many directions a child branch tries before it is given up.
+const CHILD_TRIES: usize = 5;
+/// Vessels thinner than this (mm) are not grown.
+const MIN_RADIUS_MM: f64 = 0.6;
 
-/// One cylindrical vessel piece from `a` to `b`.
+/// One cylindrical vessel piece from `a` to `b` (mm).
 #[derive(Debug, Clone)]
 pub(crate) struct Segment {
     pub a: Vec3,
@@ -29,11 +35,12 @@ impl Segment {
 /// How a tree grows.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Growth {
-    /// Generations below each trunk (a trunk of depth `d` has `2^d - 1` segments).
+    /// Generations below each trunk (a trunk of depth `d` has up to `2^(d-1) - 1` branch
+    /// points).
     pub depth: usize,
-    /// Trunk radius in voxels.
+    /// Trunk radius (mm).
     pub radius: f64,
-    /// Trunk length in voxels.
+    /// Trunk length (mm).
     pub length: f64,
 }
 
@@ -41,23 +48,28 @@ pub(crate) struct Growth {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Vessels {
     pub segments: Vec<Segment>,
-    /// Points where a vessel splits in two (the landmarks).
+    /// Points where a vessel splits in two (the landmarks), mm.
     pub branch_points: Vec<Vec3>,
     cells: [usize; 3],
     buckets: Vec<Vec<u32>>,
 }
 
 impl Vessels {
-    /// Grows three trunks (upper, middle, lower lobe) from the hilum of `lung`.
+    /// Grows five trunks (upper, lateral, anterior, posterior, lower) from the hilum of
+    /// `lung`; `side` is -1 or 1 (which way is lateral).
     pub fn grow_in(&mut self, lung: &Lung, side: f64, growth: Growth, rng: &mut ChaCha8Rng) {
-        let hilum = add(
-            lung.center,
-            [-side * 0.55 * lung.radii[0], 0.0, 0.1 * lung.radii[2]],
-        );
+        let height = lung.apex - lung.dome_top;
+        let hilum = [
+            lung.center[0] - side * 0.35 * lung.radii[0],
+            lung.center[1] + 0.05 * lung.radii[1],
+            lung.dome_top + 0.5 * height,
+        ];
         let trunks = [
-            [side * 0.3, 0.0, 1.0],
-            [side, rng.gen_range(-0.4..0.4), -0.1],
-            [side * 0.35, 0.0, -1.0],
+            [side * 0.2, 0.0, 1.0],
+            [side, rng.gen_range(-0.3..0.3), 0.2],
+            [side * 0.4, 1.0, -0.5],
+            [side * 0.4, -1.0, -0.5],
+            [side * 0.3, rng.gen_range(-0.3..0.3), -1.0],
         ];
         for dir in trunks {
             self.grow(
@@ -72,6 +84,7 @@ impl Vessels {
         }
     }
 
+    /// Grows a segment and its subtree; false if the segment does not fit in the lung.
     #[allow(clippy::too_many_arguments)]
     fn grow(
         &mut self,
@@ -82,16 +95,16 @@ impl Vessels {
         radius: f64,
         depth: usize,
         rng: &mut ChaCha8Rng,
-    ) {
-        if depth == 0 || radius < 0.7 || length < 1.0 {
-            return;
+    ) -> bool {
+        if depth == 0 || radius < MIN_RADIUS_MM || length < 2.0 {
+            return false;
         }
         // Shorten the segment until its end is inside the lung, away from the surface.
         let Some(end) = (0..3)
-            .map(|attempt| add(start, scale(dir, length * 0.5f64.powi(attempt))))
-            .find(|&end| lung.signed_distance(end) < -(radius + 1.5))
+            .map(|attempt| add(start, scale(dir, length * 0.6f64.powi(attempt))))
+            .find(|&end| lung.signed_distance(end) < -(radius + CLEARANCE_MM))
         else {
-            return;
+            return false;
         };
         self.segments.push(Segment {
             a: start,
@@ -99,35 +112,43 @@ impl Vessels {
             radius,
         });
         if depth == 1 {
-            return;
+            return true;
         }
         self.branch_points.push(end);
-        let perp = random_perpendicular(dir, rng);
+        let mut perp = random_perpendicular(dir, rng);
         for sign in [1.0, -1.0] {
-            let angle = rng.gen_range(0.4..0.7f64);
-            let child = normalize(add(
-                scale(dir, angle.cos()),
-                scale(perp, sign * angle.sin()),
-            ));
-            let shrink = rng.gen_range(0.7..0.85);
-            self.grow(
-                lung,
-                end,
-                child,
-                length * shrink,
-                radius * 0.72,
-                depth - 1,
-                rng,
-            );
+            // A child that leaves the lung is retried in other directions.
+            for _ in 0..CHILD_TRIES {
+                let angle = rng.gen_range(0.45..0.8f64);
+                let child = normalize(add(
+                    scale(dir, angle.cos()),
+                    scale(perp, sign * angle.sin()),
+                ));
+                let shrink = rng.gen_range(0.72..0.88);
+                if self.grow(
+                    lung,
+                    end,
+                    child,
+                    length * shrink,
+                    radius * 0.8,
+                    depth - 1,
+                    rng,
+                ) {
+                    break;
+                }
+                perp = random_perpendicular(dir, rng);
+            }
         }
+        true
     }
 
-    /// Builds the bucket grid over a volume of `size` voxels; call after growing.
-    pub fn index(&mut self, size: [usize; 3]) {
-        self.cells = size.map(|n| (n as f64 / CELL).ceil().max(1.0) as usize);
+    /// Builds the bucket grid over [`EXTENT_MM`] for walls blurred over `edge` mm; call after
+    /// growing, and before [`Vessels::fraction`] with that `edge`.
+    pub fn index(&mut self, edge: f64) {
+        self.cells = EXTENT_MM.map(|e| (e / CELL_MM).ceil() as usize);
         self.buckets = vec![Vec::new(); self.cells.iter().product()];
         for (id, s) in self.segments.iter().enumerate() {
-            let reach = s.radius + EDGE_REACH_VOXELS;
+            let reach = s.radius + 5.0 * edge;
             let lo = [0, 1, 2].map(|a| self.cell_of(a, s.a[a].min(s.b[a]) - reach));
             let hi = [0, 1, 2].map(|a| self.cell_of(a, s.a[a].max(s.b[a]) + reach));
             for i in lo[0]..=hi[0] {
@@ -142,11 +163,11 @@ impl Vessels {
     }
 
     fn cell_of(&self, axis: usize, x: f64) -> usize {
-        ((x / CELL).floor().max(0.0) as usize).min(self.cells[axis] - 1)
+        ((x / CELL_MM).floor().max(0.0) as usize).min(self.cells[axis] - 1)
     }
 
-    /// Vessel volume fraction at `p`: 1 inside a vessel, 0 outside, linear across the wall.
-    pub fn fraction(&self, p: Vec3) -> f64 {
+    /// Vessel volume fraction at `p`, walls blurred over `edge` mm (as indexed).
+    pub fn fraction(&self, p: Vec3, edge: f64) -> f64 {
         if self.buckets.is_empty() {
             return 0.0;
         }
@@ -155,7 +176,7 @@ impl Vessels {
         let mut best: f64 = 0.0;
         for &id in bucket {
             let s = &self.segments[id as usize];
-            best = best.max(inside(s.distance(p) - s.radius));
+            best = best.max(inside(s.distance(p) - s.radius, edge));
             if best >= 1.0 {
                 break;
             }
