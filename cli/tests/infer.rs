@@ -195,6 +195,8 @@ fn inference_registers_every_case_like_predict_and_a_corrupt_case_fails_alone() 
     for r in &rows {
         assert_eq!(r["status"], "SUCCEEDED", "{r}");
         assert_eq!(r["model_version"], "v1");
+        // The model trained on every case of `lungs` (no validation): each row says so.
+        assert_eq!(r["split"], "train", "{r}");
         assert_eq!(r["device"], "cpu");
         assert_eq!(r["refine_steps"], 0);
         assert!(
@@ -313,15 +315,20 @@ fn inference_registers_every_case_like_predict_and_a_corrupt_case_fails_alone() 
     );
     assert!(max_abs_diff(&a, &b) <= 1e-3);
 
-    // The quickstart's query, through the head and on the data directory, in order.
-    let quickstart =
-        "SELECT case_id, model_version, dice_score, ssim_score FROM results ORDER BY dice_score DESC";
+    // The quickstart's query (and the split), through the head and on the data directory,
+    // in order.
+    let quickstart = "SELECT case_id, model_version, dice_score, ssim_score, split FROM results \
+                      ORDER BY dice_score DESC";
     let out = c
         .cli_ok(&["sql", quickstart, "--format", "csv"])
         .expect("sql");
     let lines: Vec<&str> = out.lines().collect();
-    assert_eq!(lines[0], "case_id,model_version,dice_score,ssim_score");
+    assert_eq!(
+        lines[0],
+        "case_id,model_version,dice_score,ssim_score,split"
+    );
     assert_eq!(lines.len(), 5, "{out}");
+    assert!(lines[1..].iter().all(|l| l.ends_with(",train")), "{out}");
     let dice: Vec<f64> = lines[1..]
         .iter()
         .map(|l| {
@@ -492,6 +499,23 @@ fn inference_registers_every_case_like_predict_and_a_corrupt_case_fails_alone() 
     assert_eq!(j["result"]["failed"], 1, "{j}");
     let rows = json_rows(&c, &["results", "--dataset", "bad", "--format", "json"]);
     assert_eq!(rows.len(), 3, "{rows:#?}");
+    // Same case ids as the training dataset `lungs`, other images: held-out, failed or not.
+    for r in &rows {
+        assert_eq!(r["split"], "held-out", "{r}");
+    }
+    let table = c
+        .cli_ok(&["results", "--model", "m", "--version", "v1"])
+        .expect("results table");
+    let summary = table
+        .split("by split:")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no summary:\n{table}"));
+    let at = |s: &str| {
+        summary
+            .find(s)
+            .unwrap_or_else(|| panic!("no `{s}` in\n{table}"))
+    };
+    assert!(at("held-out: 3 case(s) (1 failed)") < at("training: 4 case(s)"));
     for r in &rows {
         if r["case_id"] == "case_002" {
             assert_eq!(r["status"], "FAILED", "{r}");

@@ -129,6 +129,15 @@ fn the_report_is_written_served_and_renders_in_chromium() {
         let (w, h, varied) = png_info(&png, case);
         assert!(w > 600 && h > 200 && varied, "{case}: {w}x{h}");
     }
+    // Every case trained the model (`train_tiny_model`: no validation, nothing held out):
+    // the page says so, and shows them as training cases.
+    assert!(html.contains("Training cases (3)"), "no training section");
+    assert!(
+        html.contains("id=\"no-held-out\""),
+        "no warning that nothing is held out"
+    );
+    assert!(!html.contains("id=\"held-out\""));
+    assert!(printed.contains("training: 3 case(s)"), "{printed}");
     for heading in [
         "Summary over succeeded cases",
         "Dice after",
