@@ -28,6 +28,11 @@ pub enum Error {
     #[error("{}: {reason}", path.display())]
     Nifti { path: PathBuf, reason: String },
 
+    /// A DICOM series folder (or one of its files, then `path` names the file) could not be
+    /// read as one volume.
+    #[error("{}: {reason}", path.display())]
+    Dicom { path: PathBuf, reason: String },
+
     /// Two inputs that must agree in shape do not.
     #[error("shape mismatch in {op}: expected {expected}, got {got}")]
     ShapeMismatch {
@@ -241,6 +246,10 @@ impl Error {
                 source,
             },
             Error::Nifti { path: p, reason } if p == path => Error::Nifti {
+                path: name.to_path_buf(),
+                reason,
+            },
+            Error::Dicom { path: p, reason } if p == path => Error::Dicom {
                 path: name.to_path_buf(),
                 reason,
             },

@@ -4,6 +4,7 @@ pub mod atomic;
 pub mod bench;
 pub mod catalog;
 pub mod dataset;
+pub mod dicom;
 pub mod error;
 pub mod evaluate;
 pub mod ingest;

@@ -108,7 +108,9 @@ impl StoredType {
 // Reading
 // ---------------------------------------------------------------------------------------------
 
-/// Reads a 3-D NIfTI-1 volume (`.nii` or `.nii.gz`, detected from the gzip magic bytes).
+/// Reads a 3-D NIfTI-1 volume (`.nii` or `.nii.gz`, detected from the gzip magic bytes), or,
+/// when `path` is a directory, the DICOM series in it ([`crate::dicom::read_series`]: same
+/// [`Volume`], affine in the same RAS+ world, errors as [`Error::Dicom`]).
 ///
 /// Accepts every integer and float datatype (u8, i8, i16, u16, i32, u32, i64, u64, f32, f64),
 /// either byte order, and 4-D to 7-D files whose extra dimensions are all 1 (squeezed).
@@ -121,6 +123,9 @@ impl StoredType {
 /// datatype, or contains NaN/Inf values.
 pub fn read_volume(path: impl AsRef<Path>) -> Result<Volume> {
     let path = path.as_ref();
+    if path.is_dir() {
+        return crate::dicom::read_series(path);
+    }
     let bad = |reason: String| Error::Nifti {
         path: path.to_path_buf(),
         reason,
@@ -591,6 +596,22 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
         }
         out.flush().map_err(io_err)
     })
+}
+
+/// The header [`write_volume_as`] would write for `shape`, `affine` and `stored`, parsed back
+/// (describes volumes that were not read from a NIfTI file, such as DICOM series).
+///
+/// # Errors
+/// As [`write_volume_as`] for an invalid shape or affine.
+pub(crate) fn header_for(
+    shape: [usize; 3],
+    affine: &[[f64; 4]; 4],
+    stored: StoredType,
+) -> Result<NiftiHeader> {
+    let mut bytes = Vec::with_capacity(WRITE_VOX_OFFSET);
+    HeaderFields::new(shape, affine, stored.datatype(), stored.bytes())?.encode(&mut bytes);
+    NiftiHeader::from_reader(&bytes[..HEADER_BYTES])
+        .map_err(|e| Error::invalid("header", format!("cannot encode a NIfTI header: {e}")))
 }
 
 /// The header fields medray writes; everything else is zero.
