@@ -52,13 +52,16 @@ pub struct QualityScore {
     pub log_jac_std: f64,
 }
 
+/// Landmark pairs (fixed, moving) in voxel coordinates.
+pub type LandmarkPairs<'a> = (&'a [[f64; 3]], &'a [[f64; 3]]);
+
 /// What a pair brings to scoring: its landmarks and masks on the fixed image's grid.
 #[derive(Clone, Copy, Debug)]
 pub struct ScoringInputs<'a> {
     /// Voxel size of the fixed grid, mm.
     pub spacing_mm: [f64; 3],
     /// Landmark pairs (fixed, moving) in voxel coordinates, if any.
-    pub keypoints: Option<(&'a [[f64; 3]], &'a [[f64; 3]])>,
+    pub keypoints: Option<LandmarkPairs<'a>>,
     /// Lung masks (fixed, moving) as stored, if any.
     pub masks: Option<(&'a Volume, &'a Volume)>,
 }
@@ -99,8 +102,7 @@ pub fn score_ddf(ddf: &Tensor, inputs: &ScoringInputs<'_>) -> Result<QualityScor
     let mut score = QualityScore::default();
     if let Some((fixed, moving)) = inputs.keypoints {
         if !fixed.is_empty() {
-            let after =
-                metrics::target_registration_error(ddf, fixed, moving, inputs.spacing_mm)?;
+            let after = metrics::target_registration_error(ddf, fixed, moving, inputs.spacing_mm)?;
             let before = metrics::tre_before(fixed, moving, inputs.spacing_mm)?;
             score.landmarks = fixed.len();
             score.tre_before_mm = Some(mean(&before));
