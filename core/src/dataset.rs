@@ -8,6 +8,8 @@
 //! DIR/keypoints/case_001.csv          optional keypoint pairs (fixed xyz, moving xyz)
 //! ```
 //!
+//! A scan may also be a folder holding one DICOM series (`DIR/scans/case_001_exp/`, read by
+//! [`crate::dicom`]; `medray ingest` stores it as NIfTI); masks are NIfTI files.
 //! `DIR/training/...` (the layout of the Zenodo archive) is accepted too. Cases are ordered
 //! by id; an expiration scan without its inspiration partner (or the reverse) is an error.
 
@@ -69,7 +71,13 @@ impl Learn2RegDataset {
         for entry in entries {
             let entry = entry.map_err(|e| Error::io(&scans, e))?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(stem) = strip_nifti(&name) else {
+            // A folder `case_001_exp/` is a DICOM series (converted to NIfTI by the ingest).
+            let series = entry.path().is_dir();
+            let Some(stem) = (if series {
+                Some(name.as_str())
+            } else {
+                strip_nifti(&name)
+            }) else {
                 continue;
             };
             if let Some(id) = stem.strip_suffix("_exp") {

@@ -6,7 +6,9 @@
 //!
 //! The order is what makes a failed ingest invisible:
 //! 1. every file of every case is validated ([`validate`]); a bad case stops the ingest
-//!    unless `skip_bad` is set, and then it is left out;
+//!    unless `skip_bad` is set, and then it is left out; a scan given as a DICOM series
+//!    folder is first converted to a NIfTI file in a temporary folder ([`convert`]), and that
+//!    file is what is validated and stored;
 //! 2. identical content already published under the name is a no-op; other content needs
 //!    `replace`;
 //! 3. the files are stored (their hash re-checked against the validated one); any failure
@@ -22,6 +24,7 @@
 //! name at a time.
 
 pub mod archive;
+pub mod convert;
 pub mod download;
 pub mod manifest;
 pub mod validate;
@@ -383,11 +386,15 @@ async fn ingest_cases(
     let total = cases.len() as u64;
     let mut valid = Vec::new();
     let mut bad = Vec::new();
+    // DICOM scans are converted to NIfTI here; the files live until they are stored.
+    let work = tempfile::tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?;
     progress(IngestPhase::Validate, 0, total);
     for (i, files) in cases.into_iter().enumerate() {
-        let checked = tokio::task::spawn_blocking(move || validate_case(&files))
-            .await
-            .map_err(|e| join_error("validate", e))?;
+        let dir = work.path().to_path_buf();
+        let checked =
+            tokio::task::spawn_blocking(move || convert::validate_converting(&files, &dir))
+                .await
+                .map_err(|e| join_error("validate", e))?;
         match checked {
             Ok(case) => valid.push(case),
             Err(b) => bad.push(b),

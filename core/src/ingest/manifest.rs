@@ -9,7 +9,9 @@
 //! The header is exactly `case_id,fixed,moving,fixed_mask,moving_mask` with an optional
 //! sixth column `keypoints`. Paths are relative to the manifest's folder (absolute paths are
 //! taken as they are). Every field is required, except that a `keypoints` cell may be empty
-//! for a case without keypoints. Volumes must be `.nii` or `.nii.gz` files. Errors name the
+//! for a case without keypoints. Masks must be `.nii` or `.nii.gz` files; a scan (`fixed`,
+//! `moving`) is a `.nii`/`.nii.gz` file or a folder holding one DICOM series, which the ingest
+//! converts to NIfTI (see [`crate::dicom`] and [`super::convert`]). Errors name the
 //! manifest, the line and the column. Cases are returned ordered by id, like
 //! [`Learn2RegDataset`](crate::dataset::Learn2RegDataset) does.
 
@@ -47,8 +49,8 @@ fn manifest_error(
 /// # Errors
 /// [`Error::Manifest`] naming the line and column of the first bad row: a wrong header, a
 /// wrong number of fields, an empty field, an invalid or duplicate case id, a file that
-/// does not exist or a volume that is not `.nii`/`.nii.gz`; [`Error::Io`] if the manifest
-/// cannot be read.
+/// does not exist, a mask that is not `.nii`/`.nii.gz` or a scan that is neither that nor a
+/// folder; [`Error::Io`] if the manifest cannot be read.
 pub fn read_manifest(path: &Path) -> Result<Vec<CaseFiles>> {
     let base = path.parent().unwrap_or(Path::new("."));
     let mut reader = csv::ReaderBuilder::new()
@@ -110,11 +112,21 @@ pub fn read_manifest(path: &Path) -> Result<Vec<CaseFiles>> {
         let file = |column: usize| -> Result<PathBuf> {
             let resolved = base.join(field(column));
             let volume = column < COLUMNS.len();
+            let scan = column == 1 || column == 2;
+            if scan && resolved.is_dir() {
+                // A DICOM series folder; read (and converted) by validation.
+                return Ok(resolved);
+            }
             let name = resolved.to_string_lossy();
             if volume && !(name.ends_with(".nii.gz") || name.ends_with(".nii")) {
+                let expected = if scan {
+                    "a .nii or .nii.gz file or a DICOM series folder"
+                } else {
+                    "a .nii or .nii.gz file (masks are NIfTI)"
+                };
                 return Err(err(
                     column,
-                    format!("{}: expected a .nii or .nii.gz file", resolved.display()),
+                    format!("{}: expected {expected}", resolved.display()),
                 ));
             }
             if !resolved.is_file() {

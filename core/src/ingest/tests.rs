@@ -3,6 +3,7 @@
 use std::path::Path;
 
 use super::*;
+use crate::nifti_io::StoredType;
 use crate::stage::{StageKey, StageLocation};
 
 struct Env {
@@ -371,4 +372,79 @@ async fn a_bad_manifest_row_is_named_and_nothing_is_stored() {
         .to_string();
     assert!(msg.contains("p1/mask_insp.nii.gz"), "{msg}");
     assert!(keys(&e.stage).await.is_empty());
+}
+
+/// A manifest case whose fixed scan is the DICOM fixture `core/tests/data/popi-crop/dicom`
+/// (moving: the same voxels as NIfTI, masks: a threshold of them).
+fn dicom_manifest(root: &Path, fixed: &Path) -> PathBuf {
+    let popi = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/popi-crop");
+    let ct = crate::nifti_io::read_volume(popi.join("popi_crop.nii.gz")).unwrap();
+    let mask = ct.data.mapv(|hu| f32::from(u8::from(hu < -400.0)));
+    let mask_path = root.join("mask.nii.gz");
+    crate::nifti_io::write_volume_as(&mask_path, &mask, &ct.affine, StoredType::Uint8).unwrap();
+    let csv = root.join(MANIFEST_FILE);
+    let row = format!(
+        "p1,{},{},mask.nii.gz,mask.nii.gz\n",
+        fixed.display(),
+        popi.join("popi_crop.nii.gz").display()
+    );
+    std::fs::write(&csv, format!("{}\n{row}", manifest::COLUMNS.join(","))).unwrap();
+    csv
+}
+
+#[tokio::test]
+async fn a_dicom_series_in_a_manifest_is_stored_as_nifti() {
+    let mut e = env(1);
+    let root = e.data.join("dicom-case");
+    std::fs::create_dir_all(&root).unwrap();
+    let series = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/popi-crop/dicom");
+    let csv = dicom_manifest(&root, &series);
+    let r = ingest_manifest(&e.stage, &mut e.catalog, &csv, &opts("popi"), |_, _, _| {})
+        .await
+        .unwrap();
+    assert_eq!((r.cases, r.objects_written), (1, 4));
+    let cases = e.catalog.cases(&r.name).unwrap();
+    assert_eq!(
+        cases[0].fixed.key.as_str(),
+        "datasets/popi/scansExp/p1_exp.nii.gz"
+    );
+    // The stored object is the series as NIfTI: the voxels and geometry of the NIfTI crop.
+    let stored = root.join("stored.nii.gz");
+    std::fs::write(&stored, e.stage.get(&cases[0].fixed.key).await.unwrap()).unwrap();
+    let got = crate::nifti_io::read_volume(&stored).unwrap();
+    let want = crate::nifti_io::read_volume(series.with_file_name("popi_crop.nii.gz")).unwrap();
+    assert!(got.data == want.data);
+    assert_eq!(got.header.datatype, 4, "int16");
+    for (g, w) in got
+        .affine
+        .iter()
+        .flatten()
+        .zip(want.affine.iter().flatten())
+    {
+        assert!(
+            (g - w).abs() < 1e-3,
+            "{:?} vs {:?}",
+            got.affine,
+            want.affine
+        );
+    }
+    assert_eq!(cases[0].shape, [64, 48, 8]);
+    // The conversion is deterministic: the same series again is the same content.
+    let again = ingest_manifest(&e.stage, &mut e.catalog, &csv, &opts("popi"), |_, _, _| {})
+        .await
+        .unwrap();
+    assert_eq!(again.outcome, PublishOutcome::Unchanged);
+
+    // A bad series refuses the case, naming the folder.
+    let empty = root.join("empty-series");
+    std::fs::create_dir_all(&empty).unwrap();
+    let csv = dicom_manifest(&root, &empty);
+    let err = ingest_manifest(&e.stage, &mut e.catalog, &csv, &opts("bad"), |_, _, _| {})
+        .await
+        .unwrap_err();
+    let Error::BadCases { cases } = err else {
+        panic!("expected BadCases, got {err}");
+    };
+    assert_eq!(cases[0].file.as_deref(), Some(empty.as_path()));
+    assert!(cases[0].reason.contains("empty"), "{}", cases[0].reason);
 }

@@ -112,9 +112,10 @@ fn bad(case: &CaseFiles, file: Option<&Path>, reason: impl Into<String>) -> BadC
     }
 }
 
-fn reason_of(e: Error) -> String {
+/// The message of a file error without the path (the bad case names the file).
+pub(super) fn reason_of(e: Error) -> String {
     match e {
-        Error::Nifti { reason, .. } => reason,
+        Error::Nifti { reason, .. } | Error::Dicom { reason, .. } => reason,
         Error::Keypoints { line, reason, .. } => format!("line {line}: {reason}"),
         Error::Io { source, .. } => source.to_string(),
         other => other.to_string(),
