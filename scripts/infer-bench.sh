@@ -28,7 +28,7 @@ cargo build --release --locked -p medray-cli
 M="$(cd "${CARGO_TARGET_DIR:-target}/release" && pwd)/medray"
 rm -rf "$OUT" && mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
-$M synth --out "$OUT/data" --cases "$CASES" --size "${SIZE[@]}" --seed 3 --motion-scale 2 >/dev/null
+$M synth --out "$OUT/data" --cases "$CASES" --size "${SIZE[@]}" --seed 3 >/dev/null
 
 cd "$OUT"
 $M up --workers 2 --detach --listen "127.0.0.1:$PORT" --data-dir cluster-data

@@ -21,7 +21,7 @@ cargo build --release --locked -p medray-cli
 M="$(cd "${CARGO_TARGET_DIR:-target}/release" && pwd)/medray"
 
 echo "== 1/4 synthesising 10 phantoms at ${SIZE[*]} into $OUT/data"
-$M synth --out "$OUT/data" --cases 10 --size "${SIZE[@]}" --seed 0 --motion-scale 2
+$M synth --out "$OUT/data" --cases 10 --size "${SIZE[@]}" --seed 0
 
 echo "== 2/4 local cluster in $OUT: ingest into its stage, selftest on every worker"
 DATA="$(cd "$OUT/data" && pwd)"

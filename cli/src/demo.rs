@@ -294,7 +294,6 @@ pub fn run(args: Args, device: &str) -> anyhow::Result<()> {
             argv.push("--size".into());
             argv.extend(size.iter().cloned());
             argv.extend(["--seed".into(), args.seed.to_string()]);
-            argv.extend(strings(&["--motion-scale", "2"]));
             step(1, "synthesising paired lung-CT phantoms", &argv, device)?;
             dir.join("data")
         }
