@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use medray_core::predict::{predict, KeypointFiles, OutputGrid, PredictRequest};
+use medray_core::refine::{RefineOptions, RefineSim};
 
 /// Arguments of `medray predict`.
 #[derive(Debug, clap::Args)]
@@ -46,10 +47,30 @@ pub struct Args {
     /// network grid.
     #[arg(long)]
     original_grid: bool,
-    /// Instance optimisation: Adam steps on the network's DDF against the model's loss
-    /// (see `medray infer --refine`).
+    /// Instance optimisation: Adam steps per pyramid level on the displacement, started from
+    /// the network's DDF (see `--refine-sim`; `medray infer --refine`).
     #[arg(long, default_value_t = 0, value_name = "STEPS")]
     refine: usize,
+    /// Similarity of the refinement: `mind` (MIND-SSC SSD) or `lncc` in a multi-level
+    /// pyramid on the original images, or `model` (the model's training loss on the network
+    /// grid).
+    #[arg(long, default_value = "mind", value_name = "SIM")]
+    refine_sim: String,
+    /// Pyramid levels of the refinement (1: half resolution only; 2: a quarter, then a half).
+    #[arg(long, default_value_t = RefineOptions::default().levels, value_name = "N")]
+    refine_levels: usize,
+    /// Weight of the refinement's diffusion regulariser (mean squared strain).
+    #[arg(long, default_value_t = RefineOptions::default().lambda, allow_negative_numbers = true, value_name = "LAMBDA")]
+    refine_lambda: f64,
+    /// Control-point spacing of the refinement, voxels of each level.
+    #[arg(long, default_value_t = RefineOptions::default().grid_spacing, value_name = "VOXELS")]
+    refine_grid: usize,
+    /// Adam learning rate of the refinement, voxels of each level.
+    #[arg(long, default_value_t = RefineOptions::default().lr, allow_negative_numbers = true, value_name = "LR")]
+    refine_lr: f64,
+    /// Weight the refinement's similarity by the fixed lung mask (needs the masks).
+    #[arg(long)]
+    refine_mask: bool,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -82,7 +103,18 @@ pub fn run(args: Args, device: &candle_core::Device) -> anyhow::Result<()> {
             OutputGrid::Network
         },
         refine_steps: args.refine,
+        refine: RefineOptions {
+            steps: args.refine,
+            sim: args.refine_sim.parse::<RefineSim>()?,
+            levels: args.refine_levels,
+            lambda: args.refine_lambda,
+            grid_spacing: args.refine_grid,
+            lr: args.refine_lr,
+            mask: args.refine_mask,
+            ..RefineOptions::default()
+        },
     };
+    request.refine.validate()?;
     let report = predict(&request, device).context("predict failed")?;
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -121,6 +153,12 @@ pub fn run(args: Args, device: &candle_core::Device) -> anyhow::Result<()> {
             "  refined         {} Adam steps (lr {}): {} loss {:.5} -> {:.5} in {:.0} ms",
             r.steps, r.lr, r.loss, r.loss_before, r.loss_after, r.refine_ms
         );
+        for l in &r.levels {
+            println!(
+                "    level {:?} (control grid {:?}): {} loss {:.5} -> {:.5} in {:.0} ms",
+                l.size, l.control_grid, r.loss, l.loss_before, l.loss_after, l.ms
+            );
+        }
     }
     println!("  DDF written to  {}", report.out_ddf.display());
     if let Some(w) = &report.out_warped {

@@ -11,18 +11,27 @@
 //! | [`DiceLoss`] | `losses/dice.py` | §5.1 |
 //! | [`MultiScaleLoss`] | `losses/multi_scale.py` | §5.2 |
 //! | [`mse_loss`] | `torch.nn.MSELoss` | §8 |
+//! | [`LocalNormalizedCrossCorrelationLoss`] | `losses/image_dissimilarity.py` | rectangular kernel |
+//! | [`DiffusionLoss`] | VoxelMorph `Grad('l2')` | mean squared first differences |
+//! | [`MindSsdLoss`], [`mind_ssc`] | ConvexAdam (Siebert et al. 2021) | MIND-SSC SSD |
 //!
 //! "spec" refers to `docs/monai-spec.md`, which also holds the golden values the tests check.
 
 pub mod bending_energy;
 pub mod dice;
+pub mod diffusion;
 pub(crate) mod filtering;
+pub mod lncc;
+pub mod mind;
 pub mod mse;
 pub mod multi_scale;
 pub mod mutual_information;
 
 pub use bending_energy::{BendingEnergyFormula, BendingEnergyLoss};
 pub use dice::DiceLoss;
+pub use diffusion::DiffusionLoss;
+pub use lncc::LocalNormalizedCrossCorrelationLoss;
+pub use mind::{mind_ssc, MindSsdLoss, MIND_CHANNELS};
 pub use mse::mse_loss;
 pub use multi_scale::MultiScaleLoss;
 pub use mutual_information::{GlobalMutualInformationLoss, ParzenKernel};

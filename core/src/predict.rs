@@ -22,7 +22,9 @@ use crate::nifti_io::{
 };
 use crate::ops::{self, Padding};
 use crate::preprocess::{preprocess_image, preprocess_mask, resample_ddf_to};
-use crate::refine::{refine_ddf, RefineReport};
+use crate::refine::{
+    refine_ddf, refine_pyramid, PyramidInput, RefineOptions, RefineReport, RefineSim,
+};
 use crate::registration::{LossPreset, PairBatch, RegistrationLoss};
 use crate::{Error, Result};
 
@@ -76,6 +78,8 @@ pub struct PredictRequest {
     pub output_grid: OutputGrid,
     /// Adam steps of instance optimisation on the DDF ([`crate::refine`]); 0: none.
     pub refine_steps: usize,
+    /// How the instance optimisation runs (its `steps` is replaced by `refine_steps`).
+    pub refine: RefineOptions,
 }
 
 /// What `predict` reports (`--json` prints it).
@@ -321,9 +325,11 @@ pub struct RegisterOptions {
 pub struct Registration {
     /// Quality metrics, on the network grid (TRE on the original grid, in mm).
     pub metrics: CaseMetrics,
-    /// The DDF (1, 3, h, w, d) on the network grid, voxels (refined if asked).
+    /// The DDF (1, 3, h, w, d) on the network grid, voxels (refined if asked; a pyramid
+    /// refinement's result resampled to this grid).
     pub ddf: Tensor,
-    /// The DDF resampled to the original grid (1, 3, H, W, D), original voxels.
+    /// The DDF on the original grid (1, 3, H, W, D), original voxels: the network's DDF
+    /// resampled, or the pyramid refinement's result.
     pub ddf_original: Option<Tensor>,
     /// Wall time of the network forward pass alone, ms.
     pub inference_ms: f64,
@@ -336,6 +342,8 @@ pub struct Registration {
 /// Registers a loaded pair with a model: the network's DDF, refined if asked, resampled to
 /// the original grid when needed, and the metrics. `medray predict` and the cluster's
 /// inference tasks both call this, so they report the same numbers for the same case.
+/// The refinement runs with [`RefineOptions`]' defaults and `options.refine_steps` steps;
+/// [`register_pair_with`] takes every refinement option.
 ///
 /// # Errors
 /// A tensor error, or [`Error::InvalidArgument`] when the refinement's loss needs masks the
@@ -345,33 +353,101 @@ pub fn register_pair(
     pair: &LoadedPair,
     options: &RegisterOptions,
 ) -> Result<Registration> {
+    register_pair_with(
+        model,
+        pair,
+        options.original_grid,
+        &RefineOptions::with_steps(options.refine_steps),
+    )
+}
+
+/// [`register_pair`] with explicit refinement options (`refine.steps` 0: none).
+///
+/// With a pyramid similarity ([`RefineSim::Mind`], [`RefineSim::Lncc`]) the refinement
+/// works on the windowed original images and its result is resampled both to the original
+/// grid (`ddf_original`, always set then: TRE and the outputs) and to the network grid
+/// (`ddf`: the other metrics). With [`RefineSim::Model`] the DDF is refined on the network
+/// grid against the model's training loss.
+///
+/// # Errors
+/// As [`register_pair`]; [`Error::InvalidArgument`] naming the option for invalid
+/// refinement options.
+pub fn register_pair_with(
+    model: &LoadedModel,
+    pair: &LoadedPair,
+    original_grid: bool,
+    refine_options: &RefineOptions,
+) -> Result<Registration> {
+    refine_options.validate()?;
     let network_size = [pair.fixed.dim(2)?, pair.fixed.dim(3)?, pair.fixed.dim(4)?];
+    let original = pair.original_size();
     let input = Tensor::cat(&[&pair.moving, &pair.fixed], 1)?;
     let t0 = Instant::now();
     let mut ddf = model.net.forward_t(&input, false)?.detach();
     let inference_ms = t0.elapsed().as_secs_f64() * 1e3;
 
     let mut refine = None;
-    if options.refine_steps > 0 {
-        let preset = model.config.loss.unwrap_or(LossPreset::MiBe);
-        let batch = PairBatch {
-            fixed: pair.fixed.clone(),
-            moving: pair.moving.clone(),
-            fixed_mask: pair.fixed_mask.clone(),
-            moving_mask: pair.moving_mask.clone(),
-        };
-        let (refined, report) = refine_ddf(
-            &ddf,
-            &batch,
-            &RegistrationLoss::new(preset),
-            options.refine_steps,
-        )?;
-        ddf = refined;
-        refine = Some(report);
+    let mut refined_original = None;
+    if refine_options.steps > 0 {
+        if refine_options.sim == RefineSim::Model {
+            let preset = model.config.loss.unwrap_or(LossPreset::MiBe);
+            let batch = PairBatch {
+                fixed: pair.fixed.clone(),
+                moving: pair.moving.clone(),
+                fixed_mask: pair.fixed_mask.clone(),
+                moving_mask: pair.moving_mask.clone(),
+            };
+            let (refined, report) = refine_ddf(
+                &ddf,
+                &batch,
+                &RegistrationLoss::new(preset),
+                refine_options.steps,
+            )?;
+            ddf = refined;
+            refine = Some(report);
+        } else {
+            let start = Instant::now();
+            let device = pair.fixed.device();
+            let windowed = |v: &Volume| -> Result<Tensor> {
+                let t = crate::nifti_io::to_tensor(v, device)?;
+                Ok(match &model.config.preprocess.window {
+                    Some(w) => w.apply(&t)?,
+                    None => t,
+                })
+            };
+            let (fixed, moving) = (
+                windowed(&pair.fixed_volume)?,
+                windowed(&pair.moving_volume)?,
+            );
+            let result = refine_pyramid(
+                &ddf,
+                &PyramidInput {
+                    fixed: &fixed,
+                    moving: &moving,
+                    fixed_mask: pair.fixed_mask.as_ref().filter(|_| refine_options.mask),
+                    spacing_mm: pair.fixed_volume.spacing,
+                },
+                refine_options,
+            )?;
+            ddf = result.field_on(network_size)?.to_dtype(ddf.dtype())?;
+            refined_original = Some(result.field_on(original)?.to_dtype(ddf.dtype())?);
+            let finest = result.levels.last().expect("at least one level");
+            refine = Some(RefineReport {
+                steps: refine_options.steps,
+                lr: refine_options.lr,
+                loss: refine_options.sim.name().to_string(),
+                loss_before: result.initial_loss,
+                loss_after: finest.loss_after,
+                refine_ms: start.elapsed().as_secs_f64() * 1e3,
+                levels: result.levels.clone(),
+                lambda: Some(refine_options.lambda),
+            });
+        }
     }
 
-    let original = pair.original_size();
-    let ddf_original = if !(options.original_grid || pair.keypoints.is_some()) {
+    let ddf_original = if let Some(d) = refined_original {
+        Some(d)
+    } else if !(original_grid || pair.keypoints.is_some()) {
         None
     } else if original == network_size {
         Some(ddf.clone())
@@ -494,12 +570,13 @@ pub fn predict(request: &PredictRequest, device: &Device) -> Result<PredictRepor
         names: Vec::new(),
     };
     let pair = load_pair(&files, &model.config.preprocess, device)?;
-    let reg = register_pair(
+    let reg = register_pair_with(
         &model,
         &pair,
-        &RegisterOptions {
-            refine_steps: request.refine_steps,
-            original_grid: request.output_grid == OutputGrid::Original,
+        request.output_grid == OutputGrid::Original,
+        &RefineOptions {
+            steps: request.refine_steps,
+            ..request.refine
         },
     )?;
     let original = pair.original_size();

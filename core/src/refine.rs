@@ -1,20 +1,30 @@
-//! Instance optimisation: after the network has predicted a DDF for one pair, a few Adam
-//! steps on the DDF itself (not on the network's weights) against the registration
-//! objective, as the best Learn2Reg methods do at test time (e.g. Siebert, Hansen and
-//! Heinrich, "Fast 3D registration with accurate optimisation and little learning for
-//! Learn2Reg 2021", 2021).
+//! Instance optimisation: after the network has predicted a DDF for one pair, Adam steps
+//! on a displacement itself (not on the network's weights), as the best Learn2Reg methods
+//! do at test time (Siebert, Hansen and Heinrich, "Fast 3D registration with accurate
+//! optimisation and little learning for Learn2Reg 2021", 2021).
 //!
-//! The DDF is a [`candle_core::Var`] on the network grid, initialised with the network's
-//! prediction; each step computes the model's loss ([`RegistrationLoss`]: MI + bending
-//! energy, or MSE + multi-scale Dice on the masks + bending energy) and applies PyTorch's
-//! Adam ([`crate::optim::Adam`]) with a fixed learning rate in voxels.
+//! Two ways, chosen by [`RefineSim`]:
+//! * `mind` (default) and `lncc`: the multi-level pyramid of [`pyramid`] on the original
+//!   images' geometry (half resolution and coarser, a coarse control grid, MIND-SSC SSD or
+//!   LNCC + a diffusion regulariser in mm), started from the network's DDF; the result is
+//!   resampled to the original grid (TRE, outputs) and to the network grid (the other
+//!   metrics).
+//! * `model`: [`refine_ddf`], Adam on the dense DDF on the network grid against the model's
+//!   training loss ([`RegistrationLoss`]), the earlier behaviour.
 
 use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::optim::{Adam, AdamConfig};
 use crate::registration::{PairBatch, RegistrationLoss};
-use crate::Result;
+use crate::{Error, Result};
+
+pub mod feature_ssd;
+pub mod pyramid;
+#[cfg(test)]
+mod tests;
+
+pub use pyramid::{refine_pyramid, resample_field, PyramidInput, PyramidResult};
 
 /// Adam's learning rate on the DDF, in voxels of the network grid: each of the first steps
 /// moves a displacement by about this much.
@@ -23,21 +33,184 @@ pub const REFINE_LR: f64 = 0.05;
 /// Most refinement steps accepted.
 pub const MAX_REFINE_STEPS: usize = 10_000;
 
+/// The similarity of the instance optimisation (`--refine-sim`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RefineSim {
+    /// MIND-SSC descriptors, SSD, in the pyramid.
+    #[default]
+    Mind,
+    /// Local normalised cross-correlation of the images, in the pyramid.
+    Lncc,
+    /// The model's training loss on the network grid ([`refine_ddf`]).
+    Model,
+}
+
+impl RefineSim {
+    /// The option value.
+    pub fn name(self) -> &'static str {
+        match self {
+            RefineSim::Mind => "mind",
+            RefineSim::Lncc => "lncc",
+            RefineSim::Model => "model",
+        }
+    }
+}
+
+impl std::str::FromStr for RefineSim {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "mind" => Ok(RefineSim::Mind),
+            "lncc" => Ok(RefineSim::Lncc),
+            "model" => Ok(RefineSim::Model),
+            other => Err(Error::invalid(
+                "refine-sim",
+                format!("`{other}` is not one of: mind, lncc, model"),
+            )),
+        }
+    }
+}
+
+/// Most pyramid levels.
+pub const MAX_REFINE_LEVELS: usize = 4;
+
+/// How the instance optimisation runs (`--refine`, `--refine-sim`, `--refine-levels`,
+/// `--refine-lambda`).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RefineOptions {
+    /// Adam steps per level (the `model` way: steps in all); 0: no refinement.
+    pub steps: usize,
+    /// The similarity.
+    pub sim: RefineSim,
+    /// Pyramid levels: 1 optimises at half the original resolution only, 2 at a quarter then
+    /// a half, and so on.
+    pub levels: usize,
+    /// Weight of the diffusion regulariser (mean squared strain).
+    pub lambda: f64,
+    /// Control-point spacing in voxels of each level.
+    pub grid_spacing: usize,
+    /// Adam's learning rate, voxels of each level.
+    pub lr: f64,
+    /// LNCC window, voxels per axis (`lncc` only).
+    pub lncc_kernel: usize,
+    /// Weight the similarity by the fixed lung mask when the pair has masks.
+    pub mask: bool,
+}
+
+impl Default for RefineOptions {
+    /// No steps; when steps are given: MIND, 2 levels, λ 0.5, a control point every 2
+    /// voxels, lr 0.5 (chosen on 192x192x208 phantoms, see the README).
+    fn default() -> Self {
+        Self {
+            steps: 0,
+            sim: RefineSim::Mind,
+            levels: 2,
+            lambda: 0.5,
+            grid_spacing: 2,
+            lr: 0.5,
+            lncc_kernel: 5,
+            mask: false,
+        }
+    }
+}
+
+impl RefineOptions {
+    /// Default options with `steps` Adam steps per level.
+    pub fn with_steps(steps: usize) -> Self {
+        Self {
+            steps,
+            ..Self::default()
+        }
+    }
+
+    /// Checks every field; errors name the command-line option.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming the option.
+    pub fn validate(&self) -> Result<()> {
+        if self.steps > MAX_REFINE_STEPS {
+            return Err(Error::invalid(
+                "refine",
+                format!("{} steps: at most {MAX_REFINE_STEPS}", self.steps),
+            ));
+        }
+        if self.levels == 0 || self.levels > MAX_REFINE_LEVELS {
+            return Err(Error::invalid(
+                "refine-levels",
+                format!("{}: between 1 and {MAX_REFINE_LEVELS}", self.levels),
+            ));
+        }
+        if !(self.lambda.is_finite() && self.lambda >= 0.0) {
+            return Err(Error::invalid(
+                "refine-lambda",
+                format!("{}: must be finite and >= 0", self.lambda),
+            ));
+        }
+        if self.grid_spacing == 0 || self.grid_spacing > 16 {
+            return Err(Error::invalid(
+                "refine-grid",
+                format!("{}: between 1 and 16 voxels", self.grid_spacing),
+            ));
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return Err(Error::invalid(
+                "refine-lr",
+                format!("{}: must be finite and > 0", self.lr),
+            ));
+        }
+        if self.lncc_kernel == 0 || self.lncc_kernel.is_multiple_of(2) {
+            return Err(Error::invalid(
+                "refine-lncc-kernel",
+                format!("{}: must be odd", self.lncc_kernel),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What one pyramid level did.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LevelReport {
+    /// The level's image grid.
+    pub size: [usize; 3],
+    /// Its control grid.
+    pub control_grid: [usize; 3],
+    /// Adam steps taken.
+    pub steps: usize,
+    /// Objective (similarity + λ diffusion) at the level's start.
+    pub loss_before: f64,
+    /// Objective at its end.
+    pub loss_after: f64,
+    /// Similarity alone at the start.
+    pub similarity_before: f64,
+    /// Similarity alone at the end.
+    pub similarity_after: f64,
+    /// Wall time of the level (features, steps), ms.
+    pub ms: f64,
+}
+
 /// What a refinement did.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RefineReport {
-    /// Adam steps taken.
+    /// Adam steps taken (per level in the pyramid).
     pub steps: usize,
     /// Learning rate, voxels.
     pub lr: f64,
-    /// The objective (`loss` preset name).
+    /// The objective: the `loss` preset name (`model`), or `mind` / `lncc` (pyramid).
     pub loss: String,
-    /// The objective at the network's DDF.
+    /// The objective at the network's DDF (the pyramid: at its finest level).
     pub loss_before: f64,
     /// The objective at the refined DDF.
     pub loss_after: f64,
-    /// Wall time of the steps, ms.
+    /// Wall time of the refinement, ms.
     pub refine_ms: f64,
+    /// The pyramid's levels, coarsest first (empty for `model`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub levels: Vec<LevelReport>,
+    /// Diffusion weight λ (pyramid only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lambda: Option<f64>,
 }
 
 /// Runs `steps` Adam steps on a copy of `ddf` (1, 3, H, W, D) against `loss` on `batch`
@@ -81,69 +254,8 @@ pub fn refine_ddf(
             loss_before,
             loss_after,
             refine_ms: start.elapsed().as_secs_f64() * 1e3,
+            levels: Vec::new(),
+            lambda: None,
         },
     ))
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
-    use crate::registration::LossPreset;
-    use candle_core::{DType, Device};
-
-    fn blob(shift: f64) -> Tensor {
-        // A smooth bump, shifted along the first axis.
-        let n = 16usize;
-        let mut v = Vec::with_capacity(n * n * n);
-        for i in 0..n {
-            for j in 0..n {
-                for k in 0..n {
-                    let d = (i as f64 - 7.5 - shift).powi(2)
-                        + (j as f64 - 7.5).powi(2)
-                        + (k as f64 - 7.5).powi(2);
-                    v.push((-d / 18.0).exp() as f32);
-                }
-            }
-        }
-        Tensor::from_vec(v, (1, 1, n, n, n), &Device::Cpu).unwrap()
-    }
-
-    #[test]
-    fn refinement_lowers_the_objective_and_zero_steps_change_nothing() {
-        let batch = PairBatch {
-            fixed: blob(0.0),
-            moving: blob(1.5),
-            fixed_mask: None,
-            moving_mask: None,
-        };
-        let ddf = Tensor::zeros((1, 3, 16, 16, 16), DType::F32, &Device::Cpu).unwrap();
-        let loss = RegistrationLoss::new(LossPreset::MiBe);
-        let (same, r0) = refine_ddf(&ddf, &batch, &loss, 0).unwrap();
-        assert_eq!(r0.loss_before, r0.loss_after);
-        let diff: f32 = (same - &ddf)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        assert_eq!(diff, 0.0);
-        let (refined, r) = refine_ddf(&ddf, &batch, &loss, 10).unwrap();
-        assert!(r.loss_after < r.loss_before, "{r:?}");
-        let moved: f32 = (refined - &ddf)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        assert!(moved > 0.0);
-        assert!(refine_ddf(&ddf, &batch, &loss, MAX_REFINE_STEPS + 1).is_err());
-        // The masked objective refuses a pair without masks.
-        let dice = RegistrationLoss::new(LossPreset::MseDiceBe);
-        assert!(refine_ddf(&ddf, &batch, &dice, 1).is_err());
-    }
 }

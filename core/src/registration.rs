@@ -1,17 +1,28 @@
 //! The registration objective: warp the moving image with the predicted DDF and score it
 //! against the fixed image, plus a smoothness penalty on the DDF.
 //!
-//! Two presets:
+//! Presets:
 //! * `mi-be` (the quickstart): `GlobalMutualInformationLoss(warped, fixed) + 1.0 *
 //!   BendingEnergyLoss(ddf)`; unsupervised, masks unused.
 //! * `mse-dice-be` (the MONAI tutorial `paired_lung_ct.ipynb`): `MSE(warped, fixed) + 100 *
 //!   MultiScaleLoss(DiceLoss, [0,1,2,4,8,16])(warped_mask, fixed_mask) + 10 *
 //!   BendingEnergyLoss(ddf)`, the moving mask warped trilinearly and clamped at 1.
+//! * `lncc-dice-diff`: `LNCC_9(warped, fixed) + 1.0 * DiceLoss(warped_mask, fixed_mask)`
+//!   (only when the batch has masks) `+ 1.0 * DiffusionLoss(ddf)`; local similarity, robust
+//!   to the density change of breathing lungs.
+//! * `mind-diff`: `MindSsdLoss(ddf; MIND-SSC radius 1, dilation 2) + 1.0 *
+//!   DiffusionLoss(ddf)` (ConvexAdam's cost on the network grid); masks unused.
+//!
+//! The weights of the last two are VoxelMorph's and ConvexAdam's orders of magnitude, not
+//! tuned by training runs here.
 
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use crate::losses::{mse_loss, BendingEnergyLoss, GlobalMutualInformationLoss, MultiScaleLoss};
+use crate::losses::{
+    mse_loss, BendingEnergyLoss, DiceLoss, DiffusionLoss, GlobalMutualInformationLoss,
+    LocalNormalizedCrossCorrelationLoss, MindSsdLoss, MultiScaleLoss,
+};
 use crate::ops::{self, Padding};
 use crate::{Error, Result};
 
@@ -24,7 +35,19 @@ pub enum LossPreset {
     /// MSE + 100 x multi-scale Dice on warped masks + 10 x bending energy (MONAI tutorial).
     #[serde(rename = "mse-dice-be")]
     MseDiceBe,
+    /// LNCC (window 9) + Dice on warped masks when present + diffusion.
+    #[serde(rename = "lncc-dice-diff")]
+    LnccDiceDiff,
+    /// MIND-SSC SSD + diffusion.
+    #[serde(rename = "mind-diff")]
+    MindDiff,
 }
+
+/// Every preset's name, for messages.
+pub const LOSS_PRESET_NAMES: &str = "mi-be, mse-dice-be, lncc-dice-diff, mind-diff";
+
+/// The LNCC window of `lncc-dice-diff`, voxels per axis.
+pub const LNCC_KERNEL: usize = 9;
 
 impl LossPreset {
     /// The preset's command-line name.
@@ -32,6 +55,8 @@ impl LossPreset {
         match self {
             LossPreset::MiBe => "mi-be",
             LossPreset::MseDiceBe => "mse-dice-be",
+            LossPreset::LnccDiceDiff => "lncc-dice-diff",
+            LossPreset::MindDiff => "mind-diff",
         }
     }
 
@@ -47,9 +72,11 @@ impl std::str::FromStr for LossPreset {
         match s {
             "mi-be" => Ok(LossPreset::MiBe),
             "mse-dice-be" => Ok(LossPreset::MseDiceBe),
+            "lncc-dice-diff" => Ok(LossPreset::LnccDiceDiff),
+            "mind-diff" => Ok(LossPreset::MindDiff),
             other => Err(Error::invalid(
                 "loss",
-                format!("`{other}` is not one of: mi-be, mse-dice-be"),
+                format!("`{other}` is not one of: {LOSS_PRESET_NAMES}"),
             )),
         }
     }
@@ -107,6 +134,9 @@ pub struct RegistrationLoss {
     mi: GlobalMutualInformationLoss,
     bending: BendingEnergyLoss,
     multi_scale: MultiScaleLoss,
+    lncc: LocalNormalizedCrossCorrelationLoss,
+    mind: MindSsdLoss,
+    diffusion: DiffusionLoss,
 }
 
 impl RegistrationLoss {
@@ -117,6 +147,10 @@ impl RegistrationLoss {
             mi: GlobalMutualInformationLoss::default(),
             bending: BendingEnergyLoss::default(),
             multi_scale: MultiScaleLoss::default(),
+            lncc: LocalNormalizedCrossCorrelationLoss::new(LNCC_KERNEL)
+                .expect("the LNCC window is odd"),
+            mind: MindSsdLoss::default(),
+            diffusion: DiffusionLoss::default(),
         }
     }
 
@@ -127,10 +161,12 @@ impl RegistrationLoss {
 
     /// Scores `ddf` (B, 3, H, W, D) on `batch`.
     pub fn forward(&self, ddf: &Tensor, batch: &PairBatch) -> Result<LossParts> {
-        let warped = ops::warp(&batch.moving, ddf, Padding::Border)?;
-        let bending = self.bending.forward(ddf)?;
+        let warp = || ops::warp(&batch.moving, ddf, Padding::Border);
         let (similarity, regularisation) = match self.preset {
-            LossPreset::MiBe => (self.mi.forward(&warped, &batch.fixed)?, bending),
+            LossPreset::MiBe => (
+                self.mi.forward(&warp()?, &batch.fixed)?,
+                self.bending.forward(ddf)?,
+            ),
             LossPreset::MseDiceBe => {
                 let (Some(fixed_mask), Some(moving_mask)) = (&batch.fixed_mask, &batch.moving_mask)
                 else {
@@ -141,9 +177,26 @@ impl RegistrationLoss {
                 };
                 let warped_mask = ops::warp(moving_mask, ddf, Padding::Border)?.clamp(0.0, 1.0)?;
                 let dice = self.multi_scale.forward(&warped_mask, fixed_mask)?;
-                let mse = mse_loss(&warped, &batch.fixed)?;
+                let mse = mse_loss(&warp()?, &batch.fixed)?;
+                let bending = self.bending.forward(ddf)?;
                 ((mse + (dice * 100.0)?)?, (bending * 10.0)?)
             }
+            LossPreset::LnccDiceDiff => {
+                let mut similarity = self.lncc.forward(&warp()?, &batch.fixed)?;
+                if let (Some(fixed_mask), Some(moving_mask)) =
+                    (&batch.fixed_mask, &batch.moving_mask)
+                {
+                    let warped_mask =
+                        ops::warp(moving_mask, ddf, Padding::Border)?.clamp(0.0, 1.0)?;
+                    let dice = DiceLoss::default().forward(&warped_mask, fixed_mask)?;
+                    similarity = (similarity + dice)?;
+                }
+                (similarity, self.diffusion.forward(ddf)?)
+            }
+            LossPreset::MindDiff => (
+                self.mind.forward(ddf, &batch.moving, &batch.fixed)?,
+                self.diffusion.forward(ddf)?,
+            ),
         };
         Ok(LossParts {
             total: (&similarity + &regularisation)?,
