@@ -292,3 +292,65 @@ fn wrong_weights_are_refused_with_the_tensor_named() {
     let err = predict_err(&i, &i.fixed, &i.moving, &garbage);
     assert!(err.contains("garbage.safetensors"), "{err}");
 }
+
+/// A DICOM series folder is a scan like a NIfTI file: `--fixed` is the 16-slice POPI crop in
+/// `core/tests/data/popi-crop/dicom` (see its README), `--moving` the same voxels as NIfTI.
+/// The outputs carry the series' geometry (affine in RAS+), as they would a NIfTI input's.
+#[test]
+fn predict_reads_a_dicom_series_folder() {
+    let popi = fixtures().join("../data/popi-crop");
+    let dir = tempfile::tempdir().unwrap();
+    let warped_path = dir.path().join("warped.nii.gz");
+    let r = run(&[
+        "predict",
+        "--weights",
+        s(&fixtures().join("localnet_seed_weights.safetensors")),
+        "--fixed",
+        s(&popi.join("dicom")),
+        "--moving",
+        s(&popi.join("popi_crop.nii.gz")),
+        "--out-ddf",
+        s(&dir.path().join("ddf.nii.gz")),
+        "--out-warped",
+        s(&warped_path),
+        "--json",
+    ]);
+    assert!(r.ok, "{}", r.stderr);
+    let warped = read_volume(&warped_path).unwrap();
+    let nifti = read_volume(popi.join("popi_crop.nii.gz")).unwrap();
+    assert_eq!(warped.shape(), [64, 48, 16]);
+    for (w, n) in warped
+        .affine
+        .iter()
+        .flatten()
+        .zip(nifti.affine.iter().flatten())
+    {
+        assert!(
+            (w - n).abs() < 1e-3,
+            "{:?} vs {:?}",
+            warped.affine,
+            nifti.affine
+        );
+    }
+
+    // A folder that is not a series is refused, naming it.
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let bad = run(&[
+        "predict",
+        "--weights",
+        s(&fixtures().join("localnet_seed_weights.safetensors")),
+        "--fixed",
+        s(&empty),
+        "--moving",
+        s(&popi.join("popi_crop.nii.gz")),
+        "--out-ddf",
+        s(&dir.path().join("ddf2.nii.gz")),
+    ]);
+    assert!(!bad.ok);
+    assert!(
+        bad.stderr.contains(s(&empty)) && bad.stderr.contains("empty"),
+        "{}",
+        bad.stderr
+    );
+}

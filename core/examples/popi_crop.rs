@@ -27,9 +27,10 @@ use medray_core::nifti_io::{read_volume, write_volume_as, StoredType};
 use ndarray::s;
 
 /// First kept slice, counted along the slice normal (0 = lowest).
-const FIRST_SLICE: usize = 66;
-/// Kept slices (a multiple of 8, so that predict runs on the crop without resizing).
-const SLICES: usize = 8;
+const FIRST_SLICE: usize = 62;
+/// Kept slices (a multiple of 8, so that predict runs on the crop without resizing, and at
+/// least the 11 of the SSIM window).
+const SLICES: usize = 16;
 /// First kept column.
 const X0: usize = 120;
 /// First kept row.

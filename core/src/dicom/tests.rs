@@ -1,4 +1,4 @@
-//! Tests of the DICOM series reader on `core/tests/data/popi-crop/` (8 real CT slices,
+//! Tests of the DICOM series reader on `core/tests/data/popi-crop/` (16 real CT slices,
 //! 64 x 48, and the same voxels cut from an independent NIfTI conversion; see its README).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
@@ -24,7 +24,7 @@ fn slice_files() -> Vec<PathBuf> {
         .map(|e| e.unwrap().path())
         .collect();
     files.sort();
-    assert_eq!(files.len(), 8);
+    assert_eq!(files.len(), 16);
     files
 }
 
@@ -63,7 +63,7 @@ fn series_matches_its_nifti_conversion() {
     // Through `read_volume`: a folder is read as a DICOM series.
     let dicom = read_volume(fixture().join("dicom")).unwrap();
     let nifti = read_volume(fixture().join("popi_crop.nii.gz")).unwrap();
-    assert_eq!(dicom.shape(), [64, 48, 8], "columns, rows, slices");
+    assert_eq!(dicom.shape(), [64, 48, 16], "columns, rows, slices");
     assert_eq!(dicom.shape(), nifti.shape());
     assert!(
         dicom.data == nifti.data,
@@ -84,7 +84,7 @@ fn series_matches_its_nifti_conversion() {
     }
     // HU from int16 with intercept -1024: stored exactly as int16.
     assert_eq!(stored_type(&dicom), StoredType::Int16);
-    assert_eq!(dicom.header.dim[..4], [3, 64, 48, 8]);
+    assert_eq!(dicom.header.dim[..4], [3, 64, 48, 16]);
     assert_eq!(dicom.header.sform_code, 1);
 }
 
@@ -95,7 +95,7 @@ fn file_names_and_folder_noise_do_not_matter() {
     std::fs::create_dir_all(dir.join("subfolder")).unwrap();
     // Names that sort neither with nor against the slice positions.
     for (i, f) in slice_files().iter().enumerate() {
-        let name = format!("IM{}", (i * 5) % 8);
+        let name = format!("IM{}", (i * 5) % 16);
         std::fs::copy(f, dir.join(name)).unwrap();
     }
     std::fs::write(dir.join("notes.txt"), "exported by a PACS").unwrap();

@@ -428,7 +428,7 @@ async fn a_dicom_series_in_a_manifest_is_stored_as_nifti() {
             want.affine
         );
     }
-    assert_eq!(cases[0].shape, [64, 48, 8]);
+    assert_eq!(cases[0].shape, [64, 48, 16]);
     // The conversion is deterministic: the same series again is the same content.
     let again = ingest_manifest(&e.stage, &mut e.catalog, &csv, &opts("popi"), |_, _, _| {})
         .await
