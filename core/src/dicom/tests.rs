@@ -206,3 +206,49 @@ fn bad_series_are_refused_with_the_folder_or_file_named() {
     let reason = dicom_reason(read_series(&truncated), &cut);
     assert!(reason.contains("not readable as DICOM"), "{reason}");
 }
+
+#[test]
+fn orientation_and_pixel_spacing_follow_the_standard() {
+    // Rows along patient +y (posterior) and columns along -x (right), PixelSpacing
+    // "row spacing \ column spacing" = 0.8 \ 0.6 mm: voxel axis 0 (the column index) steps
+    // 0.6 mm along +y, axis 1 (the row index) 0.8 mm along -x, axis 2 along r x c = +z.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = copy_series(tmp.path(), "rotated");
+    for f in std::fs::read_dir(&dir).unwrap() {
+        rewrite(&f.unwrap().path(), |o| {
+            o.put(DataElement::new(
+                tags::IMAGE_ORIENTATION_PATIENT,
+                VR::DS,
+                PrimitiveValue::Strs(
+                    ["0", "1", "0", "-1", "0", "0"]
+                        .map(String::from)
+                        .into_iter()
+                        .collect(),
+                ),
+            ));
+            o.put(DataElement::new(
+                tags::PIXEL_SPACING,
+                VR::DS,
+                PrimitiveValue::Strs(["0.8", "0.6"].map(String::from).into_iter().collect()),
+            ));
+        });
+    }
+    let v = read_series(&dir).unwrap();
+    let fixture = read_series(fixture().join("dicom")).unwrap();
+    assert!(
+        v.data == fixture.data,
+        "the voxels do not depend on the geometry"
+    );
+    assert_eq!(v.spacing, [0.6, 0.8, 2.0]);
+    // LPS columns (0, 0.6, 0), (-0.8, 0, 0), (0, 0, 2); RAS negates x and y. The lowest slice
+    // is at LPS (-132.8125, 41.078125, -40.5) (see the fixture).
+    let want = [
+        [0.0, 0.8, 0.0, 132.8125],
+        [-0.6, 0.0, 0.0, -41.078125],
+        [0.0, 0.0, 2.0, -40.5],
+        [0.0, 0.0, 0.0, 1.0],
+    ];
+    for (g, w) in v.affine.iter().flatten().zip(want.iter().flatten()) {
+        assert!((g - w).abs() < 1e-9, "{:?}", v.affine);
+    }
+}
