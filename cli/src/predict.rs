@@ -16,10 +16,10 @@ pub struct Args {
     /// intensity window and no resize are applied.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Fixed image (expiration), NIfTI.
+    /// Fixed image (expiration): a NIfTI file or a folder holding one DICOM series.
     #[arg(long)]
     fixed: PathBuf,
-    /// Moving image (inspiration), NIfTI.
+    /// Moving image (inspiration): a NIfTI file or a folder holding one DICOM series.
     #[arg(long)]
     moving: PathBuf,
     /// Lung mask of the fixed image (enables Dice).
