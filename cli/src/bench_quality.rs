@@ -337,14 +337,37 @@ fn run_peer(
     Ok((read_raw_ddf(&out, grid, device)?, seconds))
 }
 
+/// Marks a folder as this benchmark's, so that a later run may clear it.
+const MARKER: &str = ".medray-quality-bench";
+
+/// Empties `out` for a new run: only a folder this benchmark made (it holds [`MARKER`]) or an
+/// empty one is ever cleared, so a mistyped `--quality-out` cannot delete a user's files.
+fn clear_work_folder(out: &Path) -> anyhow::Result<()> {
+    if out.exists() {
+        let empty = std::fs::read_dir(out)
+            .with_context(|| format!("--quality-out {}", out.display()))?
+            .next()
+            .is_none();
+        if !empty && !out.join(MARKER).is_file() {
+            bail!(
+                "--quality-out {}: the folder holds files that this benchmark did not write; \
+                 choose an empty or new folder",
+                out.display()
+            );
+        }
+        std::fs::remove_dir_all(out).with_context(|| format!("clearing {}", out.display()))?;
+    }
+    std::fs::create_dir_all(out).with_context(|| out.display().to_string())?;
+    std::fs::write(out.join(MARKER), "medray bench --quality work folder\n")
+        .with_context(|| out.display().to_string())?;
+    Ok(())
+}
+
 /// `medray bench --quality`.
 pub fn run(args: &QualityArgs, json: bool, device: &Device) -> anyhow::Result<()> {
     args.validate()?;
     let out = &args.quality_out;
-    if out.exists() {
-        std::fs::remove_dir_all(out).with_context(|| format!("clearing {}", out.display()))?;
-    }
-    std::fs::create_dir_all(out).with_context(|| out.display().to_string())?;
+    clear_work_folder(out)?;
     eprintln!("machine: {}", machine());
 
     let data_dir = match &args.quality_data {
