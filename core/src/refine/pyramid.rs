@@ -209,6 +209,7 @@ pub fn refine_pyramid(
             None => resample_field(&init.to_dtype(DType::F32)?, grid, init_size, size)?,
             Some((c, prev)) => resample_field(c, grid, *prev, size)?,
         };
+        let t_feat = Instant::now();
         let similarity = match options.sim {
             RefineSim::Mind => {
                 let mf = mind_ssc(&moving_levels[l], 1, 1)?;
@@ -227,6 +228,7 @@ pub fn refine_pyramid(
                 ))
             }
         };
+        let features_ms = t_feat.elapsed().as_secs_f64() * 1e3;
         // Component c of the control displacement in mm; control steps along axis a in mm.
         let voxel_mm: [f64; 3] = std::array::from_fn(|c| {
             input.spacing_mm[c] * (original[c] as f64 - 1.0) / (size[c] as f64 - 1.0)
@@ -252,11 +254,26 @@ pub fn refine_pyramid(
         }
         let (total0, sim0) = objective(var.as_tensor())?;
         let (loss_before, sim_before) = (scalar(&total0)?, scalar(&sim0)?);
+        let (mut tf, mut tb, mut ta) = (0.0, 0.0, 0.0);
         for _ in 0..options.steps {
+            let t = Instant::now();
             let (total, _) = objective(var.as_tensor())?;
+            tf += t.elapsed().as_secs_f64();
+            let t = Instant::now();
             let grads = total.backward()?;
+            tb += t.elapsed().as_secs_f64();
+            let t = Instant::now();
             adam.step(&grads)?;
+            ta += t.elapsed().as_secs_f64();
         }
+        tracing::debug!(
+            level = l,
+            features_ms,
+            forward_s = tf,
+            backward_s = tb,
+            adam_s = ta,
+            "refine level"
+        );
         let refined = var.as_tensor().detach();
         let (total1, sim1) = objective(&refined)?;
         reports.push(LevelReport {
