@@ -19,7 +19,9 @@ pub struct Args {
     /// Network preset: `seed` (extract_levels [3], the quickstart's) or `full` ([0,1,2,3]).
     #[arg(long, default_value = "seed")]
     preset: Preset,
-    /// Objective: `mi-be` (MI + bending energy) or `mse-dice-be` (needs masks).
+    /// Objective: `mi-be` (MI + bending energy), `mse-dice-be` (needs masks),
+    /// `lncc-dice-diff` (LNCC + Dice on masks when present + diffusion) or `mind-diff`
+    /// (MIND-SSC SSD + diffusion).
     #[arg(long, default_value = "mi-be")]
     loss: LossPreset,
     /// Epochs in total (with --resume: up to this many).

@@ -99,14 +99,14 @@ pub struct RefineOptions {
 }
 
 impl Default for RefineOptions {
-    /// No steps; when steps are given: MIND, 2 levels, λ 2, a control point every 2
+    /// No steps; when steps are given: MIND, 2 levels, λ 3, a control point every 2
     /// voxels, lr 0.5 (chosen on 192x192x208 phantoms, see the README).
     fn default() -> Self {
         Self {
             steps: 0,
             sim: RefineSim::Mind,
             levels: 2,
-            lambda: 2.0,
+            lambda: 3.0,
             grid_spacing: 2,
             lr: 0.5,
             lncc_kernel: 5,

@@ -27,8 +27,10 @@ pub struct Args {
     /// Network preset: `seed` (the quickstart's) or `full` (LocalNet with its decoder).
     #[arg(long, default_value = "seed", value_parser = ["seed", "full"])]
     pub preset: String,
-    /// Objective: `mi-be` (MI + bending energy) or `mse-dice-be` (needs masks).
-    #[arg(long, default_value = "mi-be", value_parser = ["mi-be", "mse-dice-be"])]
+    /// Objective: `mi-be` (MI + bending energy), `mse-dice-be` (needs masks),
+    /// `lncc-dice-diff` (LNCC + Dice on masks when present + diffusion) or `mind-diff`
+    /// (MIND-SSC SSD + diffusion).
+    #[arg(long, default_value = "mi-be", value_parser = ["mi-be", "mse-dice-be", "lncc-dice-diff", "mind-diff"])]
     pub loss: String,
     /// Epochs in total [default: 25; with --resume: the resumed job's].
     #[arg(long)]
