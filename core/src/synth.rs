@@ -35,6 +35,7 @@
 mod anatomy;
 pub mod breathing;
 mod config;
+pub mod from_ct;
 mod sample;
 mod stats;
 mod vec3;
