@@ -6,6 +6,8 @@ use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use medray_core::synth::{generate, Motion, SynthConfig, SynthSummary};
 
+mod from_ct;
+
 /// Arguments of `medray synth`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -29,6 +31,14 @@ pub struct Args {
     /// Multiplies the breathing motion drawn for each case (at most 4).
     #[arg(long, default_value_t = 1.0)]
     motion_scale: f64,
+    /// Make the pairs from this real chest CT instead (NIfTI file or DICOM series folder; it
+    /// is the inspiration image): body and lungs segmented, the same breathing model applied,
+    /// the box around the body and lungs resampled to --size.
+    #[arg(long, value_name = "SCAN")]
+    from_ct: Option<PathBuf>,
+    /// With --from-ct: a lung mask on the scan's grid (non-zero = lung) instead of thresholds.
+    #[arg(long, value_name = "FILE", requires = "from_ct")]
+    ct_lung_mask: Option<PathBuf>,
 }
 
 fn parse_motion(s: &str) -> Result<Motion, String> {
@@ -44,6 +54,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .as_slice()
         .try_into()
         .context("--size takes three numbers")?;
+    if let Some(scan) = &args.from_ct {
+        return from_ct::run(&args, scan, size);
+    }
     let config = SynthConfig {
         amplitude_scale: args.motion_scale,
         ..SynthConfig::default()
@@ -80,7 +93,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 /// The per-case table, a mean row, and the published reference values.
-fn table(summary: &SynthSummary) -> String {
+pub(crate) fn table(summary: &SynthSummary) -> String {
     let mut out = format!(
         "{:<10} {:>9} {:>9} {:>8} {:>8} {:>6} {:>9} {:>9}\n",
         "case", "landmarks", "mean mm", "p95 mm", "max mm", "CC %", "lung Dice", "exp/insp"
