@@ -97,11 +97,19 @@ def main():
         if not os.path.isfile(name):
             sys.exit(f"quality_peers.py: {name}: no such file")
     run = run_elastix if args.method == "elastix" else run_ants
-    ddf, seconds, versions = run(args.fixed, args.moving, args.threads)
-    tmp = args.out + ".part"
+    fixed, moving, out = (os.path.abspath(p) for p in (args.fixed, args.moving, args.out))
+    # transformix writes deformationField.nii into the working folder: run in a scratch one.
+    home = os.getcwd()
+    with tempfile.TemporaryDirectory() as scratch:
+        os.chdir(scratch)
+        try:
+            ddf, seconds, versions = run(fixed, moving, args.threads)
+        finally:
+            os.chdir(home)
+    tmp = out + ".part"
     with open(tmp, "wb") as f:
         f.write(np.ascontiguousarray(ddf).tobytes())
-    os.replace(tmp, args.out)
+    os.replace(tmp, out)
     print(
         json.dumps(
             {
