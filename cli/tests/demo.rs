@@ -1,6 +1,6 @@
 //! `medray demo`, the README's main command, at the size CI can afford: phantoms, a local
 //! cluster of a head and 2 workers, ingest, one epoch of training at 32^3, inference on
-//! every case, the results table and the report; then nothing of the cluster is left
+//! every case (12 that train or validate, 3 held out), the results table and the report; then nothing of the cluster is left
 //! running.
 
 use std::path::Path;
@@ -50,19 +50,27 @@ fn the_demo_runs_the_whole_pipeline_and_leaves_nothing_running() {
             "step {step} missing:\n{stdout}"
         );
     }
-    assert!(stdout.contains("(12 rows)"), "no results table:\n{stdout}");
+    // 12 cases train or validate, 3 more are held out; every one is registered and scored.
+    assert!(stdout.contains("(15 rows)"), "no results table:\n{stdout}");
     assert!(
-        stdout.contains("12 case(s) (0 failed), 12 picture(s)"),
+        stdout.contains("15 case(s) (0 failed), 15 picture(s)"),
         "{stdout}"
     );
+    // The headline is the held-out figures, the others come apart and labelled.
+    let headline = stdout
+        .split("held-out cases (never trained on")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no held-out headline:\n{stdout}"));
+    assert!(headline.contains("held-out: 3 case(s)"), "{stdout}");
+    assert!(headline.contains("training: 10 case(s)"), "{stdout}");
 
     let html = std::fs::read_to_string(dir.join("report/index.html")).expect("report");
-    assert_eq!(html.matches("<img src=\"cases/").count(), 12);
+    assert_eq!(html.matches("<img src=\"cases/").count(), 15);
     assert_eq!(
         std::fs::read_dir(dir.join("report/cases"))
             .expect("pictures")
             .count(),
-        12
+        15
     );
 
     // The cluster is gone: every process it recorded has exited.
@@ -98,7 +106,7 @@ fn the_demo_runs_the_whole_pipeline_and_leaves_nothing_running() {
         .iter()
         .map(|r| r["dice_score"].as_f64().expect("dice"))
         .collect();
-    assert_eq!(dice.len(), 12);
+    assert_eq!(dice.len(), 15);
     assert!(dice.windows(2).all(|w| w[0] >= w[1]), "{dice:?}");
 }
 
