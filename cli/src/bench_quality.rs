@@ -24,7 +24,7 @@ use medray_core::localnet::Preset;
 use medray_core::model::load_model;
 use medray_core::nifti_io::Volume;
 use medray_core::predict::{load_pair, KeypointFiles, LoadedPair, PairFiles, RegisterOptions};
-use medray_core::quality::{percentile, read_raw_ddf, score_ddf, QualityScore, ScoringInputs};
+use medray_core::quality::{read_raw_ddf, score_ddf, QualityScore, ScoringInputs};
 use medray_core::registration::LossPreset;
 use medray_core::train::{train_local, EpochSummary, TrainConfig, TrainObserver};
 use serde::Serialize;
@@ -480,14 +480,10 @@ fn report(results: &[PairResult], held_out: &[CaseFiles], json: bool) {
     let ids: Vec<&str> = held_out.iter().map(|c| c.id.as_str()).collect();
     println!("held-out pairs: {} ({})", held_out.len(), ids.join(", "));
     let identity: Vec<&PairResult> = results.iter().filter(|r| r.method == "identity").collect();
-    let p95s: Vec<f64> = identity
-        .iter()
-        .filter_map(|r| r.score.tre_before_p95_mm)
-        .collect();
     println!(
         "landmark motion before registration: mean {} mm, 95th percentile {} mm (mean over pairs), {} landmarks per pair",
         fmt(mean_of(identity.iter().map(|r| r.score.tre_before_mm)), 2),
-        fmt((!p95s.is_empty()).then(|| percentile(&p95s, 0.5)), 2),
+        fmt(mean_of(identity.iter().map(|r| r.score.tre_before_p95_mm)), 2),
         fmt(mean_of(identity.iter().map(|r| Some(r.score.landmarks as f64))), 0),
     );
     println!(
