@@ -193,8 +193,9 @@ fn bad_inputs_name_the_file_or_option() {
 #[test]
 #[ignore = "reads the POPI CT outside the repository; run by hand to remake the fixture"]
 fn make_popi_small() {
-    let source = std::env::var("MEDRAY_POPI_CT")
-        .unwrap_or_else(|_| "/work/shared/data/popi/popi_phase00_ct.nii.gz".into());
+    let Ok(source) = std::env::var("MEDRAY_POPI_CT") else {
+        panic!("set MEDRAY_POPI_CT to the POPI phase-00 CT (NIfTI) to remake the fixture");
+    };
     let scan = read_volume(&source).unwrap();
     let factor = [6, 6, 3];
     let coarse = block_mean(&scan.data, factor);
