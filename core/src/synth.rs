@@ -152,33 +152,19 @@ pub fn generate(
     let mut cases = Vec::with_capacity(config.cases);
     for index in 0..config.cases {
         let case = generate_case(config, index)?;
-        let id = &case.case_id;
-        let scan = |phase: &str| out_dir.join("scans").join(format!("{id}_{phase}.nii.gz"));
-        let mask = |phase: &str| {
-            out_dir
-                .join("lungMasks")
-                .join(format!("{id}_{phase}.nii.gz"))
-        };
-        let writes: Vec<Box<dyn Fn() -> Result<()> + Sync + '_>> = vec![
-            Box::new(|| write_volume_as(scan("exp"), &case.fixed, &affine, StoredType::Int16)),
-            Box::new(|| write_volume_as(scan("insp"), &case.moving, &affine, StoredType::Int16)),
-            Box::new(|| write_volume_as(mask("exp"), &case.fixed_mask, &affine, StoredType::Uint8)),
-            Box::new(|| {
-                write_volume_as(mask("insp"), &case.moving_mask, &affine, StoredType::Uint8)
-            }),
-            Box::new(|| {
-                let path = out_dir.join("groundtruth").join(format!("{id}_ddf.nii.gz"));
-                write_ddf(path, &case.ddf, &affine)
-            }),
-            Box::new(|| {
-                let path = out_dir.join("keypoints").join(format!("{id}.csv"));
-                write_keypoint_pairs(path, &case.keypoints)
-            }),
-        ];
-        writes
-            .par_iter()
-            .map(|w| w())
-            .collect::<Result<Vec<()>>>()?;
+        write_case_files(
+            out_dir,
+            &case.case_id,
+            &CaseVolumes {
+                fixed: &case.fixed,
+                moving: &case.moving,
+                fixed_mask: &case.fixed_mask,
+                moving_mask: &case.moving_mask,
+                ddf: &case.ddf,
+                keypoints: &case.keypoints,
+            },
+            &affine,
+        )?;
 
         let lung_voxels = [
             stats::count(&case.fixed_mask),
@@ -206,6 +192,52 @@ pub fn generate(
         .map_err(|e| Error::invalid("synth.json", e.to_string()))?;
     crate::atomic::write_bytes(&out_dir.join("synth.json"), &json)?;
     Ok(summary)
+}
+
+/// The arrays of one case, as [`write_case_files`] writes them.
+pub(crate) struct CaseVolumes<'a> {
+    pub(crate) fixed: &'a Array3<f32>,
+    pub(crate) moving: &'a Array3<f32>,
+    pub(crate) fixed_mask: &'a Array3<f32>,
+    pub(crate) moving_mask: &'a Array3<f32>,
+    pub(crate) ddf: &'a Array4<f32>,
+    pub(crate) keypoints: &'a KeypointPairs,
+}
+
+/// Writes one case in the Learn2Reg layout under `out_dir` (the folders exist):
+/// `scans/<id>_{exp,insp}.nii.gz` (int16), `lungMasks/<id>_{exp,insp}.nii.gz` (uint8),
+/// `groundtruth/<id>_ddf.nii.gz` and `keypoints/<id>.csv`, the six files in parallel.
+pub(crate) fn write_case_files(
+    out_dir: &Path,
+    id: &str,
+    case: &CaseVolumes<'_>,
+    affine: &[[f64; 4]; 4],
+) -> Result<()> {
+    let scan = |phase: &str| out_dir.join("scans").join(format!("{id}_{phase}.nii.gz"));
+    let mask = |phase: &str| {
+        out_dir
+            .join("lungMasks")
+            .join(format!("{id}_{phase}.nii.gz"))
+    };
+    let writes: Vec<Box<dyn Fn() -> Result<()> + Sync + '_>> = vec![
+        Box::new(|| write_volume_as(scan("exp"), case.fixed, affine, StoredType::Int16)),
+        Box::new(|| write_volume_as(scan("insp"), case.moving, affine, StoredType::Int16)),
+        Box::new(|| write_volume_as(mask("exp"), case.fixed_mask, affine, StoredType::Uint8)),
+        Box::new(|| write_volume_as(mask("insp"), case.moving_mask, affine, StoredType::Uint8)),
+        Box::new(|| {
+            let path = out_dir.join("groundtruth").join(format!("{id}_ddf.nii.gz"));
+            write_ddf(path, case.ddf, affine)
+        }),
+        Box::new(|| {
+            let path = out_dir.join("keypoints").join(format!("{id}.csv"));
+            write_keypoint_pairs(path, case.keypoints)
+        }),
+    ];
+    writes
+        .par_iter()
+        .map(|w| w())
+        .collect::<Result<Vec<()>>>()?;
+    Ok(())
 }
 
 /// Generates case number `index` (0-based; named `case_{index+1:03}`) in memory.

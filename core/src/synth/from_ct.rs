@@ -43,8 +43,8 @@ use super::breathing::{expiration_hu, Breathing, BreathingParams};
 use super::{
     max_magnitude, stats, Motion, MotionStats, SynthCaseSummary, SynthSummary, MAX_LANDMARKS,
 };
-use crate::keypoints::{write_keypoint_pairs, KeypointPairs};
-use crate::nifti_io::{read_volume, write_ddf, write_volume_as, StoredType, Volume};
+use crate::keypoints::KeypointPairs;
+use crate::nifti_io::{read_volume, Volume};
 use crate::{Error, Result};
 
 use grid::{trilinear, Orientation, OutputGrid};
@@ -617,45 +617,19 @@ fn sample_case(
 }
 
 fn write_case(out_dir: &Path, case: &Case, prepared: &Prepared) -> Result<()> {
-    let id = &case.id;
-    let affine = prepared.grid.affine;
-    let scan = |phase: &str| out_dir.join("scans").join(format!("{id}_{phase}.nii.gz"));
-    let mask = |phase: &str| {
-        out_dir
-            .join("lungMasks")
-            .join(format!("{id}_{phase}.nii.gz"))
-    };
-    let writes: Vec<Box<dyn Fn() -> Result<()> + Sync + '_>> = vec![
-        Box::new(|| write_volume_as(scan("exp"), &case.fixed, &affine, StoredType::Int16)),
-        Box::new(|| write_volume_as(scan("insp"), &prepared.moving, &affine, StoredType::Int16)),
-        Box::new(|| write_volume_as(mask("exp"), &case.fixed_mask, &affine, StoredType::Uint8)),
-        Box::new(|| {
-            write_volume_as(
-                mask("insp"),
-                &prepared.moving_mask,
-                &affine,
-                StoredType::Uint8,
-            )
-        }),
-        Box::new(|| {
-            write_ddf(
-                out_dir.join("groundtruth").join(format!("{id}_ddf.nii.gz")),
-                &case.ddf,
-                &affine,
-            )
-        }),
-        Box::new(|| {
-            write_keypoint_pairs(
-                out_dir.join("keypoints").join(format!("{id}.csv")),
-                &case.keypoints,
-            )
-        }),
-    ];
-    writes
-        .par_iter()
-        .map(|w| w())
-        .collect::<Result<Vec<()>>>()?;
-    Ok(())
+    super::write_case_files(
+        out_dir,
+        &case.id,
+        &super::CaseVolumes {
+            fixed: &case.fixed,
+            moving: &prepared.moving,
+            fixed_mask: &case.fixed_mask,
+            moving_mask: &prepared.moving_mask,
+            ddf: &case.ddf,
+            keypoints: &case.keypoints,
+        },
+        &prepared.grid.affine,
+    )
 }
 
 #[cfg(test)]

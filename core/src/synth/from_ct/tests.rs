@@ -6,6 +6,7 @@ use ndarray::{s, Array3, Array4};
 
 use super::*;
 use crate::keypoints::read_keypoint_pairs;
+use crate::nifti_io::{write_volume_as, StoredType};
 
 fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/popi-small/popi_small.nii.gz")
