@@ -8,10 +8,8 @@
 //! components and `step` the spacing of its grid (both in mm), the differences are
 //! physical strains and anisotropic voxels weigh what they measure.
 
-use std::sync::Mutex;
-
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 
 use crate::losses::dims5;
 use crate::{Error, Result};
@@ -73,7 +71,7 @@ impl DiffusionLoss {
         if ddf.device().is_cpu() && matches!(ddf.dtype(), DType::F32 | DType::F64) {
             let op = CpuDiffusion {
                 loss: *self,
-                grad: Mutex::new(None),
+                grad: crate::ops::stashed::StashedGradient::new("diffusion"),
             };
             return Ok(ddf.contiguous()?.apply_op1(op)?);
         }
@@ -115,7 +113,7 @@ impl DiffusionLoss {
 /// backward pass.
 struct CpuDiffusion {
     loss: DiffusionLoss,
-    grad: Mutex<Option<Tensor>>,
+    grad: crate::ops::stashed::StashedGradient,
 }
 
 impl CpuDiffusion {
@@ -183,17 +181,8 @@ impl CustomOp1 for CpuDiffusion {
             _ => candle_core::bail!("diffusion: f32 or f64 DDF"),
         };
         let (loss, grad) = self.run(&u, [b, c, h, w, d]);
-        let dtype = storage.dtype();
-        let grad = Tensor::from_vec(grad, layout.shape(), &Device::Cpu)?.to_dtype(dtype)?;
-        *self
-            .grad
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("diffusion: poisoned".into()))? = Some(grad);
-        let out = match dtype {
-            DType::F64 => CpuStorage::F64(vec![loss]),
-            _ => CpuStorage::F32(vec![loss as f32]),
-        };
-        Ok((out, Shape::from(())))
+        self.grad
+            .forward(loss, grad, layout.shape(), storage.dtype())
     }
 
     fn bwd(
@@ -202,14 +191,7 @@ impl CustomOp1 for CpuDiffusion {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        let guard = self
-            .grad
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("diffusion: poisoned".into()))?;
-        let Some(grad) = guard.as_ref() else {
-            candle_core::bail!("diffusion: backward before forward")
-        };
-        Ok(Some(grad.broadcast_mul(grad_res)?))
+        self.grad.backward(grad_res)
     }
 }
 

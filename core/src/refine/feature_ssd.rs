@@ -11,7 +11,7 @@
 //! [`crate::ops::warp`]: a source coordinate outside `[0, n - 1]` is clamped and passes no
 //! gradient.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
@@ -126,7 +126,7 @@ impl FeatureSsd {
                     size: self.size,
                     channels: self.channels,
                     data: data.clone(),
-                    grad: Mutex::new(None),
+                    grad: crate::ops::stashed::StashedGradient::new("feature-ssd"),
                 };
                 Ok(control.contiguous()?.apply_op1(op)?)
             }
@@ -202,7 +202,7 @@ struct FusedOp {
     size: [usize; 3],
     channels: usize,
     data: Arc<CpuData>,
-    grad: Mutex<Option<Tensor>>,
+    grad: crate::ops::stashed::StashedGradient,
 }
 
 impl FusedOp {
@@ -352,17 +352,8 @@ impl CustomOp1 for FusedOp {
             _ => candle_core::bail!("feature-ssd: f32 or f64 control grid"),
         };
         let (loss, grad) = self.run(&control, [g0, g1, g2]);
-        let dtype = storage.dtype();
-        let grad = Tensor::from_vec(grad, dims, &Device::Cpu)?.to_dtype(dtype)?;
-        *self
-            .grad
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("feature-ssd: poisoned".into()))? = Some(grad);
-        let out = match dtype {
-            DType::F64 => CpuStorage::F64(vec![loss]),
-            _ => CpuStorage::F32(vec![loss as f32]),
-        };
-        Ok((out, Shape::from(())))
+        self.grad
+            .forward(loss, grad, &Shape::from(dims), storage.dtype())
     }
 
     fn bwd(
@@ -371,14 +362,7 @@ impl CustomOp1 for FusedOp {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        let guard = self
-            .grad
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("feature-ssd: poisoned".into()))?;
-        let Some(grad) = guard.as_ref() else {
-            candle_core::bail!("feature-ssd: backward before forward")
-        };
-        Ok(Some(grad.broadcast_mul(grad_res)?))
+        self.grad.backward(grad_res)
     }
 }
 
