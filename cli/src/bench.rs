@@ -98,6 +98,17 @@ fn kind_name(k: BenchKind) -> &'static str {
 struct MonaiResult {
     median_s: f64,
     peak_rss_mib: Option<f64>,
+    /// On a GPU: peak device memory in use (total minus free, whole device), MiB.
+    peak_gpu_mib: Option<f64>,
+}
+
+/// The `--device` argument of `tools/bench_monai.py` for medray's device: MONAI runs where
+/// medray runs.
+fn monai_device(device: &candle_core::Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        _ => "cpu".to_string(),
+    }
 }
 
 /// Runs the MONAI script on every configuration of `presets` x `sizes` x `kinds` and
@@ -108,9 +119,11 @@ fn run_monai(
     presets: &[&str],
     sizes: &[String],
     kinds: &[&str],
+    device: &candle_core::Device,
 ) -> anyhow::Result<HashMap<(String, String, String), MonaiResult>> {
     let out = Command::new(python)
         .arg(&args.monai_script)
+        .args(["--device", &monai_device(device)])
         .args(["--presets", &presets.join(",")])
         .args(["--sizes", &sizes.join(",")])
         .args(["--kinds", &kinds.join(",")])
@@ -143,11 +156,13 @@ fn run_monai(
             v.get("median_s").and_then(|x| x.as_f64()),
         ) {
             let peak_rss_mib = v.get("peak_rss_mib").and_then(|x| x.as_f64());
+            let peak_gpu_mib = v.get("peak_gpu_mib").and_then(|x| x.as_f64());
             medians.insert(
                 (p, s, k),
                 MonaiResult {
                     median_s: m,
                     peak_rss_mib,
+                    peak_gpu_mib,
                 },
             );
         }
@@ -221,6 +236,7 @@ pub fn run(args: Args, device: &candle_core::Device) -> anyhow::Result<()> {
                             &[&key.0],
                             std::slice::from_ref(&key.1),
                             &[&key.2],
+                            device,
                         )?;
                         let m = *m.get(&key).with_context(|| {
                             format!(
@@ -254,17 +270,40 @@ pub fn run(args: Args, device: &candle_core::Device) -> anyhow::Result<()> {
             eprintln!("timing MONAI with {} ...", python.display());
             let presets: Vec<&str> = args.presets.iter().map(|p| preset_name(*p)).collect();
             let kinds: Vec<&str> = args.kinds.iter().map(String::as_str).collect();
-            monai = Some(run_monai(&args, python, &presets, &args.sizes, &kinds)?);
+            monai = Some(run_monai(
+                &args,
+                python,
+                &presets,
+                &args.sizes,
+                &kinds,
+                device,
+            )?);
         }
     }
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
+    let gpu = medray_core::gpu::info(device)?;
     if !args.json {
+        let on = match &gpu {
+            Some(g) => format!(
+                "GPU {} ({:.0} GiB), {device:?}",
+                g.name,
+                g.total_bytes as f64 / (1u64 << 30) as f64
+            ),
+            None => format!("device {device:?}"),
+        };
         println!(
-            "machine: {cores} cores, device {device:?}; median of {} runs after 1 warm-up",
+            "machine: {}, {on}; median of {} runs after 1 warm-up",
+            crate::bench_quality::machine(),
             args.repeats
         );
+        if gpu.is_some() {
+            println!(
+                "GPU MiB: peak device memory in use while the configuration ran (total minus \
+                 free, whole device, CUDA context included), the same measure for both"
+            );
+        }
         if args.rounds > 1 {
             println!(
                 "{} rounds of medray then MONAI per configuration: times are medians over \
@@ -272,9 +311,14 @@ pub fn run(args: Args, device: &candle_core::Device) -> anyhow::Result<()> {
                 args.rounds
             );
         }
+        let (ours, theirs) = if gpu.is_some() {
+            ("medray GPU MiB", "MONAI GPU MiB")
+        } else {
+            ("medray MiB", "MONAI MiB")
+        };
         println!(
-            "{:<6} {:<12} {:<6} {:>12} {:>12} {:>8} {:>12} {:>12}",
-            "preset", "size", "kind", "medray (s)", "MONAI (s)", "ratio", "medray MiB", "MONAI MiB"
+            "{:<6} {:<12} {:<6} {:>12} {:>12} {:>8} {:>14} {:>14}",
+            "preset", "size", "kind", "medray (s)", "MONAI (s)", "ratio", ours, theirs
         );
     }
     for r in &results {
@@ -286,6 +330,7 @@ pub fn run(args: Args, device: &candle_core::Device) -> anyhow::Result<()> {
         let monai_result = monai.as_ref().and_then(|m| m.get(&key)).copied();
         let reference = monai_result.map(|m| m.median_s);
         let monai_rss = monai_result.and_then(|m| m.peak_rss_mib);
+        let monai_gpu = monai_result.and_then(|m| m.peak_gpu_mib);
         let ratios = round_ratios.get(&key);
         // With rounds, the median of the per-round ratios; otherwise medray / MONAI.
         let ratio = match ratios {
@@ -297,13 +342,14 @@ pub fn run(args: Args, device: &candle_core::Device) -> anyhow::Result<()> {
             let mut v = serde_json::to_value(r)?;
             v["monai_median_s"] = serde_json::json!(reference);
             v["monai_peak_rss_mib"] = serde_json::json!(monai_rss);
+            v["monai_peak_gpu_mib"] = serde_json::json!(monai_gpu);
             v["ratio"] = serde_json::json!(ratio);
             v["round_ratios"] = serde_json::json!(ratios);
             v["cores"] = serde_json::json!(cores);
             println!("{v}");
         } else {
             println!(
-                "{:<6} {:<12} {:<6} {:>12.3} {:>12} {:>8} {:>12} {:>12}",
+                "{:<6} {:<12} {:<6} {:>12.3} {:>12} {:>8} {:>14} {:>14}",
                 key.0,
                 key.1,
                 key.2,
@@ -314,8 +360,12 @@ pub fn run(args: Args, device: &candle_core::Device) -> anyhow::Result<()> {
                 ratio
                     .map(|q| format!("{q:.2}x"))
                     .unwrap_or_else(|| "-".into()),
-                mib(r.peak_rss_mib),
-                mib(monai_rss)
+                mib(if gpu.is_some() {
+                    r.peak_gpu_mib
+                } else {
+                    r.peak_rss_mib
+                }),
+                mib(if gpu.is_some() { monai_gpu } else { monai_rss })
             );
             if let Some(ratios) = ratios {
                 let each: Vec<String> = ratios.iter().map(|q| format!("{q:.2}x")).collect();
@@ -336,6 +386,10 @@ fn aggregate_medray(rounds: Vec<BenchResult>) -> BenchResult {
         .iter()
         .filter_map(|r| r.peak_rss_mib)
         .reduce(f64::max);
+    out.peak_gpu_mib = rounds
+        .iter()
+        .filter_map(|r| r.peak_gpu_mib)
+        .reduce(f64::max);
     out
 }
 
@@ -346,6 +400,10 @@ fn aggregate_monai(rounds: &[MonaiResult]) -> MonaiResult {
         peak_rss_mib: rounds
             .iter()
             .filter_map(|r| r.peak_rss_mib)
+            .reduce(f64::max),
+        peak_gpu_mib: rounds
+            .iter()
+            .filter_map(|r| r.peak_gpu_mib)
             .reduce(f64::max),
     }
 }

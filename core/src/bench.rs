@@ -55,6 +55,14 @@ pub struct BenchResult {
     /// fresh child process).
     #[serde(default)]
     pub peak_rss_mib: Option<f64>,
+    /// On a GPU: the peak device memory in use while the configuration ran (warm-up
+    /// included), MiB: total minus free over the whole device, CUDA context included
+    /// ([`crate::gpu::MemorySampler`]); `None` on the CPU.
+    #[serde(default)]
+    pub peak_gpu_mib: Option<f64>,
+    /// On a GPU: the device's name; `None` on the CPU.
+    #[serde(default)]
+    pub gpu: Option<String>,
 }
 
 /// Resident memory of this process now (`VmRSS`), MiB; `None` off Linux.
@@ -131,6 +139,8 @@ pub fn bench(
     };
     let input = batch.network_input()?;
     let baseline_rss_mib = current_rss_mib();
+    let gpu = crate::gpu::info(device)?.map(|g| g.name);
+    let sampler = crate::gpu::MemorySampler::start(device)?;
     let net = LocalNet::new(&config, 0, DType::F32, device)?;
     let objective = RegistrationLoss::new(LossPreset::MiBe);
     let mut adam = Adam::new(net.parameters(), AdamConfig::with_lr(1e-4))?;
@@ -158,6 +168,7 @@ pub fn bench(
         run()?;
         times.push(t0.elapsed().as_secs_f64());
     }
+    let peak_gpu_mib = sampler.finish();
     Ok(BenchResult {
         preset,
         size,
@@ -166,6 +177,8 @@ pub fn bench(
         times_s: times,
         baseline_rss_mib,
         peak_rss_mib: peak_rss_mib(),
+        peak_gpu_mib,
+        gpu,
     })
 }
 

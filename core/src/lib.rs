@@ -7,6 +7,7 @@ pub mod dataset;
 pub mod dicom;
 pub mod error;
 pub mod evaluate;
+pub mod gpu;
 pub mod ingest;
 pub mod keypoints;
 pub mod localnet;

@@ -2,11 +2,15 @@
 //! (`/tmp/monai-ref/bin/python tools/make_fixtures.py`, see its docstring): LocalNet forward in
 //! eval and train mode for both presets, the gradient of MI + bending energy with respect to
 //! every parameter, Adam after 3 steps, the warp with its gradients, and trilinear resizing.
+//!
+//! The tests run on the CPU; `MEDRAY_TEST_DEVICE=cuda:0` (with the `cuda` or `cudnn` feature)
+//! runs the same comparisons with every tensor on that GPU, at the same tolerances
+//! (`scripts/gpu-check.sh run` does so on a lent GPU).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers fail loudly by design
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use medray_core::localnet::LocalNet;
@@ -14,19 +18,45 @@ use medray_core::ops::{self, with_conv3d_algorithm, Conv3dAlgorithm, Padding};
 use medray_core::optim::{Adam, AdamConfig};
 use medray_core::registration::{LossPreset, PairBatch, RegistrationLoss};
 
+/// A fixture file. The crate folder is `CARGO_MANIFEST_DIR` at run time when set (cargo sets
+/// it; `scripts/gpu-check.sh` does for the test binary it carries to a GPU machine), else the
+/// folder this binary was built from.
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
         .join("tests/fixtures")
         .join(name)
 }
 
+/// The device the comparisons run on: `MEDRAY_TEST_DEVICE` (`cpu`, `cuda:N`), default CPU.
+fn device() -> Device {
+    match std::env::var("MEDRAY_TEST_DEVICE").as_deref() {
+        Err(_) | Ok("") | Ok("cpu") => Device::Cpu,
+        Ok(spec) => {
+            let ordinal = spec
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse::<usize>().ok())
+                .unwrap_or_else(|| panic!("MEDRAY_TEST_DEVICE={spec}: expected cpu or cuda:N"));
+            Device::new_cuda(ordinal).unwrap_or_else(|e| {
+                panic!("MEDRAY_TEST_DEVICE={spec}: {e} (built without the cuda feature?)")
+            })
+        }
+    }
+}
+
 fn load(name: &str) -> HashMap<String, Tensor> {
+    let device = device();
     candle_core::safetensors::load(fixture(name), &Device::Cpu)
         .unwrap_or_else(|e| panic!("fixture {name}: {e}"))
+        .into_iter()
+        .map(|(k, v)| (k, v.to_device(&device).unwrap()))
+        .collect()
 }
 
 fn to_f64(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64)
+    t.to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F64)
         .unwrap()
         .flatten_all()
         .unwrap()
@@ -55,7 +85,7 @@ fn net(preset: &str) -> LocalNet {
 
 fn net_in(preset: &str, dtype: DType) -> LocalNet {
     let path = fixture(&format!("localnet_{preset}_weights.safetensors"));
-    LocalNet::load_safetensors(&path, None, dtype, &Device::Cpu).unwrap()
+    LocalNet::load_safetensors(&path, None, dtype, &device()).unwrap()
 }
 
 /// The fixture's tensors in `dtype`.

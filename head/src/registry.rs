@@ -149,6 +149,8 @@ impl Actor for Registry {
                     memory_bytes: req.memory_bytes,
                     cores: req.cores,
                     version: req.version,
+                    gpu_name: req.gpu_name,
+                    gpu_memory_bytes: req.gpu_memory_bytes,
                 };
                 let result = self.store.insert_worker(&row).map(|id| {
                     tracing::info!(worker_id = %id, name = %row.name, device = %row.device, "worker registered");
@@ -243,6 +245,8 @@ impl Actor for Registry {
                         cores: e.row.cores,
                         version: e.row.version.clone(),
                         address: e.row.address.clone(),
+                        gpu_name: e.row.gpu_name.clone(),
+                        gpu_memory_bytes: e.row.gpu_memory_bytes,
                     })
                     .collect();
                 list.sort_by(|a, b| a.worker_id.cmp(&b.worker_id));

@@ -100,6 +100,10 @@ pub struct WorkerRow {
     pub cores: u32,
     /// medray version.
     pub version: String,
+    /// GPU name ("" on the CPU); reported by the registration, not stored in the table.
+    pub gpu_name: String,
+    /// GPU memory, bytes (0 on the CPU); likewise.
+    pub gpu_memory_bytes: u64,
 }
 
 /// The store (one connection, serialised by a mutex: every call is short).

@@ -39,6 +39,10 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()>) -> Re
     config.validate()?;
     medray_proto::tls::install_crypto_provider();
     let device = device::parse_device(&config.device)?;
+    let gpu = medray_core::gpu::info(&device).map_err(|e| WorkerError::Config {
+        field: "--device",
+        reason: format!("`{}`: {e}", config.device),
+    })?;
     let compute = ComputeThread::start(
         device,
         config.device.clone(),
@@ -55,7 +59,7 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()>) -> Re
     let mut backoff = Duration::from_millis(200);
     loop {
         let session = tokio::select! {
-            s = Session::establish(&config, &node, &compute) => s,
+            s = Session::establish(&config, &node, &compute, gpu.as_ref()) => s,
             () = &mut shutdown => break,
         };
         let mut session = match session {
@@ -120,6 +124,7 @@ impl Session {
         config: &WorkerConfig,
         node: &ActorRef<NodeServerMessage>,
         compute: &ComputeThread,
+        gpu: Option<&medray_core::gpu::GpuInfo>,
     ) -> Result<Self> {
         let mut client =
             head_client::connect(config, medray_proto::DEFAULT_MAX_MESSAGE_BYTES).await?;
@@ -138,6 +143,8 @@ impl Session {
                 cores,
                 version: env!("CARGO_PKG_VERSION").into(),
                 node_address: config.node_host.clone(),
+                gpu_name: gpu.map(|g| g.name.clone()).unwrap_or_default(),
+                gpu_memory_bytes: gpu.map_or(0, |g| g.total_bytes),
             })
             .await
             .map_err(WorkerError::rpc("Register"))?

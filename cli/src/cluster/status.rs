@@ -34,6 +34,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                         "state": w.state, "last_heartbeat_age_s": w.last_heartbeat_age_s,
                         "current_task": w.current_task, "cores": w.cores,
                         "memory_bytes": w.memory_bytes, "version": w.version,
+                        "gpu_name": w.gpu_name, "gpu_memory_bytes": w.gpu_memory_bytes,
                     })
                 })
                 .collect();
@@ -69,6 +70,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     &w.current_task
                 }
             );
+            if !w.gpu_name.is_empty() {
+                println!(
+                    "{:<15} GPU {} ({:.1} GiB)",
+                    "",
+                    w.gpu_name,
+                    w.gpu_memory_bytes as f64 / (1u64 << 30) as f64
+                );
+            }
         }
         println!();
         println!(

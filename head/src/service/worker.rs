@@ -73,6 +73,9 @@ impl Worker for WorkerService {
         }
         required(&req.name, "name")?;
         required(&req.device, "device")?;
+        if req.gpu_name.len() > 256 {
+            return Err(Status::invalid_argument("gpu_name: at most 256 bytes"));
+        }
         if req.name.len() > 128 || req.device.len() > 32 {
             return Err(Status::invalid_argument("`name` or `device` too long"));
         }
