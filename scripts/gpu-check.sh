@@ -67,6 +67,10 @@ prepare() {
   command -v xz >/dev/null || { echo "gpu-check prepare: xz not found (apt-get install xz-utils)" >&2; exit 1; }
   echo "== 1/4 compile-only CUDA ${tk_version} toolkit and cuDNN in $prefix"
   CUDA_TK_VERSION=$tk_version bash "$shared_tk" "$prefix"
+  # nvidia-cuda-nvcc 13.0 leaves nvvm (cicc) and crt unpinned: pip takes the newest (13.5),
+  # whose PTX (ISA 9.5) the 13.0 ptxas, and the driver 580 of the lent machines, refuse.
+  "$prefix/venv/bin/pip" install -q "nvidia-nvvm==${tk_version%.*}.*" "nvidia-cuda-crt==${tk_version%.*}.*"
+  "$prefix/venv/bin/pip" list 2>/dev/null | grep -E '^(cuda-toolkit|nvidia-)' | tr -s ' '
   bash scripts/cudnn-toolkit.sh "$prefix"
   # shellcheck disable=SC1091
   source "$prefix/env.sh"
