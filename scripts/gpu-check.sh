@@ -173,7 +173,7 @@ for root in list(nvidia.__path__):
 print(":".join(seen))
 PY
 )
-  for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+  for d in /usr/local/nvidia/lib64 /usr/local/nvidia/lib /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
     [ -d "$d" ] && paths=${paths:+$paths:}$d
   done
   echo "$paths"
@@ -215,12 +215,24 @@ run_check() {
   cat "$work/MANIFEST"
   local M=$work/bin/medray
 
-  if [ $cpu = 0 ]; then
+  if [ $cpu = 1 ]; then
+    # The prepared binaries link CUDA's libraries dynamically (candle's cudarc): here they load
+    # against the compile-only toolkit of `prepare` (libcuda is its link stub, never called on
+    # --device cpu).
+    local tk=${MEDRAY_GPU_CHECK_CUDA:-$HOME/.cache/medray-cuda-13.0}/cuda/lib64
+    local cudnn_lib
+    cudnn_lib=$(ls -d "${tk%/cuda/lib64}"/venv/lib/python3*/site-packages/nvidia/cudnn/lib 2>/dev/null | head -1)
+    export LD_LIBRARY_PATH=$tk:$tk/stubs${cudnn_lib:+:$cudnn_lib}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+  else
     step nvidia-smi 30 bash -c "nvidia-smi | tee '$OUT/nvidia-smi.txt'; nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv | tee -a '$OUT/nvidia-smi.txt'"
     local libs
     libs=$(lib_paths)
     export LD_LIBRARY_PATH=${libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-    echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+  fi
+  echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+  if ldd "$M" | grep -q "not found"; then
+    ldd "$M" | grep "not found"
+    record libraries failed 0 "medray needs libraries this machine lacks: $(ldd "$M" | grep 'not found' | awk '{print $1}' | paste -sd' ')"
   fi
   step version 30 "$M" --version
 
