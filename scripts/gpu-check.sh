@@ -222,9 +222,11 @@ run_check() {
     local tk=${MEDRAY_GPU_CHECK_CUDA:-$HOME/.cache/medray-cuda-13.0}/cuda/lib64
     local cudnn_lib
     cudnn_lib=$(ls -d "${tk%/cuda/lib64}"/venv/lib/python3*/site-packages/nvidia/cudnn/lib 2>/dev/null | head -1)
-    export LD_LIBRARY_PATH=$tk:$tk/stubs${cudnn_lib:+:$cudnn_lib}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+    mkdir -p "$work/stub"
+    ln -sf "$tk/stubs/libcuda.so" "$work/stub/libcuda.so.1"
+    export LD_LIBRARY_PATH=$tk:$work/stub${cudnn_lib:+:$cudnn_lib}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
   else
-    step nvidia-smi 30 bash -c "nvidia-smi | tee '$OUT/nvidia-smi.txt'; nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv | tee -a '$OUT/nvidia-smi.txt'"
+    step nvidia-smi 30 bash -c "set -o pipefail; nvidia-smi | tee '$OUT/nvidia-smi.txt'; nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv | tee -a '$OUT/nvidia-smi.txt'"
     local libs
     libs=$(lib_paths)
     export LD_LIBRARY_PATH=${libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
@@ -241,10 +243,10 @@ run_check() {
   local pred_args=(predict --weights "$fx/localnet_seed_weights.safetensors"
     --fixed "$fx/predict/fixed.nii.gz" --moving "$fx/predict/moving.nii.gz"
     --fixed-mask "$fx/predict/fixed_mask.nii.gz" --moving-mask "$fx/predict/moving_mask.nii.gz")
-  step predict-cpu 60 "$M" --device cpu "${pred_args[@]}" --out-ddf "$work/cpu_ddf.nii.gz" --out-warped "$work/cpu_warped.nii.gz" --json
-  step predict-$device 60 "$M" --device "$device" "${pred_args[@]}" --out-ddf "$work/dev_ddf.nii.gz" --out-warped "$work/dev_warped.nii.gz" --json
+  step predict-reference-cpu 60 "$M" --device cpu "${pred_args[@]}" --out-ddf "$work/cpu_ddf.nii.gz" --out-warped "$work/cpu_warped.nii.gz" --json
+  step predict-device 60 "$M" --device "$device" "${pred_args[@]}" --out-ddf "$work/dev_ddf.nii.gz" --out-warped "$work/dev_warped.nii.gz" --json
   if "$PYTHON" -c 'import numpy' 2>/dev/null; then
-    step predict-parity 30 bash -c "'$PYTHON' '$ROOT/tools/gpu_parity.py' --expected '$fx/predict/predict_expected.safetensors' \
+    step predict-parity 30 bash -c "set -o pipefail; '$PYTHON' '$ROOT/tools/gpu_parity.py' --expected '$fx/predict/predict_expected.safetensors' \
       --gpu-ddf '$work/dev_ddf.nii.gz' --gpu-warped '$work/dev_warped.nii.gz' \
       --cpu-ddf '$work/cpu_ddf.nii.gz' --cpu-warped '$work/cpu_warped.nii.gz' | tee '$OUT/parity.json'"
   else
@@ -274,12 +276,12 @@ run_check() {
   fi
   local size
   for size in ${sizes//,/ }; do
-    step "bench-$size" 200 bash -c "'$M' --device '$device' bench --presets seed,full --sizes '$size' --kinds train,infer \
+    step "bench-$size" 200 bash -c "set -o pipefail; '$M' --device '$device' bench --presets seed,full --sizes '$size' --kinds train,infer \
       --repeats $repeats ${monai_args[*]} --json | tee -a '$OUT/bench.jsonl'"
   done
 
   # 6. a local cluster of 2 workers on the device: ingest, train, infer.
-  step cluster 240 bash -c "set -e; cd '$work'; M='$M'; exec > >(tee '$OUT/cluster.log') 2>&1
+  step cluster 240 bash -c "set -eo pipefail; cd '$work'; M='$M'; exec > >(tee '$OUT/cluster.log') 2>&1
     \$M synth --out data --cases 6 --size 48 48 48 --seed 3
     \$M --device '$device' up --workers 2 --detach --listen 127.0.0.1:50077 --data-dir cluster-data
     trap '\$M down' EXIT
@@ -287,8 +289,7 @@ run_check() {
     \$M status
     \$M train --dataset gpu-check --model gpu-check --preset seed --channels 8 --loss mse-dice-be \
       --epochs 2 --batch-size 2 --lr 1e-3 --size 48 48 48 --workers 2
-    \$M infer --dataset gpu-check --model gpu-check
-    \$M results --model gpu-check --limit 20"
+    \$M infer --dataset gpu-check --model gpu-check"
 
   write_summary "$device" "$started"
 }
