@@ -11,6 +11,7 @@ mod demo;
 mod ingest;
 mod models;
 mod predict;
+mod refine_args;
 mod remote;
 mod report;
 mod results;

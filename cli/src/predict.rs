@@ -4,7 +4,6 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use medray_core::predict::{predict, KeypointFiles, OutputGrid, PredictRequest};
-use medray_core::refine::{RefineOptions, RefineSim};
 
 /// Arguments of `medray predict`.
 #[derive(Debug, clap::Args)]
@@ -47,30 +46,8 @@ pub struct Args {
     /// network grid.
     #[arg(long)]
     original_grid: bool,
-    /// Instance optimisation: Adam steps per pyramid level on the displacement, started from
-    /// the network's DDF (see `--refine-sim`; `medray infer --refine`).
-    #[arg(long, default_value_t = 0, value_name = "STEPS")]
-    refine: usize,
-    /// Similarity of the refinement: `mind` (MIND-SSC SSD) or `lncc` in a multi-level
-    /// pyramid on the original images, or `model` (the model's training loss on the network
-    /// grid).
-    #[arg(long, default_value = "mind", value_name = "SIM")]
-    refine_sim: String,
-    /// Pyramid levels of the refinement (1: half resolution only; 2: a quarter, then a half).
-    #[arg(long, default_value_t = RefineOptions::default().levels, value_name = "N")]
-    refine_levels: usize,
-    /// Weight of the refinement's diffusion regulariser (mean squared strain).
-    #[arg(long, default_value_t = RefineOptions::default().lambda, allow_negative_numbers = true, value_name = "LAMBDA")]
-    refine_lambda: f64,
-    /// Control-point spacing of the refinement, voxels of each level.
-    #[arg(long, default_value_t = RefineOptions::default().grid_spacing, value_name = "VOXELS")]
-    refine_grid: usize,
-    /// Adam learning rate of the refinement, voxels of each level.
-    #[arg(long, default_value_t = RefineOptions::default().lr, allow_negative_numbers = true, value_name = "LR")]
-    refine_lr: f64,
-    /// Weight the refinement's similarity by the fixed lung mask (needs the masks).
-    #[arg(long)]
-    refine_mask: bool,
+    #[command(flatten)]
+    refinement: crate::refine_args::RefineArgs,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -102,19 +79,9 @@ pub fn run(args: Args, device: &candle_core::Device) -> anyhow::Result<()> {
         } else {
             OutputGrid::Network
         },
-        refine_steps: args.refine,
-        refine: RefineOptions {
-            steps: args.refine,
-            sim: args.refine_sim.parse::<RefineSim>()?,
-            levels: args.refine_levels,
-            lambda: args.refine_lambda,
-            grid_spacing: args.refine_grid,
-            lr: args.refine_lr,
-            mask: args.refine_mask,
-            ..RefineOptions::default()
-        },
+        refine_steps: args.refinement.steps,
+        refine: args.refinement.options()?,
     };
-    request.refine.validate()?;
     let report = predict(&request, device).context("predict failed")?;
     if args.json {
         println!("{}", serde_json::to_string(&report)?);

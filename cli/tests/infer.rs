@@ -385,7 +385,25 @@ fn inference_registers_every_case_like_predict_and_a_corrupt_case_fails_alone() 
     assert!(!c.dir().join("x.db").exists());
     assert_eq!(json_rows(&c, &["results", "--format", "json"]).len(), 4);
 
-    // --refine 5 on one case changes its DDF and replaces its row.
+    // A bad refinement option is refused before anything is submitted, naming the option.
+    let out = c
+        .cli(&[
+            "infer",
+            "--dataset",
+            "lungs",
+            "--model",
+            "m",
+            "--refine",
+            "5",
+            "--refine-sim",
+            "ssd",
+        ])
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("refine-sim") && err.contains("ssd"), "{err}");
+    // --refine 5 with LNCC on one level on one case changes its DDF and replaces its row; the
+    // options travel to the worker (its log names the similarity).
     let (refined_job, j) = infer(
         &c,
         &[
@@ -397,6 +415,10 @@ fn inference_registers_every_case_like_predict_and_a_corrupt_case_fails_alone() 
             "case_002",
             "--refine",
             "5",
+            "--refine-sim",
+            "lncc",
+            "--refine-levels",
+            "1",
         ],
     );
     assert_eq!(j["state"], "SUCCEEDED", "{j}\n{}", logs(&c, &refined_job));
@@ -424,7 +446,11 @@ fn inference_registers_every_case_like_predict_and_a_corrupt_case_fails_alone() 
         max_abs_diff(&ddf, &refined_ddf) > 1e-4,
         "refinement changed nothing"
     );
-    assert!(logs(&c, &refined_job).contains("refine 5 steps"));
+    let job_log = logs(&c, &refined_job);
+    assert!(job_log.contains("refine 5 steps"), "{job_log}");
+    assert!(job_log.contains("(lncc, 1 level(s)"), "{job_log}");
+    // The worker's own line: "refine 5 steps N ms (lncc before -> after)".
+    assert!(job_log.contains(" ms (lncc "), "{job_log}");
     // --workers 1: never two of the job's cases running at once.
     let capped = c
         .cli_ok(&[

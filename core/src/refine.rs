@@ -169,6 +169,68 @@ impl RefineOptions {
     }
 }
 
+/// Refinement options as a remote request carries them (`medray infer` to the head to the
+/// workers): each field `None` takes [`RefineOptions`]' default.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RefineOverrides {
+    /// `--refine-sim`.
+    pub sim: Option<String>,
+    /// `--refine-levels`.
+    pub levels: Option<u32>,
+    /// `--refine-lambda`.
+    pub lambda: Option<f64>,
+    /// `--refine-grid`.
+    pub grid: Option<u32>,
+    /// `--refine-lr`.
+    pub lr: Option<f64>,
+    /// `--refine-mask`.
+    pub mask: bool,
+}
+
+impl RefineOverrides {
+    /// The overrides from a request's fields (in [`RefineOverrides`]' order), so that each
+    /// protocol's message maps onto them in one line.
+    pub fn new(
+        sim: Option<String>,
+        levels: Option<u32>,
+        lambda: Option<f64>,
+        grid: Option<u32>,
+        lr: Option<f64>,
+        mask: bool,
+    ) -> Self {
+        Self {
+            sim,
+            levels,
+            lambda,
+            grid,
+            lr,
+            mask,
+        }
+    }
+
+    /// The full options for `steps` Adam steps, validated.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming the option (`refine-sim`, `refine-levels`, ...).
+    pub fn options(&self, steps: usize) -> Result<RefineOptions> {
+        let d = RefineOptions::with_steps(steps);
+        let options = RefineOptions {
+            sim: match &self.sim {
+                Some(s) => s.parse()?,
+                None => d.sim,
+            },
+            levels: self.levels.map_or(d.levels, |v| v as usize),
+            lambda: self.lambda.unwrap_or(d.lambda),
+            grid_spacing: self.grid.map_or(d.grid_spacing, |v| v as usize),
+            lr: self.lr.unwrap_or(d.lr),
+            mask: self.mask,
+            ..d
+        };
+        options.validate()?;
+        Ok(options)
+    }
+}
+
 /// What one pyramid level did.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LevelReport {

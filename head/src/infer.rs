@@ -15,16 +15,44 @@ use std::collections::{HashMap, HashSet};
 use medray_core::catalog::{CaseId, CaseRecord, Catalog, DatasetName, StoredFile};
 use medray_core::models::provenance::case_split;
 use medray_core::models::{model_version, ModelName, ModelVersion, VersionRef};
+use medray_core::refine::{RefineOptions, RefineOverrides};
 use medray_core::report::split_summaries;
 use medray_core::results::{
     list_results, results_prefix, CaseReport, CaseStatus, ResultFilter, ResultRow, Split,
 };
 use medray_proto::v1::task_assignment::Kind as TaskKind;
-use medray_proto::v1::{InferSpec, InferTask, JobState, StageRef, TaskAssignment};
+use medray_proto::v1::{InferSpec, InferTask, JobState, RefineSpec, StageRef, TaskAssignment};
 
 use crate::ids::{JobId, TaskId};
 use crate::store::{TaskRow, TaskState};
 use crate::{HeadError, Result};
+
+/// The instance optimisation an inference spec asks for: its fields over `medray predict`'s
+/// defaults, validated.
+///
+/// # Errors
+/// [`medray_core::Error::InvalidArgument`] naming the option.
+pub fn refine_options(spec: &InferSpec) -> medray_core::Result<RefineOptions> {
+    let overrides = spec
+        .refine
+        .as_ref()
+        .map_or_else(RefineOverrides::default, |r| {
+            RefineOverrides::new(r.sim.clone(), r.levels, r.lambda, r.grid, r.lr, r.mask)
+        });
+    overrides.options(spec.refine_steps as usize)
+}
+
+/// The wire form of resolved options: every field set, so a worker runs exactly these.
+fn refine_spec(o: &RefineOptions) -> RefineSpec {
+    RefineSpec {
+        sim: Some(o.sim.name().to_string()),
+        levels: Some(o.levels as u32),
+        lambda: Some(o.lambda),
+        grid: Some(o.grid_spacing as u32),
+        lr: Some(o.lr),
+        mask: o.mask,
+    }
+}
 
 /// An inference job resolved against the catalog.
 #[derive(Debug, Clone)]
@@ -37,6 +65,8 @@ pub struct InferPlan {
     pub version: String,
     /// Adam steps of instance optimisation per case.
     pub refine_steps: u32,
+    /// How the instance optimisation runs (every field resolved; `steps` = `refine_steps`).
+    pub refine: RefineOptions,
     /// The split of each case of the dataset for this model version (see [`case_splits`]);
     /// a case missing here is of unknown split.
     pub splits: HashMap<CaseId, Split>,
@@ -164,6 +194,7 @@ pub fn plan_tasks(
                 refine_steps: plan.refine_steps,
                 output_prefix: output_prefix.clone(),
                 hold_ms,
+                refine: Some(refine_spec(&plan.refine)),
             };
             (
                 TaskId(c.case_id.to_string()),
@@ -317,6 +348,7 @@ pub fn summary(
         "failed": failed.len(),
         "failed_cases": failed,
         "refine_steps": plan.refine_steps,
+        "refine": (plan.refine_steps > 0).then_some(plan.refine),
         "mean_dice_before": mean(|r| r.dice_before),
         "mean_dice": mean(|r| r.dice_score),
         "mean_ssim": mean(|r| r.ssim_score),
@@ -343,4 +375,72 @@ pub fn summary(
         (JobState::Succeeded, String::new())
     };
     Ok((state, reason, result.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use medray_core::refine::RefineSim;
+
+    fn spec(steps: u32, refine: Option<RefineSpec>) -> InferSpec {
+        InferSpec {
+            refine_steps: steps,
+            refine,
+            ..InferSpec::default()
+        }
+    }
+
+    #[test]
+    fn refine_options_fill_the_defaults_and_reject_bad_fields_by_name() {
+        let none = refine_options(&spec(5, None)).unwrap();
+        assert_eq!(none, RefineOptions::with_steps(5));
+        let lncc = refine_options(&spec(
+            5,
+            Some(RefineSpec {
+                sim: Some("lncc".into()),
+                levels: Some(1),
+                ..RefineSpec::default()
+            }),
+        ))
+        .unwrap();
+        assert_eq!(
+            (lncc.sim, lncc.levels, lncc.lambda),
+            (RefineSim::Lncc, 1, 3.0)
+        );
+        // What the workers get names every field, so they run exactly the head's options.
+        let wire = refine_spec(&lncc);
+        assert_eq!(
+            refine_options(&spec(5, Some(wire))).unwrap(),
+            lncc,
+            "round trip"
+        );
+        for (bad, option) in [
+            (
+                RefineSpec {
+                    sim: Some("ssd".into()),
+                    ..RefineSpec::default()
+                },
+                "refine-sim",
+            ),
+            (
+                RefineSpec {
+                    levels: Some(9),
+                    ..RefineSpec::default()
+                },
+                "refine-levels",
+            ),
+            (
+                RefineSpec {
+                    lambda: Some(f64::NAN),
+                    ..RefineSpec::default()
+                },
+                "refine-lambda",
+            ),
+        ] {
+            let e = refine_options(&spec(5, Some(bad))).unwrap_err().to_string();
+            assert!(e.contains(option), "{e}");
+        }
+        let e = refine_options(&spec(20_000, None)).unwrap_err().to_string();
+        assert!(e.contains("refine"), "{e}");
+    }
 }

@@ -667,6 +667,7 @@ impl JobActor {
             model: version.name.clone(),
             version: version.version.clone(),
             refine_steps: spec.refine_steps,
+            refine: crate::infer::refine_options(spec)?,
         };
         let existing = self.ctx.store.tasks(&s.job_id)?;
         if existing.is_empty() {
@@ -683,7 +684,13 @@ impl JobActor {
                     plan.version,
                     version.artifact_sha256,
                     if spec.refine_steps > 0 {
-                        format!(", refined with {} Adam step(s)", spec.refine_steps)
+                        format!(
+                            ", refined with {} Adam step(s) per level ({}, {} level(s), lambda {})",
+                            spec.refine_steps,
+                            plan.refine.sim.name(),
+                            plan.refine.levels,
+                            plan.refine.lambda
+                        )
                     } else {
                         String::new()
                     },

@@ -3,7 +3,7 @@
 //! The model version is loaded once per worker and kept in a [`ModelCache`] keyed by the
 //! weights' sha256, so the next cases of the job (or of a later job with the same weights)
 //! skip the fetch and the load. The case's files are fetched (verified by sha256, cached),
-//! registered by [`medray_core::predict::register_pair`], the same code as `medray
+//! registered by [`medray_core::predict::register_pair_with`], the same code as `medray
 //! predict`, and the outputs on the fixed image's original grid and affine (registered
 //! image, trilinear; registered label, nearest; DDF) are uploaded to the results stage
 //! through the head. The task's result is a [`CaseReport`].
@@ -19,7 +19,8 @@ use medray_core::model::{LoadedModel, ModelConfig};
 use medray_core::nifti_io::{
     tensor_to_ddf_array, write_ddf, write_volume, write_volume_as, StoredType,
 };
-use medray_core::predict::{load_pair, register_pair, KeypointFiles, PairFiles, RegisterOptions};
+use medray_core::predict::{load_pair, register_pair_with, KeypointFiles, PairFiles};
+use medray_core::refine::{RefineOptions, RefineOverrides};
 use medray_core::results::{CaseReport, DDF_SUFFIX, IMAGE_SUFFIX, LABEL_SUFFIX, PNG_SUFFIX};
 use medray_proto::v1::{InferTask, StageRef, TaskAssignment};
 
@@ -80,6 +81,17 @@ fn optional(r: Option<&StageRef>) -> Option<&StageRef> {
 }
 
 /// Checks the fields of an assignment before any work.
+/// The task's instance optimisation: its fields over `medray predict`'s defaults.
+fn refine_options(spec: &InferTask) -> medray_core::Result<RefineOptions> {
+    let overrides = spec
+        .refine
+        .as_ref()
+        .map_or_else(RefineOverrides::default, |r| {
+            RefineOverrides::new(r.sim.clone(), r.levels, r.lambda, r.grid, r.lr, r.mask)
+        });
+    overrides.options(spec.refine_steps as usize)
+}
+
 fn validate(spec: &InferTask) -> Result<(), TaskError> {
     let bad = |field: &str, reason: String| {
         TaskError::permanent(format!("infer task: `{field}`: {reason}"))
@@ -97,12 +109,7 @@ fn validate(spec: &InferTask) -> Result<(), TaskError> {
             format!("`{}`: expected `{prefix}`", spec.output_prefix),
         ));
     }
-    if spec.refine_steps as usize > medray_core::refine::MAX_REFINE_STEPS {
-        return Err(bad(
-            "refine_steps",
-            format!("at most {}", medray_core::refine::MAX_REFINE_STEPS),
-        ));
-    }
+    refine_options(spec).map_err(|e| bad("refine", e.to_string()))?;
     if spec.fixed_mask.as_ref().is_some_and(|r| !r.key.is_empty())
         != spec.moving_mask.as_ref().is_some_and(|r| !r.key.is_empty())
     {
@@ -244,15 +251,8 @@ pub fn run(
 
     let case_err = |e: medray_core::Error| TaskError::permanent(format!("case {case}: {e}"));
     let pair = load_pair(&files, &model.config.preprocess, ctx.device).map_err(case_err)?;
-    let reg = register_pair(
-        &model,
-        &pair,
-        &RegisterOptions {
-            refine_steps: spec.refine_steps as usize,
-            original_grid: true,
-        },
-    )
-    .map_err(case_err)?;
+    let refine = refine_options(spec).map_err(case_err)?;
+    let reg = register_pair_with(&model, &pair, true, &refine).map_err(case_err)?;
     if ctx.cancelled() {
         return Err(TaskError::transient("cancelled"));
     }

@@ -3,7 +3,7 @@
 
 use medray_core::results::ResultFilter;
 use medray_proto::v1::job_spec::Kind;
-use medray_proto::v1::{InferSpec, JobSpec};
+use medray_proto::v1::{InferSpec, JobSpec, RefineSpec};
 
 use super::client::ClientArgs;
 use crate::results::{print_results, remote_results, Format};
@@ -31,10 +31,9 @@ pub struct Args {
     /// Only these cases (comma-separated ids).
     #[arg(long, value_delimiter = ',', value_name = "ID,...")]
     pub cases: Vec<String>,
-    /// Instance optimisation: Adam steps on each case's DDF against the model's loss,
-    /// starting from the network's prediction.
-    #[arg(long, default_value_t = 0, value_name = "STEPS")]
-    pub refine: u32,
+    /// Instance optimisation on every case, as `medray predict` runs it.
+    #[command(flatten)]
+    pub refinement: crate::refine_args::RefineArgs,
     /// Diagnostics: keep each case's task running at least this long, ms.
     #[arg(long, default_value_t = 0, hide = true)]
     pub hold_ms: u32,
@@ -54,6 +53,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .map(|c| c.trim().to_string())
         .filter(|c| !c.is_empty())
         .collect();
+    let refine = args.refinement.options()?;
+    let refine_steps = u32::try_from(refine.steps)?;
     let rt = crate::data_dir::runtime()?;
     rt.block_on(async {
         let mut client = args.client.connect().await?;
@@ -65,8 +66,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 alias: args.alias.clone().unwrap_or_default(),
                 workers: args.workers,
                 cases,
-                refine_steps: args.refine,
+                refine_steps,
                 hold_ms: args.hold_ms,
+                refine: Some(RefineSpec {
+                    sim: Some(refine.sim.name().to_string()),
+                    levels: Some(u32::try_from(refine.levels)?),
+                    lambda: Some(refine.lambda),
+                    grid: Some(u32::try_from(refine.grid_spacing)?),
+                    lr: Some(refine.lr),
+                    mask: refine.mask,
+                }),
             }))),
         };
         let job = super::job::submit_and_wait(&mut client, spec, args.no_wait).await?;

@@ -188,3 +188,57 @@ fn bad_refine_options_name_the_option() {
     assert!(e.contains("refine"), "{e}");
     assert!(RefineOptions::with_steps(5).validate().is_ok());
 }
+
+#[test]
+fn overrides_fill_unset_fields_with_the_defaults_and_round_trip() {
+    let none = RefineOverrides::default().options(7).unwrap();
+    assert_eq!(none, RefineOptions::with_steps(7));
+    let set = RefineOverrides {
+        sim: Some("lncc".into()),
+        levels: Some(1),
+        lambda: Some(0.0),
+        grid: Some(3),
+        lr: Some(0.2),
+        mask: true,
+    };
+    let o = set.options(4).unwrap();
+    assert_eq!(
+        (
+            o.steps,
+            o.sim,
+            o.levels,
+            o.lambda,
+            o.grid_spacing,
+            o.lr,
+            o.mask
+        ),
+        (4, RefineSim::Lncc, 1, 0.0, 3, 0.2, true)
+    );
+    assert_eq!(
+        RefineOverrides::new(
+            Some("lncc".into()),
+            Some(1),
+            Some(0.0),
+            Some(3),
+            Some(0.2),
+            true
+        ),
+        set
+    );
+    let e = RefineOverrides {
+        sim: Some("ssd".into()),
+        ..RefineOverrides::default()
+    }
+    .options(1)
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("refine-sim") && e.contains("ssd"), "{e}");
+    let e = RefineOverrides {
+        grid: Some(99),
+        ..RefineOverrides::default()
+    }
+    .options(1)
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("refine-grid"), "{e}");
+}

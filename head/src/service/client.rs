@@ -199,6 +199,7 @@ fn validate_infer(i: &medray_proto::v1::InferSpec) -> Result<(), Status> {
             "`infer.hold_ms`: at most one hour",
         ));
     }
+    crate::infer::refine_options(i).map_err(field("refine"))?;
     Ok(())
 }
 
