@@ -20,8 +20,10 @@ pub struct Args {
     #[arg(long, default_value = "seed")]
     preset: Preset,
     /// Objective: `mi-be` (MI + bending energy), `mse-dice-be` (needs masks),
-    /// `lncc-dice-diff` (LNCC + Dice on masks when present + diffusion) or `mind-diff`
-    /// (MIND-SSC SSD + diffusion).
+    /// `lncc-dice-diff` (LNCC + Dice on masks when present + diffusion), `mind-diff`
+    /// (MIND-SSC SSD + diffusion) or `mse-dice-kp-be` (`mse-dice-be` + the mean TRE in mm of
+    /// each training case's keypoint pairs: needs masks and keypoints on the training cases;
+    /// validation cases' keypoints are never used).
     #[arg(long, default_value = "mi-be")]
     loss: LossPreset,
     /// Epochs in total (with --resume: up to this many).

@@ -136,6 +136,7 @@ pub fn bench(
         moving: smooth_volume(size, 0.4, device)?,
         fixed_mask: None,
         moving_mask: None,
+        keypoints: None,
     };
     let input = batch.network_input()?;
     let baseline_rss_mib = current_rss_mib();

@@ -390,12 +390,19 @@ pub fn register_pair_with(
     let mut refined_original = None;
     if refine_options.steps > 0 {
         if refine_options.sim == RefineSim::Model {
-            let preset = model.config.loss.unwrap_or(LossPreset::MiBe);
+            // The case's own keypoints are for scoring, never for optimising: a model trained
+            // with keypoint supervision is refined against its image terms alone.
+            let preset = model
+                .config
+                .loss
+                .unwrap_or(LossPreset::MiBe)
+                .without_keypoints();
             let batch = PairBatch {
                 fixed: pair.fixed.clone(),
                 moving: pair.moving.clone(),
                 fixed_mask: pair.fixed_mask.clone(),
                 moving_mask: pair.moving_mask.clone(),
+                keypoints: None,
             };
             let (refined, report) = refine_ddf(
                 &ddf,

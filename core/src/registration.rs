@@ -20,8 +20,9 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::losses::{
-    mse_loss, BendingEnergyLoss, DiceLoss, DiffusionLoss, GlobalMutualInformationLoss,
-    LocalNormalizedCrossCorrelationLoss, MindSsdLoss, MultiScaleLoss,
+    keypoint_loss, mse_loss, BendingEnergyLoss, DiceLoss, DiffusionLoss,
+    GlobalMutualInformationLoss, KeypointTargets, LocalNormalizedCrossCorrelationLoss, MindSsdLoss,
+    MultiScaleLoss,
 };
 use crate::ops::{self, Padding};
 use crate::{Error, Result};
@@ -41,10 +42,14 @@ pub enum LossPreset {
     /// MIND-SSC SSD + diffusion.
     #[serde(rename = "mind-diff")]
     MindDiff,
+    /// `mse-dice-be` + the mean TRE in mm of the training cases' keypoint pairs
+    /// ([`crate::losses::keypoints`]): needs masks and keypoints on every training case.
+    #[serde(rename = "mse-dice-kp-be")]
+    MseDiceKpBe,
 }
 
 /// Every preset's name, for messages.
-pub const LOSS_PRESET_NAMES: &str = "mi-be, mse-dice-be, lncc-dice-diff, mind-diff";
+pub const LOSS_PRESET_NAMES: &str = "mi-be, mse-dice-be, lncc-dice-diff, mind-diff, mse-dice-kp-be";
 
 /// The LNCC window of `lncc-dice-diff`, voxels per axis.
 pub const LNCC_KERNEL: usize = 9;
@@ -57,12 +62,27 @@ impl LossPreset {
             LossPreset::MseDiceBe => "mse-dice-be",
             LossPreset::LnccDiceDiff => "lncc-dice-diff",
             LossPreset::MindDiff => "mind-diff",
+            LossPreset::MseDiceKpBe => "mse-dice-kp-be",
         }
     }
 
     /// Whether the preset needs lung masks.
     pub fn needs_masks(self) -> bool {
-        matches!(self, LossPreset::MseDiceBe)
+        matches!(self, LossPreset::MseDiceBe | LossPreset::MseDiceKpBe)
+    }
+
+    /// The same objective without its keypoint term (for instance optimisation of a case,
+    /// whose keypoints are only for scoring).
+    pub fn without_keypoints(self) -> Self {
+        match self {
+            LossPreset::MseDiceKpBe => LossPreset::MseDiceBe,
+            other => other,
+        }
+    }
+
+    /// Whether the preset needs the training cases' keypoint pairs.
+    pub fn needs_keypoints(self) -> bool {
+        matches!(self, LossPreset::MseDiceKpBe)
     }
 }
 
@@ -74,6 +94,7 @@ impl std::str::FromStr for LossPreset {
             "mse-dice-be" => Ok(LossPreset::MseDiceBe),
             "lncc-dice-diff" => Ok(LossPreset::LnccDiceDiff),
             "mind-diff" => Ok(LossPreset::MindDiff),
+            "mse-dice-kp-be" => Ok(LossPreset::MseDiceKpBe),
             other => Err(Error::invalid(
                 "loss",
                 format!("`{other}` is not one of: {LOSS_PRESET_NAMES}"),
@@ -93,6 +114,9 @@ pub struct PairBatch {
     pub fixed_mask: Option<Tensor>,
     /// Moving lung masks (0/1), if any.
     pub moving_mask: Option<Tensor>,
+    /// Each case's keypoint targets, when every case of the batch has them and the objective
+    /// uses them (`mse-dice-kp-be`).
+    pub keypoints: Option<Vec<KeypointTargets>>,
 }
 
 impl PairBatch {
@@ -167,19 +191,30 @@ impl RegistrationLoss {
                 self.mi.forward(&warp()?, &batch.fixed)?,
                 self.bending.forward(ddf)?,
             ),
-            LossPreset::MseDiceBe => {
+            LossPreset::MseDiceBe | LossPreset::MseDiceKpBe => {
+                let name = self.preset.name();
                 let (Some(fixed_mask), Some(moving_mask)) = (&batch.fixed_mask, &batch.moving_mask)
                 else {
                     return Err(Error::invalid(
                         "loss",
-                        "mse-dice-be needs fixed and moving lung masks",
+                        format!("{name} needs fixed and moving lung masks"),
                     ));
                 };
                 let warped_mask = ops::warp(moving_mask, ddf, Padding::Border)?.clamp(0.0, 1.0)?;
                 let dice = self.multi_scale.forward(&warped_mask, fixed_mask)?;
                 let mse = mse_loss(&warp()?, &batch.fixed)?;
                 let bending = self.bending.forward(ddf)?;
-                ((mse + (dice * 100.0)?)?, (bending * 10.0)?)
+                let mut similarity = (mse + (dice * 100.0)?)?;
+                if self.preset == LossPreset::MseDiceKpBe {
+                    let Some(targets) = &batch.keypoints else {
+                        return Err(Error::invalid(
+                            "loss",
+                            format!("{name} needs keypoint pairs on every training case"),
+                        ));
+                    };
+                    similarity = (similarity + keypoint_loss(ddf, targets)?)?;
+                }
+                (similarity, (bending * 10.0)?)
             }
             LossPreset::LnccDiceDiff => {
                 let mut similarity = self.lncc.forward(&warp()?, &batch.fixed)?;

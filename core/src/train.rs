@@ -27,7 +27,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::dataset::{CaseFiles, Learn2RegDataset};
 use crate::evaluate::{evaluate_case, CaseTensors};
+use crate::keypoints::read_keypoint_pairs;
 use crate::localnet::{LocalNet, LocalNetConfig, Preset};
+use crate::losses::KeypointTargets;
 use crate::model::ModelConfig;
 use crate::optim::{Adam, AdamConfig, PlateauMode, ReduceLrOnPlateau};
 use crate::preprocess::{load_image, load_mask, PreprocessConfig, Window};
@@ -220,19 +222,53 @@ pub(crate) struct LoadedCase {
     pub(crate) moving: Tensor,
     pub(crate) fixed_mask: Option<Tensor>,
     pub(crate) moving_mask: Option<Tensor>,
+    /// The case's keypoint pairs on the network grid, loaded only for an objective that
+    /// uses them (and only for training cases: see [`load_case`]).
+    pub(crate) keypoints: Option<KeypointTargets>,
 }
 
+/// Loads a case onto the network grid; with `keypoints`, also its keypoint pairs (the
+/// objective uses them; callers pass `false` for validation cases, whose keypoints must
+/// never reach the training).
 pub(crate) fn load_case(
     case: &CaseFiles,
     pre: &PreprocessConfig,
     device: &Device,
+    keypoints: bool,
 ) -> Result<LoadedCase> {
     let mask = |p: &Option<PathBuf>| p.as_ref().map(|p| load_mask(p, pre, device)).transpose();
+    let fixed = load_image(&case.fixed, pre, device)?;
+    let keypoints = match (keypoints, &case.keypoints) {
+        (false, _) => None,
+        (true, None) => {
+            return Err(Error::invalid(
+                "keypoints",
+                format!("case {} has no keypoint pairs", case.id),
+            ))
+        }
+        (true, Some(path)) => {
+            let pairs = read_keypoint_pairs(path)?;
+            let volume = crate::nifti_io::read_volume(&case.fixed)?;
+            let original = volume.data.dim();
+            let network = [fixed.dim(2)?, fixed.dim(3)?, fixed.dim(4)?];
+            Some(
+                KeypointTargets::new(
+                    &pairs,
+                    [original.0, original.1, original.2],
+                    volume.spacing,
+                    network,
+                    device,
+                )
+                .map_err(|e| Error::invalid("keypoints", format!("{}: {e}", path.display())))?,
+            )
+        }
+    };
     Ok(LoadedCase {
-        fixed: load_image(&case.fixed, pre, device)?,
+        fixed,
         moving: load_image(&case.moving, pre, device)?,
         fixed_mask: mask(&case.fixed_mask)?,
         moving_mask: mask(&case.moving_mask)?,
+        keypoints,
     })
 }
 
@@ -248,13 +284,14 @@ pub(crate) fn batch_of(cases: &[&LoadedCase]) -> Result<PairBatch> {
         moving: cat(&|c| Some(&c.moving))?.expect("every case has a moving image"),
         fixed_mask: cat(&|c| c.fixed_mask.as_ref())?,
         moving_mask: cat(&|c| c.moving_mask.as_ref())?,
+        keypoints: cases.iter().map(|c| c.keypoints.clone()).collect(),
     })
 }
 
 /// Refuses an objective that needs lung masks when a training case has none.
 pub(crate) fn check_masks(loss: LossPreset, cases: &[CaseFiles]) -> Result<()> {
     if !loss.needs_masks() {
-        return Ok(());
+        return check_keypoints(loss, cases);
     }
     match cases
         .iter()
@@ -268,7 +305,22 @@ pub(crate) fn check_masks(loss: LossPreset, cases: &[CaseFiles]) -> Result<()> {
                 c.id
             ),
         )),
-        None => Ok(()),
+        None => check_keypoints(loss, cases),
+    }
+}
+
+/// Refuses an objective that needs keypoint pairs when a training case has none.
+fn check_keypoints(loss: LossPreset, cases: &[CaseFiles]) -> Result<()> {
+    match cases.iter().find(|c| c.keypoints.is_none()) {
+        Some(c) if loss.needs_keypoints() => Err(Error::invalid(
+            "loss",
+            format!(
+                "{} needs keypoint pairs on every training case, but case {} has none",
+                loss.name(),
+                c.id
+            ),
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -354,11 +406,11 @@ pub fn train_local(
     let pre = &model_config.preprocess;
     let train_cases = train_files
         .iter()
-        .map(|c| load_case(c, pre, device))
+        .map(|c| load_case(c, pre, device, config.loss.needs_keypoints()))
         .collect::<Result<Vec<_>>>()?;
     let val_cases = val_files
         .iter()
-        .map(|c| load_case(c, pre, device))
+        .map(|c| load_case(c, pre, device, false))
         .collect::<Result<Vec<_>>>()?;
 
     let net = LocalNet::new(&model_config.network, config.seed, DType::F32, device)?;

@@ -136,6 +136,7 @@ fn pair(fx: &HashMap<String, Tensor>) -> PairBatch {
         moving: fx["moving"].clone(),
         fixed_mask: None,
         moving_mask: None,
+        keypoints: None,
     }
 }
 

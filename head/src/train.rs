@@ -363,12 +363,12 @@ impl Coordinator {
         let records = ctx.catalog()?.cases(&dataset)?;
         let by_id: HashMap<&str, &CaseRecord> =
             records.iter().map(|r| (r.case_id.as_str(), r)).collect();
-        let refs = |ids: &[String]| -> Result<Vec<TrainCase>> {
+        let refs = |ids: &[String], keypoints: bool| -> Result<Vec<TrainCase>> {
             ids.iter()
                 .map(|id| {
                     by_id
                         .get(id.as_str())
-                        .map(|r| train_case(r))
+                        .map(|r| train_case(r, keypoints))
                         .ok_or_else(|| {
                             HeadError::invalid(
                                 "spec.train.dataset",
@@ -378,8 +378,20 @@ impl Coordinator {
                 })
                 .collect()
         };
-        let train_cases = refs(&state.train_cases)?;
-        let val_cases = refs(&state.val_cases)?;
+        let train_cases = refs(&state.train_cases, state.config.loss.needs_keypoints())?;
+        let val_cases = refs(&state.val_cases, false)?;
+        if state.config.loss.needs_keypoints() {
+            if let Some(c) = train_cases.iter().find(|c| c.keypoints.is_none()) {
+                return Err(HeadError::invalid(
+                    "spec.train.loss",
+                    format!(
+                        "{} needs keypoint pairs on every training case, but case {} has none",
+                        state.config.loss.name(),
+                        c.id
+                    ),
+                ));
+            }
+        }
         if state.config.loss.needs_masks() {
             if let Some(c) = train_cases
                 .iter()
@@ -1445,13 +1457,16 @@ fn stage_ref(f: &StoredFile) -> StageRef {
     }
 }
 
-fn train_case(r: &CaseRecord) -> TrainCase {
+/// A case for the replicas; its keypoints only with `keypoints` (training cases of an
+/// objective that uses them).
+fn train_case(r: &CaseRecord, keypoints: bool) -> TrainCase {
     TrainCase {
         id: r.case_id.as_str().to_string(),
         fixed: Some(stage_ref(&r.fixed)),
         moving: Some(stage_ref(&r.moving)),
         fixed_mask: r.fixed_mask.as_ref().map(stage_ref),
         moving_mask: r.moving_mask.as_ref().map(stage_ref),
+        keypoints: r.keypoints.as_ref().filter(|_| keypoints).map(stage_ref),
     }
 }
 

@@ -375,13 +375,14 @@ fn start(
                 let moving = get(&c.moving)?.ok_or_else(|| missing("moving image"))?;
                 let fixed_mask = get(&c.fixed_mask)?;
                 let moving_mask = get(&c.moving_mask)?;
+                let keypoints = get(&c.keypoints)?;
                 Ok(CaseFiles {
                     id: c.id.clone(),
                     fixed,
                     moving,
                     fixed_mask,
                     moving_mask,
-                    keypoints: None,
+                    keypoints,
                 })
             })
             .collect()

@@ -28,9 +28,11 @@ pub struct Args {
     #[arg(long, default_value = "seed", value_parser = ["seed", "full"])]
     pub preset: String,
     /// Objective: `mi-be` (MI + bending energy), `mse-dice-be` (needs masks),
-    /// `lncc-dice-diff` (LNCC + Dice on masks when present + diffusion) or `mind-diff`
-    /// (MIND-SSC SSD + diffusion).
-    #[arg(long, default_value = "mi-be", value_parser = ["mi-be", "mse-dice-be", "lncc-dice-diff", "mind-diff"])]
+    /// `lncc-dice-diff` (LNCC + Dice on masks when present + diffusion), `mind-diff`
+    /// (MIND-SSC SSD + diffusion) or `mse-dice-kp-be` (`mse-dice-be` + the mean TRE in mm of
+    /// each training case's keypoint pairs: needs masks and keypoints on the training cases;
+    /// validation cases' keypoints are never used).
+    #[arg(long, default_value = "mi-be", value_parser = ["mi-be", "mse-dice-be", "lncc-dice-diff", "mind-diff", "mse-dice-kp-be"])]
     pub loss: String,
     /// Epochs in total [default: 25; with --resume: the resumed job's].
     #[arg(long)]

@@ -32,6 +32,7 @@ fn refinement_lowers_the_objective_and_zero_steps_change_nothing() {
         moving: blob(1.5),
         fixed_mask: None,
         moving_mask: None,
+        keypoints: None,
     };
     let ddf = Tensor::zeros((1, 3, 16, 16, 16), DType::F32, &Device::Cpu).unwrap();
     let loss = RegistrationLoss::new(LossPreset::MiBe);

@@ -80,11 +80,11 @@ impl Replica {
         check_masks(config.loss, train)?;
         let train = train
             .iter()
-            .map(|c| load_case(c, pre, device))
+            .map(|c| load_case(c, pre, device, config.loss.needs_keypoints()))
             .collect::<Result<Vec<_>>>()?;
         let val = val
             .iter()
-            .map(|c| load_case(c, pre, device))
+            .map(|c| load_case(c, pre, device, false))
             .collect::<Result<Vec<_>>>()?;
         let net = LocalNet::new(&model_config.network, config.seed, DType::F32, device)?;
         let params = net.parameters();
