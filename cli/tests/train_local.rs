@@ -52,6 +52,10 @@ fn synth(dir: &Path) -> std::path::PathBuf {
 }
 
 fn train(data: &Path, out: &Path, epochs: &str, extra: &[&str]) -> String {
+    train_with(data, out, epochs, "mse-dice-be", extra)
+}
+
+fn train_with(data: &Path, out: &Path, epochs: &str, loss: &str, extra: &[&str]) -> String {
     let mut args = vec![
         "train-local",
         "--data",
@@ -61,7 +65,7 @@ fn train(data: &Path, out: &Path, epochs: &str, extra: &[&str]) -> String {
         "--channels",
         "4",
         "--loss",
-        "mse-dice-be",
+        loss,
         "--batch-size",
         "2",
         "--lr",
@@ -217,4 +221,49 @@ fn a_resumed_run_ends_where_an_uninterrupted_one_does() {
         state(&straight).history.len(),
         state(&resumed).history.len()
     );
+}
+
+/// `mse-dice-kp-be` reads each training case's keypoint pairs and lowers its objective; a
+/// training case without keypoints is refused by name before anything trains.
+#[test]
+fn keypoint_supervision_trains_and_needs_every_training_case_keypoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synth(dir.path());
+    let out = dir.path().join("kp");
+    train_with(&data, &out, "4", "mse-dice-kp-be", &[]);
+    let st = state(&out);
+    assert_eq!(st.history.len(), 4);
+    let (first, last) = (st.history[0].total_loss, st.history[3].total_loss);
+    assert!(last < first, "training loss {first} -> {last}");
+    let config = std::fs::read_to_string(out.join("best.json")).unwrap();
+    assert!(config.contains("mse-dice-kp-be"), "{config}");
+
+    std::fs::remove_file(data.join("keypoints").join("case_002.csv")).unwrap();
+    let refused = Command::new(env!("CARGO_BIN_EXE_medray"))
+        .args([
+            "train-local",
+            "--data",
+            s(&data),
+            "--loss",
+            "mse-dice-kp-be",
+            "--size",
+            "32",
+            "32",
+            "32",
+            "--val-fraction",
+            "0.25",
+            "--epochs",
+            "1",
+            "--out",
+            s(&dir.path().join("refused")),
+        ])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("keypoint") && err.contains("case_002"),
+        "{err}"
+    );
+    assert!(!dir.path().join("refused").join("best.safetensors").exists());
 }
