@@ -57,7 +57,7 @@ fn training_and_refinement_lower_the_held_out_tre_in_order() {
             "30",
         ])
         .args(["--train-size", "32", "32", "32", "--train-channels", "8"])
-        .args(["--train-epochs", "20"])
+        .args(["--train-epochs", "20", "--train-loss", "mse-dice-be"])
         .arg("--quality-data")
         .arg(&data)
         .arg("--quality-out")
