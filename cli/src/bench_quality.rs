@@ -23,8 +23,9 @@ use medray_core::dataset::{CaseFiles, Learn2RegDataset};
 use medray_core::localnet::Preset;
 use medray_core::model::load_model;
 use medray_core::nifti_io::Volume;
-use medray_core::predict::{load_pair, KeypointFiles, LoadedPair, PairFiles, RegisterOptions};
+use medray_core::predict::{load_pair, KeypointFiles, LoadedPair, PairFiles};
 use medray_core::quality::{read_raw_ddf, score_ddf, QualityScore, ScoringInputs};
+use medray_core::refine::RefineOptions;
 use medray_core::registration::LossPreset;
 use medray_core::train::{train_local, EpochSummary, TrainConfig, TrainObserver};
 use serde::Serialize;
@@ -81,6 +82,9 @@ pub struct QualityArgs {
     /// such row).
     #[arg(long, default_value_t = 30, requires = "quality")]
     pub refine: usize,
+    /// Weight of the refinement's diffusion regulariser (as `medray predict --refine-lambda`).
+    #[arg(long, default_value_t = RefineOptions::default().lambda, requires = "quality")]
+    pub refine_lambda: f64,
     /// Register with ANTs SyN and elastix too, with this Python (`pip install antspyx
     /// itk-elastix`), through `--peers-script`.
     #[arg(long, requires = "quality")]
@@ -139,6 +143,12 @@ impl QualityArgs {
         if self.held_out == 0 {
             bail!("--held-out must be at least 1");
         }
+        RefineOptions {
+            steps: self.refine,
+            lambda: self.refine_lambda,
+            ..RefineOptions::default()
+        }
+        .validate()?;
         if self.quality_data.is_none() && self.quality_cases <= self.held_out {
             bail!(
                 "--quality-cases ({}) must exceed --held-out ({}): some cases must train",
@@ -432,12 +442,13 @@ pub fn run(args: &QualityArgs, json: bool, device: &Device) -> anyhow::Result<()
             rows.push(("network + refine", args.refine));
         }
         for (method, steps) in rows {
-            let options = RegisterOptions {
-                refine_steps: steps,
-                original_grid: true,
+            let options = RefineOptions {
+                steps,
+                lambda: args.refine_lambda,
+                ..RefineOptions::default()
             };
             let start = Instant::now();
-            let reg = medray_core::predict::register_pair(&model, &pair, &options)?;
+            let reg = medray_core::predict::register_pair_with(&model, &pair, true, &options)?;
             let seconds = start.elapsed().as_secs_f64();
             let ddf = reg
                 .ddf_original

@@ -99,14 +99,16 @@ pub struct RefineOptions {
 }
 
 impl Default for RefineOptions {
-    /// No steps; when steps are given: MIND, 2 levels, λ 3, a control point every 2
-    /// voxels, lr 0.5 (chosen on 192x192x208 phantoms, see the README).
+    /// No steps; when steps are given: MIND, 2 levels, λ 5, a control point every 2
+    /// voxels, lr 0.5 (chosen on 192x192x208 phantoms and pairs from a real CT: λ 5 is the
+    /// smallest weight that keeps folding under 0.1 % on all three benchmark sets, see
+    /// BENCHMARKS.md).
     fn default() -> Self {
         Self {
             steps: 0,
             sim: RefineSim::Mind,
             levels: 2,
-            lambda: 3.0,
+            lambda: 5.0,
             grid_spacing: 2,
             lr: 0.5,
             lncc_kernel: 5,

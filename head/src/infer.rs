@@ -405,7 +405,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             (lncc.sim, lncc.levels, lncc.lambda),
-            (RefineSim::Lncc, 1, 3.0)
+            (RefineSim::Lncc, 1, 5.0)
         );
         // What the workers get names every field, so they run exactly the head's options.
         let wire = refine_spec(&lncc);
