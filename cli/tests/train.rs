@@ -193,6 +193,47 @@ fn data_parallel_steps_match_one_worker() {
         d > 1e-4,
         "different batches should give different weights ({d})"
     );
+
+    // Keypoint supervision: the training cases' keypoints reach every replica (2 workers
+    // give the steps of 1), and they change the training (against `one`, same batches).
+    let kp = ["--loss", "mse-dice-kp-be"];
+    let one_kp = submit(
+        &c,
+        "nine",
+        &[
+            &common[..],
+            &kp[..],
+            &["--workers", "1", "--batch-size", "2", "--micro-batch", "1"],
+        ]
+        .concat(),
+    );
+    wait_ok(&c, &one_kp);
+    let two_kp = submit(
+        &c,
+        "nine",
+        &[
+            &common[..],
+            &kp[..],
+            &["--workers", "2", "--batch-size", "2"],
+        ]
+        .concat(),
+    );
+    wait_ok(&c, &two_kp);
+    let d = max_rel_diff(
+        &checkpoint(&c, &one_kp, 1),
+        &checkpoint(&c, &two_kp, 1),
+        is_parameter,
+    );
+    assert!(
+        d < 1e-5,
+        "keypoints, 2 workers vs 1: relative difference {d}"
+    );
+    let d = max_rel_diff(
+        &checkpoint(&c, &one, 1),
+        &checkpoint(&c, &one_kp, 1),
+        is_parameter,
+    );
+    assert!(d > 1e-4, "the keypoint term changed nothing ({d})");
 }
 
 #[test]
