@@ -28,6 +28,8 @@
 #     4. the cuDNN test (convolutions and their gradients against the CPU);
 #     5. `medray bench --device cuda:0 --compare-monai python3`: both presets, 96x96x104 and
 #        192x192x208, train and infer, with peak GPU memory of both;
+#     5b. one epoch of each newer objective (keypoints, LNCC, MIND) and predict with the MIND
+#        and LNCC refinement pyramids, on the device;
 #     6. a local cluster of 2 workers on cuda:0: ingest phantoms, `medray train`, `medray infer`;
 #     7. $OUT/summary.json: every step's status and seconds, and the figures.
 #   Files back in $OUT: gpu-check.log, summary.json, nvidia-smi.txt, parity.json, bench.jsonl,
@@ -279,6 +281,21 @@ run_check() {
     step "bench-$size" 200 bash -c "set -o pipefail; '$M' --device '$device' bench --presets seed,full --sizes '$size' --kinds train,infer \
       --repeats $repeats ${monai_args[*]} --json | tee -a '$OUT/bench.jsonl'"
   done
+
+  # 5b. the newer objectives and the refinement on the device: one epoch of each training
+  # objective beyond the quickstart's, and predict with both pyramid similarities.
+  step objectives 150 bash -c "set -eo pipefail; cd '$work'; M='$M'
+    \$M synth --out obj-data --cases 4 --size 32 32 32 --seed 5 >/dev/null
+    for loss in mse-dice-kp-be lncc-dice-diff mind-diff; do
+      \$M --device '$device' train-local --data obj-data --loss \$loss --channels 8 --size 32 32 32 \
+        --epochs 1 --batch-size 2 --val-fraction 0.25 --out obj-\$loss | tail -2
+    done
+    for sim in mind lncc; do
+      \$M --device '$device' predict --weights obj-mse-dice-kp-be/best.safetensors \
+        --fixed obj-data/scans/case_004_exp.nii.gz --moving obj-data/scans/case_004_insp.nii.gz \
+        --keypoints obj-data/keypoints/case_004.csv --out-ddf obj-\$sim.nii.gz --original-grid \
+        --refine 5 --refine-sim \$sim | grep -E 'TRE|refined'
+    done"
 
   # 6. a local cluster of 2 workers on the device: ingest, train, infer.
   step cluster 240 bash -c "set -eo pipefail; cd '$work'; M='$M'; exec > >(tee '$OUT/cluster.log') 2>&1
