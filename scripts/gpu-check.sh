@@ -193,6 +193,8 @@ run_check() {
   OUT=${OUT:-$ROOT/$DIR/out}
   mkdir -p "$OUT"
   OUT=$(cd "$OUT" && pwd)
+  # This run's files only (the device's $OUT starts empty; a local one may hold a past run's).
+  rm -f "$OUT"/{gpu-check.log,summary.json,nvidia-smi.txt,parity.json,bench.jsonl,cluster.log}
   exec > >(tee "$OUT/gpu-check.log") 2>&1
   local device=cuda:0 sizes=${GPU_CHECK_SIZES:-96x96x104,192x192x208} repeats=3
   if [ $cpu = 1 ]; then
