@@ -267,3 +267,24 @@ fn keypoint_supervision_trains_and_needs_every_training_case_keypoints() {
     );
     assert!(!dir.path().join("refused").join("best.safetensors").exists());
 }
+
+/// Without lung masks there is no validation Dice: the plateau scheduler is fed the training
+/// loss, so lower must count as better (it was "max", halving the rate while the loss fell).
+#[test]
+fn without_masks_the_scheduler_treats_a_lower_loss_as_better() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synth(dir.path());
+    std::fs::remove_dir_all(data.join("lungMasks")).unwrap();
+    let out = dir.path().join("nomask");
+    train_with(&data, &out, "1", "mi-be", &[]);
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("state.json")).unwrap()).unwrap();
+    assert_eq!(state["scheduler"]["mode"], "min", "{}", state["scheduler"]);
+    // With masks the validation Dice drives it, higher being better.
+    let data = synth(&dir.path().join("masked"));
+    let out = dir.path().join("masked-run");
+    train_with(&data, &out, "1", "mi-be", &[]);
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("state.json")).unwrap()).unwrap();
+    assert_eq!(state["scheduler"]["mode"], "max", "{}", state["scheduler"]);
+}

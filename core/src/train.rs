@@ -324,6 +324,18 @@ fn check_keypoints(loss: LossPreset, cases: &[CaseFiles]) -> Result<()> {
     }
 }
 
+/// Which way the plateau scheduler's monitored value improves: each epoch feeds it the
+/// validation Dice (higher is better) when some validation case has both lung masks to
+/// compute one, else the training loss (lower is better). Choosing by "there are validation
+/// cases" instead halved the rate while a mask-less run's loss fell (issue 17, item 6).
+pub fn plateau_mode(val_cases_with_masks: usize) -> PlateauMode {
+    if val_cases_with_masks > 0 {
+        PlateauMode::Max
+    } else {
+        PlateauMode::Min
+    }
+}
+
 /// The order of the training cases in `epoch` (1-based): a permutation seeded by
 /// `(seed, epoch)`, so it does not depend on what ran before.
 pub fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
@@ -415,11 +427,12 @@ pub fn train_local(
 
     let net = LocalNet::new(&model_config.network, config.seed, DType::F32, device)?;
     let mut adam = Adam::new(net.parameters(), AdamConfig::with_lr(config.lr))?;
-    let mut scheduler = ReduceLrOnPlateau::new(if val_cases.is_empty() {
-        PlateauMode::Min
-    } else {
-        PlateauMode::Max
-    });
+    let mut scheduler = ReduceLrOnPlateau::new(plateau_mode(
+        val_files
+            .iter()
+            .filter(|c| c.fixed_mask.is_some() && c.moving_mask.is_some())
+            .count(),
+    ));
     let (mut history, mut step, mut best_val, first_epoch) = (Vec::new(), 0u64, None, 1);
     let mut first_epoch = first_epoch;
     if let Some(p) = &previous {
@@ -605,6 +618,12 @@ mod tests {
         let mut sorted = a.clone();
         sorted.sort_unstable();
         assert_eq!(sorted, (0..10).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn the_scheduler_direction_follows_what_it_is_fed() {
+        assert_eq!(plateau_mode(0), PlateauMode::Min, "the training loss");
+        assert_eq!(plateau_mode(2), PlateauMode::Max, "the validation Dice");
     }
 
     #[test]

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use medray_core::catalog::{CaseRecord, DatasetName, StoredFile};
 use medray_core::localnet::Preset;
-use medray_core::optim::{PlateauMode, ReduceLrOnPlateau};
+use medray_core::optim::ReduceLrOnPlateau;
 use medray_core::preprocess::Window;
 use medray_core::registration::LossPreset;
 use medray_core::stage::ObjectKey;
@@ -1493,11 +1493,12 @@ fn fresh_state(ctx: &HeadContext, spec: &TrainSpec) -> Result<DistState> {
         .collect();
     Ok(DistState {
         lr: config.lr,
-        scheduler: ReduceLrOnPlateau::new(if n_train < ids.len() {
-            PlateauMode::Max
-        } else {
-            PlateauMode::Min
-        }),
+        scheduler: ReduceLrOnPlateau::new(medray_core::train::plateau_mode(
+            records[n_train..]
+                .iter()
+                .filter(|r| r.fixed_mask.is_some() && r.moving_mask.is_some())
+                .count(),
+        )),
         config,
         dataset: dataset.as_str().to_string(),
         train_cases: ids[..n_train].to_vec(),
