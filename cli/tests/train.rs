@@ -234,6 +234,32 @@ fn data_parallel_steps_match_one_worker() {
         is_parameter,
     );
     assert!(d > 1e-4, "the keypoint term changed nothing ({d})");
+
+    // fp16 gradient compression (a scaled half-precision chunk) trains to nearly the fp32
+    // weights on the same batches.
+    let two_fp16 = submit(
+        &c,
+        "nine",
+        &[
+            &common[..],
+            &[
+                "--workers",
+                "2",
+                "--batch-size",
+                "2",
+                "--grad-compression",
+                "fp16",
+            ],
+        ]
+        .concat(),
+    );
+    wait_ok(&c, &two_fp16);
+    let d = max_rel_diff(
+        &checkpoint(&c, &two, 1),
+        &checkpoint(&c, &two_fp16, 1),
+        is_parameter,
+    );
+    assert!(d < 1e-2, "fp16 vs fp32: relative difference {d}");
 }
 
 #[test]

@@ -428,7 +428,7 @@ impl Coordinator {
             train_cases,
             val_cases,
             encoding,
-            chunk_floats: payload / encoding.bytes_per_value(),
+            chunk_floats: encoding.values_per_chunk(payload),
             state_chunk_bytes: payload,
             failures: 0,
             num_params: None,

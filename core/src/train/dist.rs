@@ -14,7 +14,9 @@ pub enum GradEncoding {
     /// 4 bytes a value, exact.
     #[default]
     F32,
-    /// IEEE half precision, 2 bytes a value.
+    /// IEEE half precision, 2 bytes a value, after a 4-byte f32 scale per chunk: a chunk
+    /// whose largest value would overflow half precision (65504) is divided by a power of two
+    /// first, so large gradients travel instead of turning into inf.
     F16,
     /// bfloat16, 2 bytes a value.
     Bf16,
@@ -42,16 +44,48 @@ impl GradEncoding {
         }
     }
 
+    /// Bytes of a chunk before its values (the F16 scale).
+    pub fn header_bytes(self) -> usize {
+        match self {
+            Self::F16 => 4,
+            Self::F32 | Self::Bf16 => 0,
+        }
+    }
+
+    /// Values that fit a chunk of `payload` bytes.
+    pub fn values_per_chunk(self, payload: usize) -> usize {
+        (payload.saturating_sub(self.header_bytes()) / self.bytes_per_value()).max(1)
+    }
+
+    /// The power of two that brings the largest finite magnitude of `values` under 2^15
+    /// (half precision's largest finite value is 65504); 1 when it already is.
+    fn f16_scale(values: &[f32]) -> f32 {
+        let max = values
+            .iter()
+            .filter(|v| v.is_finite())
+            .fold(0f32, |m, v| m.max(v.abs()));
+        if max <= 32768.0 {
+            1.0
+        } else {
+            2f32.powi((max / 32768.0).log2().ceil() as i32)
+        }
+    }
+
     /// Encodes values, little-endian.
     pub fn encode(self, values: &[f32]) -> Vec<u8> {
-        let mut out = Vec::with_capacity(values.len() * self.bytes_per_value());
+        let mut out =
+            Vec::with_capacity(self.header_bytes() + values.len() * self.bytes_per_value());
         match self {
             Self::F32 => values
                 .iter()
                 .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-            Self::F16 => values
-                .iter()
-                .for_each(|v| out.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes())),
+            Self::F16 => {
+                let scale = Self::f16_scale(values);
+                out.extend_from_slice(&scale.to_le_bytes());
+                values.iter().for_each(|v| {
+                    out.extend_from_slice(&half::f16::from_f32(*v / scale).to_le_bytes());
+                });
+            }
             Self::Bf16 => values
                 .iter()
                 .for_each(|v| out.extend_from_slice(&half::bf16::from_f32(*v).to_le_bytes())),
@@ -62,16 +96,29 @@ impl GradEncoding {
     /// Decodes `expected` values; a payload of another length is refused.
     pub fn decode(self, bytes: &[u8], expected: usize) -> Result<Vec<f32>> {
         let width = self.bytes_per_value();
-        if bytes.len() != expected * width {
+        let header = self.header_bytes();
+        if bytes.len() != header + expected * width {
             return Err(Error::invalid(
                 "gradient chunk",
                 format!(
-                    "{} bytes, expected {} ({expected} values of {width} bytes)",
+                    "{} bytes, expected {} ({header} + {expected} values of {width} bytes)",
                     bytes.len(),
-                    expected * width
+                    header + expected * width
                 ),
             ));
         }
+        let (scale, bytes) = if header == 4 {
+            let scale = f32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+            if !(scale.is_finite() && scale >= 1.0) {
+                return Err(Error::invalid(
+                    "gradient chunk",
+                    format!("scale {scale} is not a finite value >= 1"),
+                ));
+            }
+            (scale, &bytes[4..])
+        } else {
+            (1.0, bytes)
+        };
         let values: Vec<f32> = match self {
             Self::F32 => bytes
                 .chunks_exact(4)
@@ -79,7 +126,7 @@ impl GradEncoding {
                 .collect(),
             Self::F16 => bytes
                 .chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32() * scale)
                 .collect(),
             Self::Bf16 => bytes
                 .chunks_exact(2)
@@ -196,7 +243,10 @@ mod tests {
         let v = [0.5f32, -1.25, 3.0e-3, 0.0];
         for enc in [GradEncoding::F32, GradEncoding::F16, GradEncoding::Bf16] {
             let bytes = enc.encode(&v);
-            assert_eq!(bytes.len(), v.len() * enc.bytes_per_value());
+            assert_eq!(
+                bytes.len(),
+                enc.header_bytes() + v.len() * enc.bytes_per_value()
+            );
             let back = enc.decode(&bytes, v.len()).expect("decodes");
             for (a, b) in v.iter().zip(&back) {
                 assert!(
@@ -215,5 +265,31 @@ mod tests {
         let nan = GradEncoding::F32.encode(&[f32::NAN]);
         assert!(GradEncoding::F32.decode(&nan, 1).is_err());
         assert!(GradEncoding::parse("int8").is_err());
+    }
+
+    /// Issue 17 item 7: a gradient above half precision's range (65504) used to become inf,
+    /// which the head took for a protocol error and evicted the replica.
+    #[test]
+    fn fp16_scales_large_gradients_instead_of_overflowing() {
+        let v = [1.0e6f32, -3.0e5, 1.0, 70_000.0, 0.0];
+        let bytes = GradEncoding::F16.encode(&v);
+        let back = GradEncoding::F16.decode(&bytes, v.len()).expect("finite");
+        for (a, b) in v.iter().zip(&back) {
+            assert!((a - b).abs() <= 1e-3 * 1.0e6, "{a} vs {b}");
+        }
+        // A chunk within range keeps scale 1, so its small values keep their precision.
+        let small = [0.5f32, -1.25e-3];
+        let back = GradEncoding::F16
+            .decode(&GradEncoding::F16.encode(&small), 2)
+            .expect("decodes");
+        assert!((back[1] - small[1]).abs() <= 1e-6, "{back:?}");
+        // A bad scale on the wire is refused, naming the chunk.
+        let mut bad = GradEncoding::F16.encode(&small);
+        bad[..4].copy_from_slice(&f32::NAN.to_le_bytes());
+        let e = GradEncoding::F16.decode(&bad, 2).unwrap_err().to_string();
+        assert!(e.contains("scale"), "{e}");
+        // Chunk sizing leaves room for the scale.
+        assert_eq!(GradEncoding::F16.values_per_chunk(1004), 500);
+        assert_eq!(GradEncoding::F32.values_per_chunk(1004), 251);
     }
 }
