@@ -13,7 +13,9 @@ pub mod v1 {
 /// Version of the worker <-> head protocol. A worker with another version is refused at
 /// registration with `FailedPrecondition`, naming both versions. Bump it on any change to
 /// `worker.proto` or `control.proto` that an older peer would misread.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// 3: `InferTask.refine` (an older worker would ignore the options), `TrainCase.keypoints`,
+/// the GPU in `RegisterRequest`, and fp16 gradient chunks that start with their scale.
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Metadata key of the cluster token on every gRPC call (`authorization: Bearer <token>`).
 pub const AUTHORIZATION_HEADER: &str = "authorization";
