@@ -21,7 +21,7 @@ use medray_core::results::{
     list_results, results_prefix, CaseReport, CaseStatus, ResultFilter, ResultRow, Split,
 };
 use medray_proto::v1::task_assignment::Kind as TaskKind;
-use medray_proto::v1::{InferSpec, InferTask, JobState, RefineSpec, StageRef, TaskAssignment};
+use medray_proto::v1::{InferSpec, InferTask, JobState, StageRef, TaskAssignment};
 
 use crate::ids::{JobId, TaskId};
 use crate::store::{TaskRow, TaskState};
@@ -40,18 +40,6 @@ pub fn refine_options(spec: &InferSpec) -> medray_core::Result<RefineOptions> {
             RefineOverrides::new(r.sim.clone(), r.levels, r.lambda, r.grid, r.lr, r.mask)
         });
     overrides.options(spec.refine_steps as usize)
-}
-
-/// The wire form of resolved options: every field set, so a worker runs exactly these.
-fn refine_spec(o: &RefineOptions) -> RefineSpec {
-    RefineSpec {
-        sim: Some(o.sim.name().to_string()),
-        levels: Some(o.levels as u32),
-        lambda: Some(o.lambda),
-        grid: Some(o.grid_spacing as u32),
-        lr: Some(o.lr),
-        mask: o.mask,
-    }
 }
 
 /// An inference job resolved against the catalog.
@@ -172,6 +160,12 @@ pub fn plan_tasks(
         }
     })?;
     let output_prefix = results_prefix(&plan.model, &plan.version)?;
+    // The resolved options, every field set, so a worker runs exactly these.
+    let refine_json =
+        serde_json::to_string(&plan.refine).map_err(|source| medray_core::Error::Json {
+            path: "refine options".into(),
+            source,
+        })?;
     let weights = StageRef {
         key: version.artifact_key.as_str().to_string(),
         sha256: version.artifact_sha256.clone(),
@@ -194,7 +188,7 @@ pub fn plan_tasks(
                 refine_steps: plan.refine_steps,
                 output_prefix: output_prefix.clone(),
                 hold_ms,
-                refine: Some(refine_spec(&plan.refine)),
+                refine_json: refine_json.clone(),
             };
             (
                 TaskId(c.case_id.to_string()),
@@ -381,6 +375,7 @@ pub fn summary(
 mod tests {
     use super::*;
     use medray_core::refine::RefineSim;
+    use medray_proto::v1::RefineSpec;
 
     fn spec(steps: u32, refine: Option<RefineSpec>) -> InferSpec {
         InferSpec {
@@ -407,10 +402,10 @@ mod tests {
             (lncc.sim, lncc.levels, lncc.lambda),
             (RefineSim::Lncc, 1, 5.0)
         );
-        // What the workers get names every field, so they run exactly the head's options.
-        let wire = refine_spec(&lncc);
+        // What the workers get (JSON of the resolved options) gives back exactly these.
+        let wire = serde_json::to_string(&lncc).unwrap();
         assert_eq!(
-            refine_options(&spec(5, Some(wire))).unwrap(),
+            serde_json::from_str::<RefineOptions>(&wire).unwrap(),
             lncc,
             "round trip"
         );

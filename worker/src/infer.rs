@@ -20,7 +20,7 @@ use medray_core::nifti_io::{
     tensor_to_ddf_array, write_ddf, write_volume, write_volume_as, StoredType,
 };
 use medray_core::predict::{load_pair, register_pair_with, KeypointFiles, PairFiles};
-use medray_core::refine::{RefineOptions, RefineOverrides};
+use medray_core::refine::RefineOptions;
 use medray_core::results::{CaseReport, DDF_SUFFIX, IMAGE_SUFFIX, LABEL_SUFFIX, PNG_SUFFIX};
 use medray_proto::v1::{InferTask, StageRef, TaskAssignment};
 
@@ -80,18 +80,27 @@ fn optional(r: Option<&StageRef>) -> Option<&StageRef> {
     r.filter(|r| !r.key.is_empty())
 }
 
-/// Checks the fields of an assignment before any work.
-/// The task's instance optimisation: its fields over `medray predict`'s defaults.
+/// The task's instance optimisation: the head's resolved options (JSON), or the defaults
+/// with the task's step count; validated, and their steps must be the task's.
 fn refine_options(spec: &InferTask) -> medray_core::Result<RefineOptions> {
-    let overrides = spec
-        .refine
-        .as_ref()
-        .map_or_else(RefineOverrides::default, |r| {
-            RefineOverrides::new(r.sim.clone(), r.levels, r.lambda, r.grid, r.lr, r.mask)
-        });
-    overrides.options(spec.refine_steps as usize)
+    let steps = spec.refine_steps as usize;
+    let options = if spec.refine_json.is_empty() {
+        RefineOptions::with_steps(steps)
+    } else {
+        serde_json::from_str::<RefineOptions>(&spec.refine_json)
+            .map_err(|e| medray_core::Error::invalid("refine_json", e.to_string()))?
+    };
+    if options.steps != steps {
+        return Err(medray_core::Error::invalid(
+            "refine_json",
+            format!("{} steps, but the task says {steps}", options.steps),
+        ));
+    }
+    options.validate()?;
+    Ok(options)
 }
 
+/// Checks the fields of an assignment before any work.
 fn validate(spec: &InferTask) -> Result<(), TaskError> {
     let bad = |field: &str, reason: String| {
         TaskError::permanent(format!("infer task: `{field}`: {reason}"))
