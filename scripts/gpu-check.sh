@@ -14,6 +14,7 @@
 #   * the MONAI 1.6.1 wheel (pure Python; torch and numpy are on the GPU machine);
 #   all in .gpu-check/ (ignored by git), packed as one xz archive so that the working tree
 #   plus .gpu-check stays under the device tool's 64 MiB carry limit (checked, size printed).
+#   Run it again after any change: `run` warns when the archive was built from another commit.
 #
 # run, on the device, in one call (the device tool, carrying .gpu-check):
 #     command: bash scripts/gpu-check.sh run     carry: [".gpu-check"]     timeout_s: 540
@@ -217,6 +218,12 @@ run_check() {
   fi
   xz -dc "$ARCHIVE" | tar -C "$work" -xf - || { record unpack failed 0 "cannot unpack $ARCHIVE"; write_summary "$device" "$started"; exit 1; }
   cat "$work/MANIFEST"
+  local built head
+  built=$(sed -n 's/^commit \([0-9a-f]*\).*/\1/p' "$work/MANIFEST")
+  head=$(git rev-parse HEAD 2>/dev/null || true)
+  if [ -n "$head" ] && [ "$built" != "$head" ]; then
+    echo "WARNING: $ARCHIVE was built from $built, this tree is $head: run 'prepare' again"
+  fi
   local M=$work/bin/medray
 
   if [ $cpu = 1 ]; then
