@@ -102,9 +102,9 @@ struct MonaiResult {
     peak_gpu_mib: Option<f64>,
 }
 
-/// The `--device` argument of `tools/bench_monai.py` for medray's device: MONAI runs where
-/// medray runs.
-fn monai_device(device: &candle_core::Device) -> String {
+/// The `--device` spelling of `device` (`cpu`, `cuda:N`), for the child runs of medray and
+/// of `tools/bench_monai.py`: every run of a comparison is on the same device.
+fn device_spec(device: &candle_core::Device) -> String {
     match device.location() {
         candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
         _ => "cpu".to_string(),
@@ -123,7 +123,7 @@ fn run_monai(
 ) -> anyhow::Result<HashMap<(String, String, String), MonaiResult>> {
     let out = Command::new(python)
         .arg(&args.monai_script)
-        .args(["--device", &monai_device(device)])
+        .args(["--device", &device_spec(device)])
         .args(["--presets", &presets.join(",")])
         .args(["--sizes", &sizes.join(",")])
         .args(["--kinds", &kinds.join(",")])
@@ -417,10 +417,7 @@ fn bench_in_child(
     repeats: usize,
     device: &candle_core::Device,
 ) -> anyhow::Result<BenchResult> {
-    let device_arg = match device.location() {
-        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
-        _ => "cpu".to_string(),
-    };
+    let device_arg = device_spec(device);
     let exe = std::env::current_exe().context("locating the medray binary")?;
     let out = Command::new(&exe)
         .args(["--device", &device_arg, "bench", "--in-process", "--json"])
