@@ -159,9 +159,20 @@ pub fn load_image(
     config: &PreprocessConfig,
     device: &Device,
 ) -> Result<Tensor> {
+    load_image_with_volume(path, config, device).map(|(_, t)| t)
+}
+
+/// [`load_image`], also returning the volume as read (its original grid and spacing), so
+/// a caller that needs both reads the file once.
+pub fn load_image_with_volume(
+    path: impl AsRef<Path>,
+    config: &PreprocessConfig,
+    device: &Device,
+) -> Result<(Volume, Tensor)> {
     let path = path.as_ref();
     let volume = read_volume(path)?;
-    preprocess_image(&volume, config, device).map_err(|e| name_file(path, e))
+    let tensor = preprocess_image(&volume, config, device).map_err(|e| name_file(path, e))?;
+    Ok((volume, tensor))
 }
 
 /// Reads a mask file and preprocesses it; errors name the file.

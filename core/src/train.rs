@@ -32,7 +32,7 @@ use crate::localnet::{LocalNet, LocalNetConfig, Preset};
 use crate::losses::KeypointTargets;
 use crate::model::ModelConfig;
 use crate::optim::{Adam, AdamConfig, PlateauMode, ReduceLrOnPlateau};
-use crate::preprocess::{load_image, load_mask, PreprocessConfig, Window};
+use crate::preprocess::{load_image, load_image_with_volume, load_mask, PreprocessConfig, Window};
 use crate::registration::{LossPreset, PairBatch, RegistrationLoss};
 use crate::{Error, Result};
 
@@ -237,7 +237,7 @@ pub(crate) fn load_case(
     keypoints: bool,
 ) -> Result<LoadedCase> {
     let mask = |p: &Option<PathBuf>| p.as_ref().map(|p| load_mask(p, pre, device)).transpose();
-    let fixed = load_image(&case.fixed, pre, device)?;
+    let (volume, fixed) = load_image_with_volume(&case.fixed, pre, device)?;
     let keypoints = match (keypoints, &case.keypoints) {
         (false, _) => None,
         (true, None) => {
@@ -248,7 +248,6 @@ pub(crate) fn load_case(
         }
         (true, Some(path)) => {
             let pairs = read_keypoint_pairs(path)?;
-            let volume = crate::nifti_io::read_volume(&case.fixed)?;
             let original = volume.data.dim();
             let network = [fixed.dim(2)?, fixed.dim(3)?, fixed.dim(4)?];
             Some(
