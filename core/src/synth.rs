@@ -44,7 +44,7 @@ mod vessels;
 use std::path::{Path, PathBuf};
 
 use ndarray::{Array3, Array4};
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -291,20 +291,7 @@ impl CaseModel {
         let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
         rng.set_stream(index as u64);
         let anatomy = Anatomy::random(&mut rng);
-        let (lo, hi) = config.motion.mean_displacement_range_mm();
-        let target_mean = rng.gen_range(lo..hi);
-        let slide_ratio = rng.gen_range(0.5..0.8);
-        let params = BreathingParams {
-            descent_mm: 2.0 * target_mean,
-            lung_gain: vec![rng.gen_range(0.9..1.1), rng.gen_range(0.9..1.1)],
-            posterior_gain: rng.gen_range(0.15..0.35),
-            base_bias: rng.gen_range(0.4..0.7),
-            slide_mm: 2.0 * target_mean * slide_ratio,
-            slide_direction: [
-                rng.gen_range(-0.5..0.5),
-                if rng.gen_bool(0.5) { 1.0 } else { -1.0 },
-            ],
-        };
+        let (target_mean, params) = BreathingParams::draw(&mut rng, config.motion, (0.5, 0.8));
         // Calibrate the amplitude on the case's own landmarks (the mean is nearly linear in
         // it), then apply the user's scale.
         let mut breathing = Breathing::new(anatomy.chest.clone(), params);

@@ -83,6 +83,34 @@ pub struct BreathingParams {
     pub slide_direction: [f64; 2],
 }
 
+impl BreathingParams {
+    /// Draws a case's amplitudes for `motion`: the target mean landmark displacement in
+    /// `motion`'s range (returned first; the caller calibrates on it), a descent of twice
+    /// that, and an in-plane slide of `slide_ratio` (a range) times the descent. The phantoms
+    /// and the pairs made from a CT draw theirs here, in this order, from their own stream.
+    pub fn draw(
+        rng: &mut impl rand::Rng,
+        motion: super::Motion,
+        slide_ratio: (f64, f64),
+    ) -> (f64, Self) {
+        let (lo, hi) = motion.mean_displacement_range_mm();
+        let target_mean = rng.gen_range(lo..hi);
+        let slide_ratio = rng.gen_range(slide_ratio.0..slide_ratio.1);
+        let params = Self {
+            descent_mm: 2.0 * target_mean,
+            lung_gain: vec![rng.gen_range(0.9..1.1), rng.gen_range(0.9..1.1)],
+            posterior_gain: rng.gen_range(0.15..0.35),
+            base_bias: rng.gen_range(0.4..0.7),
+            slide_mm: 2.0 * target_mean * slide_ratio,
+            slide_direction: [
+                rng.gen_range(-0.5..0.5),
+                if rng.gen_bool(0.5) { 1.0 } else { -1.0 },
+            ],
+        };
+        (target_mean, params)
+    }
+}
+
 /// How far (mm) the abdomen's motion fades below the diaphragm (e-folding length).
 const ABDOMEN_DECAY_MM: f64 = 150.0;
 /// Over how many mm above the expiration diaphragm the mediastinum's motion fades to 0.

@@ -34,7 +34,7 @@ mod thorax;
 use std::path::{Path, PathBuf};
 
 use ndarray::{Array3, Array4};
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -469,30 +469,11 @@ struct Case {
     keypoints: KeypointPairs,
 }
 
-/// The breathing amplitudes of case `index`, drawn as the phantoms draw theirs except for a
-/// smaller in-plane slide ([`SLIDE_RATIO`]).
-fn draw_params(rng: &mut ChaCha8Rng, motion: Motion) -> (f64, BreathingParams) {
-    let (lo, hi) = motion.mean_displacement_range_mm();
-    let target_mean = rng.gen_range(lo..hi);
-    let slide_ratio = rng.gen_range(SLIDE_RATIO.0..SLIDE_RATIO.1);
-    let params = BreathingParams {
-        descent_mm: 2.0 * target_mean,
-        lung_gain: vec![rng.gen_range(0.9..1.1), rng.gen_range(0.9..1.1)],
-        posterior_gain: rng.gen_range(0.15..0.35),
-        base_bias: rng.gen_range(0.4..0.7),
-        slide_mm: 2.0 * target_mean * slide_ratio,
-        slide_direction: [
-            rng.gen_range(-0.5..0.5),
-            if rng.gen_bool(0.5) { 1.0 } else { -1.0 },
-        ],
-    };
-    (target_mean, params)
-}
-
 fn make_case(config: &FromCtConfig, prepared: &Prepared, index: usize) -> Case {
     let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
     rng.set_stream(index as u64);
-    let (target_mean, params) = draw_params(&mut rng, config.motion);
+    // Drawn as the phantoms draw theirs except for a smaller in-plane slide.
+    let (target_mean, params) = BreathingParams::draw(&mut rng, config.motion, SLIDE_RATIO);
     let reference = (REFERENCE_HEIGHT_PER_MEAN * target_mean * config.amplitude_scale)
         .clamp(REFERENCE_HEIGHT_MM.0, REFERENCE_HEIGHT_MM.1);
     let thorax = prepared.thorax.clone().with_reference_height(reference);
