@@ -380,32 +380,14 @@ impl Coordinator {
         };
         let train_cases = refs(&state.train_cases, state.config.loss.needs_keypoints())?;
         let val_cases = refs(&state.val_cases, false)?;
-        if state.config.loss.needs_keypoints() {
-            if let Some(c) = train_cases.iter().find(|c| c.keypoints.is_none()) {
-                return Err(HeadError::invalid(
-                    "spec.train.loss",
-                    format!(
-                        "{} needs keypoint pairs on every training case, but case {} has none",
-                        state.config.loss.name(),
-                        c.id
-                    ),
-                ));
-            }
-        }
-        if state.config.loss.needs_masks() {
-            if let Some(c) = train_cases
-                .iter()
-                .find(|c| c.fixed_mask.is_none() || c.moving_mask.is_none())
-            {
-                return Err(HeadError::invalid(
-                    "spec.train.loss",
-                    format!(
-                        "{} needs lung masks, but case {} has none",
-                        state.config.loss.name(),
-                        c.id
-                    ),
-                ));
-            }
+        if let Some((what, case)) = lacking_input(state.config.loss, &train_cases) {
+            return Err(HeadError::invalid(
+                "spec.train.loss",
+                format!(
+                    "{} needs {what}, but case {case} has none",
+                    state.config.loss.name()
+                ),
+            ));
         }
         Ok(Self {
             step_timeout: Duration::from_secs(u64::from(if spec.step_timeout_s == 0 {
@@ -1455,6 +1437,19 @@ fn stage_ref(f: &StoredFile) -> StageRef {
         key: f.key.as_str().to_string(),
         sha256: f.sha256.clone(),
     }
+}
+
+/// The first training case lacking an input that `loss` needs, with what it lacks.
+fn lacking_input(loss: LossPreset, cases: &[TrainCase]) -> Option<(&'static str, &str)> {
+    cases.iter().find_map(|c| {
+        if loss.needs_keypoints() && c.keypoints.is_none() {
+            Some(("keypoint pairs on every training case", c.id.as_str()))
+        } else if loss.needs_masks() && (c.fixed_mask.is_none() || c.moving_mask.is_none()) {
+            Some(("lung masks", c.id.as_str()))
+        } else {
+            None
+        }
+    })
 }
 
 /// A case for the replicas; its keypoints only with `keypoints` (training cases of an
