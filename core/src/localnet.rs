@@ -19,7 +19,7 @@ use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 use blocks::{AdditiveUpSample, ConvBlock, Init, ResidualBlock};
-pub use blocks::{BatchNorm3d, NamedVar, TensorKind};
+pub use blocks::{BatchNorm3d, BatchStats, NamedVar, TensorKind};
 pub use weights::{infer_config, read_safetensors};
 
 use crate::{ops, Error, Result};
@@ -389,6 +389,68 @@ impl LocalNet {
             res.norms(&mut out);
         }
         out
+    }
+
+    /// Values in one forward's flattened batch statistics (see
+    /// [`LocalNet::take_deferred_bn`]): a mean and a variance per channel of every BatchNorm.
+    pub fn bn_batch_len(&self) -> usize {
+        self.batch_norms().iter().map(|n| 2 * n.channels()).sum()
+    }
+
+    /// Defers (`true`) or resumes (`false`) every BatchNorm's running-statistic updates (see
+    /// [`BatchNorm3d::defer_updates`]).
+    pub fn defer_bn_updates(&self, on: bool) {
+        self.batch_norms().iter().for_each(|n| n.defer_updates(on));
+    }
+
+    /// The batch statistics the training forwards recorded while updates were deferred, one
+    /// flat vector per forward: for each BatchNorm in [`LocalNet::batch_norms`] order, its
+    /// means then its unbiased variances.
+    pub fn take_deferred_bn(&self) -> Result<Vec<Vec<f32>>> {
+        let norms = self.batch_norms();
+        let logs: Vec<Vec<BatchStats>> = norms.iter().map(|n| n.take_deferred()).collect();
+        let forwards = logs.first().map_or(0, Vec::len);
+        if logs.iter().any(|l| l.len() != forwards) {
+            return Err(Error::invalid(
+                "batch-norm statistics",
+                "the layers recorded different numbers of forwards",
+            ));
+        }
+        let mut out = vec![Vec::with_capacity(self.bn_batch_len()); forwards];
+        for log in &logs {
+            for (flat, stats) in out.iter_mut().zip(log) {
+                for t in [&stats.mean, &stats.var_unbiased] {
+                    flat.extend(t.to_dtype(DType::F32)?.to_vec1::<f32>()?);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Applies one forward's flattened batch statistics (as [`LocalNet::take_deferred_bn`]
+    /// returns them) to the running statistics: the update that forward would have made.
+    pub fn apply_bn_batch(&self, flat: &[f32]) -> Result<()> {
+        if flat.len() != self.bn_batch_len() {
+            return Err(Error::ShapeMismatch {
+                op: "batch-norm statistics",
+                expected: format!("{} values", self.bn_batch_len()),
+                got: flat.len().to_string(),
+            });
+        }
+        let mut offset = 0;
+        for n in self.batch_norms() {
+            let c = n.channels();
+            let dev = self.device();
+            let t = |o: usize| -> Result<Tensor> {
+                Ok(Tensor::from_slice(&flat[o..o + c], c, dev)?.to_dtype(self.dtype)?)
+            };
+            n.update_running(&BatchStats {
+                mean: t(offset)?,
+                var_unbiased: t(offset + c)?,
+            })?;
+            offset += 2 * c;
+        }
+        Ok(())
     }
 
     /// The number of trainable scalars.

@@ -2,6 +2,7 @@
 //! variable paths reproduce MONAI's `state_dict` names.
 
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Mutex;
 
 use candle_core::{DType, Device, Tensor, Var};
 use rand::Rng;
@@ -90,6 +91,20 @@ pub struct BatchNorm3d {
     running_mean: Var,
     running_var: Var,
     num_batches_tracked: AtomicI64,
+    /// `Some` while running-statistic updates are deferred: each training forward appends
+    /// its batch statistics here instead of updating the running ones (see
+    /// [`BatchNorm3d::defer_updates`]).
+    deferred: Mutex<Option<Vec<BatchStats>>>,
+}
+
+/// One training forward's batch statistics of a BatchNorm layer: the per-channel mean and
+/// unbiased variance that the running statistics move towards.
+#[derive(Clone, Debug)]
+pub struct BatchStats {
+    /// Per-channel batch mean.
+    pub mean: Tensor,
+    /// Per-channel unbiased batch variance.
+    pub var_unbiased: Tensor,
 }
 
 impl BatchNorm3d {
@@ -109,7 +124,48 @@ impl BatchNorm3d {
             running_mean: Var::zeros(channels, dtype, device)?,
             running_var: Var::ones(channels, dtype, device)?,
             num_batches_tracked: AtomicI64::new(0),
+            deferred: Mutex::new(None),
         })
+    }
+
+    fn deferred(&self) -> std::sync::MutexGuard<'_, Option<Vec<BatchStats>>> {
+        self.deferred.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Defers (`true`) or resumes (`false`) the running-statistic updates of training
+    /// forwards. While deferred, each training forward records its [`BatchStats`] (taken with
+    /// [`BatchNorm3d::take_deferred`]) and leaves the running statistics and
+    /// `num_batches_tracked` alone, so that a data-parallel step can apply them later, in the
+    /// global batch's order, or drop them when the step is aborted. Turning it off drops
+    /// what was not taken.
+    pub fn defer_updates(&self, on: bool) {
+        *self.deferred() = on.then(Vec::new);
+    }
+
+    /// The batch statistics recorded since updates were deferred (or last taken), in forward
+    /// order.
+    pub fn take_deferred(&self) -> Vec<BatchStats> {
+        self.deferred()
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    /// Moves the running statistics towards one batch's statistics (momentum 0.1) and counts
+    /// the batch: exactly what a training forward does when updates are not deferred.
+    pub fn update_running(&self, stats: &BatchStats) -> candle_core::Result<()> {
+        let m = Self::MOMENTUM;
+        let rm = ((self.running_mean.as_tensor() * (1.0 - m))? + (&stats.mean * m)?)?;
+        let rv = ((self.running_var.as_tensor() * (1.0 - m))? + (&stats.var_unbiased * m)?)?;
+        self.running_mean.set(&rm.detach())?;
+        self.running_var.set(&rv.detach())?;
+        self.num_batches_tracked.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Channels (the length of each batch statistic).
+    pub fn channels(&self) -> usize {
+        self.running_mean.elem_count()
     }
 
     /// Normalises `x`; in training mode with the batch statistics (and updates the running
@@ -148,12 +204,15 @@ impl BatchNorm3d {
                 None if relu => ops::batch_norm_relu3d_train(x, &weight, &bias, Self::EPS)?,
                 None => ops::batch_norm3d_train(x, &weight, &bias, Self::EPS)?,
             };
-            let m = Self::MOMENTUM;
-            let rm = ((self.running_mean.as_tensor() * (1.0 - m))? + (stats.mean * m)?)?;
-            let rv = ((self.running_var.as_tensor() * (1.0 - m))? + (stats.var_unbiased * m)?)?;
-            self.running_mean.set(&rm.detach())?;
-            self.running_var.set(&rv.detach())?;
-            self.num_batches_tracked.fetch_add(1, Ordering::Relaxed);
+            let batch = BatchStats {
+                mean: stats.mean.detach(),
+                var_unbiased: stats.var_unbiased.detach(),
+            };
+            if let Some(log) = self.deferred().as_mut() {
+                log.push(batch);
+            } else {
+                self.update_running(&batch)?;
+            }
             return Ok(stats.output);
         }
         let eval = if relu && residual.is_none() {

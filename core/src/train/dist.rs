@@ -2,6 +2,8 @@
 //! training job must agree on: how a global batch is split, how gradients are encoded on the
 //! wire and averaged, and what a checkpoint records.
 
+pub mod round;
+
 use serde::{Deserialize, Serialize};
 
 use crate::optim::ReduceLrOnPlateau;

@@ -12,6 +12,13 @@
 //! accumulated (weighted by cases), so that memory does not grow with the shard. BatchNorm
 //! normalises with the statistics of each micro-batch, so one replica with micro-batches of
 //! one case computes exactly what N replicas with one case each compute.
+//!
+//! Exactly-once steps: computing a gradient changes nothing in the replica, BatchNorm
+//! running statistics included (each micro-batch's batch statistics are recorded and
+//! returned instead); [`Replica::commit`] applies step `n` only when the replica holds step
+//! `n - 1`, with the averaged gradient and every replica's micro-batch statistics in the
+//! global batch's order, so all replicas keep identical running statistics whatever the
+//! partition, an aborted step leaves no trace, and a repeated commit is recognised.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -26,6 +33,7 @@ use crate::localnet::{LocalNet, TensorKind};
 use crate::model::ModelConfig;
 use crate::optim::{Adam, AdamConfig};
 use crate::registration::RegistrationLoss;
+use crate::train::dist::round::commit_check;
 use crate::train::{batch_of, check_masks, load_case, LoadedCase, TrainConfig};
 use crate::{Error, Result};
 
@@ -41,6 +49,35 @@ pub struct ShardGradient {
     pub sums: (f64, f64, f64),
     /// Forward and backward time, milliseconds.
     pub compute_ms: f64,
+    /// Each micro-batch's BatchNorm batch statistics, in the shard's order (see
+    /// [`LocalNet::take_deferred_bn`](crate::localnet::LocalNet::take_deferred_bn)); the
+    /// running statistics were left as they were.
+    pub bn_batches: Vec<Vec<f32>>,
+}
+
+/// What [`Replica::commit`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Committed {
+    /// The step was applied; the replica now holds it.
+    Applied,
+    /// The replica already held this step: nothing was applied a second time.
+    AlreadyHeld,
+}
+
+/// Restores BatchNorm updates on every exit from a gradient computation.
+struct DeferBn<'a>(&'a LocalNet);
+
+impl<'a> DeferBn<'a> {
+    fn new(net: &'a LocalNet) -> Self {
+        net.defer_bn_updates(true);
+        Self(net)
+    }
+}
+
+impl Drop for DeferBn<'_> {
+    fn drop(&mut self) {
+        self.0.defer_bn_updates(false);
+    }
 }
 
 /// A training replica.
@@ -136,7 +173,8 @@ impl Replica {
     }
 
     /// Forward and backward over `cases` (indices into the training list), `micro_batch`
-    /// cases at a time; returns the mean gradient over the cases.
+    /// cases at a time; returns the mean gradient over the cases and each micro-batch's
+    /// BatchNorm statistics. The replica's state is unchanged.
     pub fn compute_gradient(&self, cases: &[usize], micro_batch: usize) -> Result<ShardGradient> {
         let started = Instant::now();
         if let Some(&bad) = cases.iter().find(|&&i| i >= self.train.len()) {
@@ -159,6 +197,7 @@ impl Replica {
         let mut flat = vec![0f32; self.num_params()];
         let mut sums = (0.0, 0.0, 0.0);
         let params = self.net.parameters();
+        let defer = DeferBn::new(&self.net);
         for chunk in cases.chunks(micro_batch) {
             let loaded: Vec<&LoadedCase> = chunk.iter().map(|&i| &self.train[i]).collect();
             let batch = batch_of(&loaded)?;
@@ -202,12 +241,51 @@ impl Replica {
                 sums.2 + values.2 * k,
             );
         }
+        let bn_batches = self.net.take_deferred_bn()?;
+        drop(defer);
         Ok(ShardGradient {
             flat,
             samples: cases.len(),
             sums,
             compute_ms: started.elapsed().as_secs_f64() * 1e3,
+            bn_batches,
         })
+    }
+
+    /// Values in one micro-batch's BatchNorm statistics.
+    pub fn bn_batch_len(&self) -> usize {
+        self.net.bn_batch_len()
+    }
+
+    /// Applies optimizer step `step` exactly once: the all-reduced mean gradient `flat` with
+    /// Adam at `lr`, then the BatchNorm running-statistic updates of the global batch's
+    /// micro-batches (`bn_batches`, in the global order). A replica that already holds `step`
+    /// applies nothing ([`Committed::AlreadyHeld`]); one that is not at `step - 1` refuses.
+    pub fn commit(
+        &mut self,
+        step: u64,
+        flat: &[f32],
+        lr: f64,
+        bn_batches: &[Vec<f32>],
+    ) -> Result<Committed> {
+        let apply = commit_check(self.step_count(), step)
+            .map_err(|reason| Error::invalid("commit", reason))?;
+        if !apply {
+            return Ok(Committed::AlreadyHeld);
+        }
+        let len = self.bn_batch_len();
+        if let Some(bad) = bn_batches.iter().position(|b| b.len() != len) {
+            return Err(Error::ShapeMismatch {
+                op: "batch-norm statistics",
+                expected: format!("{len} values per micro-batch"),
+                got: format!("{} in micro-batch {bad}", bn_batches[bad].len()),
+            });
+        }
+        self.apply_gradient(flat, lr)?;
+        for b in bn_batches {
+            self.net.apply_bn_batch(b)?;
+        }
+        Ok(Committed::Applied)
     }
 
     /// One Adam step at `lr` with a flattened gradient (the all-reduced mean).
@@ -273,6 +351,34 @@ impl Replica {
             for x in v {
                 hasher.update(x.to_le_bytes());
             }
+        }
+        Ok(hex::encode(hasher.finalize()))
+    }
+
+    /// sha256 of everything that must be equal on every replica of a job: the step held,
+    /// every variable of the network (parameters and BatchNorm running statistics, in
+    /// state_dict order), the BatchNorm batch counters and Adam's moments (by name), hex.
+    pub fn state_sha256(&self) -> Result<String> {
+        let mut hasher = Sha256::new();
+        hasher.update(self.step_count().to_le_bytes());
+        let mut feed = |name: &str, t: &Tensor| -> Result<()> {
+            hasher.update(name.as_bytes());
+            for x in t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()? {
+                hasher.update(x.to_le_bytes());
+            }
+            Ok(())
+        };
+        for v in self.net.named_vars() {
+            feed(&v.name, v.var.as_tensor())?;
+        }
+        let (moments, _) = self.adam.state_tensors();
+        let mut names: Vec<&String> = moments.keys().collect();
+        names.sort();
+        for name in names {
+            feed(name, &moments[name])?;
+        }
+        for n in self.net.batch_norms() {
+            hasher.update(n.num_batches_tracked().to_le_bytes());
         }
         Ok(hex::encode(hasher.finalize()))
     }
@@ -437,6 +543,89 @@ mod tests {
             params(&one),
             params(&Replica::new(&config, &cases, &[], &dev).unwrap())
         );
+    }
+
+    /// Issue 17 item 3: BatchNorm statistics used to be updated by every forward (aborted
+    /// steps included) and averaged over replicas at the epoch's end (so they depended on the
+    /// partition). Now computing changes nothing, and the commit applies every micro-batch's
+    /// statistics in the global order, identically on every replica.
+    #[test]
+    fn batch_norm_statistics_follow_the_global_batch_whatever_the_partition() {
+        let (_dir, config, cases) = replica_pair();
+        let dev = Device::Cpu;
+        let mut one = Replica::new(&config, &cases, &[], &dev).expect("replica");
+        let mut a = Replica::new(&config, &cases, &[], &dev).expect("replica");
+        let mut b = Replica::new(&config, &cases, &[], &dev).expect("replica");
+        let before = a.state_sha256().unwrap();
+        let stats_before = a.bn_stats().unwrap();
+        // An aborted step: computed, never committed. Nothing changed.
+        let aborted = a.compute_gradient(&[2, 1], 1).expect("grad");
+        assert_eq!(aborted.bn_batches.len(), 2);
+        assert!(aborted
+            .bn_batches
+            .iter()
+            .all(|s| s.len() == a.bn_batch_len()));
+        assert_eq!(a.state_sha256().unwrap(), before);
+        assert_eq!(a.bn_stats().unwrap(), stats_before);
+        for (step, batch) in [[0usize, 1], [2, 0]].into_iter().enumerate() {
+            let step = step as u64 + 1;
+            let g = one.compute_gradient(&batch, 1).expect("grad");
+            assert_eq!(
+                one.commit(step, &g.flat, 1e-3, &g.bn_batches).unwrap(),
+                Committed::Applied
+            );
+            let ga = a.compute_gradient(&batch[..1], 0).expect("grad");
+            let gb = b.compute_gradient(&batch[1..], 0).expect("grad");
+            let mean: Vec<f32> = ga
+                .flat
+                .iter()
+                .zip(&gb.flat)
+                .map(|(x, y)| (x + y) / 2.0)
+                .collect();
+            let global: Vec<Vec<f32>> = ga
+                .bn_batches
+                .iter()
+                .chain(&gb.bn_batches)
+                .cloned()
+                .collect();
+            for r in [&mut a, &mut b] {
+                assert_eq!(
+                    r.commit(step, &mean, 1e-3, &global).unwrap(),
+                    Committed::Applied
+                );
+            }
+        }
+        // Identical replicas, BN buffers, counters and Adam moments included.
+        assert_eq!(a.state_sha256().unwrap(), b.state_sha256().unwrap());
+        assert_ne!(a.state_sha256().unwrap(), before);
+        // The same running statistics as one replica that saw the whole batch.
+        let d = max_rel_diff(&one.bn_stats().unwrap(), &a.bn_stats().unwrap());
+        assert!(d < 1e-5, "relative difference {d}");
+        assert_ne!(a.bn_stats().unwrap(), stats_before);
+        let tracked = |r: &Replica| -> Vec<i64> {
+            r.net()
+                .batch_norms()
+                .iter()
+                .map(|n| n.num_batches_tracked())
+                .collect()
+        };
+        assert_eq!(tracked(&one), tracked(&a));
+        assert!(tracked(&a).iter().all(|&n| n == 4), "{:?}", tracked(&a));
+        // A commit that arrives twice is applied once; a gap is refused.
+        let sha = a.state_sha256().unwrap();
+        assert_eq!(
+            a.commit(2, &vec![1.0; a.num_params()], 1e-3, &[]).unwrap(),
+            Committed::AlreadyHeld
+        );
+        assert_eq!(a.state_sha256().unwrap(), sha);
+        let e = a
+            .commit(4, &vec![1.0; a.num_params()], 1e-3, &[])
+            .unwrap_err();
+        assert!(e.to_string().contains("step 4 cannot follow step 2"), "{e}");
+        assert!(a
+            .commit(3, &vec![0.0; a.num_params()], 1e-3, &[vec![0.0]])
+            .is_err());
+        assert_eq!(a.state_sha256().unwrap(), sha);
     }
 
     #[test]
