@@ -369,14 +369,25 @@ fn a_cancelled_job_resumes_to_the_same_parameters() {
         &exported.display().to_string(),
     ])
     .expect("export");
-    let best = c.dir().join("best.safetensors");
+    // The best weights are the ones the committed state.json names.
+    let state = c.dir().join("state.json");
     c.cli_ok(&[
         "stage",
         "get",
-        &format!("jobs/{resumed}/best/weights.safetensors"),
-        &best.display().to_string(),
+        &format!("jobs/{resumed}/state.json"),
+        &state.display().to_string(),
     ])
-    .expect("best weights");
+    .expect("state.json");
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&state).expect("read")).expect("json");
+    let best_key = state["best_weights"].as_str().expect("best_weights named");
+    assert!(
+        best_key.starts_with(&format!("jobs/{resumed}/")),
+        "{best_key}"
+    );
+    let best = c.dir().join("best.safetensors");
+    c.cli_ok(&["stage", "get", best_key, &best.display().to_string()])
+        .expect("best weights");
     let input = Tensor::arange(0f32, 8192.0, &Device::Cpu)
         .and_then(|t| t.reshape((1, 2, 16, 16, 16)))
         .and_then(|t| (t / 8192.0)?.sin())

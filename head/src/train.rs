@@ -34,13 +34,16 @@ use medray_core::optim::ReduceLrOnPlateau;
 use medray_core::preprocess::Window;
 use medray_core::registration::LossPreset;
 use medray_core::stage::ObjectKey;
+use medray_core::train::dist::round::{
+    Outcome, RoundAction, RoundEvent, RoundSpec, ShardReport, StepId, StepRound,
+};
 use medray_core::train::dist::{chunk_lengths, epoch_batches, shard, DistState, GradEncoding};
 use medray_core::train::{history_csv, EpochSummary, TrainConfig};
 use medray_proto::v1::train_down::Msg as Down;
 use medray_proto::v1::train_up::Msg as Up;
 use medray_proto::v1::{
-    GradChunk, StageRef, StateChunk, StateKind, TrainCase, TrainDown, TrainInit, TrainSpec,
-    TrainStep, ValCase, ValidateCmd,
+    GradChunk, StageRef, StateChunk, StateKind, StepAbort, StepCommit, TrainCase, TrainDown,
+    TrainInit, TrainSpec, TrainStep, ValCase, ValidateCmd,
 };
 use tokio::sync::mpsc;
 use tonic::Status;
@@ -49,8 +52,12 @@ use crate::context::HeadContext;
 use crate::ids::{JobId, TaskId, WorkerId};
 use crate::{HeadError, Result};
 
-/// Stage key (under `jobs/<job>/`) of the best weights so far.
+/// Stage key (under `jobs/<job>/`) of the best weights of states written before
+/// `DistState::best_weights` named them.
 const BEST_WEIGHTS: &str = "best/weights.safetensors";
+
+/// Stage key (under `jobs/<job>/`) of the best weights of the job this one resumed.
+const RESUMED_BEST_WEIGHTS: &str = "best/resumed.safetensors";
 
 /// Room left in a message for everything but a chunk's payload, bytes.
 const MESSAGE_OVERHEAD: usize = 64 * 1024;
@@ -279,8 +286,14 @@ struct Coordinator {
     failures: u32,
     max_failures: u32,
     num_params: Option<usize>,
-    /// Parameters' checksum all replicas must have now (None: not known yet).
-    params_sha: Option<String>,
+    /// The whole-state checksum all replicas must have now (None: not known yet).
+    state_sha: Option<String>,
+    /// Values in one micro-batch's BatchNorm statistics (None: no replica admitted yet).
+    bn_batch_len: Option<usize>,
+    /// The last optimizer step committed (`state.step` is the last checkpointed one).
+    live_step: u64,
+    /// Members lost since the current round started (the round hears of them).
+    lost_now: Vec<u64>,
     state: DistState,
     /// Weights and optimizer state at the last checkpoint (None: the seed's initialisation).
     checkpoint: Option<(Vec<u8>, Vec<u8>)>,
@@ -331,21 +344,27 @@ impl Coordinator {
         let own = load_state(&ctx, &job_id).await?;
         let resumed_from = if own.is_none() && !spec.resume_from.is_empty() {
             let from = JobId(spec.resume_from.clone());
-            let state = load_state(&ctx, &from).await?.ok_or_else(|| {
-                HeadError::invalid(
-                    "spec.train.resume_from",
-                    format!("job {from} has no checkpoint to resume from"),
-                )
-            })?;
-            // The best weights so far come along: this job registers the best of both.
-            let best = job_key(&from, BEST_WEIGHTS)?;
+            let (mut state, weights, optimizer) =
+                load_state(&ctx, &from).await?.ok_or_else(|| {
+                    HeadError::invalid(
+                        "spec.train.resume_from",
+                        format!("job {from} has no checkpoint to resume from"),
+                    )
+                })?;
+            // The best weights so far come along (this job registers the best of both),
+            // copied into this job so that it does not depend on the other one's files.
+            let best = match &state.best_weights {
+                Some(key) => ObjectKey::new(key.clone())?,
+                None => job_key(&from, BEST_WEIGHTS)?,
+            };
+            state.best_weights = None;
             if ctx.stage.exists(&best).await? {
                 let bytes = ctx.stage.get(&best).await?;
-                ctx.stage
-                    .put(&job_key(&job_id, BEST_WEIGHTS)?, &bytes)
-                    .await?;
+                let copy = job_key(&job_id, RESUMED_BEST_WEIGHTS)?;
+                ctx.stage.put(&copy, &bytes).await?;
+                state.best_weights = Some(copy.as_str().to_string());
             }
-            Some(state)
+            Some((state, weights, optimizer))
         } else {
             None
         };
@@ -414,7 +433,10 @@ impl Coordinator {
             state_chunk_bytes: payload,
             failures: 0,
             num_params: None,
-            params_sha: None,
+            state_sha: state.state_sha256.clone(),
+            bn_batch_len: None,
+            live_step: state.step,
+            lost_now: Vec::new(),
             state,
             checkpoint,
             spec,
@@ -477,7 +499,11 @@ impl Coordinator {
                         "every replica was lost in epoch {epoch}: it will run again from the checkpoint after epoch {} (step {})",
                         self.state.epochs_done, self.state.step
                     ));
-                    self.params_sha = None;
+                    // Everything comes back from the checkpoint: the step counter here, and
+                    // the weights, Adam's moments and BatchNorm statistics on the replicas
+                    // that join (checked against the checkpoint's checksum).
+                    self.live_step = self.state.step;
+                    self.state_sha = self.state.state_sha256.clone();
                 }
                 Err(e) => return Err(e),
             }
@@ -596,13 +622,14 @@ impl Coordinator {
         if self.finishing {
             return Ok(false);
         }
+        self.lost_now.push(id);
         self.failures += 1;
         self.log(format!(
             "replica {} on worker {} evicted at epoch {}, step {}: {reason} ({} replica(s) left; failure {} of at most {})",
             m.task_id,
             m.worker_id,
             self.state.epochs_done + 1,
-            self.state.step + 1,
+            self.live_step + 1,
             self.members.len(),
             self.failures,
             self.max_failures
@@ -729,14 +756,32 @@ impl Coordinator {
                         );
                         continue;
                     }
-                    let expected = self.params_sha.get_or_insert(ready.params_sha256.clone());
-                    if *expected != ready.params_sha256 {
+                    if ready.step != self.state.step {
+                        self.lose_joiner(
+                            id,
+                            &format!("it holds step {}, expected {}", ready.step, self.state.step),
+                        );
+                        continue;
+                    }
+                    let bn = ready.bn_batch_len as usize;
+                    if *self.bn_batch_len.get_or_insert(bn) != bn {
+                        self.lose_joiner(
+                            id,
+                            &format!(
+                                "its batch-norm statistics have {bn} values, expected {}",
+                                self.bn_batch_len.unwrap_or(0)
+                            ),
+                        );
+                        continue;
+                    }
+                    let expected = self.state_sha.get_or_insert(ready.state_sha256.clone());
+                    if *expected != ready.state_sha256 {
                         let expected = expected.clone();
                         self.lose_joiner(
                             id,
                             &format!(
-                                "its parameters' checksum {} differs from the job's {expected}",
-                                ready.params_sha256
+                                "its state's checksum {} differs from the job's {expected}",
+                                ready.state_sha256
                             ),
                         );
                         continue;
@@ -817,6 +862,7 @@ impl Coordinator {
         );
         let steps = batches.len();
         let mut step = self.state.step;
+        self.live_step = step;
         let mut sums = (0.0, 0.0, 0.0);
         let mut times = StepTimes::default();
         for (k, batch) in batches.iter().enumerate() {
@@ -869,7 +915,7 @@ impl Coordinator {
             if self.members.is_empty() {
                 return Err(Interrupt::Lost);
             }
-            match self.epoch_end(epoch).await {
+            match self.epoch_end(epoch, step).await {
                 Ok(v) => break v,
                 Err(Interrupt::Lost) => self.log("the epoch's end runs again on the replicas left"),
                 Err(e) => return Err(e),
@@ -918,8 +964,10 @@ impl Coordinator {
         Ok(())
     }
 
-    /// One optimizer step of the global `batch`; returns the loss sums over its cases. When
-    /// a replica is lost, the others are told to drop the step's gradient.
+    /// One optimizer step of the global `batch`, decided by a [`StepRound`]; returns the
+    /// loss sums over its cases. When the round aborts (a replica lost before the commit),
+    /// the replicas left are told to drop it and it runs again; once it commits, the step
+    /// stands whatever happens to the commit's sends.
     async fn step(
         &mut self,
         epoch: usize,
@@ -928,160 +976,220 @@ impl Coordinator {
         lr: f64,
     ) -> Phase<((f64, f64, f64), StepTimes)> {
         self.round += 1;
-        let round = self.round;
-        let result = self.try_step(epoch, step, round, batch, lr).await;
-        if let Err(Interrupt::Lost) = result {
-            // A replica lost while aborting is handled by the step's next attempt.
-            match self.broadcast(Down::Abort(round)).await {
-                Ok(()) | Err(Interrupt::Lost) => {}
-                Err(fatal) => return Err(fatal),
-            }
-        }
-        result
-    }
-
-    async fn try_step(
-        &mut self,
-        epoch: usize,
-        step: u64,
-        round: u64,
-        batch: &[usize],
-        lr: f64,
-    ) -> Phase<((f64, f64, f64), StepTimes)> {
-        let started = Instant::now();
+        let id = StepId {
+            epoch: epoch as u32,
+            step,
+            round: self.round,
+        };
         let ids: Vec<u64> = self.members.iter().map(|m| m.id).collect();
         let shards = shard(batch, ids.len());
-        // Cases behind each contribution: the weights of the mean.
-        let mut weight: HashMap<u64, f32> = HashMap::new();
-        for (&id, cases) in ids.iter().zip(&shards) {
-            if !cases.is_empty() {
-                weight.insert(id, cases.len() as f32);
+        let mut round = StepRound::new(RoundSpec {
+            id,
+            shards: ids
+                .iter()
+                .copied()
+                .zip(shards.iter().map(Vec::len))
+                .collect(),
+            chunk_lengths: chunk_lengths(self.num_params.unwrap_or(0), self.chunk_floats),
+            micro_batch: self.spec.micro_batch as usize,
+            bn_batch_len: self.bn_batch_len.unwrap_or(0),
+        });
+        self.lost_now.clear();
+        let started = Instant::now();
+        let result = self.try_step(&mut round, &ids, &shards, lr).await;
+        // Losses seen while the round ran go to the round: before its decision they abort it,
+        // after it they change nothing.
+        let lost: Vec<u64> = self.lost_now.drain(..).collect();
+        for member in lost {
+            let actions = round.handle(RoundEvent::Lost { member });
+            self.act_on_round(&round, actions).await?;
+        }
+        let allreduce_ms = match result {
+            Err(Interrupt::Fatal(e)) => return Err(Interrupt::Fatal(e)),
+            Ok(ms) => ms,
+            Err(Interrupt::Lost) => 0.0,
+        };
+        match round.outcome() {
+            Some(Outcome::Committed) => {
+                let sums = round.reports().fold((0.0, 0.0, 0.0), |s, d| {
+                    (s.0 + d.sums.0, s.1 + d.sums.1, s.2 + d.sums.2)
+                });
+                let compute_ms = round.reports().map(|d| d.compute_ms).fold(0.0, f64::max);
+                Ok((
+                    sums,
+                    StepTimes {
+                        compute_ms,
+                        allreduce_ms,
+                        step_ms: started.elapsed().as_secs_f64() * 1e3,
+                    },
+                ))
             }
+            Some(Outcome::Aborted) | None => {
+                // Stopped without a decision (a time-out dropped members): abort it.
+                round.abort();
+                let abort = Down::Abort(StepAbort {
+                    epoch: id.epoch,
+                    step: id.step,
+                    round: id.round,
+                });
+                // A replica lost while aborting is handled by the step's next attempt.
+                self.send_each(abort).await?;
+                Err(Interrupt::Lost)
+            }
+        }
+    }
+
+    /// Carries out a round's actions: averaged chunks and the commit go to every member.
+    async fn act_on_round(&mut self, round: &StepRound, actions: Vec<RoundAction>) -> Phase<()> {
+        for action in actions {
+            match action {
+                RoundAction::Reduced { index, values } => {
+                    let data = self.encoding.encode(&values);
+                    let contributors = round.contributors();
+                    self.ctx
+                        .metrics
+                        .allreduce_bytes
+                        .inc_by((data.len() * (self.members.len() + contributors)) as u64);
+                    self.broadcast(Down::Reduced(GradChunk {
+                        round: round.id().round,
+                        index: index as u32,
+                        data,
+                    }))
+                    .await?;
+                }
+                RoundAction::Commit { bn_batches } => {
+                    let id = round.id();
+                    let commit = Down::Commit(StepCommit {
+                        epoch: id.epoch,
+                        step: id.step,
+                        round: id.round,
+                        bn_batch_count: bn_batches.len() as u32,
+                        bn_batches: GradEncoding::F32.encode(&bn_batches.concat()),
+                    });
+                    // Every member gets the commit, each send on its own: a replica lost now
+                    // is dropped, the others still apply the step, and it is not run again.
+                    fail::fail_point!("train-commit-sending");
+                    self.send_each(commit).await?;
+                    self.live_step = id.step;
+                    self.ctx.metrics.train_steps.inc();
+                }
+                RoundAction::Abort => {}
+                RoundAction::Evict { member, reason } => {
+                    self.lose(member, &format!("protocol error: it {reason}"))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs a round until it is decided or interrupted; returns the all-reduce time, ms.
+    async fn try_step(
+        &mut self,
+        round: &mut StepRound,
+        ids: &[u64],
+        shards: &[Vec<usize>],
+        lr: f64,
+    ) -> Phase<f64> {
+        let id = round.id();
+        for (&member, cases) in ids.iter().zip(shards) {
             self.send(
-                id,
+                member,
                 Down::Step(TrainStep {
-                    step,
-                    round,
-                    epoch: epoch as u32,
+                    step: id.step,
+                    round: id.round,
+                    epoch: id.epoch,
                     cases: cases.iter().map(|&i| i as u32).collect(),
                     lr,
                 }),
             )
             .await?;
         }
-        let total: f32 = weight.values().sum();
-        let lengths = chunk_lengths(self.num_params.unwrap_or(0), self.chunk_floats);
-        let mut acc: Vec<Option<Vec<f32>>> = vec![None; lengths.len()];
-        let mut got: Vec<HashSet<u64>> = vec![HashSet::new(); lengths.len()];
-        let mut reduced = 0usize;
-        let mut done: HashMap<u64, (f64, f64, f64, f64)> = HashMap::new();
         // The all-reduce proper starts when the last contributor starts sending (before
         // that, the head waits for compute).
         let mut first_chunk: HashMap<u64, Instant> = HashMap::new();
         let mut allreduce_ms = 0.0;
         let deadline = Instant::now() + self.step_timeout;
-        // Replicas that have every averaged chunk: the all-reduce is over when all have.
-        let mut arrived: HashSet<u64> = HashSet::new();
-        while reduced < lengths.len() || done.len() < ids.len() || arrived.len() < ids.len() {
-            match self.recv(deadline).await? {
-                Event::Msg(id, Up::Grad(chunk)) if chunk.round == round => {
+        let lengths = chunk_lengths(self.num_params.unwrap_or(0), self.chunk_floats);
+        let bn_len = self.bn_batch_len.unwrap_or(0);
+        while round.outcome().is_none() {
+            let event = match self.recv(deadline).await? {
+                Event::Msg(member, Up::Grad(chunk)) if chunk.round == id.round => {
                     let k = chunk.index as usize;
-                    let Some(&w) = weight.get(&id) else {
-                        return self.protocol_error(id, "sent a gradient for an empty shard");
-                    };
-                    if k >= lengths.len() || !got[k].insert(id) {
+                    let Some(&n) = lengths.get(k) else {
                         return self
-                            .protocol_error(id, &format!("sent chunk {k} twice or out of range"));
-                    }
-                    let values = match self.encoding.decode(&chunk.data, lengths[k]) {
-                        Ok(v) => v,
-                        Err(e) => return self.protocol_error(id, &e.to_string()),
+                            .protocol_error(member, &format!("sent chunk {k}, out of range"));
                     };
-                    first_chunk.entry(id).or_insert_with(Instant::now);
-                    let sum = acc[k].get_or_insert_with(|| vec![0.0; lengths[k]]);
-                    for (s, v) in sum.iter_mut().zip(values) {
-                        *s += w * v;
-                    }
-                    if got[k].len() == weight.len() {
-                        // Every contribution of chunk k is in: reduce it and send it back now.
-                        let mean: Vec<f32> = acc[k]
-                            .take()
-                            .unwrap_or_default()
-                            .into_iter()
-                            .map(|s| s / total)
-                            .collect();
-                        let data = self.encoding.encode(&mean);
-                        self.ctx
-                            .metrics
-                            .allreduce_bytes
-                            .inc_by((data.len() * (ids.len() + weight.len())) as u64);
-                        self.broadcast(Down::Reduced(GradChunk {
-                            round,
-                            index: k as u32,
-                            data,
-                        }))
-                        .await?;
-                        reduced += 1;
+                    let values = match self.encoding.decode(&chunk.data, n) {
+                        Ok(v) => v,
+                        Err(e) => return self.protocol_error(member, &e.to_string()),
+                    };
+                    first_chunk.entry(member).or_insert_with(Instant::now);
+                    RoundEvent::Grad {
+                        member,
+                        index: k,
+                        values,
                     }
                 }
-                Event::Msg(id, Up::Reduced(r)) if r == round && ids.contains(&id) => {
-                    if reduced < lengths.len() {
-                        return self.protocol_error(id, "acknowledged chunks not sent yet");
-                    }
-                    arrived.insert(id);
-                    if arrived.len() == ids.len() {
-                        allreduce_ms = first_chunk
-                            .values()
-                            .max()
-                            .map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3);
-                    }
+                Event::Msg(member, Up::Reduced(r)) if r == id.round => {
+                    RoundEvent::Arrived { member }
                 }
-                Event::Msg(id, Up::StepDone(d)) if d.round == round && ids.contains(&id) => {
-                    let expected = weight.get(&id).copied().unwrap_or(0.0) as u32;
-                    if d.samples != expected {
-                        return self.protocol_error(
-                            id,
-                            &format!("reported {} cases for a shard of {expected}", d.samples),
-                        );
-                    }
-                    done.insert(id, (d.total, d.similarity, d.regularisation, d.compute_ms));
-                }
-                Event::Msg(..) => {}
-                Event::Timeout => {
-                    // Whoever has not finished its share.
-                    let mut pending: HashSet<u64> = ids
-                        .iter()
-                        .copied()
-                        .filter(|id| !done.contains_key(id))
-                        .collect();
-                    for g in &got {
-                        if g.len() < weight.len() {
-                            pending.extend(weight.keys().filter(|id| !g.contains(id)));
+                Event::Msg(member, Up::StepDone(d)) if d.round == id.round => {
+                    let count = d.bn_batch_count as usize;
+                    let bn = match GradEncoding::F32.decode(&d.bn_batches, count * bn_len) {
+                        Ok(v) => v,
+                        Err(e) => {
+                            return self.protocol_error(
+                                member,
+                                &format!("sent batch-norm statistics: {e}"),
+                            )
                         }
+                    };
+                    RoundEvent::Done {
+                        member,
+                        report: ShardReport {
+                            samples: d.samples as usize,
+                            held_step: d.held_step,
+                            sums: (d.total, d.similarity, d.regularisation),
+                            compute_ms: d.compute_ms,
+                            bn_batches: if bn_len == 0 {
+                                vec![Vec::new(); count]
+                            } else {
+                                bn.chunks(bn_len).map(<[f32]>::to_vec).collect()
+                            },
+                        },
                     }
-                    if reduced == lengths.len() {
-                        pending.extend(ids.iter().filter(|id| !arrived.contains(id)));
-                    }
-                    self.time_out(&pending, &format!("step {step}"))?;
+                }
+                Event::Msg(..) => continue,
+                Event::Timeout => {
+                    let pending: HashSet<u64> = round.waiting_on().into_iter().collect();
+                    self.time_out(&pending, &format!("step {}", id.step))?;
                     return Err(Interrupt::Lost);
                 }
+            };
+            let arrived = matches!(event, RoundEvent::Arrived { .. });
+            let actions = round.handle(event);
+            if arrived && round.outcome() == Some(Outcome::Committed) {
+                allreduce_ms = first_chunk
+                    .values()
+                    .max()
+                    .map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3);
+            }
+            self.act_on_round(round, actions).await?;
+        }
+        Ok(allreduce_ms)
+    }
+
+    /// Sends `msg` to every member, each on its own: a member that cannot take it is lost,
+    /// the others still get it.
+    async fn send_each(&mut self, msg: Down) -> Phase<()> {
+        let ids: Vec<u64> = self.members.iter().map(|m| m.id).collect();
+        for id in ids {
+            match self.send(id, msg.clone()).await {
+                Ok(()) | Err(Interrupt::Lost) => {}
+                Err(fatal) => return Err(fatal),
             }
         }
-        self.broadcast(Down::Commit(round)).await?;
-        self.state.step = step;
-        self.ctx.metrics.train_steps.inc();
-        let sums = done
-            .values()
-            .fold((0.0, 0.0, 0.0), |s, d| (s.0 + d.0, s.1 + d.1, s.2 + d.2));
-        let compute_ms = done.values().map(|d| d.3).fold(0.0, f64::max);
-        Ok((
-            sums,
-            StepTimes {
-                compute_ms,
-                allreduce_ms,
-                step_ms: started.elapsed().as_secs_f64() * 1e3,
-            },
-        ))
+        Ok(())
     }
 
     /// A replica broke the protocol: it is dropped.
@@ -1143,30 +1251,39 @@ impl Coordinator {
         Ok(out.into_values().collect())
     }
 
-    /// Compares the replicas' parameters, averages their BatchNorm statistics, and fetches
-    /// one replica's state (weights, optimizer).
-    async fn epoch_end(&mut self, epoch: usize) -> Phase<(Vec<u8>, Vec<u8>)> {
+    /// Checks that every replica holds the same state (the step, parameters, BatchNorm
+    /// statistics and Adam's moments) and fetches one replica's state (weights, optimizer).
+    async fn epoch_end(&mut self, epoch: usize, step: u64) -> Phase<(Vec<u8>, Vec<u8>)> {
         self.broadcast(Down::EpochEnd(epoch as u32)).await?;
         let ids: Vec<u64> = self.members.iter().map(|m| m.id).collect();
         let mut pending: HashSet<u64> = ids.iter().copied().collect();
-        let mut reports: Vec<(u64, String, Vec<u8>)> = Vec::new();
+        let mut reports: Vec<(u64, String)> = Vec::new();
         let deadline = Instant::now() + self.step_timeout;
         while !pending.is_empty() {
             match self.recv(deadline).await? {
                 Event::Msg(id, Up::Epoch(r))
                     if r.epoch as usize == epoch && pending.remove(&id) =>
                 {
-                    reports.push((id, r.params_sha256, r.bn_stats));
+                    if r.step != step {
+                        return self.protocol_error(
+                            id,
+                            &format!(
+                                "holds step {} at the end of epoch {epoch}, expected {step}",
+                                r.step
+                            ),
+                        );
+                    }
+                    reports.push((id, r.state_sha256));
                 }
                 Event::Msg(..) => {}
                 Event::Timeout => self.time_out(&pending, &format!("the end of epoch {epoch}"))?,
             }
         }
-        reports.retain(|(id, _, _)| self.is_member(*id));
-        let Some((_, sha, first_bn)) = reports.first().cloned() else {
+        reports.retain(|(id, _)| self.is_member(*id));
+        let Some((_, sha)) = reports.first().cloned() else {
             return Err(Interrupt::Lost);
         };
-        if let Some((id, other, _)) = reports.iter().find(|(_, s, _)| *s != sha) {
+        if let Some((id, other)) = reports.iter().find(|(_, s)| *s != sha) {
             let worker = |i: u64| {
                 self.members
                     .iter()
@@ -1175,25 +1292,12 @@ impl Coordinator {
                     .unwrap_or_default()
             };
             return Err(Interrupt::Fatal(format!(
-                "replicas diverged at the end of epoch {epoch}: worker {} has parameters {sha}, worker {} has {other}",
+                "replicas diverged at the end of epoch {epoch}: worker {} has state {sha}, worker {} has {other}",
                 worker(reports[0].0),
                 worker(*id)
             )));
         }
-        self.params_sha = Some(sha);
-        // BatchNorm running statistics: the mean over the replicas.
-        let n = first_bn.len() / 4;
-        let mut mean = vec![0f32; n];
-        for (_, _, bn) in &reports {
-            let values = GradEncoding::F32
-                .decode(bn, n)
-                .map_err(|e| Interrupt::Fatal(format!("batch-norm statistics: {e}")))?;
-            for (m, v) in mean.iter_mut().zip(values) {
-                *m += v / reports.len() as f32;
-            }
-        }
-        self.broadcast(Down::BnStats(GradEncoding::F32.encode(&mean)))
-            .await?;
+        self.state_sha = Some(sha);
         // One replica's state for the checkpoint.
         let leader = self.members[0].id;
         self.send(leader, Down::SendState(true)).await?;
@@ -1227,7 +1331,10 @@ impl Coordinator {
         Ok((weights.unwrap_or_default(), optimizer.unwrap_or_default()))
     }
 
-    /// Writes the epoch's checkpoint (files first, `state.json` last: the commit point).
+    /// Writes the epoch's checkpoint: its files first, then `state.json`, the one commit
+    /// point, last. The best weights are the best epoch's checkpoint weights, named in
+    /// `state.json`, so a crash never leaves a "best" that the state does not know of.
+    /// Files no committed state names any more are deleted after the commit.
     #[allow(clippy::too_many_arguments)]
     async fn checkpoint_epoch(
         &mut self,
@@ -1242,59 +1349,90 @@ impl Coordinator {
     ) -> Phase<()> {
         let stage = self.ctx.stage.clone();
         let prefix = format!("checkpoints/epoch-{epoch:04}");
-        stage
-            .put(
-                &job_key(&self.job_id, &format!("{prefix}/weights.safetensors"))?,
-                &weights,
-            )
-            .await?;
+        let weights_key = job_key(&self.job_id, &format!("{prefix}/weights.safetensors"))?;
+        stage.put(&weights_key, &weights).await?;
         stage
             .put(
                 &job_key(&self.job_id, &format!("{prefix}/optimizer.safetensors"))?,
                 &optimizer,
             )
             .await?;
+        let mut next = self.state.clone();
         if improved {
-            stage
-                .put(&job_key(&self.job_id, BEST_WEIGHTS)?, &weights)
-                .await?;
-            self.state.best_val = score.or(self.state.best_val);
-            self.state.best_epoch = Some(epoch);
+            next.best_val = score.or(next.best_val);
+            next.best_epoch = Some(epoch);
+            next.best_weights = Some(weights_key.as_str().to_string());
         }
-        let previous = std::mem::replace(&mut self.state.checkpoint, prefix.clone());
-        self.state.epochs_done = epoch;
-        self.state.step = step;
-        self.state.lr = next_lr;
-        self.state.history.push(summary.clone());
-        let json = serde_json::to_vec_pretty(&self.state)
-            .map_err(|e| Interrupt::Fatal(format!("state: {e}")))?;
-        stage.put(&state_key(&self.job_id)?, &json).await?;
+        next.checkpoint = prefix;
+        next.epochs_done = epoch;
+        next.step = step;
+        next.lr = next_lr;
+        next.state_sha256 = self.state_sha.clone();
+        next.history.push(summary.clone());
+        // Reports derived from the history, then the commit point.
         stage
             .put(
                 &job_key(&self.job_id, "history.csv")?,
-                history_csv(&self.state.history).as_bytes(),
+                history_csv(&next.history).as_bytes(),
             )
             .await?;
-        let curves = medray_core::viz::curves_png(&self.state.history)?;
+        let curves = medray_core::viz::curves_png(&next.history)?;
         stage
             .put(&job_key(&self.job_id, "curves.png")?, &curves)
             .await?;
-        // Numbered checkpoints: keep every `checkpoint_every`-th; drop others once superseded.
+        let json = serde_json::to_vec_pretty(&next)
+            .map_err(|e| Interrupt::Fatal(format!("state: {e}")))?;
+        fail::fail_point!("train-before-commit-point", |_| Err(Interrupt::Fatal(
+            "failpoint train-before-commit-point".into()
+        )));
+        stage.put(&state_key(&self.job_id)?, &json).await?;
+        let previous = std::mem::replace(&mut self.state, next);
+        self.checkpoint = Some((weights, optimizer));
+        // Numbered checkpoints: keep every `checkpoint_every`-th, the current one and the
+        // best one; drop the others once no committed state names them.
         let every = self.state.config.checkpoint_every.max(1);
-        if let Some(prev_epoch) = previous
-            .strip_prefix("checkpoints/epoch-")
-            .and_then(|e| e.parse::<usize>().ok())
-        {
-            if prev_epoch % every != 0 && previous != prefix {
-                for name in ["weights.safetensors", "optimizer.safetensors"] {
-                    let _ = stage
-                        .delete(&job_key(&self.job_id, &format!("{previous}/{name}"))?)
-                        .await;
-                }
+        let own = format!("jobs/{}/", self.job_id.as_str());
+        let keep = |p: &str| -> bool {
+            p == self.state.checkpoint
+                || self
+                    .state
+                    .best_weights
+                    .as_deref()
+                    .is_some_and(|b| b == format!("{own}{p}/weights.safetensors"))
+                || p.strip_prefix("checkpoints/epoch-")
+                    .and_then(|e| e.parse::<usize>().ok())
+                    .is_none_or(|e| e % every == 0)
+        };
+        let old_best = previous
+            .best_weights
+            .as_deref()
+            .and_then(|b| b.strip_prefix(&own))
+            .and_then(|b| b.strip_suffix("/weights.safetensors"));
+        let mut stale: Vec<&str> = vec![previous.checkpoint.as_str()];
+        stale.extend(old_best);
+        stale.retain(|p| !p.is_empty() && !keep(p));
+        stale.dedup();
+        for p in stale {
+            for name in ["weights.safetensors", "optimizer.safetensors"] {
+                let _ = stage
+                    .delete(&job_key(&self.job_id, &format!("{p}/{name}"))?)
+                    .await;
             }
         }
-        self.checkpoint = Some((weights, optimizer));
         Ok(())
+    }
+
+    /// The best weights so far: those `state.json` names, else (a state written before it
+    /// named them) the job's `best/weights.safetensors`.
+    async fn best_weights(&self) -> Result<Vec<u8>> {
+        match &self.state.best_weights {
+            Some(key) => Ok(self.ctx.stage.get(&ObjectKey::new(key.clone())?).await?),
+            None => Ok(self
+                .ctx
+                .stage
+                .get(&job_key(&self.job_id, BEST_WEIGHTS)?)
+                .await?),
+        }
     }
 
     /// What the job trained on, for the registry: the cases the replicas loaded (ids and
@@ -1346,12 +1484,33 @@ impl Coordinator {
     }
 
     /// Registers `weights` as the job's model version (and points the alias at it);
-    /// returns `name:version`.
+    /// returns `name:version`. Idempotent: when this job already registered a version (a
+    /// head that restarted after registering but before the job's end was recorded), that
+    /// version is the result and nothing is registered again.
     async fn register(&self, weights: Vec<u8>) -> Phase<String> {
         use medray_core::models::{
-            register_model, set_alias, ModelName, ModelSource, NewModelVersion,
+            list_models, register_model, set_alias, ModelName, ModelSource, NewModelVersion,
         };
         let name = ModelName::new(self.spec.model.clone())?;
+        let existing = list_models(&self.ctx.catalog()?)?
+            .into_iter()
+            .find(|v| v.name == name && v.job_id.as_deref() == Some(self.job_id.as_str()));
+        if let Some(v) = existing {
+            self.log(format!(
+                "this job already registered {}:{}; not registering again",
+                name.as_str(),
+                v.version
+            ));
+            if !self.spec.alias.is_empty() {
+                set_alias(
+                    &mut self.ctx.catalog()?,
+                    &name,
+                    &self.spec.alias,
+                    &v.version,
+                )?;
+            }
+            return Ok(format!("{}:{}", name.as_str(), v.version));
+        }
         let last = self.state.history.last();
         let final_losses = serde_json::json!({
             "total_loss": last.map(|h| h.total_loss),
@@ -1395,12 +1554,9 @@ impl Coordinator {
 
     /// Registers the best weights and ends the replicas' tasks.
     async fn finish(&mut self) -> Phase<String> {
-        let best = self
-            .ctx
-            .stage
-            .get(&job_key(&self.job_id, BEST_WEIGHTS)?)
-            .await?;
+        let best = self.best_weights().await?;
         let registered = self.register(best).await?;
+        fail::fail_point!("train-registered");
         self.log(format!("registered model {registered}"));
         self.finishing = true;
         let ids: Vec<u64> = self.members.iter().map(|m| m.id).collect();
@@ -1503,6 +1659,8 @@ fn fresh_state(ctx: &HeadContext, spec: &TrainSpec) -> Result<DistState> {
         best_val: None,
         best_epoch: None,
         checkpoint: String::new(),
+        best_weights: None,
+        state_sha256: None,
         history: Vec::new(),
     })
 }

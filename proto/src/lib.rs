@@ -15,7 +15,10 @@ pub mod v1 {
 /// `worker.proto` or `control.proto` that an older peer would misread.
 /// 3: `InferTask.refine` (an older worker would ignore the options), `TrainCase.keypoints`,
 /// the GPU in `RegisterRequest`, and fp16 gradient chunks that start with their scale.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// 4: exactly-once training steps: `StepCommit`/`StepAbort` name their step, replicas report
+/// the step they hold, their whole-state checksum and their micro-batches' BatchNorm
+/// statistics (no more averaged `bn_stats`).
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Metadata key of the cluster token on every gRPC call (`authorization: Bearer <token>`).
 pub const AUTHORIZATION_HEADER: &str = "authorization";

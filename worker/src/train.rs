@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use medray_core::dataset::CaseFiles;
 use medray_core::train::dist::{chunk_lengths, GradEncoding};
-use medray_core::train::replica::Replica;
+use medray_core::train::replica::{Committed, Replica};
 use medray_core::train::TrainConfig;
 use medray_proto::v1::train_down::Msg as Down;
 use medray_proto::v1::train_up::Msg as Up;
@@ -73,6 +73,7 @@ impl Link {
 /// A step whose gradient was sent: the averaged chunks arrive here until the commit.
 struct Pending {
     round: u64,
+    step: u64,
     lr: f64,
     mean: Vec<f32>,
     received: Vec<bool>,
@@ -178,7 +179,9 @@ fn serve(
         move |e: medray_core::Error| TaskError::permanent(format!("{what}: {e}"))
     };
     link.send(Up::Ready(TrainReady {
-        params_sha256: replica.params_sha256().map_err(permanent("checksum"))?,
+        state_sha256: replica.state_sha256().map_err(permanent("checksum"))?,
+        step: replica.step_count(),
+        bn_batch_len: replica.bn_batch_len() as u32,
         num_params: replica.num_params() as u64,
         device: ctx.device_spec.to_string(),
         load_ms: setup.as_secs_f64() * 1e3,
@@ -218,9 +221,13 @@ fn serve(
                     similarity: g.sums.1,
                     regularisation: g.sums.2,
                     compute_ms: g.compute_ms,
+                    held_step: replica.step_count(),
+                    bn_batches: GradEncoding::F32.encode(&g.bn_batches.concat()),
+                    bn_batch_count: g.bn_batches.len() as u32,
                 }))?;
                 pending = Some(Pending {
                     round: step.round,
+                    step: step.step,
                     lr: step.lr,
                     mean: vec![0.0; replica.num_params()],
                     received: vec![false; lengths.len()],
@@ -242,24 +249,48 @@ fn serve(
                     link.send(Up::Reduced(p.round))?;
                 }
             }
-            Down::Commit(round) => {
-                let Some(p) = pending.take().filter(|p| p.round == round) else {
+            Down::Commit(c) => {
+                fault_on_commit(c.step);
+                let Some(p) = pending.take_if(|p| p.round == c.round) else {
+                    // Not the round this replica computed: only harmless when it already
+                    // holds the step (a commit delivered twice).
+                    if c.step <= replica.step_count() {
+                        continue;
+                    }
                     return Err(TaskError::permanent(format!(
-                        "commit of round {round}, which this replica did not compute"
+                        "commit of step {} (round {}), which this replica did not compute",
+                        c.step, c.round
                     )));
                 };
-                if let Some(k) = p.received.iter().position(|r| !r) {
+                if p.step != c.step {
                     return Err(TaskError::permanent(format!(
-                        "commit of round {round} before its chunk {k} arrived"
+                        "commit of step {} for round {}, which computed step {}",
+                        c.step, c.round, p.step
                     )));
                 }
-                replica
-                    .apply_gradient(&p.mean, p.lr)
-                    .map_err(permanent("applying the averaged gradient"))?;
-                steps += 1;
+                if let Some(k) = p.received.iter().position(|r| !r) {
+                    return Err(TaskError::permanent(format!(
+                        "commit of step {} before its chunk {k} arrived",
+                        c.step
+                    )));
+                }
+                let bn_len = replica.bn_batch_len();
+                let bn = GradEncoding::F32
+                    .decode(&c.bn_batches, c.bn_batch_count as usize * bn_len)
+                    .map_err(permanent("the commit's batch-norm statistics"))?;
+                let bn: Vec<Vec<f32>> = bn.chunks(bn_len.max(1)).map(<[f32]>::to_vec).collect();
+                match replica
+                    .commit(c.step, &p.mean, p.lr, &bn)
+                    .map_err(permanent(&format!("committing step {}", c.step)))?
+                {
+                    Committed::Applied => steps += 1,
+                    Committed::AlreadyHeld => {
+                        ctx.log(format!("step {} was committed twice; applied once", c.step))
+                    }
+                }
             }
-            Down::Abort(round) => {
-                if pending.as_ref().is_some_and(|p| p.round == round) {
+            Down::Abort(a) => {
+                if pending.as_ref().is_some_and(|p| p.round == a.round) {
                     pending = None;
                 }
             }
@@ -286,26 +317,14 @@ fn serve(
                 }))?;
             }
             Down::EpochEnd(epoch) => {
-                let bn = replica
-                    .bn_stats()
-                    .map_err(permanent("batch-norm statistics"))?;
                 link.send(Up::Epoch(EpochReport {
                     epoch,
-                    params_sha256: replica.params_sha256().map_err(permanent("checksum"))?,
-                    bn_stats: GradEncoding::F32.encode(&bn),
+                    state_sha256: replica.state_sha256().map_err(permanent("checksum"))?,
+                    step: replica.step_count(),
                 }))?;
                 ctx.log(format!(
                     "epoch {epoch} done on this replica ({steps} steps applied so far)"
                 ));
-            }
-            Down::BnStats(bytes) => {
-                let n = bytes.len() / 4;
-                let values = GradEncoding::F32
-                    .decode(&bytes, n)
-                    .map_err(permanent("batch-norm statistics"))?;
-                replica
-                    .set_bn_stats(&values)
-                    .map_err(permanent("batch-norm statistics"))?;
             }
             Down::SendState(_) => {
                 let weights = replica.weights_bytes().map_err(permanent("weights"))?;
@@ -427,6 +446,19 @@ fn start(
     Ok((replica, started.elapsed()))
 }
 
+/// Fault injection for the tests (inert unless `FAILPOINTS` configures it):
+/// `replica-commit=return(N)` makes this worker SIGKILL itself when the commit of step `N`
+/// arrives, before applying it: a replica lost in the middle of a commit.
+fn fault_on_commit(step: u64) {
+    let target = fail::eval("replica-commit", |arg| {
+        arg.and_then(|a| a.parse::<u64>().ok())
+    });
+    if target.flatten() == Some(step) {
+        tracing::warn!(step, "failpoint replica-commit: killing this worker");
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
 fn name(msg: &Down) -> &'static str {
     match msg {
         Down::Init(_) => "init",
@@ -437,7 +469,6 @@ fn name(msg: &Down) -> &'static str {
         Down::Abort(_) => "abort",
         Down::Validate(_) => "validate",
         Down::EpochEnd(_) => "epoch end",
-        Down::BnStats(_) => "batch-norm statistics",
         Down::SendState(_) => "state request",
         Down::Finish(_) => "finish",
     }

@@ -208,6 +208,15 @@ pub struct DistState {
     pub scheduler: ReduceLrOnPlateau,
     /// Stage key prefix of the checkpoint (weights.safetensors, optimizer.safetensors).
     pub checkpoint: String,
+    /// Stage key of the best weights so far: the weights of the best epoch's checkpoint
+    /// (kept while it is the best), or of the job this one resumed. `None` in states written
+    /// before it was recorded (the best weights are then `best/weights.safetensors`).
+    #[serde(default)]
+    pub best_weights: Option<String>,
+    /// The replicas' whole-state checksum at the checkpoint (step, parameters, BatchNorm
+    /// statistics and counters, Adam's moments): a replica restored from it must match.
+    #[serde(default)]
+    pub state_sha256: Option<String>,
     /// Every epoch so far.
     pub history: Vec<EpochSummary>,
 }

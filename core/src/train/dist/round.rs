@@ -181,6 +181,17 @@ impl StepRound {
         self.reduced == self.spec.chunk_lengths.len()
     }
 
+    /// Members with a non-empty shard.
+    pub fn contributors(&self) -> usize {
+        self.spec.shards.iter().filter(|(_, n)| *n > 0).count()
+    }
+
+    /// Aborts a round that is not decided yet (the coordinator gave up on it); a decided
+    /// round keeps its outcome.
+    pub fn abort(&mut self) {
+        self.outcome.get_or_insert(Outcome::Aborted);
+    }
+
     fn is_member(&self, member: MemberId) -> bool {
         self.spec.shards.iter().any(|(m, _)| *m == member)
     }
@@ -304,8 +315,7 @@ impl StepRound {
         for (s, v) in sum.iter_mut().zip(values) {
             *s += w * v;
         }
-        let contributors = self.spec.shards.iter().filter(|(_, n)| *n > 0).count();
-        if self.got[index].len() == contributors {
+        if self.got[index].len() == self.contributors() {
             let total = self.total_cases;
             let values = self.acc[index]
                 .take()

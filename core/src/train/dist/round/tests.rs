@@ -62,7 +62,7 @@ fn script(members: &[(MemberId, Vec<usize>)], order: usize, step: u64) -> Vec<Ro
                     .collect()
             };
             let done = RoundEvent::Done { member: *m, report };
-            if order % 2 == 0 {
+            if order.is_multiple_of(2) {
                 ev.push(done);
             } else {
                 ev.insert(0, done);
