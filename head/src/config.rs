@@ -34,7 +34,8 @@ pub struct HeadConfig {
     pub worker_timeout: Duration,
     /// How long the scheduler waits for a worker to acknowledge an assignment.
     pub assign_timeout: Duration,
-    /// Attempts of one task before its job fails.
+    /// Failed attempts of one task before its job fails (an assignment the worker refused or
+    /// did not acknowledge is not an attempt).
     pub max_task_attempts: u32,
     /// Workers needed for `/readyz` to say ready.
     pub min_workers: u32,

@@ -40,7 +40,8 @@ pub struct Args {
     /// Workers needed for /readyz to report ready.
     #[arg(long, default_value_t = 1)]
     pub min_workers: u32,
-    /// Attempts of one task before its job fails.
+    /// Failed attempts of one task before its job fails (a refused or unacknowledged
+    /// assignment does not count).
     #[arg(long, default_value_t = 4)]
     pub max_task_attempts: u32,
     /// Largest gRPC message either side accepts, bytes (at least the chunk size + 64 KiB).
