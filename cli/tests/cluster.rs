@@ -102,13 +102,86 @@ fn a_killed_worker_has_its_task_run_elsewhere() {
     let logs = c.cli_ok(&["job", "logs", &job]).unwrap();
     assert!(logs.contains("will run again"), "{logs}");
     assert_eq!(succeeded_lines(&logs, "t0001"), 1, "{logs}");
-    // The head marked the killed worker dead: one worker left.
+    // The head marked the killed worker dead: one worker left (the killed one is listed
+    // LOST for a while).
     c.wait_for_workers(1, LONG).unwrap();
-    let survivor = c.status().unwrap()["workers"][0]["worker_id"]
-        .as_str()
-        .unwrap()
+    let status = c.status().unwrap();
+    let survivor = status["workers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|w| w["state"] == "ALIVE")
+        .and_then(|w| w["worker_id"].as_str())
+        .unwrap_or_else(|| panic!("no ALIVE worker: {status}"))
         .to_string();
     assert_eq!(ran_on, survivor);
+}
+
+#[test]
+fn a_killed_worker_is_listed_lost_with_the_reason_within_15_s() {
+    // The head's default heartbeat interval and worker timeout, as a user runs it.
+    let options = HeadOptions {
+        heartbeat_interval_ms: 1000,
+        worker_timeout_ms: 6000,
+        ..HeadOptions::default()
+    };
+    let mut c = TestCluster::start(BIN, options).expect("head starts");
+    for _ in 0..2 {
+        c.add_worker().expect("worker starts");
+    }
+    c.wait_for_workers(2, LONG).expect("workers register");
+    let worker_id = |c: &TestCluster, name: &str| -> String {
+        let s = c.status().unwrap();
+        s["workers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|w| w["name"] == name)
+            .and_then(|w| w["worker_id"].as_str())
+            .unwrap_or_else(|| panic!("{name} not listed: {s}"))
+            .to_string()
+    };
+    let victim = worker_id(&c, "worker-2");
+    c.workers[1].signal(Signal::SIGKILL);
+    let mut lost = serde_json::Value::Null;
+    c.wait_until(
+        "the killed worker is listed LOST",
+        Duration::from_secs(15),
+        |c| {
+            let s = c.status()?;
+            if let Some(w) = s["workers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|w| w["worker_id"] == victim.as_str() && w["state"] == "LOST")
+            {
+                lost = w.clone();
+                return Ok(true);
+            }
+            Ok(false)
+        },
+    )
+    .unwrap();
+    let reason = lost["lost_reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("connection closed") || reason.contains("no heartbeat"),
+        "{lost}"
+    );
+    assert!(
+        lost["lost_at"].as_str().is_some_and(|t| t.ends_with('Z')),
+        "{lost}"
+    );
+    assert_eq!(lost["current_task"], "", "{lost}");
+    // The survivor is unaffected; the table shows the lost one, with why.
+    assert_eq!(c.alive_workers().unwrap(), 1);
+    let table = c.cli_ok(&["status"]).unwrap();
+    let row = table
+        .lines()
+        .find(|l| l.starts_with(&victim))
+        .unwrap_or_else(|| panic!("{victim} not in the table:\n{table}"));
+    assert!(row.contains("LOST"), "{table}");
+    assert!(table.contains(reason), "{table}");
+    assert!(table.contains("1 worker(s), 1 lost recently"), "{table}");
 }
 
 #[test]

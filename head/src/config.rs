@@ -32,9 +32,12 @@ pub struct HeadConfig {
     pub heartbeat_interval: Duration,
     /// A worker without a heartbeat for this long is marked dead and its task re-queued.
     pub worker_timeout: Duration,
+    /// How long `medray status` keeps listing a lost worker (state LOST, with why and when).
+    pub lost_worker_retention: Duration,
     /// How long the scheduler waits for a worker to acknowledge an assignment.
     pub assign_timeout: Duration,
-    /// Attempts of one task before its job fails.
+    /// Failed attempts of one task before its job fails (an assignment the worker refused or
+    /// did not acknowledge is not an attempt).
     pub max_task_attempts: u32,
     /// Workers needed for `/readyz` to say ready.
     pub min_workers: u32,
@@ -59,6 +62,7 @@ impl Default for HeadConfig {
             http_listen: None,
             heartbeat_interval: Duration::from_millis(1000),
             worker_timeout: Duration::from_secs(6),
+            lost_worker_retention: Duration::from_secs(600),
             assign_timeout: Duration::from_secs(5),
             max_task_attempts: 4,
             min_workers: 1,

@@ -4,9 +4,16 @@
 //! ractor_cluster and waits for its acknowledgement with a timeout. A lost worker's attempt
 //! goes back to the front of the queue; a result from an attempt that is no longer current
 //! (a worker evicted while paused, then resumed) is refused, so nothing is counted twice.
+//!
+//! Only attempts that ran and failed count towards `max_task_attempts`: an assignment the
+//! worker refused or did not acknowledge in time goes back to the queue uncounted (a task
+//! no worker takes fails after [`MAX_ASSIGNMENTS_NOT_TAKEN`] such assignments). The store
+//! write that ends an attempt is tried [`STORE_TRIES`] times; when it still fails the job is
+//! told that the task failed and why, so no task stays RUNNING with nobody told.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::time::Duration;
 
 use medray_proto::v1::{AssignmentAck, TaskAssignment};
 use medray_worker::control::{attempt_key, Wire, WorkerControl};
@@ -18,6 +25,18 @@ use crate::ids::{AttemptRef, JobId, TaskId, WorkerId};
 use crate::job::JobMsg;
 use crate::metrics::Metrics;
 use crate::store::{Store, TaskState};
+use crate::{HeadError, Result};
+
+/// Assignments of one task that workers may refuse or leave unacknowledged before the task
+/// fails. They are not attempts (nothing ran), but a task that no worker takes (say, the
+/// only worker's compute thread died and it refuses everything) must not be offered forever.
+pub const MAX_ASSIGNMENTS_NOT_TAKEN: u32 = 10;
+
+/// Tries of a store operation that ends an attempt before the scheduler gives its task up.
+pub const STORE_TRIES: u32 = 3;
+
+/// Pause after the first failed try of a store operation; doubled after each.
+const STORE_RETRY_PAUSE: Duration = Duration::from_millis(100);
 
 /// How an attempt ended, as a worker reported it.
 #[derive(Debug, Clone)]
@@ -162,6 +181,8 @@ pub struct SchedulerState {
     jobs: HashMap<JobId, ActorRef<JobMsg>>,
     /// Jobs capped at a number of attempts running at once.
     limits: HashMap<JobId, usize>,
+    /// Assignments of a task that were refused or not acknowledged (not attempts).
+    not_taken: HashMap<(JobId, TaskId), u32>,
 }
 
 impl SchedulerState {
@@ -177,8 +198,30 @@ impl SchedulerState {
     }
 }
 
+/// Runs a store operation, trying again after a pause while it fails, at most
+/// [`STORE_TRIES`] times (SQLite already waits out a lock for its busy timeout; this rides
+/// out other short failures).
+async fn persist<T>(what: &str, mut op: impl FnMut() -> Result<T>) -> Result<T> {
+    let mut pause = STORE_RETRY_PAUSE;
+    let mut tries = 1;
+    loop {
+        match op() {
+            Err(e) if tries < STORE_TRIES => {
+                tracing::warn!(error = %e, tries, "cannot {what}; trying again");
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+                tries += 1;
+            }
+            result => return result,
+        }
+    }
+}
+
 impl Scheduler {
-    fn tell_job(state: &SchedulerState, job: &JobId, task: &TaskId, end: TaskEnd) {
+    fn tell_job(state: &mut SchedulerState, job: &JobId, task: &TaskId, end: TaskEnd) {
+        if !matches!(end, TaskEnd::Retrying(_)) {
+            state.not_taken.remove(&(job.clone(), task.clone()));
+        }
         if let Some(actor) = state.jobs.get(job) {
             let _ = actor.cast(JobMsg::TaskEnded {
                 task_id: task.clone(),
@@ -187,35 +230,242 @@ impl Scheduler {
         }
     }
 
-    /// Puts a running attempt back in the queue (front), or fails it when it has used all
-    /// its attempts.
-    fn requeue(&self, state: &mut SchedulerState, attempt: &AttemptRef, reason: &str) {
-        let exhausted = attempt.attempt >= self.config.max_task_attempts;
-        let (next, end) = if exhausted {
-            (
-                TaskState::Failed,
-                TaskEnd::Failed(format!(
-                    "{reason}; gave up after {} attempts",
-                    attempt.attempt
-                )),
-            )
-        } else {
-            (TaskState::Pending, TaskEnd::Retrying(reason.to_string()))
-        };
-        match self
-            .store
-            .finish_attempt(attempt, next, None, Some(reason), true)
+    /// The store could not record how `attempt` ended (`what`), even after [`STORE_TRIES`]
+    /// tries. Rather than leave its task RUNNING with nobody told, the job hears that the
+    /// task failed, and why (a job that ends this way cancels its task rows).
+    fn unrecorded(
+        &self,
+        state: &mut SchedulerState,
+        attempt: &AttemptRef,
+        what: &str,
+        error: &HeadError,
+    ) {
+        tracing::error!(%error, %attempt, what, "cannot record the end of an attempt; its task fails");
+        Self::tell_job(
+            state,
+            &attempt.job_id,
+            &attempt.task_id,
+            TaskEnd::Failed(format!(
+                "{what}, but the head could not record this ({STORE_TRIES} tries): {error}"
+            )),
+        );
+    }
+
+    /// Ends a running attempt as a failure that counts: its task goes back to the front of
+    /// the queue, or fails once it has failed `max_task_attempts` times. Returns whether the
+    /// store recorded it.
+    async fn requeue(
+        &self,
+        state: &mut SchedulerState,
+        attempt: &AttemptRef,
+        reason: &str,
+    ) -> bool {
+        let max = self.config.max_task_attempts;
+        match persist("re-queue an attempt", || {
+            self.store.fail_attempt(attempt, reason, max)
+        })
+        .await
         {
-            Ok(true) => {
-                if !exhausted {
-                    state
-                        .queue
-                        .push_front((attempt.job_id.clone(), attempt.task_id.clone()));
-                }
-                Self::tell_job(state, &attempt.job_id, &attempt.task_id, end);
+            Ok(Some((TaskState::Pending, _))) => {
+                state
+                    .queue
+                    .push_front((attempt.job_id.clone(), attempt.task_id.clone()));
+                Self::tell_job(
+                    state,
+                    &attempt.job_id,
+                    &attempt.task_id,
+                    TaskEnd::Retrying(reason.to_string()),
+                );
+                true
             }
+            Ok(Some((_, failures))) => {
+                Self::tell_job(
+                    state,
+                    &attempt.job_id,
+                    &attempt.task_id,
+                    TaskEnd::Failed(format!(
+                        "{reason}; gave up after {failures} failed attempts"
+                    )),
+                );
+                true
+            }
+            Ok(None) => false,
+            Err(e) => {
+                self.unrecorded(state, attempt, reason, &e);
+                false
+            }
+        }
+    }
+
+    /// A worker reports how `attempt` ended; returns whether the report was taken (not for
+    /// a superseded attempt, nor for one whose end the store could not record).
+    async fn finished(
+        &self,
+        state: &mut SchedulerState,
+        worker_id: &WorkerId,
+        attempt: &AttemptRef,
+        outcome: AttemptOutcome,
+    ) -> bool {
+        let assigned_here = state
+            .workers
+            .get(worker_id)
+            .is_some_and(|w| w.running.as_ref() == Some(attempt));
+        let current = match persist("check an attempt", || {
+            self.store.is_current(attempt, worker_id)
+        })
+        .await
+        {
+            Ok(current) => current,
+            Err(e) => {
+                // The scheduler's own record of what it assigned decides: a result is not
+                // dropped because a read failed.
+                tracing::error!(error = %e, %attempt, "cannot check an attempt in the store");
+                assigned_here
+            }
+        };
+        if !current {
+            tracing::warn!(%attempt, worker_id = %worker_id, "result of a superseded attempt dropped");
+            return false;
+        }
+        if let Some(slot) = state.workers.get_mut(worker_id) {
+            if slot.running.as_ref() == Some(attempt) {
+                slot.running = None;
+                if let Some(t) = slot.since.take() {
+                    self.metrics.task_latency.observe(t.elapsed().as_secs_f64());
+                }
+            }
+        }
+        match outcome {
+            AttemptOutcome::Succeeded(json) => {
+                match persist("record a result", || {
+                    self.store.finish_attempt(
+                        attempt,
+                        TaskState::Succeeded,
+                        Some(&json),
+                        None,
+                        false,
+                    )
+                })
+                .await
+                {
+                    Ok(true) => {
+                        self.metrics.tasks_succeeded.inc();
+                        Self::tell_job(
+                            state,
+                            &attempt.job_id,
+                            &attempt.task_id,
+                            TaskEnd::Succeeded {
+                                worker_id: worker_id.clone(),
+                                result_json: json,
+                            },
+                        );
+                        true
+                    }
+                    Ok(false) => false,
+                    Err(e) => {
+                        self.unrecorded(
+                            state,
+                            attempt,
+                            &format!("on {worker_id}: it succeeded"),
+                            &e,
+                        );
+                        false
+                    }
+                }
+            }
+            AttemptOutcome::Failed { reason, retryable } => {
+                self.metrics.tasks_failed.inc();
+                let reason = format!("on {worker_id}: {reason}");
+                if retryable {
+                    return self.requeue(state, attempt, &reason).await;
+                }
+                match persist("record a failure", || {
+                    self.store
+                        .finish_attempt(attempt, TaskState::Failed, None, Some(&reason), true)
+                })
+                .await
+                {
+                    Ok(true) => {
+                        Self::tell_job(
+                            state,
+                            &attempt.job_id,
+                            &attempt.task_id,
+                            TaskEnd::Failed(reason),
+                        );
+                        true
+                    }
+                    Ok(false) => false,
+                    Err(e) => {
+                        self.unrecorded(state, attempt, &reason, &e);
+                        false
+                    }
+                }
+            }
+        }
+    }
+
+    /// The worker refused `attempt` or did not acknowledge it in time. Nothing ran, so it
+    /// does not count against `max_task_attempts`: the task goes back to the front of the
+    /// queue, and the worker is held back until its next idle heartbeat, so another worker
+    /// gets it first (a worker that did not answer is left to the heartbeat timeout). After
+    /// [`MAX_ASSIGNMENTS_NOT_TAKEN`] such assignments the task fails.
+    async fn not_taken(
+        &self,
+        state: &mut SchedulerState,
+        worker_id: &WorkerId,
+        attempt: &AttemptRef,
+        reason: &str,
+    ) {
+        tracing::warn!(%attempt, worker_id = %worker_id, reason, "assignment not taken");
+        if let Some(slot) = state.workers.get_mut(worker_id) {
+            if slot.running.as_ref() == Some(attempt) {
+                slot.running = None;
+                slot.since = None;
+            }
+            slot.blocked = true;
+        }
+        let key = (attempt.job_id.clone(), attempt.task_id.clone());
+        let count = {
+            let n = state.not_taken.entry(key.clone()).or_default();
+            *n += 1;
+            *n
+        };
+        let give_up = (count >= MAX_ASSIGNMENTS_NOT_TAKEN).then(|| {
+            format!(
+                "because no worker took it: its assignment was not taken {count} times \
+                 (refused, or not acknowledged in time); the last time, on {worker_id}: {reason}"
+            )
+        });
+        let next = if give_up.is_some() {
+            TaskState::Failed
+        } else {
+            TaskState::Pending
+        };
+        match persist("put back an assignment", || {
+            self.store
+                .finish_attempt(attempt, next, None, give_up.as_deref(), false)
+        })
+        .await
+        {
+            Ok(true) => match give_up {
+                Some(why) => {
+                    Self::tell_job(
+                        state,
+                        &attempt.job_id,
+                        &attempt.task_id,
+                        TaskEnd::Failed(why),
+                    );
+                }
+                None => state.queue.push_front(key),
+            },
+            // Ended otherwise meanwhile (its worker was lost).
             Ok(false) => {}
-            Err(e) => tracing::error!(error = %e, %attempt, "cannot re-queue an attempt"),
+            Err(e) => self.unrecorded(
+                state,
+                attempt,
+                &format!("on {worker_id}: its assignment was not taken ({reason})"),
+                &e,
+            ),
         }
     }
 
@@ -347,11 +597,8 @@ impl Actor for Scheduler {
             SchedulerMsg::WorkerDown { worker_id, reason } => {
                 if let Some(slot) = state.workers.remove(&worker_id) {
                     if let Some(attempt) = slot.running {
-                        self.requeue(
-                            state,
-                            &attempt,
-                            &format!("worker {worker_id} lost: {reason}"),
-                        );
+                        let reason = format!("worker {worker_id} lost: {reason}");
+                        self.requeue(state, &attempt, &reason).await;
                     }
                 }
             }
@@ -374,70 +621,8 @@ impl Actor for Scheduler {
                 outcome,
                 reply,
             } => {
-                let current = self.store.is_current(&attempt, &worker_id).unwrap_or(false);
-                if current {
-                    if let Some(slot) = state.workers.get_mut(&worker_id) {
-                        if slot.running.as_ref() == Some(&attempt) {
-                            slot.running = None;
-                            if let Some(t) = slot.since.take() {
-                                self.metrics.task_latency.observe(t.elapsed().as_secs_f64());
-                            }
-                        }
-                    }
-                    match outcome {
-                        AttemptOutcome::Succeeded(json) => {
-                            let ok = self
-                                .store
-                                .finish_attempt(
-                                    &attempt,
-                                    TaskState::Succeeded,
-                                    Some(&json),
-                                    None,
-                                    false,
-                                )
-                                .unwrap_or(false);
-                            if ok {
-                                self.metrics.tasks_succeeded.inc();
-                                Self::tell_job(
-                                    state,
-                                    &attempt.job_id,
-                                    &attempt.task_id,
-                                    TaskEnd::Succeeded {
-                                        worker_id: worker_id.clone(),
-                                        result_json: json,
-                                    },
-                                );
-                            }
-                        }
-                        AttemptOutcome::Failed { reason, retryable } => {
-                            self.metrics.tasks_failed.inc();
-                            let reason = format!("on {worker_id}: {reason}");
-                            if retryable {
-                                self.requeue(state, &attempt, &reason);
-                            } else if self
-                                .store
-                                .finish_attempt(
-                                    &attempt,
-                                    TaskState::Failed,
-                                    None,
-                                    Some(&reason),
-                                    true,
-                                )
-                                .unwrap_or(false)
-                            {
-                                Self::tell_job(
-                                    state,
-                                    &attempt.job_id,
-                                    &attempt.task_id,
-                                    TaskEnd::Failed(reason),
-                                );
-                            }
-                        }
-                    }
-                } else {
-                    tracing::warn!(%attempt, worker_id = %worker_id, "result of a superseded attempt dropped");
-                }
-                let _ = reply.send(current);
+                let accepted = self.finished(state, &worker_id, &attempt, outcome).await;
+                let _ = reply.send(accepted);
             }
             SchedulerMsg::AssignAnswered {
                 worker_id,
@@ -450,22 +635,7 @@ impl Actor for Scheduler {
                     Err(e) => Some(e),
                 };
                 if let Some(reason) = refused {
-                    tracing::warn!(%attempt, worker_id = %worker_id, reason, "assignment not taken");
-                    // Not started on the worker: back to pending without counting a failure.
-                    let _ =
-                        self.store
-                            .finish_attempt(&attempt, TaskState::Pending, None, None, false);
-                    state
-                        .queue
-                        .push_front((attempt.job_id.clone(), attempt.task_id.clone()));
-                    if let Some(slot) = state.workers.get_mut(&worker_id) {
-                        if slot.running.as_ref() == Some(&attempt) {
-                            slot.running = None;
-                        }
-                        // A worker that did not answer is left to the heartbeat timeout; one
-                        // that is busy waits for an idle heartbeat.
-                        slot.blocked = true;
-                    }
+                    self.not_taken(state, &worker_id, &attempt, &reason).await;
                 }
             }
             SchedulerMsg::LimitJob {
@@ -482,6 +652,7 @@ impl Actor for Scheduler {
                 state.queue.retain(|(j, _)| *j != job_id);
                 state.jobs.remove(&job_id);
                 state.limits.remove(&job_id);
+                state.not_taken.retain(|(j, _), _| *j != job_id);
                 for slot in state.workers.values_mut() {
                     if let Some(a) = slot.running.as_ref().filter(|a| a.job_id == job_id) {
                         let key = attempt_key(a.job_id.as_str(), a.task_id.as_str(), a.attempt);
@@ -504,3 +675,6 @@ impl Actor for Scheduler {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests;

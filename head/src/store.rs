@@ -455,6 +455,38 @@ impl Store {
         Ok(n > 0)
     }
 
+    /// Ends the running attempt as a failure that counts: the task goes back to PENDING, or
+    /// to FAILED once it has failed `max_failures` times. Returns the task's new state and
+    /// failure count, or `None` if `attempt` was not the running one.
+    ///
+    /// # Errors
+    /// [`HeadError::Store`].
+    pub fn fail_attempt(
+        &self,
+        attempt: &AttemptRef,
+        error: &str,
+        max_failures: u32,
+    ) -> Result<Option<(TaskState, u32)>> {
+        self.lock()
+            .query_row(
+                "UPDATE tasks SET failures = failures + 1, error = ?4,
+                     state = CASE WHEN failures + 1 >= ?5 THEN 'FAILED' ELSE 'PENDING' END,
+                     worker_id = CASE WHEN failures + 1 >= ?5 THEN worker_id ELSE NULL END
+                 WHERE job_id = ?1 AND task_id = ?2 AND attempt = ?3 AND state = 'RUNNING'
+                 RETURNING state, failures",
+                params![
+                    attempt.job_id.as_str(),
+                    attempt.task_id.as_str(),
+                    attempt.attempt,
+                    error,
+                    max_failures
+                ],
+                |r| Ok((TaskState::parse(&r.get::<_, String>(0)?), r.get(1)?)),
+            )
+            .optional()
+            .map_err(HeadError::store("fail attempt"))
+    }
+
     /// Cancels every task of a job that has not ended.
     ///
     /// # Errors
@@ -686,6 +718,48 @@ mod tests {
         let j = s.job(&id).unwrap().unwrap();
         assert_eq!(j.state, JobState::Succeeded as i32);
         assert!(!j.started_at.is_empty() && !j.finished_at.is_empty());
+    }
+
+    #[test]
+    fn only_failed_attempts_count_towards_the_limit() {
+        let (_d, s) = store();
+        let id = JobId(
+            s.insert_job("selftest", &JobSpec::default(), "")
+                .unwrap()
+                .id,
+        );
+        let task = TaskId("t0001".into());
+        s.insert_tasks(&id, &[(task.clone(), TaskAssignment::default())])
+            .unwrap();
+        let w = WorkerId("w1".into());
+        let attempt = |n| AttemptRef {
+            job_id: id.clone(),
+            task_id: task.clone(),
+            attempt: n,
+        };
+        // Attempt 1 is not taken by the worker: pending again, nothing counted.
+        s.start_attempt(&id, &task, &w).unwrap().unwrap();
+        assert!(s
+            .finish_attempt(&attempt(1), TaskState::Pending, None, None, false)
+            .unwrap());
+        // Attempts 2 and 3 run and fail; the limit is two failures.
+        s.start_attempt(&id, &task, &w).unwrap().unwrap();
+        assert_eq!(
+            s.fail_attempt(&attempt(2), "oom", 2).unwrap(),
+            Some((TaskState::Pending, 1))
+        );
+        assert_eq!(s.fail_attempt(&attempt(2), "late", 2).unwrap(), None);
+        s.start_attempt(&id, &task, &w).unwrap().unwrap();
+        assert_eq!(
+            s.fail_attempt(&attempt(3), "oom again", 2).unwrap(),
+            Some((TaskState::Failed, 2))
+        );
+        let row = &s.tasks(&id).unwrap()[0];
+        assert_eq!(
+            (row.state, row.attempt, row.failures),
+            (TaskState::Failed, 3, 2)
+        );
+        assert_eq!(row.error.as_deref(), Some("oom again"));
     }
 
     #[test]

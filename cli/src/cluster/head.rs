@@ -37,10 +37,14 @@ pub struct Args {
     /// A worker silent for this long is marked dead and its task re-run, ms.
     #[arg(long, default_value_t = 6000)]
     pub worker_timeout_ms: u64,
+    /// How long `medray status` keeps listing a lost worker (state LOST, with why and when), s.
+    #[arg(long, default_value_t = 600)]
+    pub lost_worker_retention_s: u64,
     /// Workers needed for /readyz to report ready.
     #[arg(long, default_value_t = 1)]
     pub min_workers: u32,
-    /// Attempts of one task before its job fails.
+    /// Failed attempts of one task before its job fails (a refused or unacknowledged
+    /// assignment does not count).
     #[arg(long, default_value_t = 4)]
     pub max_task_attempts: u32,
     /// Largest gRPC message either side accepts, bytes (at least the chunk size + 64 KiB).
@@ -77,6 +81,7 @@ impl TryFrom<Args> for HeadConfig {
             http_listen: a.http_listen,
             heartbeat_interval: Duration::from_millis(a.heartbeat_interval_ms),
             worker_timeout: Duration::from_millis(a.worker_timeout_ms),
+            lost_worker_retention: Duration::from_secs(a.lost_worker_retention_s),
             min_workers: a.min_workers,
             max_task_attempts: a.max_task_attempts,
             max_message_bytes: a.max_message_bytes,

@@ -1,4 +1,6 @@
-//! `medray status`: workers and recent jobs of the cluster.
+//! `medray status`: workers and recent jobs of the cluster. A worker that was lost (killed,
+//! hung, evicted, left) is listed LOST, with why and when, for the head's
+//! `--lost-worker-retention-s` (default 10 minutes) after it went.
 
 use medray_proto::v1::{ClusterStatusRequest, JobState};
 
@@ -35,6 +37,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                         "current_task": w.current_task, "cores": w.cores,
                         "memory_bytes": w.memory_bytes, "version": w.version,
                         "gpu_name": w.gpu_name, "gpu_memory_bytes": w.gpu_memory_bytes,
+                        "lost_reason": w.lost_reason, "lost_at": w.lost_at,
+                        "lost_age_s": w.lost_age_s,
                     })
                 })
                 .collect();
@@ -46,11 +50,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             );
             return Ok(());
         }
+        let lost = s.workers.iter().filter(|w| w.state == "LOST").count();
         println!(
-            "head: medray {} (protocol {}), {} worker(s)",
+            "head: medray {} (protocol {}), {} worker(s){}",
             s.version,
             s.protocol_version,
-            s.workers.len()
+            s.workers.len() - lost,
+            if lost > 0 {
+                format!(", {lost} lost recently")
+            } else {
+                String::new()
+            }
         );
         println!(
             "{:<15} {:<24} {:<8} {:<8} {:>9} {:<24}",
@@ -76,6 +86,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     "",
                     w.gpu_name,
                     w.gpu_memory_bytes as f64 / (1u64 << 30) as f64
+                );
+            }
+            if w.state == "LOST" {
+                println!(
+                    "{:<15} lost {:.1} s ago ({}): {}",
+                    "", w.lost_age_s, w.lost_at, w.lost_reason
                 );
             }
         }
