@@ -142,6 +142,28 @@ pub(crate) fn dispatch(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// Fault injection for the fault-injection tests: `FAILPOINTS="name=actions;..."` (the
+/// `fail` crate's syntax, e.g. `replica-commit=return(5)`) arms the named points; unset, every
+/// point is inert. See ARCHITECTURE.md, "Fault injection".
+fn configure_failpoints() -> Result<(), String> {
+    let Ok(spec) = std::env::var("FAILPOINTS") else {
+        return Ok(());
+    };
+    for entry in spec.split(';').map(str::trim).filter(|e| !e.is_empty()) {
+        let (name, actions) = entry
+            .split_once('=')
+            .ok_or_else(|| format!("FAILPOINTS: `{entry}` is not name=actions"))?;
+        fail::cfg(name.trim(), actions.trim())
+            .map_err(|e| format!("FAILPOINTS: `{entry}`: {e}"))?;
+        tracing::warn!(
+            failpoint = name.trim(),
+            actions = actions.trim(),
+            "fault injection armed"
+        );
+    }
+    Ok(())
+}
+
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -151,6 +173,10 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     medray_proto::tls::install_crypto_provider();
+    if let Err(e) = configure_failpoints() {
+        eprintln!("error: {e}");
+        return std::process::ExitCode::FAILURE;
+    }
     let result = dispatch(Cli::parse());
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

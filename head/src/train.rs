@@ -1068,7 +1068,7 @@ impl Coordinator {
                     });
                     // Every member gets the commit, each send on its own: a replica lost now
                     // is dropped, the others still apply the step, and it is not run again.
-                    fail::fail_point!("train-commit-sending");
+                    fault_delay("train-commit-sending").await;
                     self.send_each(commit).await?;
                     self.live_step = id.step;
                     self.ctx.metrics.train_steps.inc();
@@ -1119,7 +1119,7 @@ impl Coordinator {
                         return self
                             .protocol_error(member, &format!("sent chunk {k}, out of range"));
                     };
-                    let values = match self.encoding.decode(&chunk.data, n) {
+                    let values = match self.encoding.decode_sum(&chunk.data, n) {
                         Ok(v) => v,
                         Err(e) => return self.protocol_error(member, &e.to_string()),
                     };
@@ -1382,9 +1382,7 @@ impl Coordinator {
             .await?;
         let json = serde_json::to_vec_pretty(&next)
             .map_err(|e| Interrupt::Fatal(format!("state: {e}")))?;
-        fail::fail_point!("train-before-commit-point", |_| Err(Interrupt::Fatal(
-            "failpoint train-before-commit-point".into()
-        )));
+        fault_delay("train-before-commit-point").await;
         stage.put(&state_key(&self.job_id)?, &json).await?;
         let previous = std::mem::replace(&mut self.state, next);
         self.checkpoint = Some((weights, optimizer));
@@ -1556,7 +1554,7 @@ impl Coordinator {
     async fn finish(&mut self) -> Phase<String> {
         let best = self.best_weights().await?;
         let registered = self.register(best).await?;
-        fail::fail_point!("train-registered");
+        fault_delay("train-registered").await;
         self.log(format!("registered model {registered}"));
         self.finishing = true;
         let ids: Vec<u64> = self.members.iter().map(|m| m.id).collect();
@@ -1585,6 +1583,19 @@ impl Coordinator {
             "replica_failures": self.failures,
         })
         .to_string())
+    }
+}
+
+/// Fault injection for the tests (inert unless `FAILPOINTS` arms it): `name=return(MS)`
+/// makes the coordinator wait MS milliseconds at that point, without blocking the runtime,
+/// so that a test can kill a process there. Points: `train-commit-sending` (before a step's
+/// commit goes out), `train-before-commit-point` (before `state.json` is written),
+/// `train-registered` (after the model is registered, before the job ends).
+async fn fault_delay(name: &str) {
+    let ms = fail::eval(name, |arg| arg.and_then(|a| a.parse::<u64>().ok())).flatten();
+    if let Some(ms) = ms {
+        tracing::warn!(failpoint = name, ms, "fault injection: waiting");
+        tokio::time::sleep(Duration::from_millis(ms)).await;
     }
 }
 

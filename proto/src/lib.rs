@@ -17,7 +17,7 @@ pub mod v1 {
 /// the GPU in `RegisterRequest`, and fp16 gradient chunks that start with their scale.
 /// 4: exactly-once training steps: `StepCommit`/`StepAbort` name their step, replicas report
 /// the step they hold, their whole-state checksum and their micro-batches' BatchNorm
-/// statistics (no more averaged `bn_stats`).
+/// statistics (no more averaged `bn_stats`); fp32 gradient uploads are f64 sums.
 pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Metadata key of the cluster token on every gRPC call (`authorization: Bearer <token>`).

@@ -30,6 +30,9 @@ pub struct HeadOptions {
     pub tls: Option<TlsFiles>,
     /// More `medray head` arguments.
     pub extra_args: Vec<String>,
+    /// Environment of the head process (e.g. `FAILPOINTS` for fault injection), on every
+    /// start.
+    pub env: Vec<(String, String)>,
 }
 
 /// PEM files of a TLS test cluster.
@@ -50,6 +53,7 @@ impl Default for HeadOptions {
             worker_timeout_ms: 5000,
             tls: None,
             extra_args: Vec::new(),
+            env: Vec::new(),
         }
     }
 }
@@ -142,17 +146,24 @@ impl TestCluster {
         Ok(c)
     }
 
+    /// The head's options, for the next [`Self::start_head`] (e.g. to disarm a failpoint
+    /// before a restart).
+    pub fn head_options_mut(&mut self) -> &mut HeadOptions {
+        &mut self.options
+    }
+
     /// The cluster's temporary folder.
     #[must_use]
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
 
-    fn spawn(&self, name: &str, args: &[String]) -> anyhow::Result<Proc> {
+    fn spawn(&self, name: &str, args: &[String], env: &[(String, String)]) -> anyhow::Result<Proc> {
         let log = self.dir.path().join(format!("{name}.log"));
         let file = std::fs::File::create(&log)?;
         let child = Command::new(&self.bin)
             .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .env("MEDRAY_TOKEN", &self.token)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -204,7 +215,7 @@ impl TestCluster {
             ]);
         }
         args.extend(self.options.extra_args.iter().cloned());
-        let proc = self.spawn(&name, &args)?;
+        let proc = self.spawn(&name, &args, &self.options.env)?;
         self.head = Some(proc);
         self.wait_until("the head answers", Duration::from_secs(60), |c| {
             Ok(c.cli(&["status"])?.status.success())
@@ -224,6 +235,19 @@ impl TestCluster {
     /// # Errors
     /// If it cannot be spawned.
     pub fn add_worker_with(&mut self, extra: &[String]) -> anyhow::Result<usize> {
+        self.add_worker_with_env(extra, &[])
+    }
+
+    /// Starts a worker with extra command-line arguments and environment variables (e.g.
+    /// `FAILPOINTS`); returns its index.
+    ///
+    /// # Errors
+    /// If it cannot be spawned.
+    pub fn add_worker_with_env(
+        &mut self,
+        extra: &[String],
+        env: &[(String, String)],
+    ) -> anyhow::Result<usize> {
         let i = self.workers.len() + 1;
         let name = format!("worker-{i}");
         let mut args: Vec<String> = vec![
@@ -246,7 +270,7 @@ impl TestCluster {
             args.extend(["--tls-ca".into(), tls.ca.display().to_string()]);
         }
         args.extend_from_slice(extra);
-        let proc = self.spawn(&name, &args)?;
+        let proc = self.spawn(&name, &args, env)?;
         self.workers.push(proc);
         Ok(i - 1)
     }

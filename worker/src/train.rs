@@ -199,6 +199,7 @@ fn serve(
     loop {
         match link.next(ctx)? {
             Down::Step(step) => {
+                fault_kill("replica-step", step.step);
                 let cases: Vec<usize> = step.cases.iter().map(|&i| i as usize).collect();
                 let g = replica
                     .compute_gradient(&cases, micro_batch)
@@ -209,7 +210,7 @@ fn serve(
                         link.send(Up::Grad(GradChunk {
                             round: step.round,
                             index: k as u32,
-                            data: encoding.encode(&g.flat[offset..offset + n]),
+                            data: encoding.encode_sum(&g.sum[offset..offset + n]),
                         }))?;
                         offset += n;
                     }
@@ -250,7 +251,7 @@ fn serve(
                 }
             }
             Down::Commit(c) => {
-                fault_on_commit(c.step);
+                fault_kill("replica-commit", c.step);
                 let Some(p) = pending.take_if(|p| p.round == c.round) else {
                     // Not the round this replica computed: only harmless when it already
                     // holds the step (a commit delivered twice).
@@ -446,15 +447,18 @@ fn start(
     Ok((replica, started.elapsed()))
 }
 
-/// Fault injection for the tests (inert unless `FAILPOINTS` configures it):
-/// `replica-commit=return(N)` makes this worker SIGKILL itself when the commit of step `N`
-/// arrives, before applying it: a replica lost in the middle of a commit.
-fn fault_on_commit(step: u64) {
-    let target = fail::eval("replica-commit", |arg| {
-        arg.and_then(|a| a.parse::<u64>().ok())
-    });
+/// Fault injection for the tests (inert unless `FAILPOINTS` arms it): `replica-commit=return(N)`
+/// makes this worker SIGKILL itself when the commit of step `N` arrives, before applying it
+/// (a replica lost in the middle of a commit); `replica-step=return(N)` when step `N` is
+/// handed out (a replica lost mid-epoch).
+fn fault_kill(name: &str, step: u64) {
+    let target = fail::eval(name, |arg| arg.and_then(|a| a.parse::<u64>().ok()));
     if target.flatten() == Some(step) {
-        tracing::warn!(step, "failpoint replica-commit: killing this worker");
+        tracing::warn!(
+            failpoint = name,
+            step,
+            "fault injection: killing this worker"
+        );
         let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
     }
 }

@@ -10,10 +10,13 @@ use crate::optim::ReduceLrOnPlateau;
 use crate::train::{EpochSummary, TrainConfig};
 use crate::{Error, Result};
 
-/// How gradient chunks travel.
+/// How gradient chunks travel. Replicas upload their shard's gradient *sum* (see
+/// [`GradEncoding::encode_sum`]); the coordinator sends back the mean
+/// ([`GradEncoding::encode`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum GradEncoding {
-    /// 4 bytes a value, exact.
+    /// Exact: sums go up as f64 (8 bytes a value), means come back as f32 (4 bytes), so the
+    /// mean is the same, bit for bit, however the global batch is split.
     #[default]
     F32,
     /// IEEE half precision, 2 bytes a value, after a 4-byte f32 scale per chunk: a chunk
@@ -54,9 +57,71 @@ impl GradEncoding {
         }
     }
 
-    /// Values that fit a chunk of `payload` bytes.
+    /// Bytes per value of an uploaded sum.
+    pub fn sum_bytes_per_value(self) -> usize {
+        match self {
+            Self::F32 => 8,
+            Self::F16 | Self::Bf16 => 2,
+        }
+    }
+
+    /// Values that fit a chunk of `payload` bytes, up (sums) and down (means).
     pub fn values_per_chunk(self, payload: usize) -> usize {
-        (payload.saturating_sub(self.header_bytes()) / self.bytes_per_value()).max(1)
+        let width = self.bytes_per_value().max(self.sum_bytes_per_value());
+        (payload.saturating_sub(self.header_bytes()) / width).max(1)
+    }
+
+    /// Encodes a replica's gradient sum for the upload: f64 for [`GradEncoding::F32`]
+    /// (exact), otherwise compressed like [`GradEncoding::encode`].
+    pub fn encode_sum(self, values: &[f64]) -> Vec<u8> {
+        match self {
+            Self::F32 => {
+                let mut out = Vec::with_capacity(values.len() * 8);
+                values
+                    .iter()
+                    .for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
+                out
+            }
+            Self::F16 | Self::Bf16 => {
+                let narrow: Vec<f32> = values.iter().map(|&v| v as f32).collect();
+                self.encode(&narrow)
+            }
+        }
+    }
+
+    /// Decodes `expected` values of an uploaded sum; a payload of another length or a value
+    /// that is not finite is refused.
+    pub fn decode_sum(self, bytes: &[u8], expected: usize) -> Result<Vec<f64>> {
+        match self {
+            Self::F32 => {
+                if bytes.len() != expected * 8 {
+                    return Err(Error::invalid(
+                        "gradient chunk",
+                        format!(
+                            "{} bytes, expected {} ({expected} values of 8 bytes)",
+                            bytes.len(),
+                            expected * 8
+                        ),
+                    ));
+                }
+                let values: Vec<f64> = bytes
+                    .chunks_exact(8)
+                    .map(|b| f64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
+                    .collect();
+                if let Some(bad) = values.iter().position(|v| !v.is_finite()) {
+                    return Err(Error::invalid(
+                        "gradient chunk",
+                        format!("value {bad} is not finite"),
+                    ));
+                }
+                Ok(values)
+            }
+            Self::F16 | Self::Bf16 => Ok(self
+                .decode(bytes, expected)?
+                .into_iter()
+                .map(f64::from)
+                .collect()),
+        }
     }
 
     /// The power of two that brings the largest finite magnitude of `values` under 2^15
@@ -250,6 +315,21 @@ mod tests {
     }
 
     #[test]
+    fn sums_travel_exactly_in_fp32_mode() {
+        let v = [0.1f64 + 1e-12, -3.0e7, 1.0e-30];
+        let bytes = GradEncoding::F32.encode_sum(&v);
+        assert_eq!(bytes.len(), 24);
+        assert_eq!(GradEncoding::F32.decode_sum(&bytes, 3).unwrap(), v.to_vec());
+        assert!(GradEncoding::F32.decode_sum(&bytes, 2).is_err());
+        let nan = GradEncoding::F32.encode_sum(&[f64::NAN]);
+        assert!(GradEncoding::F32.decode_sum(&nan, 1).is_err());
+        let back = GradEncoding::Bf16
+            .decode_sum(&GradEncoding::Bf16.encode_sum(&[2.0, -0.5]), 2)
+            .unwrap();
+        assert_eq!(back, vec![2.0, -0.5]);
+    }
+
+    #[test]
     fn encodings_round_trip_and_refuse_bad_payloads() {
         let v = [0.5f32, -1.25, 3.0e-3, 0.0];
         for enc in [GradEncoding::F32, GradEncoding::F16, GradEncoding::Bf16] {
@@ -299,8 +379,8 @@ mod tests {
         bad[..4].copy_from_slice(&f32::NAN.to_le_bytes());
         let e = GradEncoding::F16.decode(&bad, 2).unwrap_err().to_string();
         assert!(e.contains("scale"), "{e}");
-        // Chunk sizing leaves room for the scale.
+        // Chunk sizing leaves room for the scale, and for f64 sums.
         assert_eq!(GradEncoding::F16.values_per_chunk(1004), 500);
-        assert_eq!(GradEncoding::F32.values_per_chunk(1004), 251);
+        assert_eq!(GradEncoding::F32.values_per_chunk(1004), 125);
     }
 }

@@ -50,14 +50,14 @@ pub struct ShardReport {
 /// An input to the round.
 #[derive(Clone, Debug)]
 pub enum RoundEvent {
-    /// Chunk `index` of a member's mean gradient.
+    /// Chunk `index` of a member's gradient, summed over its cases.
     Grad {
         /// Who sent it.
         member: MemberId,
         /// Chunk index.
         index: usize,
-        /// The decoded values.
-        values: Vec<f32>,
+        /// The decoded sums.
+        values: Vec<f64>,
     },
     /// A member finished its shard.
     Done {
@@ -85,7 +85,8 @@ pub enum RoundAction {
     Reduced {
         /// Chunk index.
         index: usize,
-        /// The weighted mean over the contributions.
+        /// The mean over the global batch's cases: the members' sums added in f64, divided
+        /// by the number of cases, rounded to f32.
         values: Vec<f32>,
     },
     /// The step is decided: send the commit to every member (each send on its own; a failed
@@ -134,8 +135,8 @@ pub struct RoundSpec {
 #[derive(Debug)]
 pub struct StepRound {
     spec: RoundSpec,
-    total_cases: f32,
-    acc: Vec<Option<Vec<f32>>>,
+    total_cases: usize,
+    acc: Vec<Option<Vec<f64>>>,
     got: Vec<HashSet<MemberId>>,
     reduced: usize,
     reports: HashMap<MemberId, ShardReport>,
@@ -146,7 +147,7 @@ pub struct StepRound {
 impl StepRound {
     /// A round in which nothing has arrived yet.
     pub fn new(spec: RoundSpec) -> Self {
-        let total_cases = spec.shards.iter().map(|(_, n)| *n as f32).sum();
+        let total_cases = spec.shards.iter().map(|(_, n)| *n).sum();
         let chunks = spec.chunk_lengths.len();
         Self {
             spec,
@@ -287,7 +288,7 @@ impl StepRound {
         &mut self,
         member: MemberId,
         index: usize,
-        values: Vec<f32>,
+        values: Vec<f64>,
         out: &mut Vec<RoundAction>,
     ) -> Result<(), String> {
         let cases = self.cases_of(member);
@@ -310,19 +311,13 @@ impl StepRound {
         if !self.got[index].insert(member) {
             return Err(format!("sent chunk {index} twice"));
         }
-        let w = cases as f32;
         let sum = self.acc[index].get_or_insert_with(|| vec![0.0; len]);
         for (s, v) in sum.iter_mut().zip(values) {
-            *s += w * v;
+            *s += v;
         }
         if self.got[index].len() == self.contributors() {
-            let total = self.total_cases;
-            let values = self.acc[index]
-                .take()
-                .unwrap_or_default()
-                .into_iter()
-                .map(|s| s / total)
-                .collect();
+            let sum = self.acc[index].take().unwrap_or_default();
+            let values = crate::train::replica::mean_of(&sum, self.total_cases);
             self.reduced += 1;
             out.push(RoundAction::Reduced { index, values });
         }

@@ -9,26 +9,26 @@ const CHUNKS: [usize; 2] = [3, 2];
 const BN_LEN: usize = 2;
 
 /// The gradient replica `member` computes for global case `case`: distinct per case.
-fn grad_of_case(case: usize, len: usize, chunk: usize) -> Vec<f32> {
+fn grad_of_case(case: usize, len: usize, chunk: usize) -> Vec<f64> {
     (0..len)
-        .map(|i| (case * 10 + chunk * 3 + i) as f32 + 0.5)
+        .map(|i| (case * 10 + chunk * 3 + i) as f64 + 0.5)
         .collect()
 }
 
-/// A replica's shard: the mean gradient over its cases, chunk by chunk, and one micro-batch
-/// statistic per case (micro-batches of one) whose values name the case.
-fn shard_of(cases: &[usize]) -> (Vec<Vec<f32>>, ShardReport) {
+/// A replica's shard: the gradient summed over its cases, chunk by chunk, and one
+/// micro-batch statistic per case (micro-batches of one) whose values name the case.
+fn shard_of(cases: &[usize]) -> (Vec<Vec<f64>>, ShardReport) {
     let chunks = CHUNKS
         .iter()
         .enumerate()
         .map(|(k, &len)| {
-            let mut mean = vec![0f32; len];
+            let mut sum = vec![0f64; len];
             for &c in cases {
-                for (m, v) in mean.iter_mut().zip(grad_of_case(c, len, k)) {
-                    *m += v / cases.len() as f32;
+                for (m, v) in sum.iter_mut().zip(grad_of_case(c, len, k)) {
+                    *m += v;
                 }
             }
-            mean
+            sum
         })
         .collect();
     let report = ShardReport {
@@ -196,15 +196,18 @@ fn run_step(
                 let bn = committed.expect("a commit action");
                 // The averaged chunks are the mean over the whole global batch.
                 for (k, &len) in CHUNKS.iter().enumerate() {
-                    let mut want = vec![0f32; len];
+                    let mut want = vec![0f64; len];
                     for &c in batch {
                         for (w, v) in want.iter_mut().zip(grad_of_case(c, len, k)) {
-                            *w += v / batch.len() as f32;
+                            *w += v;
                         }
                     }
-                    for (a, b) in reduced[&k].iter().zip(&want) {
-                        assert!((a - b).abs() < 1e-4, "chunk {k}: {a} vs {b}");
-                    }
+                    // Exactly the mean over the global batch, whatever the partition.
+                    assert_eq!(
+                        reduced[&k],
+                        crate::train::replica::mean_of(&want, batch.len()),
+                        "chunk {k}"
+                    );
                 }
                 let mut lost_during_commit: Vec<MemberId> = Vec::new();
                 if first && at >= script(&members, order, step).len() {
@@ -350,7 +353,7 @@ fn protocol_breaches_evict_the_member_and_abort() {
     assert_eq!(r.outcome(), Some(Outcome::Aborted));
     // A gradient from an empty shard, a chunk twice, a wrong length.
     let mut r = StepRound::new(spec(vec![(1, 1), (2, 0)]));
-    let grad = |member, values: Vec<f32>| RoundEvent::Grad {
+    let grad = |member, values: Vec<f64>| RoundEvent::Grad {
         member,
         index: 0,
         values,
