@@ -741,3 +741,73 @@ fn a_worker_joining_an_elastic_job_is_added_at_an_epoch_boundary() {
     assert!(log.contains("on 2 replica(s)"), "{log}");
     assert_eq!(j["result"]["steps"], 40, "{j}");
 }
+
+/// Kills the head at a failpoint of the job's end (`failpoint=return(60000)` makes it wait
+/// there once `marker` is in the job's log), restarts it, and checks that the job ends with
+/// its one registered version.
+fn head_killed_while_the_job_ends(failpoint: &str, marker: &str) -> String {
+    let options = HeadOptions {
+        env: failpoints(&format!("{failpoint}=return(60000)")),
+        ..HeadOptions::default()
+    };
+    let mut c = TestCluster::start(BIN, options).expect("head");
+    c.add_worker().expect("worker");
+    c.wait_for_workers(1, LONG).expect("worker registers");
+    ingest(&c, "four", 4, 16);
+    let job = submit(
+        &c,
+        "four",
+        &[
+            "--workers",
+            "1",
+            "--batch-size",
+            "2",
+            "--epochs",
+            "1",
+            "--val-fraction",
+            "0",
+            "--alias",
+            "prod",
+        ],
+    );
+    c.wait_until(marker, LONG, |c| Ok(logs(c, &job).contains(marker)))
+        .expect("the job ends");
+    let head = c.head.as_mut().expect("head");
+    head.signal(Signal::SIGKILL);
+    let _ = head.child.wait();
+    c.head_options_mut().env.clear();
+    c.start_head().expect("head restarts");
+    let j = wait_ok(&c, &job);
+    assert_eq!(j["result"]["model"], "m:v1", "{j}");
+    let list: serde_json::Value = serde_json::from_str(
+        &c.cli_ok(&["models", "list", "--format", "json"])
+            .expect("models list"),
+    )
+    .expect("json");
+    let versions = list.as_array().expect("array");
+    assert_eq!(versions.len(), 1, "{list}");
+    assert_eq!(versions[0]["job_id"], job.as_str(), "{list}");
+    logs(&c, &job)
+}
+
+/// Issue 17 item 5: a head that restarted after registering the model but before the job's
+/// end was recorded registered it a second time when the job resumed.
+#[test]
+fn a_head_restarted_after_registering_does_not_register_again() {
+    let log = head_killed_while_the_job_ends("train-registered", "alias prod now points at m:v1");
+    assert!(
+        log.contains("this job already registered m:v1; not registering again"),
+        "{log}"
+    );
+}
+
+/// A head that restarted after its replicas were told to finish (their tasks succeeded)
+/// waited for replicas that would never come: the job stayed RUNNING for ever.
+#[test]
+fn a_head_restarted_after_its_replicas_finished_ends_the_job() {
+    let log = head_killed_while_the_job_ends("train-finish-sent", "training finished");
+    assert!(
+        log.contains("every epoch is checkpointed: finishing the job"),
+        "{log}"
+    );
+}

@@ -485,6 +485,12 @@ impl Coordinator {
     }
 
     async fn train(&mut self) -> Phase<String> {
+        if self.state.epochs_done >= self.state.config.epochs {
+            // Every epoch is committed (a head that restarted while the job finished; its
+            // replicas may have ended already): nothing to wait for, only the end.
+            self.log("every epoch is checkpointed: finishing the job");
+            return self.finish().await;
+        }
         self.wait_for_gang().await?;
         let first = self.state.epochs_done + 1;
         let epochs = self.state.config.epochs;
@@ -1561,6 +1567,7 @@ impl Coordinator {
         for id in &ids {
             let _ = self.send(*id, Down::Finish(registered.clone())).await;
         }
+        fault_delay("train-finish-sent").await;
         // Give the replicas a moment to end their tasks (their streams close).
         let deadline = Instant::now() + Duration::from_secs(10);
         while self.members.iter().any(|m| ids.contains(&m.id)) {
@@ -1590,7 +1597,8 @@ impl Coordinator {
 /// makes the coordinator wait MS milliseconds at that point, without blocking the runtime,
 /// so that a test can kill a process there. Points: `train-commit-sending` (before a step's
 /// commit goes out), `train-before-commit-point` (before `state.json` is written),
-/// `train-registered` (after the model is registered, before the job ends).
+/// `train-registered` (after the model is registered), `train-finish-sent` (after the
+/// replicas were told to finish, before the job's end is recorded).
 async fn fault_delay(name: &str) {
     let ms = fail::eval(name, |arg| arg.and_then(|a| a.parse::<u64>().ok())).flatten();
     if let Some(ms) = ms {
