@@ -811,3 +811,72 @@ fn a_head_restarted_after_its_replicas_finished_ends_the_job() {
         "{log}"
     );
 }
+
+/// Issue 17 item 4: the best weights were written to `best/weights.safetensors` before
+/// `state.json`, the commit point, so a head that died between the two left a "best" from
+/// an epoch the state never committed. Now `state.json` names the best epoch's checkpoint
+/// weights, and nothing the committed state does not name is read. The head is stopped just
+/// before epoch 2's commit point and killed there.
+#[test]
+fn a_head_killed_before_the_commit_point_leaves_a_consistent_checkpoint() {
+    let options = HeadOptions {
+        env: failpoints("train-before-commit-point=1*off->return(60000)"),
+        ..HeadOptions::default()
+    };
+    let mut c = TestCluster::start(BIN, options).expect("head");
+    c.add_worker().expect("worker");
+    c.wait_for_workers(1, LONG).expect("worker registers");
+    ingest(&c, "four", 4, 16);
+    let job = submit(
+        &c,
+        "four",
+        &[
+            "--workers",
+            "1",
+            "--batch-size",
+            "2",
+            "--epochs",
+            "3",
+            "--val-fraction",
+            "0",
+        ],
+    );
+    c.wait_until("epoch 2's last step", LONG, |c| {
+        Ok(logs(c, &job).contains("step 2/2 of epoch 2/3"))
+    })
+    .expect("epoch 2 runs");
+    std::thread::sleep(Duration::from_secs(1));
+    let head = c.head.as_mut().expect("head");
+    head.signal(Signal::SIGKILL);
+    let _ = head.child.wait();
+    // With the head down, read the committed state from the data directory.
+    let data = c.dir().join("data").display().to_string();
+    let get = |key: &str, out: &Path| {
+        c.cli_ok(&[
+            "stage",
+            "get",
+            "--data-dir",
+            &data,
+            key,
+            &out.display().to_string(),
+        ])
+        .unwrap_or_else(|e| panic!("stage get {key}: {e}"))
+    };
+    let state_file = c.dir().join("state.json");
+    get(&format!("jobs/{job}/state.json"), &state_file);
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&state_file).expect("read")).expect("json");
+    assert_eq!(state["epochs_done"], 1, "{state}");
+    let best = format!("jobs/{job}/checkpoints/epoch-0001/weights.safetensors");
+    assert_eq!(state["best_weights"], best.as_str(), "{state}");
+    let best_file = c.dir().join("best.safetensors");
+    get(&best, &best_file);
+    let committed = medray_core::localnet::read_safetensors(&best_file, &Device::Cpu)
+        .expect("the committed best weights load");
+    assert!(!committed.is_empty());
+    c.head_options_mut().env.clear();
+    c.start_head().expect("head restarts");
+    let j = wait_ok(&c, &job);
+    assert_eq!(j["result"]["steps"], 6, "{j}");
+    assert_eq!(j["result"]["best_epoch"], 3, "{j}");
+}

@@ -9,8 +9,8 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use medray_proto::control::{worker_id_from_actor_name, WorkerControl, WORKERS_GROUP};
 use medray_proto::v1::{RegisterRequest, RegisterResponse, WorkerStatus};
-use medray_worker::control::{worker_id_from_actor_name, WorkerControl, WORKERS_GROUP};
 use ractor::pg::GroupChangeMessage;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use ractor_cluster::RactorMessage;

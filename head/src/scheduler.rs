@@ -15,8 +15,8 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
+use medray_proto::control::{attempt_key, Wire, WorkerControl};
 use medray_proto::v1::{AssignmentAck, TaskAssignment};
-use medray_worker::control::{attempt_key, Wire, WorkerControl};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use ractor_cluster::RactorMessage;
 

@@ -2,6 +2,7 @@
 #![allow(missing_docs, clippy::doc_markdown)]
 
 pub mod auth;
+pub mod control;
 pub mod tls;
 pub mod transport;
 

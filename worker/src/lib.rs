@@ -3,7 +3,7 @@
 pub mod actor;
 pub mod compute;
 pub mod config;
-pub mod control;
+pub use medray_proto::control;
 pub mod device;
 pub mod error;
 pub mod head_client;

@@ -4,8 +4,8 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
+use medray_proto::control::{Wire, WorkerControl};
 use medray_proto::v1::{AssignmentAck, JobSpec, TaskAssignment};
-use medray_worker::control::{Wire, WorkerControl};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 

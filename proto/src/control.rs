@@ -1,11 +1,12 @@
-//! The control messages the head's scheduler sends to a worker actor over ractor_cluster.
+//! The control messages the head's scheduler sends to a worker actor over ractor_cluster,
+//! here so that the head and the worker share them without depending on each other.
 //!
 //! They are small by construction (a task assignment names stage keys, never carries a
 //! volume), far below ractor_cluster's 16 MiB frame limit. Payloads are prost-encoded
 //! `medray.v1` messages wrapped in [`Wire`], so a malformed frame is reported as an error in
 //! the handler instead of panicking the actor.
 
-use medray_proto::v1::{AssignmentAck, TaskAssignment};
+use crate::v1::{AssignmentAck, TaskAssignment};
 use ractor::{BytesConvertable, RpcReplyPort};
 use ractor_cluster::RactorClusterMessage;
 
