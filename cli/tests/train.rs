@@ -132,6 +132,33 @@ fn failpoints(spec: &str) -> Vec<(String, String)> {
     vec![("FAILPOINTS".to_string(), spec.to_string())]
 }
 
+/// A cluster whose head has `FAILPOINTS=failpoints`, one worker, and a dataset "four" of
+/// 4 cases at 16^3.
+fn armed_head_one_worker(failpoints_spec: &str) -> TestCluster {
+    let options = HeadOptions {
+        env: failpoints(failpoints_spec),
+        ..HeadOptions::default()
+    };
+    let mut c = TestCluster::start(BIN, options).expect("head");
+    c.add_worker().expect("worker");
+    c.wait_for_workers(1, LONG).expect("worker registers");
+    ingest(&c, "four", 4, 16);
+    c
+}
+
+/// SIGKILLs the head and starts it again without its failpoints.
+fn kill_and_restart_head_disarmed(c: &mut TestCluster) {
+    kill_head(c);
+    c.head_options_mut().env.clear();
+    c.start_head().expect("head restarts");
+}
+
+fn kill_head(c: &mut TestCluster) {
+    let head = c.head.as_mut().expect("head");
+    head.signal(Signal::SIGKILL);
+    let _ = head.child.wait();
+}
+
 fn count(log: &str, what: &str) -> usize {
     log.lines().filter(|l| l.contains(what)).count()
 }
@@ -238,11 +265,7 @@ fn faults_during_training_end_where_an_uninterrupted_run_does() {
     .expect("epoch 6 runs");
     // The head now waits before epoch 6's commit point: kill it there.
     std::thread::sleep(Duration::from_secs(1));
-    let head = c.head.as_mut().expect("head");
-    head.signal(Signal::SIGKILL);
-    let _ = head.child.wait();
-    c.head_options_mut().env.clear();
-    c.start_head().expect("head restarts");
+    kill_and_restart_head_disarmed(&mut c);
     let j = wait_ok(&c, &cut);
     let log = logs(&c, &cut);
     assert!(
@@ -696,10 +719,7 @@ fn a_restarted_head_resumes_training_from_its_checkpoint() {
         Ok(logs(c, &job).contains("epoch   1  total loss"))
     })
     .expect("training runs");
-    let head = c.head.as_mut().expect("head");
-    head.signal(Signal::SIGKILL);
-    let _ = head.child.wait();
-    c.start_head().expect("head restarts");
+    kill_and_restart_head_disarmed(&mut c);
     let j = wait_ok(&c, &job);
     let log = logs(&c, &job);
     assert!(log.contains("head restarted"), "{log}");
@@ -746,14 +766,7 @@ fn a_worker_joining_an_elastic_job_is_added_at_an_epoch_boundary() {
 /// there once `marker` is in the job's log), restarts it, and checks that the job ends with
 /// its one registered version.
 fn head_killed_while_the_job_ends(failpoint: &str, marker: &str) -> String {
-    let options = HeadOptions {
-        env: failpoints(&format!("{failpoint}=return(60000)")),
-        ..HeadOptions::default()
-    };
-    let mut c = TestCluster::start(BIN, options).expect("head");
-    c.add_worker().expect("worker");
-    c.wait_for_workers(1, LONG).expect("worker registers");
-    ingest(&c, "four", 4, 16);
+    let mut c = armed_head_one_worker(&format!("{failpoint}=return(60000)"));
     let job = submit(
         &c,
         "four",
@@ -772,11 +785,7 @@ fn head_killed_while_the_job_ends(failpoint: &str, marker: &str) -> String {
     );
     c.wait_until(marker, LONG, |c| Ok(logs(c, &job).contains(marker)))
         .expect("the job ends");
-    let head = c.head.as_mut().expect("head");
-    head.signal(Signal::SIGKILL);
-    let _ = head.child.wait();
-    c.head_options_mut().env.clear();
-    c.start_head().expect("head restarts");
+    kill_and_restart_head_disarmed(&mut c);
     let j = wait_ok(&c, &job);
     assert_eq!(j["result"]["model"], "m:v1", "{j}");
     let list: serde_json::Value = serde_json::from_str(
@@ -819,14 +828,7 @@ fn a_head_restarted_after_its_replicas_finished_ends_the_job() {
 /// before epoch 2's commit point and killed there.
 #[test]
 fn a_head_killed_before_the_commit_point_leaves_a_consistent_checkpoint() {
-    let options = HeadOptions {
-        env: failpoints("train-before-commit-point=1*off->return(60000)"),
-        ..HeadOptions::default()
-    };
-    let mut c = TestCluster::start(BIN, options).expect("head");
-    c.add_worker().expect("worker");
-    c.wait_for_workers(1, LONG).expect("worker registers");
-    ingest(&c, "four", 4, 16);
+    let mut c = armed_head_one_worker("train-before-commit-point=1*off->return(60000)");
     let job = submit(
         &c,
         "four",
@@ -846,9 +848,7 @@ fn a_head_killed_before_the_commit_point_leaves_a_consistent_checkpoint() {
     })
     .expect("epoch 2 runs");
     std::thread::sleep(Duration::from_secs(1));
-    let head = c.head.as_mut().expect("head");
-    head.signal(Signal::SIGKILL);
-    let _ = head.child.wait();
+    kill_head(&mut c);
     // With the head down, read the committed state from the data directory.
     let data = c.dir().join("data").display().to_string();
     let get = |key: &str, out: &Path| {
