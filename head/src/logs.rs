@@ -49,6 +49,26 @@ impl LogHub {
         }
     }
 
+    /// Appends a head line that reports a training step, with its typed progress; like
+    /// [`LogHub::line`], a store failure is logged, not returned.
+    pub fn progress(
+        &self,
+        job: &JobId,
+        line: impl Into<String>,
+        progress: &medray_proto::v1::TrainProgress,
+    ) {
+        use prost::Message;
+        let line = line.into();
+        tracing::info!(job_id = %job, "{line}");
+        match self
+            .store
+            .append_progress(job, &line, &progress.encode_to_vec())
+        {
+            Ok(_) => self.appended.notify_waiters(),
+            Err(e) => tracing::error!(job_id = %job, error = %e, "cannot record a log line"),
+        }
+    }
+
     /// Wakes followers (e.g. when a job ends).
     pub fn wake(&self) {
         self.appended.notify_waiters();

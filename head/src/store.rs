@@ -81,6 +81,9 @@ pub struct LogRow {
     pub worker_id: String,
     /// The text.
     pub line: String,
+    /// A training step's typed progress (prost-encoded `TrainProgress`), if the line reports
+    /// one.
+    pub progress: Option<Vec<u8>>,
 }
 
 /// A worker as recorded.
@@ -535,6 +538,25 @@ impl Store {
     /// # Errors
     /// [`HeadError::Store`].
     pub fn append_logs(&self, job: &JobId, worker: &str, lines: &[String]) -> Result<u64> {
+        let lines: Vec<(&str, Option<&[u8]>)> = lines.iter().map(|l| (l.as_str(), None)).collect();
+        self.append_log_rows(job, worker, &lines)
+    }
+
+    /// Appends one head line that carries a typed progress event (prost-encoded
+    /// `TrainProgress`).
+    ///
+    /// # Errors
+    /// [`HeadError::Store`].
+    pub fn append_progress(&self, job: &JobId, line: &str, progress: &[u8]) -> Result<u64> {
+        self.append_log_rows(job, "", &[(line, Some(progress))])
+    }
+
+    fn append_log_rows(
+        &self,
+        job: &JobId,
+        worker: &str,
+        lines: &[(&str, Option<&[u8]>)],
+    ) -> Result<u64> {
         let mut conn = self.lock();
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -549,11 +571,11 @@ impl Store {
         {
             let mut stmt = tx
                 .prepare_cached(&format!(
-                    "INSERT INTO job_logs (job_id, seq, time, worker_id, line) VALUES (?1, ?2, {NOW}, ?3, ?4)"
+                    "INSERT INTO job_logs (job_id, seq, time, worker_id, line, progress) VALUES (?1, ?2, {NOW}, ?3, ?4, ?5)"
                 ))
                 .map_err(HeadError::store("append logs"))?;
-            for line in lines {
-                stmt.execute(params![job.as_str(), seq, worker, line])
+            for (line, progress) in lines {
+                stmt.execute(params![job.as_str(), seq, worker, line, progress])
                     .map_err(HeadError::store("append logs"))?;
                 seq += 1;
             }
@@ -570,7 +592,7 @@ impl Store {
         let conn = self.lock();
         let mut stmt = conn
             .prepare_cached(
-                "SELECT seq, time, worker_id, line FROM job_logs
+                "SELECT seq, time, worker_id, line, progress FROM job_logs
                  WHERE job_id = ?1 AND seq >= ?2 ORDER BY seq LIMIT ?3",
             )
             .map_err(HeadError::store("read logs"))?;
@@ -581,6 +603,7 @@ impl Store {
                     time: r.get(1)?,
                     worker_id: r.get(2)?,
                     line: r.get(3)?,
+                    progress: r.get(4)?,
                 })
             })
             .map_err(HeadError::store("read logs"))?;
@@ -718,6 +741,41 @@ mod tests {
         let j = s.job(&id).unwrap().unwrap();
         assert_eq!(j.state, JobState::Succeeded as i32);
         assert!(!j.started_at.is_empty() && !j.finished_at.is_empty());
+    }
+
+    /// Issue 17 item 4: the CLI's progress bar parsed the text of step lines; a step line now
+    /// carries its typed progress, and plain lines carry none.
+    #[test]
+    fn log_lines_keep_their_typed_progress() {
+        use prost::Message;
+        let (_dir, s) = store();
+        let id = JobId(
+            s.insert_job("selftest", &JobSpec::default(), "")
+                .unwrap()
+                .id,
+        );
+        s.append_logs(&id, "worker-000001", &["loading".into()])
+            .unwrap();
+        let progress = medray_proto::v1::TrainProgress {
+            epoch: 2,
+            epochs: 5,
+            step_in_epoch: 3,
+            steps_in_epoch: 4,
+            step: 7,
+            loss: -1.25,
+            replicas: 2,
+        };
+        let next = s
+            .append_progress(&id, "step 3/4 of epoch 2/5", &progress.encode_to_vec())
+            .unwrap();
+        assert_eq!(next, 2);
+        let rows = s.logs(&id, 0, 10).unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].progress, None);
+        assert_eq!(rows[1].worker_id, "");
+        let back =
+            medray_proto::v1::TrainProgress::decode(rows[1].progress.as_deref().unwrap()).unwrap();
+        assert_eq!(back, progress);
     }
 
     #[test]

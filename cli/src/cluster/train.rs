@@ -217,40 +217,19 @@ async fn follow(client: &mut HeadClient, id: &str) -> anyhow::Result<()> {
         } else {
             format!("[{}] {}", line.worker_id, line.line)
         };
-        match (bar.is_hidden(), parse_step(&line.line)) {
-            (false, Some((k, n, epoch, loss))) if line.worker_id.is_empty() => {
-                bar.set_length(n);
-                bar.set_position(k);
-                bar.set_message(format!("epoch {epoch} loss {loss}"));
+        match (bar.is_hidden(), &line.progress) {
+            (false, Some(p)) => {
+                bar.set_length(p.steps_in_epoch);
+                bar.set_position(p.step_in_epoch);
+                bar.set_message(format!(
+                    "epoch {}/{} loss {:.4} on {} replica(s)",
+                    p.epoch, p.epochs, p.loss, p.replicas
+                ));
             }
-            (false, _) => bar.println(text),
+            (false, None) => bar.println(text),
             (true, _) => println!("{text}"),
         }
     }
     bar.finish_and_clear();
     Ok(())
-}
-
-/// `step K/N of epoch E/T: loss L ...` -> (K, N, "E/T", "L").
-fn parse_step(line: &str) -> Option<(u64, u64, &str, &str)> {
-    let rest = line.strip_prefix("step ")?;
-    let (kn, rest) = rest.split_once(" of epoch ")?;
-    let (k, n) = kn.split_once('/')?;
-    let (epoch, rest) = rest.split_once(": loss ")?;
-    let loss = rest.split_whitespace().next()?;
-    Some((k.parse().ok()?, n.parse().ok()?, epoch, loss))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_step;
-
-    #[test]
-    fn step_lines_parse() {
-        assert_eq!(
-            parse_step("step 3/8 of epoch 2/25: loss 0.1234 (similarity 0.1, regularisation 0.02) on 2 replica(s)"),
-            Some((3, 8, "2/25", "0.1234"))
-        );
-        assert_eq!(parse_step("epoch   2  total loss"), None);
-    }
 }

@@ -164,4 +164,9 @@ pub const MIGRATIONS: &[&str] = &[
     ALTER TABLE results ADD COLUMN split TEXT
         CHECK (split IS NULL OR split IN ('train', 'validation', 'held-out'));
     "#,
+    // 6: typed progress events on job log lines (prost-encoded medray.v1.TrainProgress),
+    // so that clients follow progress without parsing the text.
+    r#"
+    ALTER TABLE job_logs ADD COLUMN progress BLOB;
+    "#,
 ];

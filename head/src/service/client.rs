@@ -386,11 +386,16 @@ impl Client for ClientService {
                 }
                 for r in rows {
                     next = r.seq + 1;
+                    // A progress blob that does not decode is dropped, never the line.
+                    let progress = r.progress.as_deref().and_then(|b| {
+                        <medray_proto::v1::TrainProgress as prost::Message>::decode(b).ok()
+                    });
                     let line = LogLine {
                         seq: r.seq,
                         time: r.time,
                         worker_id: r.worker_id,
                         line: r.line,
+                        progress,
                     };
                     if tx.send(Ok(line)).await.is_err() {
                         return;

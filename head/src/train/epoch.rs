@@ -1,6 +1,8 @@
 //! One epoch: its steps, the validation, and the epoch's end (every replica must hold the
 //! same state; one replica's state becomes the checkpoint).
 
+use medray_proto::v1::TrainProgress;
+
 use super::*;
 
 impl Coordinator {
@@ -47,7 +49,16 @@ impl Coordinator {
             times.compute_ms += t.compute_ms;
             times.allreduce_ms += t.allreduce_ms;
             times.step_ms += t.step_ms;
-            self.log(format!(
+            let progress = TrainProgress {
+                epoch: epoch as u32,
+                epochs: config.epochs as u32,
+                step_in_epoch: k as u64 + 1,
+                steps_in_epoch: steps as u64,
+                step,
+                loss: mean.0,
+                replicas: self.members.len() as u32,
+            };
+            self.ctx.logs.progress(&self.job_id, format!(
                 "step {}/{steps} of epoch {epoch}/{}: loss {:.4} (similarity {:.4}, regularisation {:.4}) on {} replica(s), compute {:.0} ms, all-reduce {:.0} ms",
                 k + 1,
                 config.epochs,
@@ -57,7 +68,7 @@ impl Coordinator {
                 self.members.len(),
                 t.compute_ms,
                 t.allreduce_ms
-            ));
+            ), &progress);
         }
         let val = loop {
             if self.members.is_empty() {
