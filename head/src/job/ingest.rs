@@ -1,0 +1,156 @@
+//! `medray ingest` through the head: the ingestion runs on the head (a blocking task), its
+//! progress goes to the job's log.
+
+use super::*;
+
+impl JobActor {
+    pub(super) async fn run_ingest_blocking<F>(&self, f: F) -> Result<IngestReport>
+    where
+        F: FnOnce(
+                &medray_core::stage::Stage,
+                &mut medray_core::catalog::Catalog,
+            ) -> medray_core::Result<IngestReport>
+            + Send
+            + 'static,
+    {
+        let ctx = self.ctx.clone();
+        let handle = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || {
+            let _guard = handle.enter();
+            let mut catalog = ctx.catalog()?;
+            Ok(f(&ctx.stage, &mut catalog)?)
+        })
+        .await
+        .map_err(|e| HeadError::Actor(format!("ingest thread: {e}")))?
+    }
+
+    pub(super) fn start_ingest(
+        &self,
+        myself: &ActorRef<JobMsg>,
+        s: &mut JobActorState,
+        spec: IngestSpec,
+    ) -> Result<()> {
+        if s.resumed {
+            self.log(
+                s,
+                "head restarted during the ingest: running it again (ingest is idempotent)",
+            );
+        }
+        let mut options = IngestOptions::default()
+            .with_skip_bad(spec.skip_bad)
+            .with_replace(spec.replace);
+        if !spec.name.is_empty() {
+            options = options.with_name(DatasetName::new(spec.name.clone())?);
+        }
+        let source = spec
+            .source
+            .ok_or_else(|| HeadError::invalid("spec.ingest.source", "missing"))?;
+        self.ctx
+            .store
+            .set_job_state(&s.job_id, JobState::Running, "")?;
+        s.started = true;
+        let ctx = self.ctx.clone();
+        let job_id = s.job_id.clone();
+        let me = myself.clone();
+        let handle = tokio::runtime::Handle::current();
+        let task = tokio::task::spawn_blocking(move || {
+            let _guard = handle.enter();
+            let logs = ctx.logs.clone();
+            let mut last = (None, 0u64);
+            let progress = |phase: medray_core::ingest::IngestPhase, done: u64, total: u64| {
+                let pct = (done * 100).checked_div(total).unwrap_or(100);
+                if last.0 != Some(phase) || pct >= last.1 + 10 || done == total {
+                    logs.line(&job_id, format!("{phase:?}: {done}/{total}"));
+                    last = (Some(phase), pct);
+                }
+            };
+            let result: medray_core::Result<IngestReport> = (|| {
+                let mut catalog = ctx
+                    .catalog()
+                    .map_err(|e| medray_core::Error::invalid("catalog", e.to_string()))?;
+                match source {
+                    Source::Synthetic(src) => {
+                        let size: [usize; 3] = match src.size.as_slice() {
+                            [] => [192, 192, 208],
+                            [x, y, z] => [*x as usize, *y as usize, *z as usize],
+                            _ => {
+                                return Err(medray_core::Error::invalid(
+                                    "spec.ingest.synthetic.size",
+                                    "expected three values X Y Z",
+                                ))
+                            }
+                        };
+                        let config = SynthConfig::default()
+                            .with_cases(src.cases as usize)
+                            .with_size(size)
+                            .with_seed(src.seed);
+                        handle.block_on(ingest_synthetic(
+                            &ctx.stage,
+                            &mut catalog,
+                            &config,
+                            &options,
+                            progress,
+                        ))
+                    }
+                    Source::Dir(src) if src.path.ends_with(".csv") => {
+                        handle.block_on(ingest_manifest(
+                            &ctx.stage,
+                            &mut catalog,
+                            std::path::Path::new(&src.path),
+                            &options,
+                            progress,
+                        ))
+                    }
+                    Source::Dir(src) => handle.block_on(ingest_dir(
+                        &ctx.stage,
+                        &mut catalog,
+                        std::path::Path::new(&src.path),
+                        &options,
+                        progress,
+                    )),
+                    Source::Learn2reg(src) => {
+                        let url = if src.url.is_empty() {
+                            LEARN2REG_URL.to_string()
+                        } else {
+                            src.url
+                        };
+                        let mut download = DownloadConfig::new(url);
+                        if !src.sha256.is_empty() {
+                            download = download.with_sha256(src.sha256);
+                        }
+                        if !src.md5.is_empty() {
+                            download = download.with_md5(src.md5);
+                        }
+                        let config = Learn2RegConfig::new(ctx.config.data_dir.join("downloads"))
+                            .with_download(download);
+                        handle.block_on(ingest_learn2reg(
+                            &ctx.stage,
+                            &mut catalog,
+                            &config,
+                            &options,
+                            progress,
+                        ))
+                    }
+                }
+            })();
+            let done = result.map(|r| {
+                serde_json::json!({
+                    "dataset": r.name.as_str(),
+                    "outcome": match r.outcome {
+                        PublishOutcome::Created => "created",
+                        PublishOutcome::Unchanged => "unchanged",
+                        PublishOutcome::Replaced { .. } => "replaced",
+                    },
+                    "cases": r.cases,
+                    "bad_cases": r.bad.len(),
+                    "bytes": r.bytes,
+                    "objects_written": r.objects_written,
+                })
+                .to_string()
+            });
+            let _ = me.cast(JobMsg::IngestDone(done.map_err(|e| e.to_string())));
+        });
+        s.ingest = Some(task);
+        Ok(())
+    }
+}
