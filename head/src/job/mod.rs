@@ -2,8 +2,8 @@
 //! tasks, waits for the resources it needs (staying PENDING with the reason), hears from the
 //! scheduler how each task ends, writes the job's log, and ends the job exactly once.
 //!
-//! Each kind plans and follows its tasks in its own module: [`selftest`], [`ingest`],
-//! [`train`] and [`infer`]; this module holds what they share (the actor, its messages and
+//! Each kind plans and follows its tasks in its own module: `selftest.rs`, `ingest.rs`,
+//! `train.rs` and `infer.rs`; this module holds what they share (the actor, its messages and
 //! state, ending a job).
 
 use std::collections::BTreeMap;
