@@ -56,16 +56,11 @@ impl JobActor {
                 ),
             );
         } else if s.resumed {
-            let n = self.ctx.store.requeue_running_tasks(&s.job_id)?;
-            self.log(
-                s,
-                format!("head restarted: resuming the job ({n} running case(s) re-queued)"),
-            );
+            self.requeue_after_restart(s, |n| {
+                format!("head restarted: resuming the job ({n} running case(s) re-queued)")
+            })?;
         }
-        self.ctx
-            .store
-            .set_job_state(&s.job_id, JobState::Running, "")?;
-        s.started = true;
+        self.mark_running(s)?;
         let tasks = self.ctx.store.tasks(&s.job_id)?;
         let written: std::collections::HashSet<String> = medray_core::results::list_results(
             &catalog,

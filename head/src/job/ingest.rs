@@ -45,10 +45,7 @@ impl JobActor {
         let source = spec
             .source
             .ok_or_else(|| HeadError::invalid("spec.ingest.source", "missing"))?;
-        self.ctx
-            .store
-            .set_job_state(&s.job_id, JobState::Running, "")?;
-        s.started = true;
+        self.mark_running(s)?;
         let ctx = self.ctx.clone();
         let job_id = s.job_id.clone();
         let me = myself.clone();

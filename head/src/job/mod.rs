@@ -191,6 +191,27 @@ impl JobActor {
         Ok(None)
     }
 
+    /// After a head restart: puts the job's running attempts back in the queue and logs how
+    /// many (`line` words it for the kind).
+    fn requeue_after_restart(
+        &self,
+        s: &JobActorState,
+        line: impl FnOnce(usize) -> String,
+    ) -> Result<()> {
+        let n = self.ctx.store.requeue_running_tasks(&s.job_id)?;
+        self.log(s, line(n));
+        Ok(())
+    }
+
+    /// Marks the job RUNNING (its tasks are planned).
+    fn mark_running(&self, s: &mut JobActorState) -> Result<()> {
+        self.ctx
+            .store
+            .set_job_state(&s.job_id, JobState::Running, "")?;
+        s.started = true;
+        Ok(())
+    }
+
     fn check_done(&self, myself: &ActorRef<JobMsg>, s: &JobActorState) -> Result<()> {
         let tasks = self.ctx.store.tasks(&s.job_id)?;
         if tasks.iter().all(|t| t.state == TaskState::Succeeded) {

@@ -41,17 +41,12 @@ impl JobActor {
                 .count()
                 .max(1);
             if s.resumed {
-                let n = self.ctx.store.requeue_running_tasks(&s.job_id)?;
-                self.log(
-                    s,
-                    format!("head restarted: resuming training from its last checkpoint ({n} replica(s) re-queued)"),
-                );
+                self.requeue_after_restart(s, |n| {
+                    format!("head restarted: resuming training from its last checkpoint ({n} replica(s) re-queued)")
+                })?;
             }
         }
-        self.ctx
-            .store
-            .set_job_state(&s.job_id, JobState::Running, "")?;
-        s.started = true;
+        self.mark_running(s)?;
         let (tx, inbox) = tokio::sync::mpsc::unbounded_channel();
         self.ctx.trainers.register(&s.job_id, tx.clone());
         let args = crate::train::CoordinatorArgs {
