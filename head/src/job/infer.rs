@@ -92,16 +92,7 @@ impl JobActor {
                 max_running: spec.workers as usize,
             })?;
         }
-        let pending: Vec<TaskId> = tasks
-            .iter()
-            .filter(|t| t.state == TaskState::Pending)
-            .map(|t| t.task_id.clone())
-            .collect();
-        self.scheduler.cast(SchedulerMsg::Enqueue {
-            job_id: s.job_id.clone(),
-            tasks: pending,
-            job: myself.clone(),
-        })?;
+        self.enqueue_pending(myself, s, &tasks)?;
         self.check_infer_done(myself, s)
     }
 

@@ -29,7 +29,7 @@ use crate::context::HeadContext;
 use crate::ids::{JobId, TaskId, WorkerId};
 use crate::registry::RegistryMsg;
 use crate::scheduler::{SchedulerMsg, TaskEnd};
-use crate::store::TaskState;
+use crate::store::{TaskRow, TaskState};
 use crate::{HeadError, Result};
 
 mod infer;
@@ -200,6 +200,26 @@ impl JobActor {
     ) -> Result<()> {
         let n = self.ctx.store.requeue_running_tasks(&s.job_id)?;
         self.log(s, line(n));
+        Ok(())
+    }
+
+    /// Hands the PENDING ones of `tasks` to the scheduler.
+    fn enqueue_pending(
+        &self,
+        myself: &ActorRef<JobMsg>,
+        s: &JobActorState,
+        tasks: &[TaskRow],
+    ) -> Result<()> {
+        let pending: Vec<TaskId> = tasks
+            .iter()
+            .filter(|t| t.state == TaskState::Pending)
+            .map(|t| t.task_id.clone())
+            .collect();
+        self.scheduler.cast(SchedulerMsg::Enqueue {
+            job_id: s.job_id.clone(),
+            tasks: pending,
+            job: myself.clone(),
+        })?;
         Ok(())
     }
 

@@ -54,16 +54,7 @@ impl JobActor {
                 }
             }
         }
-        let pending: Vec<TaskId> = tasks
-            .iter()
-            .filter(|t| t.state == TaskState::Pending)
-            .map(|t| t.task_id.clone())
-            .collect();
-        self.scheduler.cast(SchedulerMsg::Enqueue {
-            job_id: s.job_id.clone(),
-            tasks: pending,
-            job: myself.clone(),
-        })?;
+        self.enqueue_pending(myself, s, &tasks)?;
         self.check_done(myself, s)
     }
 

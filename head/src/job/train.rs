@@ -69,19 +69,8 @@ impl JobActor {
         if spec_workers == 0 {
             myself.send_after(GROW_EVERY, || JobMsg::Grow);
         }
-        let pending: Vec<TaskId> = self
-            .ctx
-            .store
-            .tasks(&s.job_id)?
-            .iter()
-            .filter(|t| t.state == TaskState::Pending)
-            .map(|t| t.task_id.clone())
-            .collect();
-        self.scheduler.cast(SchedulerMsg::Enqueue {
-            job_id: s.job_id.clone(),
-            tasks: pending,
-            job: myself.clone(),
-        })?;
+        let tasks = self.ctx.store.tasks(&s.job_id)?;
+        self.enqueue_pending(myself, s, &tasks)?;
         Ok(())
     }
 
