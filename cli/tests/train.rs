@@ -821,6 +821,25 @@ fn a_head_restarted_after_its_replicas_finished_ends_the_job() {
     );
 }
 
+/// Issue 17 item 2 (supervision): the coordinator is an actor linked under its job. When it
+/// panics, the job fails with the panic's text instead of staying RUNNING, its replica stops,
+/// and the head goes on: the next training job runs to its end.
+#[test]
+fn a_panicking_coordinator_fails_its_job_and_the_head_goes_on() {
+    let c = armed_head_one_worker("train-epoch-start=1*panic(boom)");
+    let crashed = submit(&c, "four", &["--epochs", "1"]);
+    let j = c.wait_for_job_end(&crashed, LONG).expect("job ends");
+    assert_eq!(j["state"], "FAILED", "{j}\n{}", logs(&c, &crashed));
+    let reason = j["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("the training coordinator panicked: boom"),
+        "{j}"
+    );
+    // The worker is free again: the next job gets it and finishes.
+    let next = submit(&c, "four", &["--epochs", "1", "--model", "m2"]);
+    wait_ok(&c, &next);
+}
+
 /// Issue 17 item 4: the best weights were written to `best/weights.safetensors` before
 /// `state.json`, the commit point, so a head that died between the two left a "best" from
 /// an epoch the state never committed. Now `state.json` names the best epoch's checkpoint

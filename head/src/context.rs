@@ -27,8 +27,6 @@ pub struct HeadContext {
     pub catalog_path: PathBuf,
     /// Metrics.
     pub metrics: Arc<Metrics>,
-    /// Coordinators of running training jobs.
-    pub trainers: Arc<crate::train::TrainDirectory>,
 }
 
 impl HeadContext {

@@ -109,7 +109,6 @@ pub async fn run(
         stage: Arc::new(open_stage(&config)?),
         catalog_path,
         metrics: metrics.clone(),
-        trainers: Arc::default(),
     };
 
     // The ractor_cluster node workers connect to (cookie = the cluster token).
@@ -227,6 +226,7 @@ pub async fn run(
             ctx: ctx.clone(),
             registry: registry.clone(),
             scheduler: scheduler.clone(),
+            manager: manager.clone(),
         })
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes),

@@ -35,6 +35,11 @@ pub enum ManagerMsg {
     Submit(Box<JobSpec>, RpcReplyPort<Result<Job>>),
     /// Cancel a job.
     Cancel(JobId, RpcReplyPort<Result<Job>>),
+    /// The training coordinator of a running training job (None: no such job now).
+    Coordinator(
+        JobId,
+        RpcReplyPort<Option<ActorRef<crate::train::CoordMsg>>>,
+    ),
 }
 
 impl std::fmt::Debug for ManagerMsg {
@@ -42,6 +47,7 @@ impl std::fmt::Debug for ManagerMsg {
         match self {
             Self::Submit(..) => f.write_str("Submit"),
             Self::Cancel(id, _) => write!(f, "Cancel({id})"),
+            Self::Coordinator(id, _) => write!(f, "Coordinator({id})"),
         }
     }
 }
@@ -200,6 +206,19 @@ impl Actor for JobManager {
                 .await;
                 let _ = reply.send(result);
             }
+            ManagerMsg::Coordinator(id, reply) => match state.jobs.get(&id) {
+                // The job answers the caller directly; the manager does not wait.
+                Some(job) => {
+                    if let Err(ractor::MessagingErr::SendErr(JobMsg::Coordinator(reply))) =
+                        job.cast(JobMsg::Coordinator(reply))
+                    {
+                        let _ = reply.send(None);
+                    }
+                }
+                None => {
+                    let _ = reply.send(None);
+                }
+            },
         }
         Ok(())
     }

@@ -22,7 +22,7 @@ use medray_proto::v1::InferSpec;
 use medray_proto::v1::{
     IngestSpec, JobSpec, JobState, SelftestSpec, SelftestTask, TaskAssignment, TrainSpec, TrainTask,
 };
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use ractor_cluster::RactorMessage;
 
 use crate::context::HeadContext;
@@ -85,6 +85,8 @@ pub enum JobMsg {
     Grow,
     /// Cancel the job; replies with an error if it cannot be cancelled now.
     Cancel(RpcReplyPort<Result<()>>),
+    /// The training coordinator of this job, if it is a training job that has one now.
+    Coordinator(RpcReplyPort<Option<ActorRef<crate::train::CoordMsg>>>),
 }
 
 impl std::fmt::Debug for JobMsg {
@@ -96,6 +98,7 @@ impl std::fmt::Debug for JobMsg {
             Self::TrainDone(_) => f.write_str("TrainDone"),
             Self::Grow => f.write_str("Grow"),
             Self::Cancel(_) => f.write_str("Cancel"),
+            Self::Coordinator(_) => f.write_str("Coordinator"),
         }
     }
 }
@@ -119,8 +122,8 @@ pub struct JobActorState {
 /// A running training coordinator.
 #[derive(Debug)]
 struct Trainer {
-    task: tokio::task::JoinHandle<()>,
-    inbox: tokio::sync::mpsc::UnboundedSender<crate::train::CoordEvent>,
+    /// The coordinator actor, linked under the job's.
+    coordinator: ActorRef<crate::train::CoordMsg>,
     /// Replica tasks created so far (replacements get the next number).
     tasks: usize,
 }
@@ -285,9 +288,23 @@ impl Actor for JobActor {
         s: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         if let Some(trainer) = s.trainer.take() {
-            // Dropping the coordinator ends the replicas' streams.
-            trainer.task.abort();
-            self.ctx.trainers.unregister(&s.job_id);
+            // Stopping the coordinator ends the replicas' streams.
+            trainer.coordinator.stop(Some("its job ended".into()));
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        event: SupervisionEvent,
+        s: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        // The one child is the training coordinator; it reports its end with `TrainDone`
+        // before it stops, so only a failure is news here.
+        if let SupervisionEvent::ActorFailed(_, err) = event {
+            s.trainer = None;
+            self.end(&myself, s, JobState::Failed, &err.to_string());
         }
         Ok(())
     }
@@ -382,6 +399,9 @@ impl Actor for JobActor {
                     self.end(&myself, s, JobState::Cancelled, "cancelled by the user");
                     let _ = reply.send(Ok(()));
                 }
+            }
+            JobMsg::Coordinator(reply) => {
+                let _ = reply.send(s.trainer.as_ref().map(|t| t.coordinator.clone()));
             }
         }
         Ok(())

@@ -47,23 +47,25 @@ impl JobActor {
             }
         }
         self.mark_running(s)?;
-        let (tx, inbox) = tokio::sync::mpsc::unbounded_channel();
-        self.ctx.trainers.register(&s.job_id, tx.clone());
-        let args = crate::train::CoordinatorArgs {
-            ctx: self.ctx.clone(),
-            job_id: s.job_id.clone(),
-            spec,
-            replicas,
-            inbox,
+        let args = crate::train::CoordActorArgs {
+            args: crate::train::CoordinatorArgs {
+                ctx: self.ctx.clone(),
+                job_id: s.job_id.clone(),
+                spec,
+                replicas,
+            },
+            job: myself.clone(),
         };
-        let me = myself.clone();
-        let task = tokio::spawn(async move {
-            let result = crate::train::run(args).await;
-            let _ = me.cast(JobMsg::TrainDone(result));
-        });
+        let (coordinator, _) = ractor::Actor::spawn_linked(
+            None,
+            crate::train::TrainCoordinator,
+            args,
+            myself.get_cell(),
+        )
+        .await
+        .map_err(|e| HeadError::Actor(format!("spawning the training coordinator: {e}")))?;
         s.trainer = Some(Trainer {
-            task,
-            inbox: tx,
+            coordinator,
             tasks: existing.len().max(replicas),
         });
         if spec_workers == 0 {
@@ -142,10 +144,12 @@ impl JobActor {
             TaskEnd::Retrying(reason) => (reason, false),
             TaskEnd::Failed(reason) => (reason, true),
         };
-        let _ = trainer.inbox.send(crate::train::CoordEvent::TaskLost {
-            task_id: task_id.clone(),
-            reason: reason.clone(),
-        });
+        let _ = trainer.coordinator.cast(crate::train::CoordMsg::Event(
+            crate::train::CoordEvent::TaskLost {
+                task_id: task_id.clone(),
+                reason: reason.clone(),
+            },
+        ));
         if replace {
             trainer.tasks += 1;
             let new_id = replica_task(trainer.tasks);

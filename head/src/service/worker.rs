@@ -18,9 +18,10 @@ use tonic::{Request, Response, Status, Streaming};
 use super::{object_stream, BoxStream};
 use crate::context::HeadContext;
 use crate::ids::{AttemptRef, JobId, TaskId, WorkerId};
+use crate::manager::ManagerMsg;
 use crate::registry::RegistryMsg;
 use crate::scheduler::{AttemptOutcome, SchedulerMsg};
-use crate::train::{CoordEvent, Member};
+use crate::train::{CoordEvent, CoordMsg, Member};
 
 /// Messages to a training replica buffered before the coordinator waits (chunks of a
 /// gradient are the most: a step's worth fits).
@@ -44,6 +45,8 @@ pub struct WorkerService {
     pub registry: ActorRef<RegistryMsg>,
     /// The scheduler.
     pub scheduler: ActorRef<SchedulerMsg>,
+    /// The job manager (it finds a training job's coordinator).
+    pub manager: ActorRef<ManagerMsg>,
 }
 
 fn required<'a>(value: &'a str, field: &str) -> Result<&'a str, Status> {
@@ -216,21 +219,30 @@ impl Worker for WorkerService {
                 "attempt {attempt} is not current for worker {worker_id}"
             )));
         }
-        let coordinator = self.ctx.trainers.get(&attempt.job_id).ok_or_else(|| {
-            Status::not_found(format!(
-                "job {} has no training coordinator (it ended, or is not a training job)",
-                attempt.job_id
-            ))
-        })?;
+        let coordinator = self
+            .manager
+            .call(
+                |reply| ManagerMsg::Coordinator(attempt.job_id.clone(), reply),
+                Some(Duration::from_secs(10)),
+            )
+            .await
+            .map_err(|e| Status::unavailable(format!("the job manager: {e}")))?
+            .success_or_else(|| Status::unavailable("the job manager did not answer"))?
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "job {} has no training coordinator (it ended, or is not a training job)",
+                    attempt.job_id
+                ))
+            })?;
         let id = NEXT_MEMBER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (down_tx, down_rx) = tokio::sync::mpsc::channel(TRAIN_DOWN_BUFFER);
         coordinator
-            .send(CoordEvent::Join(Member {
+            .cast(CoordMsg::Event(CoordEvent::Join(Member {
                 id,
                 worker_id,
                 task_id: attempt.task_id.clone(),
                 down: down_tx,
-            }))
+            })))
             .map_err(|_| Status::unavailable("the training job ended"))?;
         // Forward the replica's messages until its stream ends.
         tokio::spawn(async move {
@@ -238,7 +250,7 @@ impl Worker for WorkerService {
                 match up.message().await {
                     Ok(Some(TrainUp { msg: Some(msg) })) => {
                         if coordinator
-                            .send(CoordEvent::Up { member: id, msg })
+                            .cast(CoordMsg::Event(CoordEvent::Up { member: id, msg }))
                             .is_err()
                         {
                             return;
@@ -251,7 +263,7 @@ impl Worker for WorkerService {
                     Err(status) => break format!("its stream broke: {}", status.message()),
                 }
             };
-            let _ = coordinator.send(CoordEvent::Gone { member: id, reason });
+            let _ = coordinator.cast(CoordMsg::Event(CoordEvent::Gone { member: id, reason }));
         });
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(down_rx),

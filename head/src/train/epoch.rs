@@ -8,6 +8,8 @@ use super::*;
 impl Coordinator {
     /// One epoch: steps, validation, epoch end, checkpoint.
     pub(super) async fn epoch(&mut self, epoch: usize) -> Phase<()> {
+        // Fault injection (`panic(MSG)`): the coordinator crashes here.
+        fail::fail_point!("train-epoch-start");
         // Joiners come in at the boundary, with the checkpoint's state.
         self.admit().await?;
         self.ensure_members().await?;

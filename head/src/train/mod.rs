@@ -1,8 +1,8 @@
 //! Data-parallel training: the coordinator of one training job.
 //!
 //! Each replica (a worker running the job's `TrainTask`) opens a `Train` stream to the head;
-//! the service hands it to this job's coordinator, a tokio task that drives every replica
-//! through the same sequence:
+//! the service hands it to this job's coordinator (an actor linked under the job's actor,
+//! `actor.rs`, owning the loop below) that drives every replica through the same sequence:
 //!
 //! 1. **Admission** (`members.rs`; at the start and at each epoch boundary): `TrainInit`
 //!    (config, cases, chunking), the checkpoint's weights and optimizer state when there are
@@ -35,7 +35,6 @@
 //! reads the checkpointed state.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use medray_core::catalog::{CaseRecord, DatasetName, StoredFile};
@@ -62,6 +61,7 @@ use crate::context::HeadContext;
 use crate::ids::{JobId, TaskId, WorkerId};
 use crate::{HeadError, Result};
 
+mod actor;
 mod checkpoint;
 mod epoch;
 mod finish;
@@ -69,6 +69,7 @@ mod members;
 mod spec;
 mod step;
 
+pub use actor::{CoordActorArgs, CoordMsg, TrainCoordinator};
 use spec::{fresh_state, job_key, load_state};
 pub use spec::{state_key, train_config};
 
@@ -81,33 +82,6 @@ const RESUMED_BEST_WEIGHTS: &str = "best/resumed.safetensors";
 
 /// Room left in a message for everything but a chunk's payload, bytes.
 const MESSAGE_OVERHEAD: usize = 64 * 1024;
-
-/// Where the `Train` service finds the coordinator of a job.
-#[derive(Debug, Default)]
-pub struct TrainDirectory {
-    inner: Mutex<HashMap<JobId, mpsc::UnboundedSender<CoordEvent>>>,
-}
-
-impl TrainDirectory {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<JobId, mpsc::UnboundedSender<CoordEvent>>> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Makes `job`'s coordinator reachable.
-    pub fn register(&self, job: &JobId, tx: mpsc::UnboundedSender<CoordEvent>) {
-        self.lock().insert(job.clone(), tx);
-    }
-
-    /// Forgets `job`'s coordinator.
-    pub fn unregister(&self, job: &JobId) {
-        self.lock().remove(job);
-    }
-
-    /// The coordinator's inbox.
-    pub fn get(&self, job: &JobId) -> Option<mpsc::UnboundedSender<CoordEvent>> {
-        self.lock().get(job).cloned()
-    }
-}
 
 /// A replica's stream, as the coordinator holds it.
 #[derive(Debug)]
@@ -198,8 +172,6 @@ pub struct CoordinatorArgs {
     pub spec: TrainSpec,
     /// Replicas to wait for before the first step.
     pub replicas: usize,
-    /// Its inbox (the sender is in the [`TrainDirectory`]).
-    pub inbox: mpsc::UnboundedReceiver<CoordEvent>,
 }
 
 struct Coordinator {
@@ -237,11 +209,13 @@ struct Coordinator {
     finishing: bool,
 }
 
-/// Runs a training job to its end: `Ok(result JSON)` or `Err(reason)`.
-pub async fn run(args: CoordinatorArgs) -> std::result::Result<String, String> {
-    let job_id = args.job_id.clone();
-    let ctx = args.ctx.clone();
-    let mut c = match Coordinator::new(args).await {
+/// Runs a training job to its end, hearing from the replicas through `inbox`: `Ok(result
+/// JSON)` or `Err(reason)`.
+async fn run(
+    args: CoordinatorArgs,
+    inbox: mpsc::UnboundedReceiver<CoordEvent>,
+) -> std::result::Result<String, String> {
+    let mut c = match Coordinator::new(args, inbox).await {
         Ok(c) => c,
         Err(e) => return Err(e.to_string()),
     };
@@ -249,18 +223,19 @@ pub async fn run(args: CoordinatorArgs) -> std::result::Result<String, String> {
     // Whatever happened, the replicas' streams end here.
     c.members.clear();
     c.joining.clear();
-    ctx.trainers.unregister(&job_id);
     result
 }
 
 impl Coordinator {
-    async fn new(args: CoordinatorArgs) -> Result<Self> {
+    async fn new(
+        args: CoordinatorArgs,
+        inbox: mpsc::UnboundedReceiver<CoordEvent>,
+    ) -> Result<Self> {
         let CoordinatorArgs {
             ctx,
             job_id,
             spec,
             replicas,
-            inbox,
         } = args;
         let encoding = GradEncoding::parse(&spec.grad_compression)
             .map_err(|e| HeadError::invalid("spec.train.grad_compression", e.to_string()))?;
