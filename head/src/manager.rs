@@ -5,14 +5,13 @@
 
 use std::collections::HashMap;
 
-use medray_proto::v1::job_spec::Kind;
 use medray_proto::v1::{Job, JobSpec, JobState};
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use ractor_cluster::RactorMessage;
 
 use crate::context::HeadContext;
 use crate::ids::JobId;
-use crate::job::{JobActor, JobArgs, JobMsg};
+use crate::job::{JobHandles, JobMsg};
 use crate::registry::RegistryMsg;
 use crate::scheduler::SchedulerMsg;
 use crate::{HeadError, Result};
@@ -59,17 +58,7 @@ pub struct ManagerState {
     by_actor: HashMap<ractor::ActorId, JobId>,
 }
 
-/// The kind label of a spec.
-#[must_use]
-pub fn kind_of(spec: &JobSpec) -> &'static str {
-    match spec.kind {
-        Some(Kind::Selftest(_)) => "selftest",
-        Some(Kind::Ingest(_)) => "ingest",
-        Some(Kind::Train(_)) => "train",
-        Some(Kind::Infer(_)) => "infer",
-        None => "unknown",
-    }
-}
+pub use crate::job::kind_of;
 
 impl JobManager {
     async fn spawn_job(
@@ -80,23 +69,20 @@ impl JobManager {
         spec: JobSpec,
         resumed: bool,
     ) -> Result<()> {
-        let actor = JobActor {
+        if spec.kind.is_none() {
+            // Submissions are validated; only a damaged stored spec gets here.
+            self.ctx
+                .store
+                .set_job_state(&job_id, JobState::Failed, "spec.kind: missing")?;
+            return Ok(());
+        }
+        let handles = JobHandles {
             ctx: self.ctx.clone(),
             scheduler: self.scheduler.clone(),
             registry: self.registry.clone(),
         };
-        let (job_ref, _) = Actor::spawn_linked(
-            None,
-            actor,
-            JobArgs {
-                job_id: job_id.clone(),
-                spec,
-                resumed,
-            },
-            myself.get_cell(),
-        )
-        .await
-        .map_err(|e| HeadError::Actor(format!("spawning the actor of {job_id}: {e}")))?;
+        let job_ref =
+            crate::job::spawn(handles, job_id.clone(), spec, resumed, myself.get_cell()).await?;
         state.by_actor.insert(job_ref.get_id(), job_id.clone());
         state.jobs.insert(job_id, job_ref);
         Ok(())
@@ -112,10 +98,15 @@ impl JobManager {
             if self
                 .ctx
                 .store
-                .set_job_state(&job_id, JobState::Failed, &reason)
+                .end_job(
+                    &job_id,
+                    JobState::Failed,
+                    &reason,
+                    &format!("job FAILED: {reason}"),
+                )
                 .unwrap_or(false)
             {
-                self.ctx.logs.line(&job_id, format!("job FAILED: {reason}"));
+                self.ctx.logs.wake();
                 let _ = self.ctx.store.cancel_tasks(&job_id);
                 let _ = self.scheduler.cast(SchedulerMsg::CancelJob(job_id));
             }

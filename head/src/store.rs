@@ -275,24 +275,26 @@ impl Store {
     /// # Errors
     /// [`HeadError::Store`].
     pub fn set_job_state(&self, id: &JobId, state: JobState, reason: &str) -> Result<bool> {
-        let time_column = match state {
-            JobState::Running => {
-                ", started_at = COALESCE(started_at, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))"
-            }
-            s if s.is_terminal() => ", finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')",
-            _ => "",
-        };
-        let n = self
-            .lock()
-            .execute(
-                &format!(
-                    "UPDATE jobs SET state = ?2, reason = ?3 {time_column}
-                     WHERE id = ?1 AND state IN ('PENDING', 'RUNNING')"
-                ),
-                params![id.as_str(), state.label(), reason],
-            )
-            .map_err(HeadError::store("update job"))?;
-        Ok(n > 0)
+        update_job_state(&self.lock(), id, state, reason)
+    }
+
+    /// Ends a job: sets its (terminal) state and reason and, when that changed it, appends
+    /// the head's log line `line(state)` in the same transaction, so that a follower that
+    /// sees the job ended has its last line too. Returns whether it changed.
+    ///
+    /// # Errors
+    /// [`HeadError::Store`].
+    pub fn end_job(&self, id: &JobId, state: JobState, reason: &str, line: &str) -> Result<bool> {
+        let mut conn = self.lock();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(HeadError::store("end job"))?;
+        let changed = update_job_state(&tx, id, state, reason)?;
+        if changed {
+            insert_log_rows(&tx, id, "", &[(line, None)])?;
+        }
+        tx.commit().map_err(HeadError::store("end job"))?;
+        Ok(changed)
     }
 
     /// Records a job's result summary.
@@ -561,27 +563,9 @@ impl Store {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(HeadError::store("append logs"))?;
-        let mut seq: i64 = tx
-            .query_row(
-                "SELECT COALESCE(MAX(seq) + 1, 0) FROM job_logs WHERE job_id = ?1",
-                [job.as_str()],
-                |r| r.get(0),
-            )
-            .map_err(HeadError::store("append logs"))?;
-        {
-            let mut stmt = tx
-                .prepare_cached(&format!(
-                    "INSERT INTO job_logs (job_id, seq, time, worker_id, line, progress) VALUES (?1, ?2, {NOW}, ?3, ?4, ?5)"
-                ))
-                .map_err(HeadError::store("append logs"))?;
-            for (line, progress) in lines {
-                stmt.execute(params![job.as_str(), seq, worker, line, progress])
-                    .map_err(HeadError::store("append logs"))?;
-                seq += 1;
-            }
-        }
+        let next = insert_log_rows(&tx, job, worker, lines)?;
         tx.commit().map_err(HeadError::store("append logs"))?;
-        Ok(seq as u64)
+        Ok(next)
     }
 
     /// Up to `limit` log lines of a job from `from_seq`.
@@ -676,6 +660,56 @@ impl Store {
     }
 }
 
+/// Sets a job's state and reason (and its start or end time) unless it has ended; whether it
+/// changed.
+fn update_job_state(conn: &Connection, id: &JobId, state: JobState, reason: &str) -> Result<bool> {
+    let time_column = match state {
+        JobState::Running => {
+            ", started_at = COALESCE(started_at, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))"
+        }
+        s if s.is_terminal() => ", finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')",
+        _ => "",
+    };
+    let n = conn
+        .execute(
+            &format!(
+                "UPDATE jobs SET state = ?2, reason = ?3 {time_column}
+                 WHERE id = ?1 AND state IN ('PENDING', 'RUNNING')"
+            ),
+            params![id.as_str(), state.label(), reason],
+        )
+        .map_err(HeadError::store("update job"))?;
+    Ok(n > 0)
+}
+
+/// Appends log lines (with their optional progress blobs) after the job's last one, inside
+/// the caller's transaction; the next free sequence number.
+fn insert_log_rows(
+    conn: &Connection,
+    job: &JobId,
+    worker: &str,
+    lines: &[(&str, Option<&[u8]>)],
+) -> Result<u64> {
+    let mut seq: i64 = conn
+        .query_row(
+            "SELECT COALESCE(MAX(seq) + 1, 0) FROM job_logs WHERE job_id = ?1",
+            [job.as_str()],
+            |r| r.get(0),
+        )
+        .map_err(HeadError::store("append logs"))?;
+    let mut stmt = conn
+        .prepare_cached(&format!(
+            "INSERT INTO job_logs (job_id, seq, time, worker_id, line, progress) VALUES (?1, ?2, {NOW}, ?3, ?4, ?5)"
+        ))
+        .map_err(HeadError::store("append logs"))?;
+    for (line, progress) in lines {
+        stmt.execute(params![job.as_str(), seq, worker, line, progress])
+            .map_err(HeadError::store("append logs"))?;
+        seq += 1;
+    }
+    Ok(seq as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -741,6 +775,36 @@ mod tests {
         let j = s.job(&id).unwrap().unwrap();
         assert_eq!(j.state, JobState::Succeeded as i32);
         assert!(!j.started_at.is_empty() && !j.finished_at.is_empty());
+    }
+
+    /// A follower stops when it sees the job ended; the last line must be there by then. The
+    /// state used to change before the line was written (`logs_follow_delivers_every_line_in_order`
+    /// sometimes missed "job SUCCEEDED"): now both are one transaction, and a job ends once.
+    #[test]
+    fn a_job_ends_once_with_its_last_line() {
+        let (_dir, s) = store();
+        let id = JobId(
+            s.insert_job("selftest", &JobSpec::default(), "")
+                .unwrap()
+                .id,
+        );
+        s.append_logs(&id, "", &["working".into()]).unwrap();
+        assert!(s
+            .end_job(&id, JobState::Succeeded, "", "job SUCCEEDED")
+            .unwrap());
+        assert!(!s
+            .end_job(&id, JobState::Failed, "late", "job FAILED: late")
+            .unwrap());
+        let lines: Vec<String> = s
+            .logs(&id, 0, 10)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.line)
+            .collect();
+        assert_eq!(lines, ["working", "job SUCCEEDED"]);
+        let j = s.job(&id).unwrap().unwrap();
+        assert_eq!(j.state, JobState::Succeeded as i32);
+        assert!(!j.finished_at.is_empty());
     }
 
     /// Issue 17 item 4: the CLI's progress bar parsed the text of step lines; a step line now

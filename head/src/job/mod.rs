@@ -1,35 +1,31 @@
-//! One actor per job, supervised by the [job manager](crate::manager). It plans the job's
-//! tasks, waits for the resources it needs (staying PENDING with the reason), hears from the
-//! scheduler how each task ends, writes the job's log, and ends the job exactly once.
+//! One actor per job, supervised by the [job manager](crate::manager). It waits for the
+//! resources its job needs (staying PENDING with the reason), hears from the scheduler how
+//! each task ends, writes the job's log, and ends the job exactly once.
 //!
-//! Each kind plans and follows its tasks in its own module: `selftest.rs`, `ingest.rs`,
-//! `train.rs` and `infer.rs`; this module holds what they share (the actor, its messages and
-//! state, ending a job).
+//! What a job *does* is its kind's: one [`JobKind`] implementation per kind, each in its own
+//! module: `selftest.rs`, `ingest.rs`, `train.rs` and `infer.rs`. [`spawn`] is the one place
+//! that maps a spec to its kind. The actor, [`JobActor`], is generic over the kind; this
+//! module holds it, its messages, and [`Job`], what every kind uses (the job's identity,
+//! logging, waiting for workers, queueing tasks, ending the job).
+//!
+//! Adding a kind: a `JobSpec` variant in `proto/medray.proto`, a module here implementing
+//! [`JobKind`], an arm in [`spawn`] and in [`kind_of`].
 
-use std::collections::BTreeMap;
+use std::future::Future;
+use std::marker::PhantomData;
 use std::time::Duration;
 
-use medray_core::catalog::{DatasetName, PublishOutcome};
-use medray_core::ingest::{
-    ingest_dir, ingest_learn2reg, ingest_manifest, ingest_synthetic, DownloadConfig, IngestOptions,
-    IngestReport, Learn2RegConfig, LEARN2REG_URL,
-};
-use medray_core::synth::SynthConfig;
-use medray_proto::v1::ingest_spec::Source;
 use medray_proto::v1::job_spec::Kind;
-use medray_proto::v1::task_assignment::Kind as TaskKind;
-use medray_proto::v1::InferSpec;
-use medray_proto::v1::{
-    IngestSpec, JobSpec, JobState, SelftestSpec, SelftestTask, TaskAssignment, TrainSpec, TrainTask,
-};
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use medray_proto::v1::{JobSpec, JobState};
+use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use ractor_cluster::RactorMessage;
 
 use crate::context::HeadContext;
-use crate::ids::{JobId, TaskId, WorkerId};
+use crate::ids::{JobId, TaskId};
 use crate::registry::RegistryMsg;
 use crate::scheduler::{SchedulerMsg, TaskEnd};
 use crate::store::{TaskRow, TaskState};
+use crate::train::CoordMsg;
 use crate::{HeadError, Result};
 
 mod infer;
@@ -37,14 +33,69 @@ mod ingest;
 mod selftest;
 mod train;
 
-use train::GROW_EVERY;
+use infer::InferJob;
+use ingest::IngestJob;
+use selftest::SelftestJob;
+use train::TrainJob;
 
-/// Default edge of the selftest input, voxels.
-const SELFTEST_SIZE: u32 = 32;
+/// What a job does: planning its tasks, following them, and what it runs on the head.
+///
+/// The [`JobActor`] calls these in order: [`start`](Self::start) (again while the job waits
+/// for workers), then [`task_ended`](Self::task_ended) as the scheduler reports, and
+/// [`work_done`](Self::work_done) when work the kind started on the head (an ingest, a
+/// training coordinator) ends. A kind ends its job with [`Job::end`]; an error it returns
+/// fails the job.
+pub trait JobKind: Send + Sync + 'static {
+    /// Plans the job's tasks (or, after a head restart, picks up the ones recorded) and
+    /// starts it; while it waits for workers it leaves the job PENDING with
+    /// [`Job::enough_workers`], which sends `Start` again shortly.
+    fn start(&mut self, job: &mut Job) -> impl Future<Output = Result<()>> + Send;
 
-/// The job actor.
-#[derive(Debug)]
-pub struct JobActor {
+    /// A task of the job ended, will run again, or failed for good.
+    ///
+    /// # Errors
+    /// A store or catalog error: the job fails.
+    fn task_ended(&mut self, job: &mut Job, task_id: TaskId, end: TaskEnd) -> Result<()>;
+
+    /// Work the kind runs on the head ended: its result JSON, or why it failed.
+    fn work_done(&mut self, job: &mut Job, result: std::result::Result<String, String>) {
+        job.end_with(result);
+    }
+
+    /// A tick the kind asked for with [`Job::tick_after`].
+    fn tick(&mut self, _job: &mut Job) -> impl Future<Output = Result<()>> + Send {
+        async { Ok(()) }
+    }
+
+    /// Why the job cannot be cancelled now (`None`: it can).
+    fn cancel_refused(&self) -> Option<&'static str> {
+        None
+    }
+
+    /// The job's training coordinator, for a training job that has one now.
+    fn coordinator(&self) -> Option<ActorRef<CoordMsg>> {
+        None
+    }
+
+    /// The job's actor stops: background work the kind started ends here.
+    fn stopped(&mut self) {}
+}
+
+/// The kind label of a spec (the `kind` column of the job table).
+#[must_use]
+pub fn kind_of(spec: &JobSpec) -> &'static str {
+    match spec.kind {
+        Some(Kind::Selftest(_)) => "selftest",
+        Some(Kind::Ingest(_)) => "ingest",
+        Some(Kind::Train(_)) => "train",
+        Some(Kind::Infer(_)) => "infer",
+        None => "unknown",
+    }
+}
+
+/// Handles a job actor needs besides its job.
+#[derive(Debug, Clone)]
+pub struct JobHandles {
     /// Shared handles.
     pub ctx: HeadContext,
     /// The scheduler.
@@ -53,13 +104,69 @@ pub struct JobActor {
     pub registry: ActorRef<RegistryMsg>,
 }
 
+/// Starts the actor of a job, of the kind its spec names, linked under `supervisor`.
+///
+/// # Errors
+/// [`HeadError::InvalidArgument`] for a spec without a kind; [`HeadError::Actor`] if the
+/// actor does not start.
+pub async fn spawn(
+    handles: JobHandles,
+    job_id: JobId,
+    spec: JobSpec,
+    resumed: bool,
+    supervisor: ActorCell,
+) -> Result<ActorRef<JobMsg>> {
+    let kind = spec
+        .kind
+        .ok_or_else(|| HeadError::invalid("spec.kind", "missing"))?;
+    let (h, id, r, sup) = (handles, job_id, resumed, supervisor);
+    match kind {
+        Kind::Selftest(s) => spawn_kind(h, id, SelftestJob::new(s), r, sup).await,
+        Kind::Ingest(s) => spawn_kind(h, id, IngestJob::new(s), r, sup).await,
+        Kind::Train(s) => spawn_kind(h, id, TrainJob::new(s), r, sup).await,
+        Kind::Infer(s) => spawn_kind(h, id, InferJob::new(*s), r, sup).await,
+    }
+}
+
+async fn spawn_kind<K: JobKind>(
+    handles: JobHandles,
+    job_id: JobId,
+    kind: K,
+    resumed: bool,
+    supervisor: ActorCell,
+) -> Result<ActorRef<JobMsg>> {
+    let (actor, _) = Actor::spawn_linked(
+        None,
+        JobActor::<K> {
+            handles,
+            kind: PhantomData,
+        },
+        JobArgs {
+            job_id: job_id.clone(),
+            kind,
+            resumed,
+        },
+        supervisor,
+    )
+    .await
+    .map_err(|e| HeadError::Actor(format!("spawning the actor of {job_id}: {e}")))?;
+    Ok(actor)
+}
+
+/// The actor of one job of kind `K`.
+#[derive(Debug)]
+pub struct JobActor<K> {
+    handles: JobHandles,
+    kind: PhantomData<fn() -> K>,
+}
+
 /// Arguments of a job actor.
 #[derive(Debug)]
-pub struct JobArgs {
+pub struct JobArgs<K> {
     /// The job.
     pub job_id: JobId,
     /// What it does.
-    pub spec: JobSpec,
+    pub kind: K,
     /// True when the head restarted while the job was RUNNING.
     pub resumed: bool,
 }
@@ -76,17 +183,15 @@ pub enum JobMsg {
         /// How it ended.
         end: TaskEnd,
     },
-    /// An ingest finished (self-sent).
-    IngestDone(std::result::Result<String, String>),
-    /// The training coordinator ended: its result JSON or why it failed.
-    TrainDone(std::result::Result<String, String>),
-    /// An elastic training job (`workers` = 0) checks for workers that joined the cluster
-    /// and gives each a replica task (self-sent every few seconds).
-    Grow,
+    /// Work the kind runs on the head (an ingest, a training coordinator) ended: its result
+    /// JSON or why it failed.
+    WorkDone(std::result::Result<String, String>),
+    /// A tick the kind asked for (an elastic training job looking for new workers).
+    Tick,
     /// Cancel the job; replies with an error if it cannot be cancelled now.
     Cancel(RpcReplyPort<Result<()>>),
     /// The training coordinator of this job, if it is a training job that has one now.
-    Coordinator(RpcReplyPort<Option<ActorRef<crate::train::CoordMsg>>>),
+    Coordinator(RpcReplyPort<Option<ActorRef<CoordMsg>>>),
 }
 
 impl std::fmt::Debug for JobMsg {
@@ -94,75 +199,84 @@ impl std::fmt::Debug for JobMsg {
         match self {
             Self::Start => f.write_str("Start"),
             Self::TaskEnded { task_id, .. } => write!(f, "TaskEnded({task_id})"),
-            Self::IngestDone(_) => f.write_str("IngestDone"),
-            Self::TrainDone(_) => f.write_str("TrainDone"),
-            Self::Grow => f.write_str("Grow"),
+            Self::WorkDone(_) => f.write_str("WorkDone"),
+            Self::Tick => f.write_str("Tick"),
             Self::Cancel(_) => f.write_str("Cancel"),
             Self::Coordinator(_) => f.write_str("Coordinator"),
         }
     }
 }
 
-/// Job actor state.
+/// What every kind uses: the job's identity and state, and the head's handles.
 #[derive(Debug)]
-pub struct JobActorState {
-    job_id: JobId,
-    spec: JobSpec,
-    resumed: bool,
+pub struct Job {
+    /// Shared handles.
+    pub ctx: HeadContext,
+    /// The scheduler.
+    pub scheduler: ActorRef<SchedulerMsg>,
+    registry: ActorRef<RegistryMsg>,
+    /// The job's actor.
+    pub myself: ActorRef<JobMsg>,
+    /// The job.
+    pub job_id: JobId,
+    /// True when the head restarted while the job was RUNNING.
+    pub resumed: bool,
+    /// Its tasks are planned and it runs.
     started: bool,
+    /// Why it waits, as last recorded.
     pending_reason: String,
-    results: BTreeMap<TaskId, (WorkerId, String)>,
-    ingest: Option<tokio::task::JoinHandle<()>>,
-    /// The training coordinator, for a training job.
-    trainer: Option<Trainer>,
-    /// What an inference job registers with, once started.
-    infer: Option<crate::infer::InferRun>,
 }
 
-/// A running training coordinator.
-#[derive(Debug)]
-struct Trainer {
-    /// The coordinator actor, linked under the job's.
-    coordinator: ActorRef<crate::train::CoordMsg>,
-    /// Replica tasks created so far (replacements get the next number).
-    tasks: usize,
-}
-
-impl JobActor {
-    fn log(&self, s: &JobActorState, line: impl Into<String>) {
-        self.ctx.logs.line(&s.job_id, line);
+impl Job {
+    /// A line in the job's log.
+    pub fn log(&self, line: impl Into<String>) {
+        self.ctx.logs.line(&self.job_id, line);
     }
 
     /// Ends the job once (a job that already ended is left as it is) and stops the actor.
-    fn end(&self, myself: &ActorRef<JobMsg>, s: &JobActorState, state: JobState, reason: &str) {
-        let changed = self
-            .ctx
-            .store
-            .set_job_state(&s.job_id, state, reason)
-            .unwrap_or(false);
-        if changed {
-            self.log(
-                s,
-                if reason.is_empty() {
-                    format!("job {}", state.label())
-                } else {
-                    format!("job {}: {reason}", state.label())
-                },
-            );
-            self.ctx.metrics.job_ended(state);
+    pub fn end(&self, state: JobState, reason: &str) {
+        let line = if reason.is_empty() {
+            format!("job {}", state.label())
+        } else {
+            format!("job {}: {reason}", state.label())
+        };
+        // The state and its line in one transaction: a follower that sees the end has the
+        // line.
+        match self.ctx.store.end_job(&self.job_id, state, reason, &line) {
+            Ok(true) => {
+                tracing::info!(job_id = %self.job_id, "{line}");
+                self.ctx.metrics.job_ended(state);
+            }
+            Ok(false) => {}
+            Err(e) => tracing::error!(job_id = %self.job_id, error = %e, "cannot end the job"),
         }
         if state != JobState::Succeeded {
-            let _ = self.ctx.store.cancel_tasks(&s.job_id);
+            let _ = self.ctx.store.cancel_tasks(&self.job_id);
             let _ = self
                 .scheduler
-                .cast(SchedulerMsg::CancelJob(s.job_id.clone()));
+                .cast(SchedulerMsg::CancelJob(self.job_id.clone()));
         }
         self.ctx.logs.wake();
-        myself.stop(None);
+        self.myself.stop(None);
+    }
+
+    /// Ends the job with the result of its work: SUCCEEDED with the result JSON, or FAILED
+    /// with the reason.
+    pub fn end_with(&self, result: std::result::Result<String, String>) {
+        match result {
+            Ok(json) => {
+                let _ = self.ctx.store.set_job_result(&self.job_id, &json);
+                self.end(JobState::Succeeded, "");
+            }
+            Err(reason) => self.end(JobState::Failed, &reason),
+        }
     }
 
     /// Workers registered now.
-    async fn live_workers(&self) -> Result<u32> {
+    ///
+    /// # Errors
+    /// [`HeadError::Actor`] if the registry does not answer.
+    pub async fn live_workers(&self) -> Result<u32> {
         self.registry
             .call(RegistryMsg::LiveCount, Some(Duration::from_secs(5)))
             .await?
@@ -170,115 +284,120 @@ impl JobActor {
     }
 
     /// The live worker count when at least `wanted` (0: any one) are registered; otherwise
-    /// the job waits PENDING with the reason, tries again shortly, and this returns `None`.
-    async fn enough_workers(
-        &self,
-        myself: &ActorRef<JobMsg>,
-        s: &mut JobActorState,
-        wanted: u32,
-    ) -> Result<Option<u32>> {
+    /// the job waits PENDING with the reason, `Start` comes again shortly, and this returns
+    /// `None`.
+    ///
+    /// # Errors
+    /// A registry or store error.
+    pub async fn enough_workers(&mut self, wanted: u32) -> Result<Option<u32>> {
         let live = self.live_workers().await?;
         let needed = wanted.max(1);
         if live >= needed {
             return Ok(Some(live));
         }
         let reason = format!("needs {needed} worker(s), {live} registered");
-        if reason != s.pending_reason {
+        if reason != self.pending_reason {
             self.ctx
                 .store
-                .set_job_state(&s.job_id, JobState::Pending, &reason)?;
-            self.log(s, format!("waiting: {reason}"));
-            s.pending_reason = reason;
+                .set_job_state(&self.job_id, JobState::Pending, &reason)?;
+            self.log(format!("waiting: {reason}"));
+            self.pending_reason = reason;
         }
-        myself.send_after(Duration::from_millis(500), || JobMsg::Start);
+        self.myself
+            .send_after(Duration::from_millis(500), || JobMsg::Start);
         Ok(None)
     }
 
     /// After a head restart: puts the job's running attempts back in the queue and logs how
     /// many (`line` words it for the kind).
-    fn requeue_after_restart(
-        &self,
-        s: &JobActorState,
-        line: impl FnOnce(usize) -> String,
-    ) -> Result<()> {
-        let n = self.ctx.store.requeue_running_tasks(&s.job_id)?;
-        self.log(s, line(n));
+    ///
+    /// # Errors
+    /// A store error.
+    pub fn requeue_after_restart(&self, line: impl FnOnce(usize) -> String) -> Result<()> {
+        let n = self.ctx.store.requeue_running_tasks(&self.job_id)?;
+        self.log(line(n));
         Ok(())
     }
 
     /// Hands the PENDING ones of `tasks` to the scheduler.
-    fn enqueue_pending(
-        &self,
-        myself: &ActorRef<JobMsg>,
-        s: &JobActorState,
-        tasks: &[TaskRow],
-    ) -> Result<()> {
+    ///
+    /// # Errors
+    /// [`HeadError::Actor`] if the scheduler is gone.
+    pub fn enqueue_pending(&self, tasks: &[TaskRow]) -> Result<()> {
         let pending: Vec<TaskId> = tasks
             .iter()
             .filter(|t| t.state == TaskState::Pending)
             .map(|t| t.task_id.clone())
             .collect();
+        self.enqueue(pending)
+    }
+
+    /// Hands `tasks` to the scheduler.
+    ///
+    /// # Errors
+    /// [`HeadError::Actor`] if the scheduler is gone.
+    pub fn enqueue(&self, tasks: Vec<TaskId>) -> Result<()> {
         self.scheduler.cast(SchedulerMsg::Enqueue {
-            job_id: s.job_id.clone(),
-            tasks: pending,
-            job: myself.clone(),
+            job_id: self.job_id.clone(),
+            tasks,
+            job: self.myself.clone(),
         })?;
         Ok(())
     }
 
     /// Marks the job RUNNING (its tasks are planned).
-    fn mark_running(&self, s: &mut JobActorState) -> Result<()> {
+    ///
+    /// # Errors
+    /// A store error.
+    pub fn mark_running(&mut self) -> Result<()> {
         self.ctx
             .store
-            .set_job_state(&s.job_id, JobState::Running, "")?;
-        s.started = true;
+            .set_job_state(&self.job_id, JobState::Running, "")?;
+        self.started = true;
         Ok(())
     }
 
-    fn check_done(&self, myself: &ActorRef<JobMsg>, s: &JobActorState) -> Result<()> {
-        let tasks = self.ctx.store.tasks(&s.job_id)?;
-        if tasks.iter().all(|t| t.state == TaskState::Succeeded) {
-            let summary: Vec<serde_json::Value> = s
-                .results
-                .iter()
-                .map(|(task, (worker, json))| {
-                    serde_json::json!({
-                        "task": task.as_str(),
-                        "worker": worker.as_str(),
-                        "result": serde_json::from_str::<serde_json::Value>(json).unwrap_or(serde_json::Value::Null),
-                    })
-                })
-                .collect();
-            self.ctx
-                .store
-                .set_job_result(&s.job_id, &serde_json::Value::Array(summary).to_string())?;
-            self.end(myself, s, JobState::Succeeded, "");
-        }
-        Ok(())
+    /// Asks for a [`JobKind::tick`] after `delay`.
+    pub fn tick_after(&self, delay: Duration) {
+        self.myself.send_after(delay, || JobMsg::Tick);
     }
 }
 
-impl Actor for JobActor {
+/// Job actor state: the job and its kind.
+#[derive(Debug)]
+pub struct JobActorState<K> {
+    job: Job,
+    kind: K,
+}
+
+impl<K: JobKind> Actor for JobActor<K> {
     type Msg = JobMsg;
-    type State = JobActorState;
-    type Arguments = JobArgs;
+    type State = JobActorState<K>;
+    type Arguments = JobArgs<K>;
 
     async fn pre_start(
         &self,
         myself: ActorRef<Self::Msg>,
-        args: JobArgs,
+        args: JobArgs<K>,
     ) -> Result<Self::State, ActorProcessingErr> {
         myself.cast(JobMsg::Start)?;
+        let JobHandles {
+            ctx,
+            scheduler,
+            registry,
+        } = self.handles.clone();
         Ok(JobActorState {
-            job_id: args.job_id,
-            spec: args.spec,
-            resumed: args.resumed,
-            started: false,
-            pending_reason: String::new(),
-            results: BTreeMap::new(),
-            ingest: None,
-            trainer: None,
-            infer: None,
+            job: Job {
+                ctx,
+                scheduler,
+                registry,
+                myself,
+                job_id: args.job_id,
+                resumed: args.resumed,
+                started: false,
+                pending_reason: String::new(),
+            },
+            kind: args.kind,
         })
     }
 
@@ -287,121 +406,61 @@ impl Actor for JobActor {
         _myself: ActorRef<Self::Msg>,
         s: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        if let Some(trainer) = s.trainer.take() {
-            // Stopping the coordinator ends the replicas' streams.
-            trainer.coordinator.stop(Some("its job ended".into()));
-        }
+        s.kind.stopped();
         Ok(())
     }
 
     async fn handle_supervisor_evt(
         &self,
-        myself: ActorRef<Self::Msg>,
+        _myself: ActorRef<Self::Msg>,
         event: SupervisionEvent,
         s: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        // The one child is the training coordinator; it reports its end with `TrainDone`
-        // before it stops, so only a failure is news here.
+        // A child (the training coordinator) reports its end with `WorkDone` before it
+        // stops, so only a failure is news here.
         if let SupervisionEvent::ActorFailed(_, err) = event {
-            s.trainer = None;
-            self.end(&myself, s, JobState::Failed, &err.to_string());
+            s.job.end(JobState::Failed, &err.to_string());
         }
         Ok(())
     }
 
     async fn handle(
         &self,
-        myself: ActorRef<Self::Msg>,
+        _myself: ActorRef<Self::Msg>,
         message: Self::Msg,
         s: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
+        let JobActorState { job, kind } = s;
         match message {
             JobMsg::Start => {
-                if s.started {
-                    return Ok(());
-                }
-                let result = match s.spec.kind.clone() {
-                    Some(Kind::Selftest(spec)) => self.start_selftest(&myself, s, &spec).await,
-                    Some(Kind::Ingest(spec)) => self.start_ingest(&myself, s, spec),
-                    Some(Kind::Train(spec)) => self.start_train(&myself, s, spec).await,
-                    Some(Kind::Infer(spec)) => self.start_infer(&myself, s, &spec),
-                    None => Err(HeadError::invalid("spec.kind", "missing")),
-                };
-                if let Err(e) = result {
-                    self.end(&myself, s, JobState::Failed, &e.to_string());
-                }
-            }
-            JobMsg::TaskEnded { task_id, end } if s.trainer.is_some() => {
-                self.train_task_ended(&myself, s, task_id, end);
-            }
-            JobMsg::TaskEnded { task_id, end } if s.infer.is_some() => {
-                if let Err(e) = self.infer_task_ended(&myself, s, &task_id, end) {
-                    self.end(&myself, s, JobState::Failed, &e.to_string());
-                }
-            }
-            JobMsg::TaskEnded { task_id, end } => match end {
-                TaskEnd::Succeeded {
-                    worker_id,
-                    result_json,
-                } => {
-                    self.log(
-                        s,
-                        format!("task {task_id} succeeded on {worker_id}: {result_json}"),
-                    );
-                    s.results.insert(task_id, (worker_id, result_json));
-                    if let Err(e) = self.check_done(&myself, s) {
-                        self.end(&myself, s, JobState::Failed, &e.to_string());
+                if !job.started {
+                    if let Err(e) = kind.start(job).await {
+                        job.end(JobState::Failed, &e.to_string());
                     }
                 }
-                TaskEnd::Retrying(reason) => {
-                    self.log(s, format!("task {task_id} will run again: {reason}"));
-                }
-                TaskEnd::Failed(reason) => {
-                    self.end(
-                        &myself,
-                        s,
-                        JobState::Failed,
-                        &format!("task {task_id} failed {reason}"),
-                    );
-                }
-            },
-            JobMsg::IngestDone(result) => match result {
-                Ok(json) => {
-                    self.log(s, format!("ingest done: {json}"));
-                    let _ = self.ctx.store.set_job_result(&s.job_id, &json);
-                    self.end(&myself, s, JobState::Succeeded, "");
-                }
-                Err(e) => self.end(&myself, s, JobState::Failed, &e),
-            },
-            JobMsg::Grow => {
-                if let Err(e) = self.grow(&myself, s).await {
-                    tracing::warn!(job = %s.job_id, error = %e, "cannot check for new workers");
-                }
-                myself.send_after(GROW_EVERY, || JobMsg::Grow);
             }
-            JobMsg::TrainDone(result) => match result {
-                Ok(json) => {
-                    // Replacement replicas still queued are not needed any more.
-                    let _ = self.ctx.store.cancel_pending_tasks(&s.job_id);
-                    let _ = self.ctx.store.set_job_result(&s.job_id, &json);
-                    self.end(&myself, s, JobState::Succeeded, "");
+            JobMsg::TaskEnded { task_id, end } => {
+                if let Err(e) = kind.task_ended(job, task_id, end) {
+                    job.end(JobState::Failed, &e.to_string());
                 }
-                Err(reason) => self.end(&myself, s, JobState::Failed, &reason),
-            },
+            }
+            JobMsg::WorkDone(result) => kind.work_done(job, result),
+            JobMsg::Tick => {
+                if let Err(e) = kind.tick(job).await {
+                    tracing::warn!(job = %job.job_id, error = %e, "job tick failed");
+                }
+            }
             JobMsg::Cancel(reply) => {
-                if s.ingest.is_some() {
-                    let _ = reply.send(Err(HeadError::invalid(
-                        "job_id",
-                        "a running ingest cannot be cancelled (it publishes atomically, nothing is visible until it ends); wait for it to end",
-                    )));
+                if let Some(why) = kind.cancel_refused() {
+                    let _ = reply.send(Err(HeadError::invalid("job_id", why)));
                 } else {
                     // End first, so the caller reads the CANCELLED state.
-                    self.end(&myself, s, JobState::Cancelled, "cancelled by the user");
+                    job.end(JobState::Cancelled, "cancelled by the user");
                     let _ = reply.send(Ok(()));
                 }
             }
             JobMsg::Coordinator(reply) => {
-                let _ = reply.send(s.trainer.as_ref().map(|t| t.coordinator.clone()));
+                let _ = reply.send(kind.coordinator());
             }
         }
         Ok(())

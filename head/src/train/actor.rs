@@ -6,7 +6,7 @@
 //! - the `Train` service finds the actor by asking the job manager, which asks the job
 //!   ([`crate::job::JobMsg::Coordinator`]); every replica event ([`CoordEvent`]) reaches the
 //!   actor and is handed to the loop in arrival order;
-//! - when the loop ends, the actor tells its job ([`crate::job::JobMsg::TrainDone`]) and
+//! - when the loop ends, the actor tells its job ([`crate::job::JobMsg::WorkDone`]) and
 //!   stops;
 //! - when the loop panics, the actor fails, and its supervisor, the job, fails the job with
 //!   the panic's text;
@@ -121,7 +121,7 @@ impl Actor for TrainCoordinator {
                 let _ = s.inbox.send(event);
             }
             CoordMsg::Ended(result) => {
-                s.job.cast(JobMsg::TrainDone(result))?;
+                s.job.cast(JobMsg::WorkDone(result))?;
                 myself.stop(None);
             }
             CoordMsg::Panicked(text) => {
