@@ -2,12 +2,17 @@
 //! restarts, loses nothing) and followers are woken on every append.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use tokio::sync::Notify;
+use medray_proto::v1::JobState;
+use tokio::sync::{mpsc, Notify};
 
 use crate::ids::JobId;
-use crate::store::Store;
+use crate::store::{LogRow, Store};
 use crate::Result;
+
+/// Lines read from the store at once by a follower.
+const LOG_BATCH: u32 = 1000;
 
 /// Appends job log lines and wakes followers.
 #[derive(Debug)]
@@ -77,5 +82,64 @@ impl LogHub {
     /// A future that completes at the next append or wake.
     pub fn notified(&self) -> tokio::sync::futures::Notified<'_> {
         self.appended.notified()
+    }
+
+    /// The job's log from `from_seq`, in order. Without `follow` it ends at the last line
+    /// stored now; with `follow` it waits for new lines and ends once the job has ended and
+    /// every line is delivered (a job's last line is stored with its end, in one
+    /// transaction: [`Store::end_job`]). It ends early when the receiver is dropped; a store
+    /// error is its last item.
+    pub fn read(
+        self: &Arc<Self>,
+        job: JobId,
+        from_seq: u64,
+        follow: bool,
+    ) -> mpsc::Receiver<Result<LogRow>> {
+        let (tx, rx) = mpsc::channel(4);
+        let hub = self.clone();
+        tokio::spawn(async move {
+            let mut next = from_seq;
+            loop {
+                // Subscribe before reading, so an append between the read and the wait
+                // still wakes us.
+                let notified = hub.notified();
+                let rows = match hub.store.logs(&job, next, LOG_BATCH) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let _ = tx.send(Err(e)).await;
+                        return;
+                    }
+                };
+                if rows.is_empty() {
+                    if !follow {
+                        return;
+                    }
+                    let ended = match hub.store.job(&job) {
+                        Ok(Some(j)) => JobState::try_from(j.state).is_ok_and(JobState::is_terminal),
+                        _ => true,
+                    };
+                    if ended {
+                        // Lines appended between the read and the state check come too.
+                        match hub.store.logs(&job, next, LOG_BATCH) {
+                            Ok(r) if r.is_empty() => return,
+                            _ => continue,
+                        }
+                    }
+                    tokio::select! {
+                        () = notified => {}
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        () = tx.closed() => return,
+                    }
+                    continue;
+                }
+                for r in rows {
+                    next = r.seq + 1;
+                    if tx.send(Ok(r)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        rx
     }
 }

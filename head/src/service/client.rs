@@ -10,8 +10,8 @@ use medray_proto::v1::job_spec::Kind;
 use medray_proto::v1::{
     CancelJobRequest, CancelJobResponse, CaseInfo, ClusterStatusRequest, ClusterStatusResponse,
     DatasetInfo, GetDatasetRequest, GetDatasetResponse, GetJobRequest, GetJobResponse, JobSpec,
-    JobState, ListDatasetsRequest, ListDatasetsResponse, ListJobsRequest, ListJobsResponse,
-    LogLine, ObjectChunk, StageGetRequest, StageListRequest, StageListResponse, StageObject,
+    ListDatasetsRequest, ListDatasetsResponse, ListJobsRequest, ListJobsResponse, LogLine,
+    ObjectChunk, StageGetRequest, StageListRequest, StageListResponse, StageObject,
     StagePutRequest, StagePutResponse, StreamJobLogsRequest, SubmitJobRequest, SubmitJobResponse,
 };
 use medray_proto::v1::{
@@ -38,8 +38,6 @@ const ACTOR_TIMEOUT: Duration = Duration::from_secs(30);
 pub const MAX_ROWS: u32 = 100_000;
 /// Longest a `QueryCatalog` statement may run.
 const QUERY_TIME_LIMIT: Duration = Duration::from_secs(10);
-/// Lines per read when streaming a log.
-const LOG_BATCH: u32 = 1000;
 
 /// The Client service.
 #[derive(Debug, Clone)]
@@ -346,66 +344,23 @@ impl Client for ClientService {
         if self.ctx.store.job(&id).map_err(Status::from)?.is_none() {
             return Err(Status::not_found(format!("job `{id}` not found")));
         }
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        let ctx = self.ctx.clone();
-        tokio::spawn(async move {
-            let mut next = req.from_seq;
-            loop {
-                // Subscribe before reading, so an append between the read and the wait
-                // still wakes us.
-                let notified = ctx.logs.notified();
-                let rows = match ctx.store.logs(&id, next, LOG_BATCH) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        let _ = tx.send(Err(Status::from(e))).await;
-                        return;
-                    }
-                };
-                if rows.is_empty() {
-                    let ended = match ctx.store.job(&id) {
-                        Ok(Some(j)) => JobState::try_from(j.state).is_ok_and(JobState::is_terminal),
-                        _ => true,
-                    };
-                    if !req.follow {
-                        return;
-                    }
-                    if ended {
-                        // The job's last line is written before its state changes: one more
-                        // read picks up anything appended just before the end.
-                        match ctx.store.logs(&id, next, LOG_BATCH) {
-                            Ok(r) if r.is_empty() => return,
-                            _ => continue,
-                        }
-                    }
-                    tokio::select! {
-                        () = notified => {}
-                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                        () = tx.closed() => return,
-                    }
-                    continue;
-                }
-                for r in rows {
-                    next = r.seq + 1;
-                    // A progress blob that does not decode is dropped, never the line.
-                    let progress = r.progress.as_deref().and_then(|b| {
-                        <medray_proto::v1::TrainProgress as prost::Message>::decode(b).ok()
-                    });
-                    let line = LogLine {
-                        seq: r.seq,
-                        time: r.time,
-                        worker_id: r.worker_id,
-                        line: r.line,
-                        progress,
-                    };
-                    if tx.send(Ok(line)).await.is_err() {
-                        return;
-                    }
-                }
-            }
+        let rows = self.ctx.logs.read(id, req.from_seq, req.follow);
+        let lines = tokio_stream::wrappers::ReceiverStream::new(rows).map(|row| {
+            let r = row.map_err(Status::from)?;
+            // A progress blob that does not decode is dropped, never the line.
+            let progress = r
+                .progress
+                .as_deref()
+                .and_then(|b| <medray_proto::v1::TrainProgress as prost::Message>::decode(b).ok());
+            Ok(LogLine {
+                seq: r.seq,
+                time: r.time,
+                worker_id: r.worker_id,
+                line: r.line,
+                progress,
+            })
         });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+        Ok(Response::new(Box::pin(lines)))
     }
 
     async fn cluster_status(
