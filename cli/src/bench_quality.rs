@@ -27,7 +27,7 @@ use medray_core::predict::{load_pair, KeypointFiles, LoadedPair, PairFiles};
 use medray_core::quality::{read_raw_ddf, score_ddf, QualityScore, ScoringInputs};
 use medray_core::refine::RefineOptions;
 use medray_core::registration::LossPreset;
-use medray_core::train::{train_local, EpochSummary, TrainConfig, TrainObserver};
+use medray_core::train::TrainConfig;
 use serde::Serialize;
 
 /// Options of `medray bench --quality` (each needs `--quality`).
@@ -208,13 +208,6 @@ fn link_cases(cases: &[CaseFiles], dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-struct EpochLines;
-impl TrainObserver for EpochLines {
-    fn on_epoch(&mut self, summary: &EpochSummary) {
-        eprintln!("  {}", summary.line());
-    }
-}
-
 /// Trains a network on `train` (validation: the last 20% of them) and returns its weights.
 fn train(args: &QualityArgs, train: &[CaseFiles], device: &Device) -> anyhow::Result<PathBuf> {
     let dir = args.quality_out.join("train-data");
@@ -239,13 +232,18 @@ fn train(args: &QualityArgs, train: &[CaseFiles], device: &Device) -> anyhow::Re
         config.num_channel_initial
     );
     let start = Instant::now();
-    let summary = train_local(
+    // The epoch lines of the run, on stderr (stdout carries the report).
+    let summary = crate::train_local::train_in_process(
         &dir,
         &args.quality_out.join("model"),
         &config,
         false,
         device,
-        &mut EpochLines,
+        &|row| {
+            if row.worker_id.is_empty() && row.line.starts_with("epoch ") {
+                eprintln!("  {}", row.line);
+            }
+        },
     )?;
     eprintln!("trained in {:.0} s", start.elapsed().as_secs_f64());
     Ok(summary.best_weights)

@@ -1,14 +1,26 @@
-//! `medray train-local`: one-process LocalNet training with a progress bar and the
-//! quickstart's per-epoch line.
+//! `medray train-local`: training on one machine, in one process, by the cluster's own
+//! training loop: the coordinator, its step state machine and checkpointer
+//! (`medray_head::local`) drive one replica in this process
+//! (`medray_worker::train::run_in_process`) over channels. The run's data directory
+//! (`<out>/medray/`: job table, catalog, registry, stage) is laid out like a head's; the
+//! weights, `state.json` and `history.csv` are copied to `<out>` at the end.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::Context;
-use indicatif::{ProgressBar, ProgressStyle};
+use anyhow::{bail, Context};
+use candle_core::Device;
+use medray_core::catalog::DatasetName;
+use medray_core::ingest::{ingest_dir, IngestOptions};
 use medray_core::localnet::Preset;
+use medray_core::model::ModelConfig;
 use medray_core::preprocess::Window;
 use medray_core::registration::LossPreset;
-use medray_core::train::{train_local, EpochSummary, TrainConfig, TrainObserver};
+use medray_core::train::{history_csv, EpochSummary, TrainConfig};
+use medray_head::ids::JobId;
+use medray_head::local::{LocalTrainer, LogRow};
+use medray_proto::v1::TrainSpec;
+
+use crate::cluster::train::StepBar;
 
 /// Arguments of `medray train-local`.
 #[derive(Debug, clap::Args)]
@@ -61,52 +73,213 @@ pub struct Args {
     resume: bool,
 }
 
-struct Bars {
-    bar: ProgressBar,
+/// The run's job, in `<out>/run.json`.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct RunFile {
+    job_id: String,
 }
 
-impl Bars {
-    /// A line above the bar; plain stdout when the bar is hidden (not a terminal).
-    fn line(&self, text: String) {
-        if self.bar.is_hidden() {
-            println!("{text}");
-        } else {
-            self.bar.println(text);
+/// The name of the dataset and of the model inside a run's data directory.
+const NAME: &str = "train-local";
+
+/// What a run leaves.
+pub(crate) struct LocalRun {
+    /// One line per epoch, of the whole run.
+    pub history: Vec<EpochSummary>,
+    /// Optimiser steps in all.
+    pub steps: u64,
+    /// The best epoch's weights (`<out>/best.safetensors`, config in `best.json`).
+    pub best_weights: PathBuf,
+    /// The last epoch's weights.
+    pub last_weights: PathBuf,
+}
+
+fn spec_of(config: &TrainConfig) -> TrainSpec {
+    TrainSpec {
+        dataset: NAME.into(),
+        model: NAME.into(),
+        preset: match config.preset {
+            Preset::Seed => "seed",
+            Preset::Full => "full",
         }
+        .into(),
+        loss: config.loss.name().into(),
+        epochs: config.epochs as u32,
+        batch_size: config.batch_size as u32,
+        lr: config.lr,
+        size: config.size.iter().map(|&v| v as u32).collect(),
+        window: vec![
+            f64::from(config.window.a_min),
+            f64::from(config.window.a_max),
+        ],
+        workers: 1,
+        val_fraction: config.val_fraction,
+        val_fraction_set: true,
+        seed: config.seed,
+        channels: config.num_channel_initial as u32,
+        checkpoint_every: config.checkpoint_every as u32,
+        ..TrainSpec::default()
     }
 }
 
-impl TrainObserver for Bars {
-    fn on_start(&mut self, first_epoch: usize, steps_per_epoch: usize, resumed_from: Option<u64>) {
-        if let Some(step) = resumed_from {
-            self.line(format!(
-                "resuming at epoch {first_epoch}, after step {step}"
-            ));
+/// Trains on the Learn2Reg-layout dataset in `data` into `out` (with `resume`, continues
+/// the run there up to `config.epochs`; its recorded config wins otherwise). Each log line
+/// of the run goes to `show`.
+pub(crate) fn train_in_process(
+    data: &Path,
+    out: &Path,
+    config: &TrainConfig,
+    resume: bool,
+    device: &Device,
+    show: &(dyn Fn(&LogRow) + Sync),
+) -> anyhow::Result<LocalRun> {
+    let run_file = out.join("run.json");
+    if !resume && (run_file.exists() || out.join("state.json").exists()) {
+        bail!(
+            "{} already holds a training run: pass --resume to continue it, or choose another --out",
+            out.display()
+        );
+    }
+    if resume && !run_file.exists() {
+        bail!(
+            "--resume: {} holds no training run ({} is missing)",
+            out.display(),
+            run_file.display()
+        );
+    }
+    config.validate()?;
+    let trainer = LocalTrainer::open(&out.join("medray"))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let (job, spec) = if resume {
+        let text = std::fs::read_to_string(&run_file)
+            .with_context(|| format!("reading {}", run_file.display()))?;
+        let run: RunFile = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a run file", run_file.display()))?;
+        let job = JobId(run.job_id);
+        let mut spec = trainer.spec(&job)?;
+        spec.epochs = config.epochs as u32;
+        (job, spec)
+    } else {
+        let name = DatasetName::new(NAME)?;
+        let stage = trainer.stage();
+        let mut catalog = trainer.catalog()?;
+        runtime
+            .block_on(ingest_dir(
+                &stage,
+                &mut catalog,
+                data,
+                &IngestOptions::default().with_name(name).with_replace(true),
+                |_, _, _| {},
+            ))
+            .with_context(|| format!("reading the dataset in {}", data.display()))?;
+        let spec = spec_of(config);
+        let job = trainer.new_job(spec.clone())?;
+        medray_core::atomic::write_with(&run_file, |tmp| {
+            std::fs::write(
+                tmp,
+                serde_json::to_vec(&RunFile {
+                    job_id: job.to_string(),
+                })
+                .map_err(|e| medray_core::Error::invalid("run.json", e.to_string()))?,
+            )
+            .map_err(|e| medray_core::Error::io(tmp, e))
+        })?;
+        (job, spec)
+    };
+    let before = runtime.block_on(trainer.committed(&job))?;
+    if let Some((state, _, _)) = &before {
+        show(&LogRow {
+            seq: 0,
+            time: String::new(),
+            worker_id: String::new(),
+            line: format!(
+                "resuming at epoch {}, after step {}",
+                state.epochs_done + 1,
+                state.step
+            ),
+            progress: None,
+        });
+    }
+    let result = runtime.block_on(async {
+        let logs = trainer.logs();
+        // A resumed run shows its new lines only.
+        let mut from_seq = 0;
+        let mut earlier = logs.read(job.clone(), 0, false);
+        while let Some(Ok(row)) = earlier.recv().await {
+            from_seq = row.seq + 1;
         }
-        self.bar.set_length(steps_per_epoch as u64);
-        self.bar.set_position(0);
-        self.bar.set_message(format!("epoch {first_epoch}"));
+        let mut lines = logs.read(job.clone(), from_seq, true);
+        let follow = async {
+            while let Some(row) = lines.recv().await {
+                if let Ok(row) = row {
+                    show(&row);
+                }
+            }
+        };
+        let stage = trainer.stage();
+        let cache = out.join("medray").join("cache");
+        let device = device.clone();
+        let handle = tokio::runtime::Handle::current();
+        let replica_logs = trainer.logs();
+        let replica_job = job.clone();
+        let train = trainer.run(&job, spec, move |link| {
+            tokio::task::spawn_blocking(move || {
+                medray_worker::train::run_in_process(
+                    medray_worker::train::InProcessLink {
+                        down: link.down,
+                        up: link.up,
+                    },
+                    &device,
+                    &stage,
+                    &cache,
+                    &handle,
+                    move |line| {
+                        let _ = replica_logs.append(
+                            &replica_job,
+                            medray_worker::train::IN_PROCESS_WORKER,
+                            &[line],
+                        );
+                    },
+                )
+            })
+        });
+        let (result, ()) = tokio::join!(train, follow);
+        result
+    })?;
+    if let Err(reason) = result {
+        bail!("training failed: {reason}");
     }
-
-    fn on_step(&mut self, epoch: usize, _step: u64, losses: (f64, f64, f64)) {
-        self.bar.inc(1);
-        self.bar
-            .set_message(format!("epoch {epoch} loss {:.4}", losses.0));
-    }
-
-    fn on_validation(&mut self, epoch: usize, cases: usize) {
-        self.bar
-            .set_message(format!("epoch {epoch} validating {cases} cases"));
-    }
-
-    fn on_epoch(&mut self, s: &EpochSummary) {
-        self.line(s.line());
-        self.bar.set_position(0);
-        self.bar.set_message(format!("epoch {}", s.epoch + 1));
-    }
+    let (state, last, best) = runtime
+        .block_on(trainer.committed(&job))?
+        .context("the run ended without a checkpoint")?;
+    // The user's copies: weights with their config JSON, the state and the history.
+    let model = state.config.model_config();
+    let write = |name: &str, bytes: &[u8]| -> anyhow::Result<PathBuf> {
+        let path = out.join(name);
+        medray_core::atomic::write_with(&path, |tmp| {
+            std::fs::write(tmp, bytes).map_err(|e| medray_core::Error::io(tmp, e))
+        })?;
+        Ok(path)
+    };
+    let best_weights = write("best.safetensors", &best)?;
+    model.write(&ModelConfig::path_for(&best_weights))?;
+    let last_weights = write("last.safetensors", &last)?;
+    model.write(&ModelConfig::path_for(&last_weights))?;
+    write("history.csv", history_csv(&state.history).as_bytes())?;
+    write("state.json", &serde_json::to_vec_pretty(&state)?)?;
+    Ok(LocalRun {
+        history: state.history,
+        steps: state.step,
+        best_weights,
+        last_weights,
+    })
 }
 
-pub fn run(args: Args, device: &candle_core::Device) -> anyhow::Result<()> {
+pub fn run(args: Args, device: &Device) -> anyhow::Result<()> {
     let size: [usize; 3] = args
         .size
         .as_slice()
@@ -129,22 +302,19 @@ pub fn run(args: Args, device: &candle_core::Device) -> anyhow::Result<()> {
         seed: args.seed,
         checkpoint_every: args.checkpoint_every,
     };
-    let bar = ProgressBar::new(1).with_style(
-        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} steps ({elapsed}, ETA {eta})")
-            .expect("static template")
-            .progress_chars("=> "),
-    );
-    let mut bars = Bars { bar };
-    let summary = train_local(
+    let bar = StepBar::new();
+    let summary = train_in_process(
         &args.data,
         &args.out,
         &config,
         args.resume,
         device,
-        &mut bars,
-    )
-    .context("training failed")?;
-    bars.bar.finish_and_clear();
+        &|row: &LogRow| {
+            bar.show(&row.worker_id, &row.line, row.train_progress().as_ref());
+        },
+    );
+    bar.finish();
+    let summary = summary?;
     let best = summary
         .history
         .iter()

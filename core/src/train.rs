@@ -1,39 +1,32 @@
-//! Single-process LocalNet training (`medray train-local`): the quickstart's training loop,
-//! with atomic checkpoints and exact resume.
+//! Training: its config, the per-case inputs, the epoch order and the epoch summary.
+//!
+//! There is one training loop, the cluster's: the coordinator in `head/src/train/` drives
+//! replicas ([`replica::Replica`]) through steps decided by [`dist::round::StepRound`]; a
+//! replica computes its shard's gradient and applies the committed mean with Adam.
+//! `medray train-local` runs the same coordinator with one replica in its own process
+//! (`head/src/local.rs`).
 //!
 //! Each epoch shuffles the training cases with a generator seeded by `(seed, epoch)` (so a
-//! resumed run sees the same order), takes batches of `batch_size`, and runs forward (BN in
-//! training mode), warp, loss, backward and an Adam step. After each epoch the validation
-//! cases are registered in eval mode and scored; the learning rate follows
-//! ReduceLROnPlateau(factor 0.5, patience 5) on the validation Dice (or on the training loss
-//! when there is no validation case).
-//!
-//! Output directory:
-//! ```text
-//! OUT/state.json                     commit point: last completed epoch, scheduler, history
-//! OUT/checkpoints/epoch-NNNN/        weights.safetensors + weights.json + optimizer.safetensors
-//! OUT/last.safetensors, last.json    the latest weights and model config
-//! OUT/best.safetensors, best.json    the best by validation Dice (binary; soft without masks)
-//! OUT/history.csv                    one line per epoch
-//! ```
+//! resumed run sees the same order) and takes global batches of `batch_size`. After each
+//! epoch the validation cases are registered in eval mode and scored; the learning rate
+//! follows ReduceLROnPlateau(factor 0.5, patience 5) on the validation Dice (or on the
+//! training loss when there is no validation case).
 
-use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::path::PathBuf;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
-use crate::dataset::{CaseFiles, Learn2RegDataset};
-use crate::evaluate::{evaluate_case, CaseTensors};
+use crate::dataset::CaseFiles;
 use crate::keypoints::read_keypoint_pairs;
-use crate::localnet::{LocalNet, LocalNetConfig, Preset};
+use crate::localnet::{LocalNetConfig, Preset};
 use crate::losses::KeypointTargets;
 use crate::model::ModelConfig;
-use crate::optim::{Adam, AdamConfig, PlateauMode, ReduceLrOnPlateau};
+use crate::optim::PlateauMode;
 use crate::preprocess::{load_image, load_image_with_volume, load_mask, PreprocessConfig, Window};
-use crate::registration::{LossPreset, PairBatch, RegistrationLoss};
+use crate::registration::{LossPreset, PairBatch};
 use crate::{Error, Result};
 
 pub mod dist;
@@ -167,55 +160,6 @@ impl EpochSummary {
     }
 }
 
-/// Progress callbacks; the CLI draws bars with them.
-pub trait TrainObserver {
-    /// Training starts at `first_epoch` (1-based; > 1 after a resume) with `steps_per_epoch`.
-    fn on_start(
-        &mut self,
-        _first_epoch: usize,
-        _steps_per_epoch: usize,
-        _resumed_from: Option<u64>,
-    ) {
-    }
-    /// An optimiser step finished: (epoch, global step, total, similarity, regularisation).
-    fn on_step(&mut self, _epoch: usize, _step: u64, _losses: (f64, f64, f64)) {}
-    /// Validation of an epoch begins.
-    fn on_validation(&mut self, _epoch: usize, _cases: usize) {}
-    /// An epoch finished and its checkpoint is on disk.
-    fn on_epoch(&mut self, _summary: &EpochSummary) {}
-}
-
-/// An observer that ignores everything.
-#[derive(Debug, Default)]
-pub struct Silent;
-impl TrainObserver for Silent {}
-
-/// The persistent training state (`state.json`).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-struct TrainState {
-    config: TrainConfig,
-    epochs_done: usize,
-    step: u64,
-    lr: f64,
-    best_val: Option<f64>,
-    scheduler: ReduceLrOnPlateau,
-    checkpoint: PathBuf,
-    history: Vec<EpochSummary>,
-}
-
-/// The outcome of a training run.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct TrainSummary {
-    /// Every epoch, including those before a resume.
-    pub history: Vec<EpochSummary>,
-    /// Path of the best weights.
-    pub best_weights: PathBuf,
-    /// Path of the last weights.
-    pub last_weights: PathBuf,
-    /// Optimiser steps taken in total.
-    pub steps: u64,
-}
-
 /// A case loaded and preprocessed onto the network grid.
 pub(crate) struct LoadedCase {
     pub(crate) fixed: Tensor,
@@ -346,236 +290,6 @@ pub fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
     order
 }
 
-fn mean(values: impl Iterator<Item = f64>) -> Option<f64> {
-    let v: Vec<f64> = values.collect();
-    (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
-}
-
-fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
-    let text = serde_json::to_string_pretty(value).map_err(|source| Error::Json {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    crate::atomic::write_bytes(path, text.as_bytes())
-}
-
-fn save_weights(net: &LocalNet, config: &ModelConfig, weights: &Path) -> Result<()> {
-    net.save_safetensors(weights)?;
-    config.write(&ModelConfig::path_for(weights))
-}
-
-fn save_optimizer(adam: &Adam, path: &Path) -> Result<()> {
-    let (tensors, _) = adam.state_tensors();
-    crate::atomic::write_with(path, |tmp| {
-        candle_core::safetensors::save(&tensors, tmp).map_err(Error::from)
-    })
-}
-
-/// Trains on the dataset in `data_dir`, writing checkpoints to `out_dir`. With `resume`,
-/// continues from `out_dir/state.json` (the config recorded there wins, except `epochs`).
-pub fn train_local(
-    data_dir: &Path,
-    out_dir: &Path,
-    config: &TrainConfig,
-    resume: bool,
-    device: &Device,
-    observer: &mut dyn TrainObserver,
-) -> Result<TrainSummary> {
-    std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
-    let state_path = out_dir.join("state.json");
-    let previous: Option<TrainState> = if resume {
-        let text = std::fs::read_to_string(&state_path).map_err(|e| Error::io(&state_path, e))?;
-        Some(serde_json::from_str(&text).map_err(|source| Error::Json {
-            path: state_path.clone(),
-            source,
-        })?)
-    } else {
-        if state_path.exists() {
-            return Err(Error::invalid(
-                "out",
-                format!(
-                    "{} already holds a training run: pass --resume to continue it, or choose another --out",
-                    out_dir.display()
-                ),
-            ));
-        }
-        None
-    };
-    let config = match &previous {
-        Some(p) => TrainConfig {
-            epochs: config.epochs,
-            ..p.config.clone()
-        },
-        None => config.clone(),
-    };
-    config.validate()?;
-    let model_config = config.model_config();
-
-    let dataset = Learn2RegDataset::open(data_dir)?;
-    let (train_files, val_files) = dataset.split(config.val_fraction)?;
-    check_masks(config.loss, &train_files)?;
-    let pre = &model_config.preprocess;
-    let train_cases = train_files
-        .iter()
-        .map(|c| load_case(c, pre, device, config.loss.needs_keypoints()))
-        .collect::<Result<Vec<_>>>()?;
-    let val_cases = val_files
-        .iter()
-        .map(|c| load_case(c, pre, device, false))
-        .collect::<Result<Vec<_>>>()?;
-
-    let net = LocalNet::new(&model_config.network, config.seed, DType::F32, device)?;
-    let mut adam = Adam::new(net.parameters(), AdamConfig::with_lr(config.lr))?;
-    let mut scheduler = ReduceLrOnPlateau::new(plateau_mode(
-        val_files
-            .iter()
-            .filter(|c| c.fixed_mask.is_some() && c.moving_mask.is_some())
-            .count(),
-    ));
-    let (mut history, mut step, mut best_val, first_epoch) = (Vec::new(), 0u64, None, 1);
-    let mut first_epoch = first_epoch;
-    if let Some(p) = &previous {
-        let dir = out_dir.join(&p.checkpoint);
-        let weights = dir.join("weights.safetensors");
-        let tensors = crate::localnet::read_safetensors(&weights, device)?;
-        net.load_tensors(&tensors, &weights)?;
-        let opt_path = dir.join("optimizer.safetensors");
-        let opt = crate::localnet::read_safetensors(&opt_path, device)?;
-        adam.load_state_tensors(&opt, p.step, &opt_path)?;
-        adam.set_lr(p.lr);
-        scheduler = p.scheduler.clone();
-        history = p.history.clone();
-        step = p.step;
-        best_val = p.best_val;
-        first_epoch = p.epochs_done + 1;
-    }
-    // The numbered checkpoint state.json points at; superseded ones are pruned.
-    let mut current_checkpoint = previous.as_ref().map(|p| out_dir.join(&p.checkpoint));
-    let objective = RegistrationLoss::new(config.loss);
-    let steps_per_epoch = train_cases.len().div_ceil(config.batch_size);
-    observer.on_start(
-        first_epoch,
-        steps_per_epoch,
-        previous.as_ref().map(|p| p.step),
-    );
-
-    for epoch in first_epoch..=config.epochs {
-        let started = Instant::now();
-        let lr = adam.lr();
-        let order = epoch_order(train_cases.len(), config.seed, epoch);
-        let mut sums = (0.0, 0.0, 0.0);
-        for chunk in order.chunks(config.batch_size) {
-            let cases: Vec<&LoadedCase> = chunk.iter().map(|&i| &train_cases[i]).collect();
-            let batch = batch_of(&cases)?;
-            let ddf = net.forward_t(&batch.network_input()?, true)?;
-            let parts = objective.forward(&ddf, &batch)?;
-            let values = parts.values()?;
-            if !values.0.is_finite() {
-                return Err(Error::invalid(
-                    "training",
-                    format!(
-                        "the loss became {} at epoch {epoch}, step {}",
-                        values.0,
-                        step + 1
-                    ),
-                ));
-            }
-            adam.step(&parts.total.backward()?)?;
-            step += 1;
-            sums = (sums.0 + values.0, sums.1 + values.1, sums.2 + values.2);
-            observer.on_step(epoch, step, values);
-        }
-        let n = steps_per_epoch as f64;
-        observer.on_validation(epoch, val_cases.len());
-        let mut val = Vec::with_capacity(val_cases.len());
-        for case in &val_cases {
-            let input = Tensor::cat(&[&case.moving, &case.fixed], 1)?;
-            let ddf = net.forward_t(&input, false)?.detach();
-            val.push(evaluate_case(
-                &CaseTensors {
-                    fixed: &case.fixed,
-                    moving: &case.moving,
-                    ddf: &ddf,
-                    fixed_mask: case.fixed_mask.as_ref(),
-                    moving_mask: case.moving_mask.as_ref(),
-                },
-                None,
-            )?);
-        }
-        let summary = EpochSummary {
-            epoch,
-            total_loss: sums.0 / n,
-            similarity_loss: sums.1 / n,
-            regularisation_loss: sums.2 / n,
-            val_soft_dice: mean(val.iter().filter_map(|m| m.soft_dice)),
-            val_dice: mean(val.iter().filter_map(|m| m.dice)),
-            val_dice_before: mean(val.iter().filter_map(|m| m.dice_before)),
-            val_mi_loss: mean(val.iter().map(|m| m.mi_loss)),
-            val_folding_pct: mean(val.iter().map(|m| m.folding_pct)),
-            lr,
-            seconds: started.elapsed().as_secs_f64(),
-        };
-        // Binary Dice (nearest-warped masks) ranks checkpoints and drives the scheduler; the
-        // soft Dice of trilinearly warped masks penalises any sub-voxel motion of the mask edge.
-        let val_score = summary.val_dice.or(summary.val_soft_dice);
-        let monitored = val_score.unwrap_or(summary.total_loss);
-        adam.set_lr(scheduler.step(monitored, lr));
-
-        // Checkpoint: files first, each atomic, then state.json as the commit point.
-        let rel = PathBuf::from(format!("checkpoints/epoch-{epoch:04}"));
-        let dir = out_dir.join(&rel);
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-        save_weights(&net, &model_config, &dir.join("weights.safetensors"))?;
-        save_optimizer(&adam, &dir.join("optimizer.safetensors"))?;
-        save_weights(&net, &model_config, &out_dir.join("last.safetensors"))?;
-        let improved = match (val_score, best_val) {
-            (Some(v), Some(b)) => v > b,
-            (Some(_), None) => true,
-            (None, _) => true,
-        };
-        if improved {
-            best_val = val_score.or(best_val);
-            save_weights(&net, &model_config, &out_dir.join("best.safetensors"))?;
-        }
-        history.push(summary.clone());
-        write_json(
-            &state_path,
-            &TrainState {
-                config: config.clone(),
-                epochs_done: epoch,
-                step,
-                lr: adam.lr(),
-                best_val,
-                scheduler: scheduler.clone(),
-                checkpoint: rel.clone(),
-                history: history.clone(),
-            },
-        )?;
-        write_history_csv(&out_dir.join("history.csv"), &history)?;
-        // Keep every `checkpoint_every`-th numbered checkpoint; drop the others once superseded.
-        if let Some(prev) = current_checkpoint.replace(dir.clone()) {
-            if prev != dir && !keep_checkpoint(&prev, config.checkpoint_every) {
-                std::fs::remove_dir_all(&prev).map_err(|e| Error::io(&prev, e))?;
-            }
-        }
-        observer.on_epoch(&summary);
-    }
-    Ok(TrainSummary {
-        history,
-        best_weights: out_dir.join("best.safetensors"),
-        last_weights: out_dir.join("last.safetensors"),
-        steps: step,
-    })
-}
-
-fn keep_checkpoint(dir: &Path, every: usize) -> bool {
-    dir.file_name()
-        .and_then(|n| n.to_str())
-        .and_then(|n| n.strip_prefix("epoch-"))
-        .and_then(|n| n.parse::<usize>().ok())
-        .is_some_and(|epoch| epoch % every == 0)
-}
-
 /// The history as CSV, one line per epoch.
 pub fn history_csv(history: &[EpochSummary]) -> String {
     let opt = |v: Option<f64>| v.map(|v| format!("{v:.6}")).unwrap_or_default();
@@ -599,10 +313,6 @@ pub fn history_csv(history: &[EpochSummary]) -> String {
         ));
     }
     text
-}
-
-fn write_history_csv(path: &Path, history: &[EpochSummary]) -> Result<()> {
-    crate::atomic::write_bytes(path, history_csv(history).as_bytes())
 }
 
 #[cfg(test)]

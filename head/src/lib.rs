@@ -7,6 +7,7 @@ pub mod http;
 pub mod ids;
 pub mod infer;
 pub mod job;
+pub mod local;
 pub mod logs;
 pub mod manager;
 pub mod metrics;

@@ -86,6 +86,17 @@ pub struct LogRow {
     pub progress: Option<Vec<u8>>,
 }
 
+impl LogRow {
+    /// The typed progress of a step line; a blob that does not decode counts as none (the
+    /// line itself is never dropped).
+    #[must_use]
+    pub fn train_progress(&self) -> Option<medray_proto::v1::TrainProgress> {
+        self.progress
+            .as_deref()
+            .and_then(|b| medray_proto::v1::TrainProgress::decode(b).ok())
+    }
+}
+
 /// A worker as recorded.
 #[derive(Debug, Clone)]
 pub struct WorkerRow {

@@ -67,7 +67,7 @@ pub struct TaskContext<'a> {
     events: &'a Sender<TaskEvent>,
 }
 
-impl TaskContext<'_> {
+impl<'a> TaskContext<'a> {
     /// Emits a log line (waits when the reporter is behind).
     pub fn log(&self, line: impl Into<String>) {
         // A closed channel means the reporter gave up on this attempt; the line has nowhere to go.
@@ -78,6 +78,51 @@ impl TaskContext<'_> {
     #[must_use]
     pub fn cancelled(&self) -> bool {
         self.cancel.load(Ordering::Relaxed)
+    }
+
+    /// A context for work outside the compute thread (`medray train-local`'s in-process
+    /// replica), reading objects straight from `stage`.
+    pub(crate) fn standalone(
+        device: &'a Device,
+        runtime: &'a tokio::runtime::Handle,
+        cache_dir: &'a std::path::Path,
+        stage: &'a medray_core::stage::Stage,
+        models: &'a std::cell::RefCell<crate::infer::ModelCache>,
+        cancel: &'a AtomicBool,
+        events: &'a Sender<TaskEvent>,
+    ) -> Self {
+        Self {
+            device,
+            device_spec: if device.is_cuda() { "cuda" } else { "cpu" },
+            runtime,
+            cache_dir,
+            direct_stage: Some(stage),
+            models,
+            cancel,
+            events,
+        }
+    }
+
+    /// A stage object in the local cache, read from the stage this context was made with
+    /// ([`TaskContext::standalone`]); checked against `sha256`.
+    ///
+    /// # Errors
+    /// A [`TaskError`] naming the key (permanent when there is no stage to read from).
+    pub fn fetch_direct(&self, key: &str, sha256: &str) -> Result<std::path::PathBuf, TaskError> {
+        let Some(stage) = self.direct_stage else {
+            return Err(TaskError::permanent(format!(
+                "fetching {key}: no stage to read it from"
+            )));
+        };
+        let fetched = self
+            .runtime
+            .block_on(crate::head_client::read_object_direct(
+                stage,
+                key,
+                sha256,
+                self.cache_dir,
+            ));
+        fetched.map_err(fetch_error(key))
     }
 
     /// A stage object in the local cache: read from the stage directly when one is
@@ -92,30 +137,26 @@ impl TaskContext<'_> {
         key: &str,
         sha256: &str,
     ) -> Result<std::path::PathBuf, TaskError> {
-        let fetched = match self.direct_stage {
-            Some(stage) => self
-                .runtime
-                .block_on(crate::head_client::read_object_direct(
-                    stage,
-                    key,
-                    sha256,
-                    self.cache_dir,
-                )),
-            None => self.runtime.block_on(crate::head_client::fetch_object(
-                client,
-                worker_id,
-                key,
-                sha256,
-                self.cache_dir,
-            )),
-        };
-        fetched.map_err(|e| match e {
-            // The stage holds other bytes than the catalog recorded: every attempt reads them.
-            crate::WorkerError::ContentMismatch { .. } => {
-                TaskError::permanent(format!("fetching {e}"))
-            }
-            e => TaskError::transient(format!("fetching {key}: {e}")),
-        })
+        if self.direct_stage.is_some() {
+            return self.fetch_direct(key, sha256);
+        }
+        let fetched = self.runtime.block_on(crate::head_client::fetch_object(
+            client,
+            worker_id,
+            key,
+            sha256,
+            self.cache_dir,
+        ));
+        fetched.map_err(fetch_error(key))
+    }
+}
+
+/// How a failed fetch of `key` ends the task.
+fn fetch_error(key: &str) -> impl FnOnce(crate::WorkerError) -> TaskError + '_ {
+    move |e| match e {
+        // The stage holds other bytes than the catalog recorded: every attempt reads them.
+        crate::WorkerError::ContentMismatch { .. } => TaskError::permanent(format!("fetching {e}")),
+        e => TaskError::transient(format!("fetching {key}: {e}")),
     }
 }
 

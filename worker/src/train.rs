@@ -18,7 +18,7 @@ use medray_proto::v1::train_down::Msg as Down;
 use medray_proto::v1::train_up::Msg as Up;
 use medray_proto::v1::{
     EpochReport, GradChunk, StageRef, StateChunk, StateKind, StepDone, TaskAssignment, TrainCase,
-    TrainHello, TrainInit, TrainReady, TrainUp, ValCase, ValResult,
+    TrainDown, TrainHello, TrainInit, TrainReady, TrainUp, ValCase, ValResult,
 };
 use tokio::sync::mpsc;
 
@@ -42,6 +42,34 @@ struct Link {
 }
 
 impl Link {
+    /// A link whose commands come from `down` (forwarded by a task on `runtime`) and whose
+    /// messages go to `tx`.
+    fn over<S>(runtime: &tokio::runtime::Handle, mut down: S, tx: mpsc::Sender<TrainUp>) -> Self
+    where
+        S: futures::Stream<Item = Result<TrainDown, tonic::Status>> + Unpin + Send + 'static,
+    {
+        use futures::StreamExt;
+        let (in_tx, rx) = std_mpsc::channel();
+        runtime.spawn(async move {
+            let end = loop {
+                match down.next().await {
+                    Some(Ok(m)) => match m.msg {
+                        Some(msg) => {
+                            if in_tx.send(Incoming::Msg(msg)).is_err() {
+                                return;
+                            }
+                        }
+                        None => break "the head sent an empty message".to_string(),
+                    },
+                    None => break "the stream ended".to_string(),
+                    Some(Err(status)) => break format!("the stream broke: {}", status.message()),
+                }
+            };
+            let _ = in_tx.send(Incoming::End(end));
+        });
+        Self { rx, tx }
+    }
+
     fn send(&self, msg: Up) -> Result<(), TaskError> {
         self.tx
             .blocking_send(TrainUp { msg: Some(msg) })
@@ -118,40 +146,76 @@ pub fn run(
                 TaskError::transient(reason)
             }
         })?;
-    let mut down = response.into_inner();
-    let (in_tx, rx) = std_mpsc::channel();
-    ctx.runtime.spawn(async move {
-        let end = loop {
-            match down.message().await {
-                Ok(Some(m)) => match m.msg {
-                    Some(msg) => {
-                        if in_tx.send(Incoming::Msg(msg)).is_err() {
-                            return;
-                        }
-                    }
-                    None => break "the head sent an empty message".to_string(),
-                },
-                Ok(None) => break "the stream ended".to_string(),
-                Err(status) => break format!("the stream broke: {}", status.message()),
+    let link = Link::over(ctx.runtime, response.into_inner(), tx);
+    let mut fetch = |key: &str, sha256: &str| ctx.fetch(&mut client, worker_id, key, sha256);
+    finish(&link, serve(ctx, &link, &mut fetch, worker_id))
+}
+
+/// The replica's end of a training job run in this process (`medray train-local`): what
+/// the coordinator sends, and where the replica's messages go (no `hello`: the link is
+/// already the job's).
+#[derive(Debug)]
+pub struct InProcessLink {
+    /// The coordinator's messages.
+    pub down: mpsc::Receiver<Result<TrainDown, tonic::Status>>,
+    /// The replica's messages.
+    pub up: mpsc::Sender<TrainUp>,
+}
+
+/// Runs one replica in this process, on the calling thread, reading the cases straight from
+/// `stage` (through `cache_dir`); its log lines go to `log`. The same replica as a worker's
+/// `train` task, over channels instead of the `Train` stream.
+///
+/// # Errors
+/// Why the replica stopped.
+pub fn run_in_process(
+    link: InProcessLink,
+    device: &candle_core::Device,
+    stage: &medray_core::stage::Stage,
+    cache_dir: &std::path::Path,
+    runtime: &tokio::runtime::Handle,
+    log: impl Fn(String) + Send + 'static,
+) -> Result<String, String> {
+    let (events, mut lines) = mpsc::channel::<crate::compute::TaskEvent>(64);
+    runtime.spawn(async move {
+        while let Some(event) = lines.recv().await {
+            if let crate::compute::TaskEvent::Log(line) = event {
+                log(line);
             }
-        };
-        let _ = in_tx.send(Incoming::End(end));
+        }
     });
-    let link = Link { rx, tx };
-    let result = serve(ctx, &link, &mut client, worker_id);
+    let cancel = std::sync::atomic::AtomicBool::new(false);
+    let models = std::cell::RefCell::new(crate::infer::ModelCache::default());
+    let ctx = TaskContext::standalone(device, runtime, cache_dir, stage, &models, &cancel, &events);
+    let link = Link::over(
+        runtime,
+        tokio_stream::wrappers::ReceiverStream::new(link.down),
+        link.up,
+    );
+    let mut fetch = |key: &str, sha256: &str| ctx.fetch_direct(key, sha256);
+    finish(&link, serve(&ctx, &link, &mut fetch, IN_PROCESS_WORKER)).map_err(|e| e.reason)
+}
+
+/// Tells the coordinator why a replica stopped for good before its link closes.
+fn finish(link: &Link, result: Result<String, TaskError>) -> Result<String, TaskError> {
     if let Err(e) = &result {
         if !e.retryable {
-            // Tell the coordinator why before the stream closes.
             let _ = link.send(Up::Error(e.reason.clone()));
         }
     }
     result
 }
 
+/// The worker name of an in-process replica, in its result and log lines.
+pub const IN_PROCESS_WORKER: &str = "in-process";
+
+/// Reads a stage object into the local cache: `(key, sha256)` to its path.
+type Fetch<'a> = dyn FnMut(&str, &str) -> Result<std::path::PathBuf, TaskError> + 'a;
+
 fn serve(
     ctx: &TaskContext<'_>,
     link: &Link,
-    client: &mut HeadClient,
+    fetch: &mut Fetch<'_>,
     worker_id: &str,
 ) -> Result<String, TaskError> {
     // The first command is always the init.
@@ -164,7 +228,7 @@ fn serve(
             )))
         }
     };
-    let (mut replica, setup) = start(ctx, link, client, worker_id, &init)?;
+    let (mut replica, setup) = start(ctx, link, fetch, &init)?;
     let encoding = match init.encoding() {
         medray_proto::v1::GradEncoding::F32 => GradEncoding::F32,
         medray_proto::v1::GradEncoding::F16 => GradEncoding::F16,
@@ -372,8 +436,7 @@ fn serve(
 fn start(
     ctx: &TaskContext<'_>,
     link: &Link,
-    client: &mut HeadClient,
-    worker_id: &str,
+    fetch: &mut Fetch<'_>,
     init: &TrainInit,
 ) -> Result<(Replica, Duration), TaskError> {
     let started = Instant::now();
@@ -384,9 +447,7 @@ fn start(
             .iter()
             .map(|c| {
                 let mut get = |r: &Option<StageRef>| -> Result<_, TaskError> {
-                    r.as_ref()
-                        .map(|r| ctx.fetch(client, worker_id, &r.key, &r.sha256))
-                        .transpose()
+                    r.as_ref().map(|r| fetch(&r.key, &r.sha256)).transpose()
                 };
                 let missing = |what: &str| {
                     TaskError::permanent(format!("case {}: no {what} in the init", c.id))

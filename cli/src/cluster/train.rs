@@ -202,34 +202,66 @@ async fn follow(client: &mut HeadClient, id: &str) -> anyhow::Result<()> {
         .await
         .map_err(|e| status_error("logs", e))?
         .into_inner();
-    let bar = ProgressBar::new(1).with_style(
-        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} steps ({elapsed}, ETA {eta})")
-            .expect("static template")
-            .progress_chars("=> "),
-    );
+    let bar = StepBar::new();
     while let Some(line) = stream
         .message()
         .await
         .map_err(|e| status_error("logs", e))?
     {
-        let text = if line.worker_id.is_empty() {
-            line.line.clone()
+        bar.show(&line.worker_id, &line.line, line.progress.as_ref());
+    }
+    bar.finish();
+    Ok(())
+}
+
+/// A training job's log as the user sees it: step lines move a progress bar (from their
+/// typed progress), every other line is printed above it (worker lines prefixed with the
+/// worker); without a terminal, every line is printed.
+pub(crate) struct StepBar {
+    bar: ProgressBar,
+}
+
+impl StepBar {
+    pub(crate) fn new() -> Self {
+        Self {
+            bar: ProgressBar::new(1).with_style(
+                ProgressStyle::with_template(
+                    "{msg} [{bar:30}] {pos}/{len} steps ({elapsed}, ETA {eta})",
+                )
+                .expect("static template")
+                .progress_chars("=> "),
+            ),
+        }
+    }
+
+    /// One log line.
+    pub(crate) fn show(
+        &self,
+        worker_id: &str,
+        line: &str,
+        progress: Option<&medray_proto::v1::TrainProgress>,
+    ) {
+        let text = if worker_id.is_empty() {
+            line.to_string()
         } else {
-            format!("[{}] {}", line.worker_id, line.line)
+            format!("[{worker_id}] {line}")
         };
-        match (bar.is_hidden(), &line.progress) {
+        match (self.bar.is_hidden(), progress) {
             (false, Some(p)) => {
-                bar.set_length(p.steps_in_epoch);
-                bar.set_position(p.step_in_epoch);
-                bar.set_message(format!(
+                self.bar.set_length(p.steps_in_epoch);
+                self.bar.set_position(p.step_in_epoch);
+                self.bar.set_message(format!(
                     "epoch {}/{} loss {:.4} on {} replica(s)",
                     p.epoch, p.epochs, p.loss, p.replicas
                 ));
             }
-            (false, None) => bar.println(text),
+            (false, None) => self.bar.println(text),
             (true, _) => println!("{text}"),
         }
     }
-    bar.finish_and_clear();
-    Ok(())
+
+    /// Removes the bar.
+    pub(crate) fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
 }

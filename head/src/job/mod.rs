@@ -93,6 +93,15 @@ pub fn kind_of(spec: &JobSpec) -> &'static str {
     }
 }
 
+/// The log line that ends a job.
+pub(crate) fn end_line(state: JobState, reason: &str) -> String {
+    if reason.is_empty() {
+        format!("job {}", state.label())
+    } else {
+        format!("job {}: {reason}", state.label())
+    }
+}
+
 /// Handles a job actor needs besides its job.
 #[derive(Debug, Clone)]
 pub struct JobHandles {
@@ -235,11 +244,7 @@ impl Job {
 
     /// Ends the job once (a job that already ended is left as it is) and stops the actor.
     pub fn end(&self, state: JobState, reason: &str) {
-        let line = if reason.is_empty() {
-            format!("job {}", state.label())
-        } else {
-            format!("job {}: {reason}", state.label())
-        };
+        let line = end_line(state, reason);
         // The state and its line in one transaction: a follower that sees the end has the
         // line.
         match self.ctx.store.end_job(&self.job_id, state, reason, &line) {

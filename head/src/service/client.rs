@@ -347,11 +347,7 @@ impl Client for ClientService {
         let rows = self.ctx.logs.read(id, req.from_seq, req.follow);
         let lines = tokio_stream::wrappers::ReceiverStream::new(rows).map(|row| {
             let r = row.map_err(Status::from)?;
-            // A progress blob that does not decode is dropped, never the line.
-            let progress = r
-                .progress
-                .as_deref()
-                .and_then(|b| <medray_proto::v1::TrainProgress as prost::Message>::decode(b).ok());
+            let progress = r.train_progress();
             Ok(LogLine {
                 seq: r.seq,
                 time: r.time,

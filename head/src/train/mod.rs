@@ -70,7 +70,8 @@ mod spec;
 mod step;
 
 pub use actor::{CoordActorArgs, CoordMsg, TrainCoordinator};
-use spec::{fresh_state, job_key, load_state};
+pub(crate) use spec::load_state;
+use spec::{fresh_state, job_key};
 pub use spec::{state_key, train_config};
 
 /// Stage key (under `jobs/<job>/`) of the best weights of states written before
@@ -211,7 +212,7 @@ struct Coordinator {
 
 /// Runs a training job to its end, hearing from the replicas through `inbox`: `Ok(result
 /// JSON)` or `Err(reason)`.
-async fn run(
+pub(crate) async fn run(
     args: CoordinatorArgs,
     inbox: mpsc::UnboundedReceiver<CoordEvent>,
 ) -> std::result::Result<String, String> {

@@ -134,7 +134,7 @@ pub(super) fn fresh_state(ctx: &HeadContext, spec: &TrainSpec) -> Result<DistSta
 }
 
 /// A job's last checkpoint: its state and the weights and optimizer state it points at.
-pub(super) async fn load_state(
+pub(crate) async fn load_state(
     ctx: &HeadContext,
     job: &JobId,
 ) -> Result<Option<(DistState, Vec<u8>, Vec<u8>)>> {
