@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::Context;
 use medray_core::catalog::query::{query_read_only, QueryResult, SqlValue};
 use medray_core::report::split_summaries;
-use medray_core::results::{list_results, ResultFilter, ResultRow, Split, RESULT_COLUMNS};
+use medray_core::results::{list_results, Column, ResultFilter, ResultRow, Split, RESULT_COLUMNS};
 use medray_head::service::client::MAX_ROWS;
 use medray_head::service::result_info::{query_result_from, result_row_from};
 use medray_proto::v1::{ListResultsRequest, QueryCatalogRequest};
@@ -102,54 +102,20 @@ const TABLE_COLUMNS: [&str; 15] = [
     "error",
 ];
 
-fn real(v: Option<f64>) -> SqlValue {
-    v.map_or(SqlValue::Null, SqlValue::Real)
-}
-
-fn text(v: Option<&str>) -> SqlValue {
-    v.map_or(SqlValue::Null, |t| SqlValue::Text(t.to_string()))
-}
-
-/// The value of column `name` of a results row.
-fn column(r: &ResultRow, name: &str) -> SqlValue {
-    match name {
-        "case_id" => text(Some(r.case_id.as_str())),
-        "dataset" => text(Some(r.dataset.as_str())),
-        "model_name" => text(Some(r.model_name.as_str())),
-        "model_version" => text(Some(&r.model_version)),
-        "status" => text(Some(r.status.as_str())),
-        "error" => text(r.error.as_deref()),
-        "dice_before" => real(r.dice_before),
-        "dice_score" => real(r.dice_score),
-        "soft_dice" => real(r.soft_dice),
-        "ssim_score" => real(r.ssim_score),
-        "mi" => real(r.mi),
-        "tre_before_mm" => real(r.tre_before_mm),
-        "tre_mm" => real(r.tre_mm),
-        "folding_pct" => real(r.folding_pct),
-        "ddf_magnitude" => real(r.ddf_magnitude),
-        "runtime_ms" => real(r.runtime_ms),
-        "device" => text(Some(&r.device)),
-        "worker" => text(Some(&r.worker)),
-        "job_id" => text(Some(&r.job_id)),
-        "output_image" => text(r.output_image.as_deref()),
-        "output_label" => text(r.output_label.as_deref()),
-        "output_ddf" => text(r.output_ddf.as_deref()),
-        "refine_steps" => SqlValue::Integer(i64::from(r.refine_steps)),
-        "split" => text(r.split.map(|s| s.as_str())),
-        "created_at" => text(Some(&r.created_at)),
-        _ => SqlValue::Null,
-    }
-}
-
-/// Results rows as a table of the given columns.
+/// Results rows as a table of the given columns (a name that is not a column shows NULL).
 #[must_use]
 pub fn results_table(rows: &[ResultRow], columns: &[&str]) -> QueryResult {
+    let found: Vec<Option<&Column>> = columns.iter().map(|c| Column::named(c)).collect();
     QueryResult {
         columns: columns.iter().map(ToString::to_string).collect(),
         rows: rows
             .iter()
-            .map(|r| columns.iter().map(|c| column(r, c)).collect())
+            .map(|r| {
+                found
+                    .iter()
+                    .map(|c| c.map_or(SqlValue::Null, |c| c.value(r)))
+                    .collect()
+            })
             .collect(),
         truncated: false,
     }
@@ -398,6 +364,13 @@ pub fn run_sql(args: SqlArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_table_shows_columns_of_the_results_table() {
+        for c in TABLE_COLUMNS {
+            assert!(Column::named(c).is_some(), "{c}");
+        }
+    }
 
     #[test]
     fn formats_quote_and_align() {
