@@ -12,8 +12,6 @@ use anyhow::Context;
 use medray_core::catalog::query::{query_read_only, QueryResult, SqlValue};
 use medray_core::report::split_summaries;
 use medray_core::results::{list_results, Column, ResultFilter, ResultRow, Split, RESULT_COLUMNS};
-use medray_head::service::client::MAX_ROWS;
-use medray_head::service::result_info::{query_result_from, result_row_from};
 use medray_proto::v1::{ListResultsRequest, QueryCatalogRequest};
 
 use crate::cluster::client::{status_error, ClientArgs, HeadClient};
@@ -286,22 +284,14 @@ pub async fn remote_results(
     filter: &ResultFilter,
 ) -> anyhow::Result<Vec<ResultRow>> {
     let reply = client
-        .list_results(ListResultsRequest {
-            model: filter.model.clone().unwrap_or_default(),
-            version: filter.version.clone().unwrap_or_default(),
-            dataset: filter.dataset.clone().unwrap_or_default(),
-            job_id: filter.job_id.clone().unwrap_or_default(),
-            order_by: filter.order_by.clone().unwrap_or_default(),
-            descending: filter.descending,
-            limit: filter.limit.map_or(0, |l| l.min(MAX_ROWS as usize) as u32),
-        })
+        .list_results(ListResultsRequest::from(filter))
         .await
         .map_err(|e| status_error("results", e))?
         .into_inner();
     reply
         .results
         .into_iter()
-        .map(|r| result_row_from(r).context("the head sent an invalid results row"))
+        .map(|r| ResultRow::try_from(r).context("the head sent an invalid results row"))
         .collect()
 }
 
@@ -347,7 +337,7 @@ pub fn run_sql(args: SqlArgs) -> anyhow::Result<()> {
                     .await
                     .map_err(|e| status_error("sql", e))?
                     .into_inner();
-                Ok::<_, anyhow::Error>(query_result_from(reply))
+                Ok::<_, anyhow::Error>(QueryResult::from(reply))
             })?
         }
         Target::Local => query_read_only(

@@ -7,40 +7,23 @@ use std::collections::HashSet;
 use medray_core::report::{plan, ReportJob, ReportPlan};
 use medray_core::results::{list_results, results_prefix, ResultFilter, ResultRow};
 use medray_core::stage::ObjectKey;
-use medray_proto::v1::job_spec::Kind;
-use medray_proto::v1::{Job, JobState};
+use medray_proto::v1::Job;
 
 use crate::context::HeadContext;
 use crate::ids::JobId;
 use crate::{HeadError, Result};
 
-/// The report's view of an inference job.
+/// The report's view of an inference job ([`medray_proto::convert`]), its error as a request
+/// error of the head.
 ///
 /// # Errors
 /// [`HeadError::InvalidArgument`] when the job is not an inference job.
 pub fn report_job(job: &Job) -> Result<ReportJob> {
-    let Some(Kind::Infer(spec)) = job.spec.as_ref().and_then(|s| s.kind.as_ref()) else {
-        return Err(HeadError::InvalidArgument {
-            field: "job".into(),
-            reason: format!(
-                "`{}` is a {} job; reports are made for inference jobs",
-                job.id, job.kind
-            ),
-        });
-    };
-    Ok(ReportJob {
-        id: job.id.clone(),
-        state: JobState::try_from(job.state)
-            .map_or("UNKNOWN", |s| s.as_str_name())
-            .trim_start_matches("JOB_STATE_")
-            .to_string(),
-        reason: job.reason.clone(),
-        dataset: spec.dataset.clone(),
-        model: spec.model.clone(),
-        version: spec.version.clone(),
-        refine_steps: spec.refine_steps,
-        created_at: job.created_at.clone(),
-        finished_at: job.finished_at.clone(),
+    ReportJob::try_from(job).map_err(|e| match e {
+        medray_core::Error::InvalidArgument { field, reason } => {
+            HeadError::InvalidArgument { field, reason }
+        }
+        other => HeadError::Core(other),
     })
 }
 
