@@ -476,7 +476,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    fn row(case: &str, version: &str, dice: f64, job: &str) -> ResultRow {
+    pub(super) fn row(case: &str, version: &str, dice: f64, job: &str) -> ResultRow {
         ResultRow {
             dice_before: Some(0.5),
             dice_score: Some(dice),

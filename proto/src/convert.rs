@@ -373,23 +373,31 @@ mod tests {
 
     #[test]
     fn a_results_row_survives_the_wire() {
-        let mut row = ResultRow::failed(
-            CaseId::new("case_001").unwrap(),
-            DatasetName::new("d").unwrap(),
-            ModelName::new("m").unwrap(),
-            "v1".into(),
-            String::new(),
-            "job-000001".into(),
+        let wire = CaseResult {
+            case_id: "case_001".into(),
+            dataset: "d".into(),
+            model_name: "m".into(),
+            model_version: "v1".into(),
+            status: "SUCCEEDED".into(),
+            tre_mm: Some(1.25),
+            job_id: "job-000001".into(),
+            output_ddf: Some("results/m/v1/case_001_ddf.nii.gz".into()),
+            refine_steps: 3,
+            split: Some("held-out".into()),
+            created_at: "2025-01-01T00:00:00Z".into(),
+            ..CaseResult::default()
+        };
+        let row = ResultRow::try_from(wire.clone()).unwrap();
+        assert_eq!(
+            (row.status, row.split, row.tre_mm, row.dice_score),
+            (
+                CaseStatus::Succeeded,
+                Some(Split::HeldOut),
+                Some(1.25),
+                None
+            )
         );
-        row.status = CaseStatus::Succeeded;
-        row.error = None;
-        row.tre_mm = Some(1.25);
-        row.refine_steps = 3;
-        row.split = Some(Split::HeldOut);
-        row.created_at = "2025-01-01T00:00:00Z".into();
-        let wire = CaseResult::from(&row);
-        assert_eq!(wire.split.as_deref(), Some("held-out"));
-        assert_eq!(ResultRow::try_from(wire.clone()).unwrap(), row);
+        assert_eq!(CaseResult::from(&row), wire);
         let bad = CaseResult {
             status: "DONE".into(),
             ..wire

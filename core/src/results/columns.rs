@@ -295,7 +295,7 @@ pub(crate) use result_columns;
 
 #[cfg(test)]
 mod tests {
-    use super::super::{ResultRow, COLUMNS, RESULT_COLUMNS};
+    use super::super::{COLUMNS, RESULT_COLUMNS};
     use super::*;
     use crate::catalog::Catalog;
 
@@ -331,23 +331,17 @@ mod tests {
 
     #[test]
     fn getters_read_their_field() {
-        let mut r = ResultRow::failed(
-            CaseId::new("case_001").unwrap(),
-            DatasetName::new("d").unwrap(),
-            ModelName::new("m").unwrap(),
-            "v1".into(),
-            "boom".into(),
-            "job-1".into(),
-        );
+        let mut r = super::super::tests::row("case_001", "v1", 0.8, "job-1");
         r.tre_mm = Some(1.5);
         r.refine_steps = 7;
         r.split = Some(Split::HeldOut);
         let get = |name: &str| (Column::named(name).unwrap().get)(&r);
         assert_eq!(get("case_id"), Cell::Text("case_001"));
-        assert_eq!(get("status"), Cell::Text("FAILED"));
-        assert_eq!(get("error"), Cell::Text("boom"));
+        assert_eq!(get("status"), Cell::Text("SUCCEEDED"));
+        assert_eq!(get("error"), Cell::Null);
         assert_eq!(get("tre_mm"), Cell::Real(1.5));
-        assert_eq!(get("dice_score"), Cell::Null);
+        assert_eq!(get("dice_score"), Cell::Real(0.8));
+        assert_eq!(get("soft_dice"), Cell::Null);
         assert_eq!(get("refine_steps"), Cell::Integer(7));
         assert_eq!(get("split"), Cell::Text("held-out"));
         assert!(Column::named("nope").is_none());
