@@ -1,7 +1,7 @@
 //! `medray datasets`: what the catalog holds.
 
 use medray_core::catalog::DatasetName;
-use medray_head::service::client::dataset_response;
+use medray_proto::convert::dataset_response;
 
 use crate::cluster::client::ClientArgs;
 use crate::data_dir::{DataArgs, Target};
@@ -54,7 +54,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     name: name.to_string(),
                 })?;
             let cases = catalog.cases(&name)?;
-            crate::remote::print_dataset(&dataset_response(d, cases))?;
+            crate::remote::print_dataset(&dataset_response(&d, &cases))?;
         }
     }
     Ok(())

@@ -10,7 +10,7 @@ use medray_core::model::ModelConfig;
 use medray_core::models::{self, ModelName, ModelVersion, NewModelVersion, VersionRef};
 use medray_core::preprocess::{PreprocessConfig, Window};
 use medray_core::stage::Stage;
-use medray_head::service::model_info::{model_ref, model_version_from_info};
+use medray_proto::convert::model_ref;
 use medray_proto::v1::{
     DeleteModelRequest, ExportModelRequest, GetModelRequest, ImportModelHeader, ImportModelRequest,
     ListModelsRequest, ModelVersionInfo, SetModelAliasRequest,
@@ -301,7 +301,7 @@ impl Registry {
 }
 
 fn from_info(info: ModelVersionInfo) -> anyhow::Result<ModelVersion> {
-    model_version_from_info(info).context("the head sent an invalid model version")
+    ModelVersion::try_from(info).context("the head sent an invalid model version")
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {

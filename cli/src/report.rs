@@ -11,8 +11,7 @@ use medray_core::report::{plan, ReportJob, ReportPlan};
 use medray_core::results::{list_results, results_prefix, ResultFilter, ResultRow};
 use medray_core::stage::ObjectKey;
 use medray_head::ids::JobId;
-use medray_head::report::report_job;
-use medray_head::store::Store;
+use medray_head::report::stored_report_job;
 use medray_proto::v1::{GetJobRequest, StageListRequest};
 
 use crate::cluster::client::{status_error, ClientArgs};
@@ -76,7 +75,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 .into_inner()
                 .job
                 .context("the head sent no job")?;
-            let info = report_job(&job)?;
+            let info = ReportJob::try_from(&job)?;
             let rows = remote_results(&mut c, &filter(&args.job)).await?;
             let stored: HashSet<String> = c
                 .stage_list(StageListRequest {
@@ -97,13 +96,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             Ok::<_, anyhow::Error>((rows, page, pictures))
         })?,
         Target::Local => {
-            let path = args.data.dir().join("catalog.db");
-            let store =
-                Store::open(&path).with_context(|| format!("opening {}", path.display()))?;
-            let job = store
-                .job(&JobId(args.job.clone()))?
+            let dir = args.data.dir();
+            let path = dir.join("catalog.db");
+            let info = stored_report_job(&dir, &JobId(args.job.clone()))
+                .with_context(|| format!("reading job `{}` from {}", args.job, path.display()))?
                 .with_context(|| format!("job `{}` not found in {}", args.job, path.display()))?;
-            let info = report_job(&job)?;
             let rows = list_results(&args.data.open_catalog()?, &filter(&args.job))?;
             let stage = args.data.open_stage()?;
             rt.block_on(async {

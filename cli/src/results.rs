@@ -11,9 +11,7 @@ use std::time::Duration;
 use anyhow::Context;
 use medray_core::catalog::query::{query_read_only, QueryResult, SqlValue};
 use medray_core::report::split_summaries;
-use medray_core::results::{list_results, ResultFilter, ResultRow, Split, RESULT_COLUMNS};
-use medray_head::service::client::MAX_ROWS;
-use medray_head::service::result_info::{query_result_from, result_row_from};
+use medray_core::results::{list_results, Column, ResultFilter, ResultRow, Split, RESULT_COLUMNS};
 use medray_proto::v1::{ListResultsRequest, QueryCatalogRequest};
 
 use crate::cluster::client::{status_error, ClientArgs, HeadClient};
@@ -102,54 +100,20 @@ const TABLE_COLUMNS: [&str; 15] = [
     "error",
 ];
 
-fn real(v: Option<f64>) -> SqlValue {
-    v.map_or(SqlValue::Null, SqlValue::Real)
-}
-
-fn text(v: Option<&str>) -> SqlValue {
-    v.map_or(SqlValue::Null, |t| SqlValue::Text(t.to_string()))
-}
-
-/// The value of column `name` of a results row.
-fn column(r: &ResultRow, name: &str) -> SqlValue {
-    match name {
-        "case_id" => text(Some(r.case_id.as_str())),
-        "dataset" => text(Some(r.dataset.as_str())),
-        "model_name" => text(Some(r.model_name.as_str())),
-        "model_version" => text(Some(&r.model_version)),
-        "status" => text(Some(r.status.as_str())),
-        "error" => text(r.error.as_deref()),
-        "dice_before" => real(r.dice_before),
-        "dice_score" => real(r.dice_score),
-        "soft_dice" => real(r.soft_dice),
-        "ssim_score" => real(r.ssim_score),
-        "mi" => real(r.mi),
-        "tre_before_mm" => real(r.tre_before_mm),
-        "tre_mm" => real(r.tre_mm),
-        "folding_pct" => real(r.folding_pct),
-        "ddf_magnitude" => real(r.ddf_magnitude),
-        "runtime_ms" => real(r.runtime_ms),
-        "device" => text(Some(&r.device)),
-        "worker" => text(Some(&r.worker)),
-        "job_id" => text(Some(&r.job_id)),
-        "output_image" => text(r.output_image.as_deref()),
-        "output_label" => text(r.output_label.as_deref()),
-        "output_ddf" => text(r.output_ddf.as_deref()),
-        "refine_steps" => SqlValue::Integer(i64::from(r.refine_steps)),
-        "split" => text(r.split.map(|s| s.as_str())),
-        "created_at" => text(Some(&r.created_at)),
-        _ => SqlValue::Null,
-    }
-}
-
-/// Results rows as a table of the given columns.
+/// Results rows as a table of the given columns (a name that is not a column shows NULL).
 #[must_use]
 pub fn results_table(rows: &[ResultRow], columns: &[&str]) -> QueryResult {
+    let found: Vec<Option<&Column>> = columns.iter().map(|c| Column::named(c)).collect();
     QueryResult {
         columns: columns.iter().map(ToString::to_string).collect(),
         rows: rows
             .iter()
-            .map(|r| columns.iter().map(|c| column(r, c)).collect())
+            .map(|r| {
+                found
+                    .iter()
+                    .map(|c| c.map_or(SqlValue::Null, |c| c.value(r)))
+                    .collect()
+            })
             .collect(),
         truncated: false,
     }
@@ -320,22 +284,14 @@ pub async fn remote_results(
     filter: &ResultFilter,
 ) -> anyhow::Result<Vec<ResultRow>> {
     let reply = client
-        .list_results(ListResultsRequest {
-            model: filter.model.clone().unwrap_or_default(),
-            version: filter.version.clone().unwrap_or_default(),
-            dataset: filter.dataset.clone().unwrap_or_default(),
-            job_id: filter.job_id.clone().unwrap_or_default(),
-            order_by: filter.order_by.clone().unwrap_or_default(),
-            descending: filter.descending,
-            limit: filter.limit.map_or(0, |l| l.min(MAX_ROWS as usize) as u32),
-        })
+        .list_results(ListResultsRequest::from(filter))
         .await
         .map_err(|e| status_error("results", e))?
         .into_inner();
     reply
         .results
         .into_iter()
-        .map(|r| result_row_from(r).context("the head sent an invalid results row"))
+        .map(|r| ResultRow::try_from(r).context("the head sent an invalid results row"))
         .collect()
 }
 
@@ -381,7 +337,7 @@ pub fn run_sql(args: SqlArgs) -> anyhow::Result<()> {
                     .await
                     .map_err(|e| status_error("sql", e))?
                     .into_inner();
-                Ok::<_, anyhow::Error>(query_result_from(reply))
+                Ok::<_, anyhow::Error>(QueryResult::from(reply))
             })?
         }
         Target::Local => query_read_only(
@@ -398,6 +354,13 @@ pub fn run_sql(args: SqlArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_table_shows_columns_of_the_results_table() {
+        for c in TABLE_COLUMNS {
+            assert!(Column::named(c).is_some(), "{c}");
+        }
+    }
 
     #[test]
     fn formats_quote_and_align() {

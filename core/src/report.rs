@@ -13,7 +13,7 @@
 
 use std::fmt::Write as _;
 
-use crate::results::{CaseStatus, ResultRow, Split, IMAGE_SUFFIX, PNG_SUFFIX};
+use crate::results::{CaseStatus, ResultRow, Role, Split, COLUMNS, IMAGE_SUFFIX, PNG_SUFFIX};
 
 /// What the report says about the job itself.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -59,22 +59,6 @@ pub struct MetricSummary {
     pub max: f64,
 }
 
-/// The metrics the report summarises: column, heading, accessor.
-type Metric = (&'static str, &'static str, fn(&ResultRow) -> Option<f64>);
-
-const METRICS: [Metric; 10] = [
-    ("dice_before", "Dice before", |r| r.dice_before),
-    ("dice_score", "Dice after", |r| r.dice_score),
-    ("soft_dice", "soft Dice", |r| r.soft_dice),
-    ("ssim_score", "SSIM", |r| r.ssim_score),
-    ("mi", "MI", |r| r.mi),
-    ("tre_before_mm", "TRE before (mm)", |r| r.tre_before_mm),
-    ("tre_mm", "TRE after (mm)", |r| r.tre_mm),
-    ("folding_pct", "folding (%)", |r| r.folding_pct),
-    ("ddf_magnitude", "mean |DDF| (voxels)", |r| r.ddf_magnitude),
-    ("runtime_ms", "runtime (ms)", |r| r.runtime_ms),
-];
-
 /// Summary statistics of every metric that at least one succeeded case has, in the order
 /// of the results table. Failed cases and missing values (no masks, no keypoints) are left
 /// out of the statistics, never counted as zero.
@@ -84,12 +68,15 @@ pub fn summarize(rows: &[ResultRow]) -> Vec<MetricSummary> {
         .iter()
         .filter(|r| r.status == CaseStatus::Succeeded)
         .collect();
-    METRICS
+    COLUMNS
         .iter()
-        .filter_map(|(column, label, get)| {
+        .filter_map(|c| {
+            let Role::Metric(label) = c.role else {
+                return None;
+            };
             let mut v: Vec<f64> = ok
                 .iter()
-                .filter_map(|r| get(r))
+                .filter_map(|r| (c.get)(r).real())
                 .filter(|x| x.is_finite())
                 .collect();
             if v.is_empty() {
@@ -109,7 +96,7 @@ pub fn summarize(rows: &[ResultRow]) -> Vec<MetricSummary> {
                 0.5 * (v[n / 2 - 1] + v[n / 2])
             };
             Some(MetricSummary {
-                column,
+                column: c.name,
                 label,
                 n,
                 mean,

@@ -19,37 +19,13 @@ pub use crate::models::Split;
 use crate::models::{validate_version, ModelName};
 use crate::{Error, Result};
 
+pub mod columns;
+
+use columns::result_columns;
+pub use columns::{Cell, Column, Role, SqlType};
+
 /// Longest error text kept in a row, bytes (longer ones are cut and say so).
 pub const MAX_ERROR_BYTES: usize = 4096;
-
-/// Columns of the `results` table, in order: what `--order-by` accepts.
-pub const RESULT_COLUMNS: [&str; 25] = [
-    "case_id",
-    "dataset",
-    "model_name",
-    "model_version",
-    "status",
-    "error",
-    "dice_before",
-    "dice_score",
-    "soft_dice",
-    "ssim_score",
-    "mi",
-    "tre_before_mm",
-    "tre_mm",
-    "folding_pct",
-    "ddf_magnitude",
-    "runtime_ms",
-    "device",
-    "worker",
-    "job_id",
-    "output_image",
-    "output_label",
-    "output_ddf",
-    "refine_steps",
-    "split",
-    "created_at",
-];
 
 /// Name endings of a case's outputs in its results folder.
 pub const IMAGE_SUFFIX: &str = "_registered_img.nii.gz";
@@ -104,62 +80,66 @@ impl std::str::FromStr for CaseStatus {
     }
 }
 
-/// One row of the `results` table. Metrics are `None` for a failed case, and where the
-/// inputs they need are missing (masks, keypoints).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct ResultRow {
-    /// The case.
-    pub case_id: CaseId,
-    /// Its dataset.
-    pub dataset: DatasetName,
-    /// The model.
-    pub model_name: ModelName,
-    /// The model's version.
-    pub model_version: String,
-    /// How the case ended.
-    pub status: CaseStatus,
-    /// Why it failed.
-    pub error: Option<String>,
-    /// Binary Dice of the masks before registration.
-    pub dice_before: Option<f64>,
-    /// Binary Dice after registration (nearest-warped moving mask).
-    pub dice_score: Option<f64>,
-    /// The quickstart's soft Dice after registration.
-    pub soft_dice: Option<f64>,
-    /// SSIM of the warped and the fixed image.
-    pub ssim_score: Option<f64>,
-    /// Mutual information of the warped and the fixed image (minus MONAI's MI loss).
-    pub mi: Option<f64>,
-    /// Mean keypoint distance before registration, mm.
-    pub tre_before_mm: Option<f64>,
-    /// Mean target registration error after registration, mm.
-    pub tre_mm: Option<f64>,
-    /// Percentage of voxels where the Jacobian determinant is <= 0.
-    pub folding_pct: Option<f64>,
-    /// Mean displacement magnitude, network-grid voxels.
-    pub ddf_magnitude: Option<f64>,
-    /// The worker's time for the case (fetch, register, write, upload), ms.
-    pub runtime_ms: Option<f64>,
-    /// The device it ran on (`cpu`, `cuda:N`); empty when unknown.
-    pub device: String,
-    /// The worker that ran it; empty when unknown.
-    pub worker: String,
-    /// The inference job.
-    pub job_id: String,
-    /// Stage key of the registered image.
-    pub output_image: Option<String>,
-    /// Stage key of the registered label.
-    pub output_label: Option<String>,
-    /// Stage key of the DDF.
-    pub output_ddf: Option<String>,
-    /// Adam steps of instance optimisation.
-    pub refine_steps: u32,
-    /// Whether the case was among the model's training data; `None`: unknown (the model
-    /// records no training data).
-    #[serde(default)]
-    pub split: Option<Split>,
-    /// When the row was written, RFC 3339 UTC (set by [`record_results`]).
-    pub created_at: String,
+// The one declaration of the results columns: the struct, `RESULT_COLUMNS`, `COLUMNS` and
+// the reading of rows all come from this list (see `columns.rs`).
+result_columns! {
+    /// One row of the `results` table. Metrics are `None` for a failed case, and where the
+    /// inputs they need are missing (masks, keypoints).
+    #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+    pub struct ResultRow {
+        /// The case.
+        case_id: CaseId,
+        /// Its dataset.
+        dataset: DatasetName,
+        /// The model.
+        model_name: ModelName,
+        /// The model's version.
+        model_version: String,
+        /// How the case ended.
+        status: CaseStatus,
+        /// Why it failed.
+        error: Option<String>,
+        /// Binary Dice of the masks before registration.
+        dice_before: Option<f64> => Role::Metric("Dice before"),
+        /// Binary Dice after registration (nearest-warped moving mask).
+        dice_score: Option<f64> => Role::Metric("Dice after"),
+        /// The quickstart's soft Dice after registration.
+        soft_dice: Option<f64> => Role::Metric("soft Dice"),
+        /// SSIM of the warped and the fixed image.
+        ssim_score: Option<f64> => Role::Metric("SSIM"),
+        /// Mutual information of the warped and the fixed image (minus MONAI's MI loss).
+        mi: Option<f64> => Role::Metric("MI"),
+        /// Mean keypoint distance before registration, mm.
+        tre_before_mm: Option<f64> => Role::Metric("TRE before (mm)"),
+        /// Mean target registration error after registration, mm.
+        tre_mm: Option<f64> => Role::Metric("TRE after (mm)"),
+        /// Percentage of voxels where the Jacobian determinant is <= 0.
+        folding_pct: Option<f64> => Role::Metric("folding (%)"),
+        /// Mean displacement magnitude, network-grid voxels.
+        ddf_magnitude: Option<f64> => Role::Metric("mean |DDF| (voxels)"),
+        /// The worker's time for the case (fetch, register, write, upload), ms.
+        runtime_ms: Option<f64> => Role::Metric("runtime (ms)"),
+        /// The device it ran on (`cpu`, `cuda:N`); empty when unknown.
+        device: String,
+        /// The worker that ran it; empty when unknown.
+        worker: String,
+        /// The inference job.
+        job_id: String,
+        /// Stage key of the registered image.
+        output_image: Option<String>,
+        /// Stage key of the registered label.
+        output_label: Option<String>,
+        /// Stage key of the DDF.
+        output_ddf: Option<String>,
+        /// Adam steps of instance optimisation.
+        refine_steps: u32,
+        /// Whether the case was among the model's training data; `None`: unknown (the model
+        /// records no training data).
+        #[serde(default)]
+        split: Option<Split>,
+        /// When the row was written, RFC 3339 UTC (set by [`record_results`]).
+        created_at: String => Role::WrittenAs("strftime('%Y-%m-%dT%H:%M:%SZ', 'now')"),
+    }
 }
 
 impl ResultRow {
@@ -202,21 +182,6 @@ impl ResultRow {
         }
     }
 
-    fn metrics(&self) -> [(&'static str, Option<f64>); 10] {
-        [
-            ("dice_before", self.dice_before),
-            ("dice_score", self.dice_score),
-            ("soft_dice", self.soft_dice),
-            ("ssim_score", self.ssim_score),
-            ("mi", self.mi),
-            ("tre_before_mm", self.tre_before_mm),
-            ("tre_mm", self.tre_mm),
-            ("folding_pct", self.folding_pct),
-            ("ddf_magnitude", self.ddf_magnitude),
-            ("runtime_ms", self.runtime_ms),
-        ]
-    }
-
     /// Checks the row: a version, an error exactly when FAILED, finite metrics.
     ///
     /// # Errors
@@ -232,9 +197,12 @@ impl ResultRow {
             }
             _ => {}
         }
-        for (field, value) in self.metrics() {
-            if value.is_some_and(|v| !v.is_finite()) {
-                return Err(Error::invalid(field, format!("{value:?}: not finite")));
+        for column in &COLUMNS {
+            if let Some(v) = (column.get)(self).real().filter(|v| !v.is_finite()) {
+                return Err(Error::invalid(
+                    column.name,
+                    format!("{:?}: not finite", Some(v)),
+                ));
             }
         }
         if self.job_id.is_empty() {
@@ -356,14 +324,23 @@ pub fn record_results(catalog: &mut Catalog, rows: &[ResultRow]) -> Result<()> {
                  WHERE dataset = ?1 AND model_name = ?2 AND model_version = ?3 AND case_id = ?4",
             )
             .map_err(err)?;
+        // Every column is bound from the row, except those SQLite sets (`created_at`).
+        let mut values = Vec::with_capacity(COLUMNS.len());
+        let mut bound: Vec<&Column> = Vec::with_capacity(COLUMNS.len());
+        for c in &COLUMNS {
+            match c.role {
+                Role::WrittenAs(sql) => values.push(sql.to_string()),
+                Role::Plain | Role::Metric(_) => {
+                    bound.push(c);
+                    values.push(format!("?{}", bound.len()));
+                }
+            }
+        }
         let mut insert = tx
             .prepare(&format!(
-                "INSERT INTO results ({}) VALUES ({}, strftime('%Y-%m-%dT%H:%M:%SZ', 'now'))",
+                "INSERT INTO results ({}) VALUES ({})",
                 RESULT_COLUMNS.join(", "),
-                (1..RESULT_COLUMNS.len())
-                    .map(|i| format!("?{i}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                values.join(", ")
             ))
             .map_err(err)?;
         for r in rows {
@@ -375,33 +352,14 @@ pub fn record_results(catalog: &mut Catalog, rows: &[ResultRow]) -> Result<()> {
                     r.case_id.as_str()
                 ])
                 .map_err(err)?;
+            let stored = ResultRow {
+                error: r.error.as_deref().map(clip_error),
+                ..r.clone()
+            };
             insert
-                .execute(params![
-                    r.case_id.as_str(),
-                    r.dataset.as_str(),
-                    r.model_name.as_str(),
-                    r.model_version,
-                    r.status.as_str(),
-                    r.error.as_deref().map(clip_error),
-                    r.dice_before,
-                    r.dice_score,
-                    r.soft_dice,
-                    r.ssim_score,
-                    r.mi,
-                    r.tre_before_mm,
-                    r.tre_mm,
-                    r.folding_pct,
-                    r.ddf_magnitude,
-                    r.runtime_ms,
-                    r.device,
-                    r.worker,
-                    r.job_id,
-                    r.output_image,
-                    r.output_label,
-                    r.output_ddf,
-                    i64::from(r.refine_steps),
-                    r.split.map(Split::as_str),
-                ])
+                .execute(rusqlite::params_from_iter(
+                    bound.iter().map(|c| (c.get)(&stored)),
+                ))
                 .map_err(err)?;
         }
     }
@@ -469,46 +427,6 @@ impl ResultFilter {
     }
 }
 
-fn conversion<E: std::error::Error + Send + Sync + 'static>(idx: usize, e: E) -> rusqlite::Error {
-    rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Text, Box::new(e))
-}
-
-fn row_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<ResultRow> {
-    Ok(ResultRow {
-        case_id: CaseId::new(r.get::<_, String>(0)?).map_err(|e| conversion(0, e))?,
-        dataset: DatasetName::new(r.get::<_, String>(1)?).map_err(|e| conversion(1, e))?,
-        model_name: ModelName::new(r.get::<_, String>(2)?).map_err(|e| conversion(2, e))?,
-        model_version: r.get(3)?,
-        status: r
-            .get::<_, String>(4)?
-            .parse()
-            .map_err(|e| conversion(4, e))?,
-        error: r.get(5)?,
-        dice_before: r.get(6)?,
-        dice_score: r.get(7)?,
-        soft_dice: r.get(8)?,
-        ssim_score: r.get(9)?,
-        mi: r.get(10)?,
-        tre_before_mm: r.get(11)?,
-        tre_mm: r.get(12)?,
-        folding_pct: r.get(13)?,
-        ddf_magnitude: r.get(14)?,
-        runtime_ms: r.get(15)?,
-        device: r.get(16)?,
-        worker: r.get(17)?,
-        job_id: r.get(18)?,
-        output_image: r.get(19)?,
-        output_label: r.get(20)?,
-        output_ddf: r.get(21)?,
-        refine_steps: r.get::<_, i64>(22)?.clamp(0, i64::from(u32::MAX)) as u32,
-        split: r
-            .get::<_, Option<String>>(23)?
-            .map(|s| s.parse().map_err(|e| conversion(23, e)))
-            .transpose()?,
-        created_at: r.get(24)?,
-    })
-}
-
 /// The rows matching `filter`, in its order.
 ///
 /// # Errors
@@ -548,7 +466,7 @@ pub fn list_results(catalog: &Catalog, filter: &ResultFilter) -> Result<Vec<Resu
     let err = |e| Error::catalog("list results", e);
     let mut stmt = catalog.conn().prepare(&sql).map_err(err)?;
     let rows = stmt
-        .query_map(rusqlite::params_from_iter(args), row_from)
+        .query_map(rusqlite::params_from_iter(args), ResultRow::from_sql)
         .map_err(err)?;
     rows.collect::<rusqlite::Result<Vec<_>>>().map_err(err)
 }
@@ -558,7 +476,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    fn row(case: &str, version: &str, dice: f64, job: &str) -> ResultRow {
+    pub(super) fn row(case: &str, version: &str, dice: f64, job: &str) -> ResultRow {
         ResultRow {
             dice_before: Some(0.5),
             dice_score: Some(dice),

@@ -3,45 +3,42 @@
 //! `/jobs/<job>/report/`; `medray report` builds the same page through the client API.
 
 use std::collections::HashSet;
+use std::path::Path;
 
 use medray_core::report::{plan, ReportJob, ReportPlan};
 use medray_core::results::{list_results, results_prefix, ResultFilter, ResultRow};
 use medray_core::stage::ObjectKey;
-use medray_proto::v1::job_spec::Kind;
-use medray_proto::v1::{Job, JobState};
+use medray_proto::v1::Job;
 
 use crate::context::HeadContext;
 use crate::ids::JobId;
+use crate::store::Store;
 use crate::{HeadError, Result};
 
-/// The report's view of an inference job.
+/// The report's view of an inference job ([`medray_proto::convert`]), its error as a request
+/// error of the head.
 ///
 /// # Errors
 /// [`HeadError::InvalidArgument`] when the job is not an inference job.
 pub fn report_job(job: &Job) -> Result<ReportJob> {
-    let Some(Kind::Infer(spec)) = job.spec.as_ref().and_then(|s| s.kind.as_ref()) else {
-        return Err(HeadError::InvalidArgument {
-            field: "job".into(),
-            reason: format!(
-                "`{}` is a {} job; reports are made for inference jobs",
-                job.id, job.kind
-            ),
-        });
-    };
-    Ok(ReportJob {
-        id: job.id.clone(),
-        state: JobState::try_from(job.state)
-            .map_or("UNKNOWN", |s| s.as_str_name())
-            .trim_start_matches("JOB_STATE_")
-            .to_string(),
-        reason: job.reason.clone(),
-        dataset: spec.dataset.clone(),
-        model: spec.model.clone(),
-        version: spec.version.clone(),
-        refine_steps: spec.refine_steps,
-        created_at: job.created_at.clone(),
-        finished_at: job.finished_at.clone(),
+    ReportJob::try_from(job).map_err(|e| match e {
+        medray_core::Error::InvalidArgument { field, reason } => {
+            HeadError::InvalidArgument { field, reason }
+        }
+        other => HeadError::Core(other),
     })
+}
+
+/// The report's view of job `id` as stored in the data directory `data_dir` of a head,
+/// which need not be running (`medray report --data-dir`); `None` when there is no such
+/// job. Only reads: the job store's tables stay private to the head.
+///
+/// # Errors
+/// [`HeadError::InvalidArgument`] when the job is not an inference job; a store error
+/// (e.g. no catalog database in `data_dir`).
+pub fn stored_report_job(data_dir: &Path, id: &JobId) -> Result<Option<ReportJob>> {
+    let store = Store::open(&data_dir.join("catalog.db"))?;
+    store.job(id)?.as_ref().map(report_job).transpose()
 }
 
 /// The results rows a job wrote, in case order.
@@ -111,4 +108,47 @@ pub async fn picture(ctx: &HeadContext, id: &JobId, name: &str) -> Result<Vec<u8
 fn outputs_prefix(job: &ReportJob) -> Option<String> {
     let model = medray_core::models::ModelName::new(job.model.clone()).ok()?;
     results_prefix(&model, &job.version).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use medray_proto::v1::job_spec::Kind;
+    use medray_proto::v1::{InferSpec, JobSpec, SelftestSpec};
+
+    use super::*;
+
+    #[test]
+    fn a_stored_job_is_read_from_the_data_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("catalog.db")).unwrap();
+        let infer = JobSpec {
+            kind: Some(Kind::Infer(Box::new(InferSpec {
+                dataset: "d".into(),
+                model: "m".into(),
+                version: "v2".into(),
+                refine_steps: 5,
+                ..InferSpec::default()
+            }))),
+        };
+        let job = store.insert_job("infer", &infer, "").unwrap();
+        let selftest = JobSpec {
+            kind: Some(Kind::Selftest(SelftestSpec::default())),
+        };
+        let other = store.insert_job("selftest", &selftest, "").unwrap();
+        drop(store);
+
+        let info = stored_report_job(dir.path(), &JobId(job.id.clone()))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (info.id.as_str(), info.state.as_str(), info.version.as_str()),
+            (job.id.as_str(), "PENDING", "v2")
+        );
+        assert_eq!(info.refine_steps, 5);
+        assert!(stored_report_job(dir.path(), &JobId("job-000099".into()))
+            .unwrap()
+            .is_none());
+        let e = stored_report_job(dir.path(), &JobId(other.id)).unwrap_err();
+        assert!(matches!(e, HeadError::InvalidArgument { .. }), "{e}");
+    }
 }

@@ -2,8 +2,6 @@
 //! authenticated by the token interceptor installed in [`crate::run`].
 
 pub mod client;
-pub mod model_info;
-pub mod result_info;
 pub mod worker;
 
 use std::pin::Pin;

@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod control;
+pub mod convert;
 pub mod tls;
 pub mod transport;
 
@@ -26,6 +27,9 @@ pub const AUTHORIZATION_HEADER: &str = "authorization";
 
 /// Default largest gRPC message, bytes (each side refuses larger ones).
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
+
+/// Most rows one `ListResults` or `QueryCatalog` call returns.
+pub const MAX_ROWS: u32 = 100_000;
 
 /// Default object transfer chunk, bytes (the brief's 1-4 MiB range).
 pub const DEFAULT_CHUNK_BYTES: usize = 2 * 1024 * 1024;

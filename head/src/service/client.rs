@@ -3,30 +3,32 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use medray_core::catalog::{CaseRecord, DatasetName, DatasetRecord};
+use medray_core::catalog::DatasetName;
+use medray_proto::convert::{dataset_response, version_ref};
 use medray_proto::v1::client_server::Client;
 use medray_proto::v1::ingest_spec::Source;
 use medray_proto::v1::job_spec::Kind;
 use medray_proto::v1::{
-    CancelJobRequest, CancelJobResponse, CaseInfo, ClusterStatusRequest, ClusterStatusResponse,
-    DatasetInfo, GetDatasetRequest, GetDatasetResponse, GetJobRequest, GetJobResponse, JobSpec,
+    CancelJobRequest, CancelJobResponse, ClusterStatusRequest, ClusterStatusResponse, DatasetInfo,
+    GetDatasetRequest, GetDatasetResponse, GetJobRequest, GetJobResponse, JobSpec,
     ListDatasetsRequest, ListDatasetsResponse, ListJobsRequest, ListJobsResponse, LogLine,
     ObjectChunk, StageGetRequest, StageListRequest, StageListResponse, StageObject,
     StagePutRequest, StagePutResponse, StreamJobLogsRequest, SubmitJobRequest, SubmitJobResponse,
+};
+use medray_proto::v1::{
+    CaseResult, ListResultsRequest, ListResultsResponse, ModelVersionInfo, QueryCatalogRequest,
+    QueryCatalogResponse,
 };
 use medray_proto::v1::{
     DeleteModelRequest, DeleteModelResponse, ExportModelRequest, GetModelRequest, GetModelResponse,
     ImportModelRequest, ImportModelResponse, ListModelsRequest, ListModelsResponse, ModelRef,
     SetModelAliasRequest, SetModelAliasResponse,
 };
-use medray_proto::v1::{
-    ListResultsRequest, ListResultsResponse, QueryCatalogRequest, QueryCatalogResponse,
-};
+use medray_proto::MAX_ROWS;
 use ractor::ActorRef;
 use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::model_info::{model_version_info, version_ref};
 use super::{chunk_stream, object_stream, BoxStream};
 use crate::context::HeadContext;
 use crate::ids::JobId;
@@ -34,8 +36,6 @@ use crate::manager::ManagerMsg;
 use crate::registry::RegistryMsg;
 
 const ACTOR_TIMEOUT: Duration = Duration::from_secs(30);
-/// Most rows one `ListResults` or `QueryCatalog` call returns.
-pub const MAX_ROWS: u32 = 100_000;
 /// Longest a `QueryCatalog` statement may run.
 const QUERY_TIME_LIMIT: Duration = Duration::from_secs(10);
 
@@ -201,40 +201,6 @@ fn validate_infer(i: &medray_proto::v1::InferSpec) -> Result<(), Status> {
     Ok(())
 }
 
-/// The wire summary of a catalog dataset.
-fn dataset_info(d: &DatasetRecord) -> DatasetInfo {
-    DatasetInfo {
-        name: d.name.as_str().to_string(),
-        source: d.source.clone(),
-        created_at: d.created_at.clone(),
-        case_count: d.case_count as u32,
-        bytes: d.bytes,
-    }
-}
-
-/// The wire form of a catalog dataset and its cases (also used by the local
-/// `medray datasets show`, so both print the same).
-#[must_use]
-pub fn dataset_response(d: DatasetRecord, cases: Vec<CaseRecord>) -> GetDatasetResponse {
-    GetDatasetResponse {
-        dataset: Some(dataset_info(&d)),
-        content_sha256: d.content_sha256,
-        cases: cases
-            .into_iter()
-            .map(|c| CaseInfo {
-                case_id: c.case_id.as_str().to_string(),
-                shape: c.shape.iter().map(|v| *v as u32).collect(),
-                spacing_mm: c.spacing_mm.to_vec(),
-                intensity_min: c.intensity_min,
-                intensity_max: c.intensity_max,
-                keypoint_count: c.keypoint_count as u32,
-                fixed_key: c.fixed.key.as_str().to_string(),
-                moving_key: c.moving.key.as_str().to_string(),
-            })
-            .collect(),
-    }
-}
-
 /// A core error as a status (through [`crate::HeadError`]'s one mapping).
 fn core_status(e: medray_core::Error) -> Status {
     Status::from(crate::HeadError::from(e))
@@ -389,7 +355,7 @@ impl Client for ClientService {
             .and_then(|c| Ok(c.datasets()?))
             .map_err(Status::from)?
             .into_iter()
-            .map(|d| dataset_info(&d))
+            .map(|d| DatasetInfo::from(&d))
             .collect();
         Ok(Response::new(ListDatasetsResponse { datasets }))
     }
@@ -408,7 +374,7 @@ impl Client for ClientService {
         let cases = catalog
             .cases(&name)
             .map_err(|e| Status::internal(e.to_string()))?;
-        Ok(Response::new(dataset_response(d, cases)))
+        Ok(Response::new(dataset_response(&d, &cases)))
     }
 
     async fn stage_list(
@@ -492,7 +458,7 @@ impl Client for ClientService {
         let versions = medray_core::models::list_models(&catalog)
             .map_err(core_status)?
             .iter()
-            .map(model_version_info)
+            .map(ModelVersionInfo::from)
             .collect();
         Ok(Response::new(ListModelsResponse { versions }))
     }
@@ -505,7 +471,7 @@ impl Client for ClientService {
         let catalog = self.ctx.catalog().map_err(Status::from)?;
         let v = medray_core::models::model_version(&catalog, &name, &which).map_err(core_status)?;
         Ok(Response::new(GetModelResponse {
-            version: Some(model_version_info(&v)),
+            version: Some(ModelVersionInfo::from(&v)),
         }))
     }
 
@@ -588,7 +554,7 @@ impl Client for ClientService {
             .await
             .map_err(core_status)?;
         Ok(Response::new(ImportModelResponse {
-            version: Some(model_version_info(&v)),
+            version: Some(ModelVersionInfo::from(&v)),
         }))
     }
 
@@ -624,7 +590,7 @@ impl Client for ClientService {
         .await
         .map_err(core_status)?;
         Ok(Response::new(DeleteModelResponse {
-            version: Some(model_version_info(&v)),
+            version: Some(ModelVersionInfo::from(&v)),
         }))
     }
 
@@ -632,20 +598,7 @@ impl Client for ClientService {
         &self,
         request: Request<ListResultsRequest>,
     ) -> Result<Response<ListResultsResponse>, Status> {
-        let r = request.into_inner();
-        let some = |v: String| (!v.is_empty()).then_some(v);
-        let filter = medray_core::results::ResultFilter {
-            model: some(r.model),
-            version: some(r.version),
-            dataset: some(r.dataset),
-            job_id: some(r.job_id),
-            order_by: some(r.order_by),
-            descending: r.descending,
-            limit: Some(match r.limit {
-                0 => MAX_ROWS,
-                n => n.min(MAX_ROWS),
-            } as usize),
-        };
+        let filter = medray_core::results::ResultFilter::from(request.into_inner());
         filter.validate().map_err(core_status)?;
         let ctx = self.ctx.clone();
         let rows = tokio::task::spawn_blocking(move || {
@@ -656,7 +609,7 @@ impl Client for ClientService {
         .map_err(|e| Status::internal(format!("results query: {e}")))?
         .map_err(Status::from)?;
         Ok(Response::new(ListResultsResponse {
-            results: rows.iter().map(super::result_info::case_result).collect(),
+            results: rows.iter().map(CaseResult::from).collect(),
         }))
     }
 
@@ -677,6 +630,6 @@ impl Client for ClientService {
         .await
         .map_err(|e| Status::internal(format!("sql query: {e}")))?
         .map_err(core_status)?;
-        Ok(Response::new(super::result_info::query_response(answer)))
+        Ok(Response::new(QueryCatalogResponse::from(answer)))
     }
 }
