@@ -733,6 +733,17 @@ mod tests {
         (dir, s)
     }
 
+    /// A store holding one (selftest) job.
+    fn store_with_job() -> (tempfile::TempDir, Store, JobId) {
+        let (dir, s) = store();
+        let id = JobId(
+            s.insert_job("selftest", &JobSpec::default(), "")
+                .unwrap()
+                .id,
+        );
+        (dir, s, id)
+    }
+
     #[test]
     fn attempts_are_fenced_and_terminal_jobs_never_change() {
         let (_d, s) = store();
@@ -793,12 +804,7 @@ mod tests {
     /// sometimes missed "job SUCCEEDED"): now both are one transaction, and a job ends once.
     #[test]
     fn a_job_ends_once_with_its_last_line() {
-        let (_dir, s) = store();
-        let id = JobId(
-            s.insert_job("selftest", &JobSpec::default(), "")
-                .unwrap()
-                .id,
-        );
+        let (_dir, s, id) = store_with_job();
         s.append_logs(&id, "", &["working".into()]).unwrap();
         assert!(s
             .end_job(&id, JobState::Succeeded, "", "job SUCCEEDED")
@@ -823,12 +829,7 @@ mod tests {
     #[test]
     fn log_lines_keep_their_typed_progress() {
         use prost::Message;
-        let (_dir, s) = store();
-        let id = JobId(
-            s.insert_job("selftest", &JobSpec::default(), "")
-                .unwrap()
-                .id,
-        );
+        let (_dir, s, id) = store_with_job();
         s.append_logs(&id, "worker-000001", &["loading".into()])
             .unwrap();
         let progress = medray_proto::v1::TrainProgress {
