@@ -133,11 +133,13 @@ impl Coordinator {
             let _ = self.send(*id, Down::Finish(registered.clone())).await;
         }
         fault_delay("train-finish-sent").await;
-        // Give the replicas a moment to end their tasks (their streams close).
+        // Give the replicas a moment to end their tasks (their streams close). A stream that
+        // closes is handled inside `recv`, which then waits on: look again every 100 ms, so
+        // the job ends as soon as the last replica has gone (it used to wait the whole 10 s).
         let deadline = Instant::now() + Duration::from_secs(10);
-        while self.members.iter().any(|m| ids.contains(&m.id)) {
-            match self.recv(deadline).await {
-                Ok(Event::Timeout) => break,
+        while self.members.iter().any(|m| ids.contains(&m.id)) && Instant::now() < deadline {
+            let look_again = deadline.min(Instant::now() + Duration::from_millis(100));
+            match self.recv(look_again).await {
                 Ok(_) | Err(Interrupt::Lost) => {}
                 Err(e) => return Err(e),
             }
