@@ -98,27 +98,8 @@ fn spec_of(config: &TrainConfig) -> TrainSpec {
     TrainSpec {
         dataset: NAME.into(),
         model: NAME.into(),
-        preset: match config.preset {
-            Preset::Seed => "seed",
-            Preset::Full => "full",
-        }
-        .into(),
-        loss: config.loss.name().into(),
-        epochs: config.epochs as u32,
-        batch_size: config.batch_size as u32,
-        lr: config.lr,
-        size: config.size.iter().map(|&v| v as u32).collect(),
-        window: vec![
-            f64::from(config.window.a_min),
-            f64::from(config.window.a_max),
-        ],
         workers: 1,
-        val_fraction: config.val_fraction,
-        val_fraction_set: true,
-        seed: config.seed,
-        channels: config.num_channel_initial as u32,
-        checkpoint_every: config.checkpoint_every as u32,
-        ..TrainSpec::default()
+        ..TrainSpec::from(config)
     }
 }
 

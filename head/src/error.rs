@@ -58,6 +58,17 @@ impl HeadError {
         move |source| Self::Store { op, source }
     }
 
+    /// A core error about a request: an invalid argument is reported as the request field
+    /// it names.
+    pub(crate) fn request_field(e: medray_core::Error) -> Self {
+        match e {
+            medray_core::Error::InvalidArgument { field, reason } => {
+                Self::InvalidArgument { field, reason }
+            }
+            e => Self::Core(e),
+        }
+    }
+
     pub(crate) fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
         Self::InvalidArgument {
             field: field.into(),

@@ -27,20 +27,7 @@ use crate::ids::{JobId, TaskId};
 use crate::store::{TaskRow, TaskState};
 use crate::{HeadError, Result};
 
-/// The instance optimisation an inference spec asks for: its fields over `medray predict`'s
-/// defaults, validated.
-///
-/// # Errors
-/// [`medray_core::Error::InvalidArgument`] naming the option.
-pub fn refine_options(spec: &InferSpec) -> medray_core::Result<RefineOptions> {
-    let overrides = spec
-        .refine
-        .as_ref()
-        .map_or_else(RefineOverrides::default, |r| {
-            RefineOverrides::new(r.sim.clone(), r.levels, r.lambda, r.grid, r.lr, r.mask)
-        });
-    overrides.options(spec.refine_steps as usize)
-}
+pub use medray_proto::convert::refine_options;
 
 /// An inference job resolved against the catalog.
 #[derive(Debug, Clone)]

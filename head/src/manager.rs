@@ -151,8 +151,9 @@ impl Actor for JobManager {
     ) -> Result<(), ActorProcessingErr> {
         match message {
             ManagerMsg::Submit(spec, reply) => {
-                let spec = *spec;
+                let mut spec = *spec;
                 let result = async {
+                    crate::job::prepare(&self.ctx, &mut spec)?;
                     let job = self.ctx.store.insert_job(kind_of(&spec), &spec, "queued")?;
                     let id = JobId(job.id.clone());
                     self.ctx

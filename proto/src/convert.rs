@@ -21,14 +21,19 @@ use medray_core::model::ModelConfig;
 use medray_core::models::{ModelName, ModelVersion, VersionRef};
 use medray_core::report::ReportJob;
 use medray_core::results::{ResultFilter, ResultRow};
+use medray_core::preprocess::Window;
+use medray_core::refine::{RefineOptions, RefineOverrides};
+use medray_core::registration::LossPreset;
+use medray_core::localnet::Preset;
 use medray_core::stage::ObjectKey;
+use medray_core::train::TrainConfig;
 use medray_core::{Error, Result};
 
 use crate::v1::job_spec::Kind;
 use crate::v1::sql_value::Value;
 use crate::v1::{
-    CaseInfo, CaseResult, DatasetInfo, GetDatasetResponse, Job, JobState, ListResultsRequest,
-    ModelRef, ModelVersionInfo, QueryCatalogResponse, SqlRow,
+    CaseInfo, CaseResult, DatasetInfo, GetDatasetResponse, InferSpec, Job, JobState,
+    ListResultsRequest, ModelRef, ModelVersionInfo, QueryCatalogResponse, SqlRow, TrainSpec,
 };
 use crate::MAX_ROWS;
 
@@ -365,6 +370,125 @@ impl TryFrom<&Job> for ReportJob {
     }
 }
 
+// ---- training ----
+
+impl TryFrom<&TrainSpec> for TrainConfig {
+    type Error = Error;
+
+    /// The training config a spec asks for (empty fields take the quickstart's defaults).
+    fn try_from(spec: &TrainSpec) -> Result<TrainConfig> {
+        let mut c = TrainConfig::default();
+        if !spec.preset.is_empty() {
+            c.preset = spec
+                .preset
+                .parse::<Preset>()
+                .map_err(|e| Error::invalid("spec.train.preset", e.to_string()))?;
+        }
+        if !spec.loss.is_empty() {
+            c.loss = spec
+                .loss
+                .parse::<LossPreset>()
+                .map_err(|e| Error::invalid("spec.train.loss", e.to_string()))?;
+        }
+        if spec.epochs > 0 {
+            c.epochs = spec.epochs as usize;
+        }
+        if spec.batch_size > 0 {
+            c.batch_size = spec.batch_size as usize;
+        }
+        if spec.lr != 0.0 {
+            c.lr = spec.lr;
+        }
+        match spec.size.as_slice() {
+            [] => {}
+            [x, y, z] => c.size = [*x as usize, *y as usize, *z as usize],
+            _ => {
+                return Err(Error::invalid(
+                    "spec.train.size",
+                    "expected three values X Y Z",
+                ))
+            }
+        }
+        match spec.window.as_slice() {
+            [] => {}
+            [a, b] => {
+                c.window = Window {
+                    a_min: *a as f32,
+                    a_max: *b as f32,
+                }
+            }
+            _ => {
+                return Err(Error::invalid(
+                    "spec.train.window",
+                    "expected two values A_MIN A_MAX",
+                ))
+            }
+        }
+        if spec.val_fraction_set {
+            c.val_fraction = spec.val_fraction;
+        }
+        c.seed = spec.seed;
+        if spec.channels > 0 {
+            c.num_channel_initial = spec.channels as usize;
+        }
+        if spec.checkpoint_every > 0 {
+            c.checkpoint_every = spec.checkpoint_every as usize;
+        }
+        c.validate()
+            .map_err(|e| Error::invalid("spec.train", e.to_string()))?;
+        if !(0.0..1.0).contains(&c.val_fraction) {
+            return Err(Error::invalid(
+                "spec.train.val_fraction",
+                format!("must be in [0, 1), got {}", c.val_fraction),
+            ));
+        }
+        Ok(c)
+    }
+}
+
+impl From<&TrainConfig> for TrainSpec {
+    /// The spec of `config`: its fields set, the cluster's (dataset, model, workers, fault
+    /// handling) left empty for the caller.
+    fn from(c: &TrainConfig) -> Self {
+        TrainSpec {
+            preset: match c.preset {
+                Preset::Seed => "seed",
+                Preset::Full => "full",
+            }
+            .into(),
+            loss: c.loss.name().into(),
+            epochs: c.epochs as u32,
+            batch_size: c.batch_size as u32,
+            lr: c.lr,
+            size: c.size.iter().map(|&v| v as u32).collect(),
+            window: vec![f64::from(c.window.a_min), f64::from(c.window.a_max)],
+            val_fraction: c.val_fraction,
+            val_fraction_set: true,
+            seed: c.seed,
+            channels: c.num_channel_initial as u32,
+            checkpoint_every: c.checkpoint_every as u32,
+            ..TrainSpec::default()
+        }
+    }
+}
+
+// ---- inference ----
+
+/// The instance optimisation an inference spec asks for: its fields over `medray predict`'s
+/// defaults, validated.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] naming the option.
+pub fn refine_options(spec: &InferSpec) -> Result<RefineOptions> {
+    let overrides = spec
+        .refine
+        .as_ref()
+        .map_or_else(RefineOverrides::default, |r| {
+            RefineOverrides::new(r.sim.clone(), r.levels, r.lambda, r.grid, r.lr, r.mask)
+        });
+    overrides.options(spec.refine_steps as usize)
+}
+
 #[cfg(test)]
 mod tests {
     use medray_core::results::{CaseStatus, Split};
@@ -453,5 +577,36 @@ mod tests {
         };
         let e = ReportJob::try_from(&job).unwrap_err().to_string();
         assert!(e.contains("`job-000002` is a train job"), "{e}");
+    }
+
+    /// `medray train-local` sends its config as a spec and the coordinator reads it back: the
+    /// two conversions are inverse, and a bad spec names its field.
+    #[test]
+    fn a_train_config_survives_the_wire_and_a_bad_spec_names_its_field() {
+        use medray_core::train::TrainConfig;
+        let config = TrainConfig {
+            preset: medray_core::localnet::Preset::Full,
+            loss: "mse-dice-kp-be".parse().unwrap(),
+            epochs: 7,
+            batch_size: 3,
+            lr: 2.5e-4,
+            size: [48, 40, 32],
+            window: medray_core::preprocess::Window {
+                a_min: -900.0,
+                a_max: 300.5,
+            },
+            val_fraction: 0.0,
+            seed: 11,
+            num_channel_initial: 6,
+            checkpoint_every: 2,
+        };
+        let spec = crate::v1::TrainSpec::from(&config);
+        assert_eq!(TrainConfig::try_from(&spec).unwrap(), config);
+        let bad = crate::v1::TrainSpec {
+            size: vec![16, 16],
+            ..spec
+        };
+        let e = TrainConfig::try_from(&bad).unwrap_err().to_string();
+        assert!(e.contains("spec.train.size"), "{e}");
     }
 }

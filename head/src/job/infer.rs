@@ -10,6 +10,16 @@ use crate::scheduler::{SchedulerMsg, TaskEnd};
 use crate::store::TaskState;
 use crate::Result;
 
+/// Checks at submission that `spec`'s dataset, cases and model version exist, and pins the
+/// version.
+pub(super) fn pin_version(ctx: &crate::context::HeadContext, spec: &mut InferSpec) -> Result<()> {
+    let catalog = ctx.catalog()?;
+    let version = crate::infer::resolve_version(&catalog, spec)?;
+    crate::infer::resolve_cases(&catalog, spec)?;
+    spec.version = version.version;
+    Ok(())
+}
+
 /// An inference job.
 #[derive(Debug)]
 pub(super) struct InferJob {

@@ -102,6 +102,19 @@ pub(crate) fn end_line(state: JobState, reason: &str) -> String {
     }
 }
 
+/// What a submitted spec must settle before the job is recorded: an inference job is
+/// refused now if its dataset, a case or its model version does not exist, and its version
+/// is pinned, so the job keeps it if the alias moves meanwhile.
+///
+/// # Errors
+/// [`HeadError::Core`] naming what is missing.
+pub fn prepare(ctx: &HeadContext, spec: &mut JobSpec) -> Result<()> {
+    if let Some(Kind::Infer(infer)) = spec.kind.as_mut() {
+        infer::pin_version(ctx, infer)?;
+    }
+    Ok(())
+}
+
 /// Handles a job actor needs besides its job.
 #[derive(Debug, Clone)]
 pub struct JobHandles {

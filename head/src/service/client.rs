@@ -231,15 +231,6 @@ impl Client for ClientService {
             .spec
             .ok_or_else(|| Status::invalid_argument("missing field `spec`"))?;
         validate_spec(&spec)?;
-        let mut spec = spec;
-        if let Some(Kind::Infer(infer)) = spec.kind.as_mut() {
-            // Refused now if the dataset, a case or the model version does not exist; the
-            // version is pinned, so the job keeps it if the alias moves meanwhile.
-            let catalog = self.ctx.catalog().map_err(Status::from)?;
-            let version = crate::infer::resolve_version(&catalog, infer).map_err(Status::from)?;
-            crate::infer::resolve_cases(&catalog, infer).map_err(Status::from)?;
-            infer.version = version.version;
-        }
         let job = self
             .manager
             .call(

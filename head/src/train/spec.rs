@@ -3,77 +3,13 @@
 
 use super::*;
 
-/// The training config a spec asks for (empty fields take the quickstart's defaults).
+/// The training config a spec asks for (empty fields take the quickstart's defaults): the
+/// conversion of `medray_proto::convert`, its errors as the head reports a bad request field.
 ///
 /// # Errors
 /// [`HeadError::InvalidArgument`] naming the field.
 pub fn train_config(spec: &TrainSpec) -> Result<TrainConfig> {
-    let mut c = TrainConfig::default();
-    if !spec.preset.is_empty() {
-        c.preset = spec
-            .preset
-            .parse::<Preset>()
-            .map_err(|e| HeadError::invalid("spec.train.preset", e.to_string()))?;
-    }
-    if !spec.loss.is_empty() {
-        c.loss = spec
-            .loss
-            .parse::<LossPreset>()
-            .map_err(|e| HeadError::invalid("spec.train.loss", e.to_string()))?;
-    }
-    if spec.epochs > 0 {
-        c.epochs = spec.epochs as usize;
-    }
-    if spec.batch_size > 0 {
-        c.batch_size = spec.batch_size as usize;
-    }
-    if spec.lr != 0.0 {
-        c.lr = spec.lr;
-    }
-    match spec.size.as_slice() {
-        [] => {}
-        [x, y, z] => c.size = [*x as usize, *y as usize, *z as usize],
-        _ => {
-            return Err(HeadError::invalid(
-                "spec.train.size",
-                "expected three values X Y Z",
-            ))
-        }
-    }
-    match spec.window.as_slice() {
-        [] => {}
-        [a, b] => {
-            c.window = Window {
-                a_min: *a as f32,
-                a_max: *b as f32,
-            }
-        }
-        _ => {
-            return Err(HeadError::invalid(
-                "spec.train.window",
-                "expected two values A_MIN A_MAX",
-            ))
-        }
-    }
-    if spec.val_fraction_set {
-        c.val_fraction = spec.val_fraction;
-    }
-    c.seed = spec.seed;
-    if spec.channels > 0 {
-        c.num_channel_initial = spec.channels as usize;
-    }
-    if spec.checkpoint_every > 0 {
-        c.checkpoint_every = spec.checkpoint_every as usize;
-    }
-    c.validate()
-        .map_err(|e| HeadError::invalid("spec.train", e.to_string()))?;
-    if !(0.0..1.0).contains(&c.val_fraction) {
-        return Err(HeadError::invalid(
-            "spec.train.val_fraction",
-            format!("must be in [0, 1), got {}", c.val_fraction),
-        ));
-    }
-    Ok(c)
+    TrainConfig::try_from(spec).map_err(HeadError::request_field)
 }
 
 /// Stage keys of a job's training state.
