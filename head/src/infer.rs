@@ -15,7 +15,7 @@ use std::collections::{HashMap, HashSet};
 use medray_core::catalog::{CaseId, CaseRecord, Catalog, DatasetName, StoredFile};
 use medray_core::models::provenance::case_split;
 use medray_core::models::{model_version, ModelName, ModelVersion, VersionRef};
-use medray_core::refine::{RefineOptions, RefineOverrides};
+use medray_core::refine::RefineOptions;
 use medray_core::report::split_summaries;
 use medray_core::results::{
     list_results, results_prefix, CaseReport, CaseStatus, ResultFilter, ResultRow, Split,

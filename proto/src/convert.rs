@@ -17,14 +17,14 @@
 
 use medray_core::catalog::query::{QueryResult, SqlValue};
 use medray_core::catalog::{CaseId, CaseRecord, DatasetName, DatasetRecord};
+use medray_core::localnet::Preset;
 use medray_core::model::ModelConfig;
 use medray_core::models::{ModelName, ModelVersion, VersionRef};
-use medray_core::report::ReportJob;
-use medray_core::results::{ResultFilter, ResultRow};
 use medray_core::preprocess::Window;
 use medray_core::refine::{RefineOptions, RefineOverrides};
 use medray_core::registration::LossPreset;
-use medray_core::localnet::Preset;
+use medray_core::report::ReportJob;
+use medray_core::results::{ResultFilter, ResultRow};
 use medray_core::stage::ObjectKey;
 use medray_core::train::TrainConfig;
 use medray_core::{Error, Result};

@@ -40,7 +40,6 @@ use std::time::{Duration, Instant};
 use medray_core::catalog::{CaseRecord, DatasetName, StoredFile};
 use medray_core::localnet::Preset;
 use medray_core::optim::ReduceLrOnPlateau;
-use medray_core::preprocess::Window;
 use medray_core::registration::LossPreset;
 use medray_core::stage::ObjectKey;
 use medray_core::train::dist::round::{
