@@ -9,7 +9,9 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use medray_core::catalog::query::{query_read_only, QueryResult, SqlValue};
+use medray_core::catalog::query::{
+    query_read_only, QueryLimits, QueryResult, SqlValue, LOCAL_MAX_QUERY_BYTES,
+};
 use medray_core::report::split_summaries;
 use medray_core::results::{list_results, Column, ResultFilter, ResultRow, Split, RESULT_COLUMNS};
 use medray_proto::v1::{ListResultsRequest, QueryCatalogRequest};
@@ -343,8 +345,11 @@ pub fn run_sql(args: SqlArgs) -> anyhow::Result<()> {
         Target::Local => query_read_only(
             &args.data.dir().join("catalog.db"),
             &args.query,
-            args.max_rows as usize,
-            LOCAL_QUERY_TIME_LIMIT,
+            &QueryLimits {
+                max_rows: args.max_rows as usize,
+                max_bytes: LOCAL_MAX_QUERY_BYTES,
+                time_limit: LOCAL_QUERY_TIME_LIMIT,
+            },
         )?,
     };
     print(&answer, args.format);

@@ -564,3 +564,26 @@ fn a_worker_configured_with_the_stage_reads_it_directly() {
     });
     assert!(!body.contains("direction=\"to_worker\""), "{body}");
 }
+
+/// Issue 18 item 4: `medray sql` capped rows, not bytes; `zeroblob` answers could make the
+/// head allocate gigabytes (and then fail to send them). Now one huge value and many
+/// moderate ones are refused with an error naming the cap, and the head answers the next
+/// query.
+#[test]
+fn a_huge_sql_answer_is_refused_by_the_byte_cap_and_the_head_serves_on() {
+    let c = cluster(0);
+    for sql in [
+        "SELECT zeroblob(500000000)",
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 100) \
+         SELECT i, zeroblob(1000000) FROM n",
+    ] {
+        let out = c.cli(&["sql", sql]).expect("run");
+        assert!(!out.status.success(), "{sql} was answered");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--max-query-bytes"), "{sql}: {err}");
+    }
+    let one = c
+        .cli_ok(&["sql", "SELECT 1 AS one", "--format", "csv"])
+        .expect("sql");
+    assert_eq!(one, "one\n1\n");
+}

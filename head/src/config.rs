@@ -47,6 +47,8 @@ pub struct HeadConfig {
     pub chunk_bytes: usize,
     /// Largest object accepted by `StagePut`, bytes.
     pub max_put_bytes: u64,
+    /// Largest answer of one `QueryCatalog` (`medray sql`), bytes of values.
+    pub max_query_bytes: usize,
     /// TLS for the gRPC server.
     pub tls: Option<ServerTls>,
 }
@@ -69,6 +71,7 @@ impl Default for HeadConfig {
             max_message_bytes: medray_proto::DEFAULT_MAX_MESSAGE_BYTES,
             chunk_bytes: medray_proto::DEFAULT_CHUNK_BYTES,
             max_put_bytes: 4 << 30,
+            max_query_bytes: medray_core::catalog::query::DEFAULT_MAX_QUERY_BYTES,
             tls: None,
         }
     }
@@ -155,6 +158,16 @@ impl HeadConfig {
             return Err(Config {
                 field: "--max-task-attempts",
                 reason: "at least 1".into(),
+            });
+        }
+        // The answer travels in one message, with room for its encoding.
+        if self.max_query_bytes == 0 || self.max_query_bytes > self.max_message_bytes / 2 {
+            return Err(Config {
+                field: "--max-query-bytes",
+                reason: format!(
+                    "must be between 1 and half the --max-message-bytes ({} bytes)",
+                    self.max_message_bytes / 2
+                ),
             });
         }
         Ok(())

@@ -53,6 +53,10 @@ pub struct Args {
     /// Object transfer and gradient chunk size, bytes (1-4 MiB).
     #[arg(long, default_value_t = medray_proto::DEFAULT_CHUNK_BYTES)]
     pub chunk_bytes: usize,
+    /// Largest answer of one `medray sql` query, bytes of values (a larger one is refused
+    /// with an error naming this flag; no single value may be larger either).
+    #[arg(long, default_value_t = medray_core::catalog::query::DEFAULT_MAX_QUERY_BYTES)]
+    pub max_query_bytes: usize,
     /// TLS certificate chain (PEM) for gRPC.
     #[arg(long, env = "MEDRAY_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -86,6 +90,7 @@ impl TryFrom<Args> for HeadConfig {
             max_task_attempts: a.max_task_attempts,
             max_message_bytes: a.max_message_bytes,
             chunk_bytes: a.chunk_bytes,
+            max_query_bytes: a.max_query_bytes,
             tls,
             ..HeadConfig::default()
         })

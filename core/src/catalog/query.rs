@@ -8,7 +8,10 @@
 //! `SQLITE_OPEN_READ_ONLY` with `PRAGMA query_only`. `ATTACH` and `PRAGMA` never pass the
 //! first guard (SQLite counts `ATTACH` as read-only, so the keyword check is what refuses
 //! it). A watchdog interrupts a query that runs past its time limit, and at most
-//! `max_rows` rows are returned.
+//! `max_rows` rows are returned. The answer is bounded in bytes too ([`QueryLimits`]):
+//! SQLite refuses to make any one value longer than the cap (`SQLITE_LIMIT_LENGTH`, so
+//! `zeroblob(1e9)` fails before it allocates), and a query whose rows add up to more than
+//! the cap is stopped with an error naming it.
 
 use std::path::Path;
 use std::time::Duration;
@@ -20,6 +23,28 @@ use crate::{Error, Result};
 
 /// Longest SQL text accepted, bytes.
 pub const MAX_SQL_BYTES: usize = 100_000;
+
+/// Default byte cap of one query's answer through the head (`--max-query-bytes`; the answer
+/// is one gRPC message, 8 MiB at most by default).
+pub const DEFAULT_MAX_QUERY_BYTES: usize = 4 << 20;
+
+/// Byte cap of a query on a local data directory (`medray sql --data-dir`: no message
+/// limit, the caller's own memory).
+pub const LOCAL_MAX_QUERY_BYTES: usize = 256 << 20;
+
+/// Bytes a value counts for beyond its text or blob (so that many small values add up).
+const VALUE_OVERHEAD: usize = 8;
+
+/// How much one query may return and how long it may run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueryLimits {
+    /// Rows at most (more: the answer is cut and says so).
+    pub max_rows: usize,
+    /// Bytes of values at most (more: the query is refused).
+    pub max_bytes: usize,
+    /// Longest run (longer: the query is interrupted).
+    pub time_limit: Duration,
+}
 
 /// The statements a read-only query may start with.
 const READ_KEYWORDS: [&str; 3] = ["SELECT", "WITH", "VALUES"];
@@ -110,18 +135,13 @@ pub fn check_sql_text(sql: &str) -> Result<()> {
     Ok(())
 }
 
-/// Runs one read-only statement on the catalog database at `path` and returns at most
-/// `max_rows` rows; a query running longer than `time_limit` is interrupted.
+/// Runs one read-only statement on the catalog database at `path` within `limits`.
 ///
 /// # Errors
-/// [`Error::InvalidArgument`] naming `sql` for a refused or invalid statement or one that
-/// ran too long; [`Error::Catalog`] if the database cannot be opened.
-pub fn query_read_only(
-    path: &Path,
-    sql: &str,
-    max_rows: usize,
-    time_limit: Duration,
-) -> Result<QueryResult> {
+/// [`Error::InvalidArgument`] naming `sql` for a refused or invalid statement, one that ran
+/// too long or one whose answer passes the byte cap; [`Error::Catalog`] if the database
+/// cannot be opened.
+pub fn query_read_only(path: &Path, sql: &str, limits: &QueryLimits) -> Result<QueryResult> {
     check_sql_text(sql)?;
     if !path.is_file() {
         return Err(Error::io(
@@ -138,10 +158,24 @@ pub fn query_read_only(
         .map_err(|e| Error::catalog("busy timeout", e))?;
     conn.pragma_update(None, "query_only", true)
         .map_err(|e| Error::catalog("set query_only", e))?;
-    run(&conn, sql, max_rows, time_limit)
+    // No value longer than the whole answer may be: SQLite refuses to build it.
+    let longest = i32::try_from(limits.max_bytes.max(1)).unwrap_or(i32::MAX);
+    conn.set_limit(rusqlite::limits::Limit::SQLITE_LIMIT_LENGTH, longest)
+        .map_err(|e| Error::catalog("set the length limit", e))?;
+    run(&conn, sql, limits)
 }
 
-fn run(conn: &Connection, sql: &str, max_rows: usize, time_limit: Duration) -> Result<QueryResult> {
+fn run(conn: &Connection, sql: &str, limits: &QueryLimits) -> Result<QueryResult> {
+    let QueryLimits {
+        max_rows,
+        max_bytes,
+        time_limit,
+    } = *limits;
+    let too_big = || {
+        refused(format!(
+            "the answer passes the cap of {max_bytes} bytes (the head's --max-query-bytes): select fewer rows or smaller values"
+        ))
+    };
     let mut stmt = conn.prepare(sql).map_err(|e| match e {
         rusqlite::Error::MultipleStatement => refused("give exactly one statement"),
         other => refused(other.to_string()),
@@ -165,6 +199,7 @@ fn run(conn: &Connection, sql: &str, max_rows: usize, time_limit: Duration) -> R
             columns: columns.clone(),
             ..QueryResult::default()
         };
+        let mut bytes = 0usize;
         while let Some(row) = rows.next()? {
             if out.rows.len() == max_rows {
                 out.truncated = true;
@@ -173,7 +208,16 @@ fn run(conn: &Connection, sql: &str, max_rows: usize, time_limit: Duration) -> R
             let mut values = Vec::with_capacity(columns.len());
             for i in 0..columns.len() {
                 use rusqlite::types::ValueRef;
-                values.push(match row.get_ref(i)? {
+                let value = row.get_ref(i)?;
+                bytes += VALUE_OVERHEAD
+                    + match value {
+                        ValueRef::Text(t) | ValueRef::Blob(t) => t.len(),
+                        _ => 0,
+                    };
+                if bytes > max_bytes {
+                    return Ok(None);
+                }
+                values.push(match value {
                     ValueRef::Null => SqlValue::Null,
                     ValueRef::Integer(v) => SqlValue::Integer(v),
                     ValueRef::Real(v) => SqlValue::Real(v),
@@ -183,21 +227,26 @@ fn run(conn: &Connection, sql: &str, max_rows: usize, time_limit: Duration) -> R
             }
             out.rows.push(values);
         }
-        Ok::<_, rusqlite::Error>(out)
+        Ok::<_, rusqlite::Error>(Some(out))
     })();
     let _ = done.send(());
     let _ = watchdog.join();
-    result.map_err(|e| match e {
-        rusqlite::Error::SqliteFailure(f, _)
+    match result {
+        Ok(Some(out)) => Ok(out),
+        Ok(None) => Err(too_big()),
+        Err(rusqlite::Error::SqliteFailure(f, _))
             if f.code == rusqlite::ErrorCode::OperationInterrupted =>
         {
-            refused(format!(
+            Err(refused(format!(
                 "the query ran past {:.0} s and was stopped",
                 time_limit.as_secs_f64()
-            ))
+            )))
         }
-        other => refused(other.to_string()),
-    })
+        Err(rusqlite::Error::SqliteFailure(f, _)) if f.code == rusqlite::ErrorCode::TooBig => {
+            Err(too_big())
+        }
+        Err(other) => Err(refused(other.to_string())),
+    }
 }
 
 #[cfg(test)]
@@ -219,8 +268,17 @@ mod tests {
         (dir, path)
     }
 
+    fn limits(max_rows: usize, max_bytes: usize, time_limit: Duration) -> QueryLimits {
+        QueryLimits {
+            max_rows,
+            max_bytes,
+            time_limit,
+        }
+    }
+
     fn q(path: &Path, sql: &str) -> Result<QueryResult> {
-        query_read_only(path, sql, 100, Duration::from_secs(10))
+        let l = limits(100, DEFAULT_MAX_QUERY_BYTES, Duration::from_secs(10));
+        query_read_only(path, sql, &l)
     }
 
     fn models(path: &Path) -> usize {
@@ -250,7 +308,8 @@ mod tests {
         )
         .unwrap();
         assert_eq!(r.rows, vec![vec![SqlValue::Integer(3)]]);
-        let r = query_read_only(&path, "SELECT * FROM models", 2, Duration::from_secs(10)).unwrap();
+        let l = limits(2, DEFAULT_MAX_QUERY_BYTES, Duration::from_secs(10));
+        let r = query_read_only(&path, "SELECT * FROM models", &l).unwrap();
         assert_eq!((r.rows.len(), r.truncated), (2, true));
     }
 
@@ -301,10 +360,28 @@ mod tests {
         let e = query_read_only(
             &path,
             "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n) SELECT count(*) FROM n",
-            10,
-            Duration::from_millis(200),
+            &limits(10, DEFAULT_MAX_QUERY_BYTES, Duration::from_millis(200)),
         )
         .unwrap_err();
         assert!(e.to_string().contains("ran past"), "{e}");
+    }
+
+    /// Issue 18 item 4: `medray sql` capped rows, not bytes, so `zeroblob` could make the
+    /// head hold gigabytes. One huge value is refused by SQLite before it exists, many
+    /// moderate ones when they add up past the cap; an answer under the cap is whole.
+    #[test]
+    fn answers_past_the_byte_cap_are_refused_naming_it() {
+        let (_dir, path) = catalog();
+        let cap = limits(100_000, 1 << 20, Duration::from_secs(10));
+        let e = query_read_only(&path, "SELECT zeroblob(1000000000)", &cap).unwrap_err();
+        assert!(e.to_string().contains("--max-query-bytes"), "{e}");
+        let many =
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 1000) \
+                    SELECT i, zeroblob(10000) FROM n";
+        let e = query_read_only(&path, many, &cap).unwrap_err();
+        assert!(e.to_string().contains("1048576 bytes"), "{e}");
+        let fits = "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 50) \
+                    SELECT i, zeroblob(10000) FROM n";
+        assert_eq!(query_read_only(&path, fits, &cap).unwrap().rows.len(), 50);
     }
 }

@@ -615,8 +615,13 @@ impl Client for ClientService {
             n => n.min(MAX_ROWS),
         } as usize;
         let path = self.ctx.catalog_path.clone();
+        let limits = medray_core::catalog::query::QueryLimits {
+            max_rows,
+            max_bytes: self.ctx.config.max_query_bytes,
+            time_limit: QUERY_TIME_LIMIT,
+        };
         let answer = tokio::task::spawn_blocking(move || {
-            medray_core::catalog::query::query_read_only(&path, &r.sql, max_rows, QUERY_TIME_LIMIT)
+            medray_core::catalog::query::query_read_only(&path, &r.sql, &limits)
         })
         .await
         .map_err(|e| Status::internal(format!("sql query: {e}")))?
