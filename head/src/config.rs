@@ -4,13 +4,15 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use medray_proto::auth::Secret;
+
 /// TLS identity of the head's gRPC server.
 #[derive(Debug, Clone)]
 pub struct ServerTls {
     /// PEM certificate chain.
     pub cert_pem: Vec<u8>,
-    /// PEM private key.
-    pub key_pem: Vec<u8>,
+    /// PEM private key (never printed).
+    pub key_pem: Secret<Vec<u8>>,
 }
 
 /// How a head runs.
@@ -20,8 +22,9 @@ pub struct HeadConfig {
     pub data_dir: PathBuf,
     /// Stage URL (`file://`, a path or `s3://`); default `<data_dir>/stage`.
     pub stage_url: Option<String>,
-    /// The cluster token every call must carry (also the ractor_cluster cookie).
-    pub token: String,
+    /// The cluster token every call must carry (also the ractor_cluster cookie; never
+    /// printed).
+    pub token: Secret<String>,
     /// Host the head's ractor_cluster node announces to workers.
     pub node_host: String,
     /// Port of the ractor_cluster node; 0 picks a free one.
@@ -58,7 +61,7 @@ impl Default for HeadConfig {
         Self {
             data_dir: PathBuf::from("./medray-data"),
             stage_url: None,
-            token: String::new(),
+            token: Secret::default(),
             node_host: "127.0.0.1".into(),
             node_port: 0,
             http_listen: None,
@@ -88,7 +91,7 @@ impl HeadConfig {
     /// Sets the token.
     #[must_use]
     pub fn with_token(mut self, token: impl Into<String>) -> Self {
-        self.token = token.into();
+        self.token = Secret::new(token.into());
         self
     }
 
@@ -126,7 +129,7 @@ impl HeadConfig {
     /// [`crate::HeadError::Config`] naming the field.
     pub fn validate(&self) -> crate::Result<()> {
         use crate::HeadError::Config;
-        medray_proto::auth::validate_token(&self.token).map_err(|e| Config {
+        medray_proto::auth::validate_token(self.token.expose()).map_err(|e| Config {
             field: "--token",
             reason: e.to_string(),
         })?;
@@ -171,5 +174,28 @@ impl HeadConfig {
             });
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 18 item 6: the derived `Debug` of the config (and of `HeadContext`, which holds
+    /// it) printed the cluster token and the TLS private key.
+    #[test]
+    fn debug_output_shows_neither_the_token_nor_the_private_key() {
+        let token = "tok-0123456789abcdef-secret";
+        let mut config = HeadConfig::default().with_token(token);
+        config.tls = Some(ServerTls {
+            cert_pem: b"-----BEGIN CERTIFICATE-----".to_vec(),
+            key_pem: Secret::new(b"-----BEGIN PRIVATE KEY----- hush".to_vec()),
+        });
+        let text = format!("{config:?}");
+        assert!(!text.contains("secret"), "{text}");
+        // `Vec<u8>`'s `Debug` prints numbers: the key's "hush" would read "104, 117, 115, 104".
+        assert!(!text.contains("104, 117, 115, 104"), "{text}");
+        assert!(text.contains("<redacted>"), "{text}");
+        assert_eq!(config.token.expose(), token);
     }
 }

@@ -122,12 +122,12 @@ pub async fn run(
     let node_encryption = match &config.tls {
         Some(tls) => Some(IncomingEncryptionMode::Tls(
             tokio_rustls::TlsAcceptor::from(
-                medray_proto::tls::server_config(&tls.cert_pem, &tls.key_pem).map_err(|e| {
-                    HeadError::Config {
+                medray_proto::tls::server_config(&tls.cert_pem, tls.key_pem.expose()).map_err(
+                    |e| HeadError::Config {
                         field: "--tls-cert/--tls-key",
                         reason: e.to_string(),
-                    }
-                })?,
+                    },
+                )?,
             ),
         )),
         None => None,
@@ -136,7 +136,7 @@ pub async fn run(
         None,
         NodeServer::new(
             node_port,
-            config.token.clone(),
+            config.token.expose().clone(),
             "medray-head".into(),
             config.node_host.clone(),
             node_encryption,
@@ -207,7 +207,7 @@ pub async fn run(
         None => None,
     };
 
-    let token = config.token.clone();
+    let token = config.token.expose().clone();
     let check = move |req: tonic::Request<()>| {
         medray_proto::auth::check_bearer(req.metadata(), &token)?;
         Ok(req)
@@ -240,7 +240,8 @@ pub async fn run(
     if let Some(tls) = &config.tls {
         builder = builder
             .tls_config(
-                ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem)),
+                ServerTlsConfig::new()
+                    .identity(Identity::from_pem(&tls.cert_pem, tls.key_pem.expose())),
             )
             .map_err(|e| HeadError::Config {
                 field: "--tls-cert/--tls-key",

@@ -17,6 +17,29 @@ impl std::fmt::Debug for BearerToken {
     }
 }
 
+/// A value that must never be printed (the cluster token, a TLS private key): its `Debug`
+/// says `<redacted>`, and [`Secret::expose`] is the one way to read it.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret<T>(T);
+
+impl<T> Secret<T> {
+    /// Wraps `value`.
+    pub fn new(value: T) -> Self {
+        Self(value)
+    }
+
+    /// The value, for the one place that uses it.
+    pub fn expose(&self) -> &T {
+        &self.0
+    }
+}
+
+impl<T> std::fmt::Debug for Secret<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
 /// Why a token cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InvalidToken(pub &'static str);

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use medray_proto::auth::Secret;
 use medray_proto::transport::ClientTls;
 
 /// How a worker runs.
@@ -10,8 +11,8 @@ use medray_proto::transport::ClientTls;
 pub struct WorkerConfig {
     /// The head's gRPC address, `http://host:port` (or `https://` with TLS).
     pub head_address: String,
-    /// The cluster token (also the ractor_cluster cookie).
-    pub token: String,
+    /// The cluster token (also the ractor_cluster cookie; never printed).
+    pub token: Secret<String>,
     /// A human name shown in `medray status`.
     pub name: String,
     /// `cpu` or `cuda:N`.
@@ -35,7 +36,7 @@ impl Default for WorkerConfig {
     fn default() -> Self {
         Self {
             head_address: "http://127.0.0.1:50051".into(),
-            token: String::new(),
+            token: Secret::default(),
             name: default_name(),
             device: "cpu".into(),
             cache_dir: std::env::temp_dir().join("medray-worker-cache"),
@@ -64,7 +65,7 @@ impl WorkerConfig {
     /// Sets the cluster token.
     #[must_use]
     pub fn with_token(mut self, token: impl Into<String>) -> Self {
-        self.token = token.into();
+        self.token = Secret::new(token.into());
         self
     }
 
@@ -112,7 +113,7 @@ impl WorkerConfig {
                 ),
             });
         }
-        medray_proto::auth::validate_token(&self.token).map_err(|e| Config {
+        medray_proto::auth::validate_token(self.token.expose()).map_err(|e| Config {
             field: "--token",
             reason: e.to_string(),
         })?;
@@ -124,5 +125,19 @@ impl WorkerConfig {
         }
         crate::device::parse_device(&self.device)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 18 item 6: the derived `Debug` of the worker's config printed the token.
+    #[test]
+    fn debug_output_does_not_show_the_token() {
+        let config = WorkerConfig::default().with_token("tok-0123456789abcdef-secret");
+        let text = format!("{config:?}");
+        assert!(!text.contains("secret"), "{text}");
+        assert!(text.contains("<redacted>"), "{text}");
     }
 }

@@ -22,7 +22,7 @@ pub type HeadClient = WorkerClient<InterceptedService<Channel, BearerToken>>;
 /// [`WorkerError::Connect`] when it cannot be reached; [`WorkerError::Config`] for a bad
 /// token.
 pub async fn connect(config: &WorkerConfig, max_message_bytes: usize) -> Result<HeadClient> {
-    let token = BearerToken::new(&config.token).map_err(|e| WorkerError::Config {
+    let token = BearerToken::new(config.token.expose()).map_err(|e| WorkerError::Config {
         field: "--token",
         reason: e.to_string(),
     })?;

@@ -98,7 +98,7 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()>) -> Re
 async fn start_node(config: &WorkerConfig) -> Result<ActorRef<NodeServerMessage>> {
     let server = NodeServer::new(
         0,
-        config.token.clone(),
+        config.token.expose().clone(),
         format!("worker-{}", config.name),
         config.node_host.clone(),
         None,

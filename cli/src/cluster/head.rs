@@ -72,14 +72,16 @@ impl TryFrom<Args> for HeadConfig {
             (Some(c), Some(k)) => Some(ServerTls {
                 cert_pem: std::fs::read(c)
                     .with_context(|| format!("--tls-cert {}", c.display()))?,
-                key_pem: std::fs::read(k).with_context(|| format!("--tls-key {}", k.display()))?,
+                key_pem: medray_proto::auth::Secret::new(
+                    std::fs::read(k).with_context(|| format!("--tls-key {}", k.display()))?,
+                ),
             }),
             _ => None,
         };
         Ok(HeadConfig {
             data_dir: a.data_dir,
             stage_url: a.stage,
-            token: a.token,
+            token: medray_proto::auth::Secret::new(a.token),
             node_host: a.node_host,
             node_port: a.node_port,
             http_listen: a.http_listen,
