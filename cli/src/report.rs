@@ -45,9 +45,11 @@ fn filter(job: &str) -> ResultFilter {
 
 /// The stage folder of the job's outputs.
 fn outputs_prefix(job: &ReportJob) -> anyhow::Result<String> {
+    let dataset = medray_core::catalog::DatasetName::new(job.dataset.clone())
+        .with_context(|| format!("job {}: dataset name", job.id))?;
     let model = medray_core::models::ModelName::new(job.model.clone())
         .with_context(|| format!("job {}: model name", job.id))?;
-    Ok(results_prefix(&model, &job.version)?)
+    Ok(results_prefix(&dataset, &model, &job.version)?)
 }
 
 /// Checks the job id before it is used in a request or a file name.

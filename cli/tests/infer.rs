@@ -208,13 +208,13 @@ fn inference_registers_every_case_like_predict_and_a_corrupt_case_fails_alone() 
         let case = r["case_id"].as_str().unwrap_or("");
         assert_eq!(
             r["output_image"],
-            format!("results/m/v1/{case}_registered_img.nii.gz")
+            format!("results/lungs/m/v1/{case}_registered_img.nii.gz")
         );
         assert_eq!(
             r["output_label"],
-            format!("results/m/v1/{case}_registered_label.nii.gz")
+            format!("results/lungs/m/v1/{case}_registered_label.nii.gz")
         );
-        assert_eq!(r["output_ddf"], format!("results/m/v1/{case}_ddf.nii.gz"));
+        assert_eq!(r["output_ddf"], format!("results/lungs/m/v1/{case}_ddf.nii.gz"));
     }
 
     // The outputs of case_002 lie on the fixed image's grid with its affine.
@@ -441,7 +441,7 @@ fn inference_registers_every_case_like_predict_and_a_corrupt_case_fails_alone() 
         .expect("case_002");
     assert_eq!(refined["refine_steps"], 5);
     assert_eq!(refined["job_id"], refined_job);
-    let (_, _, refined_ddf) = nifti(&get(&c, "results/m/v1/case_002_ddf.nii.gz"));
+    let (_, _, refined_ddf) = nifti(&get(&c, "results/lungs/m/v1/case_002_ddf.nii.gz"));
     assert!(
         max_abs_diff(&ddf, &refined_ddf) > 1e-4,
         "refinement changed nothing"
@@ -649,4 +649,66 @@ fn a_worker_killed_mid_job_leaves_every_case_exactly_once() {
     // that ran after the kill.
     let done_lines = log.lines().filter(|l| l.contains(" done on ")).count();
     assert_eq!(done_lines, 6, "{log}");
+}
+
+/// Issue 18 item 3: outputs were keyed `results/<model>/<version>/<case>_...`, so two
+/// datasets with the same case ids inferred with one model version wrote the same objects
+/// and the first dataset's rows (and report) showed the second's images. Now each dataset
+/// has its own folder and each job's report its own pictures.
+#[test]
+fn two_datasets_with_the_same_case_ids_keep_separate_outputs_and_reports() {
+    let c = cluster(1);
+    ingest(&c, "lungs", 2, [16, 16, 16]);
+    // Same case ids, other images.
+    c.cli_ok(&[
+        "ingest",
+        "synthetic",
+        "--name",
+        "other",
+        "--cases",
+        "2",
+        "--size",
+        "16",
+        "16",
+        "16",
+        "--seed",
+        "9",
+    ])
+    .expect("ingest");
+    train(&c, "lungs", "m");
+    let mut pictures = Vec::new();
+    for dataset in ["lungs", "other"] {
+        let (id, job) = infer(
+            &c,
+            &["--dataset", dataset, "--model", "m", "--version", "v1"],
+        );
+        assert_eq!(job["state"], "SUCCEEDED", "{job}\n{}", logs(&c, &id));
+        let out = c.dir().join(format!("report-{dataset}"));
+        c.cli_ok(&["report", "--job", &id, "--out", &out.display().to_string()])
+            .expect("report");
+        pictures.push(std::fs::read(out.join("cases").join("case_001.png")).expect("picture"));
+    }
+    let rows = json_rows(&c, &["results", "--model", "m", "--format", "json"]);
+    assert_eq!(rows.len(), 4, "{rows:?}");
+    for r in &rows {
+        let dataset = r["dataset"].as_str().expect("dataset");
+        let image = r["output_image"].as_str().expect("output_image");
+        assert!(
+            image.starts_with(&format!("results/{dataset}/m/v1/")),
+            "{image} is not in {dataset}'s folder"
+        );
+    }
+    let image_of = |dataset: &str| {
+        rows.iter()
+            .find(|r| r["dataset"] == dataset && r["case_id"] == "case_001")
+            .and_then(|r| r["output_image"].as_str())
+            .expect("row")
+            .to_string()
+    };
+    let (a, b) = (get(&c, &image_of("lungs")), get(&c, &image_of("other")));
+    assert_ne!(std::fs::read(a).expect("a"), std::fs::read(b).expect("b"));
+    assert_ne!(
+        pictures[0], pictures[1],
+        "both reports show the same picture"
+    );
 }

@@ -101,11 +101,11 @@ fn the_report_is_written_served_and_renders_in_chromium() {
 
     // A picture per case in the results stage, next to the images.
     let listing = c
-        .cli_ok(&["stage", "ls", "results/m/v1"])
+        .cli_ok(&["stage", "ls", "results/lungs/m/v1"])
         .expect("stage ls");
     for case in cases {
         assert!(
-            listing.contains(&format!("results/m/v1/{case}_overview.png")),
+            listing.contains(&format!("results/lungs/m/v1/{case}_overview.png")),
             "{case}: no picture in\n{listing}"
         );
     }

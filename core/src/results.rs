@@ -20,6 +20,7 @@ use crate::models::{validate_version, ModelName};
 use crate::{Error, Result};
 
 pub mod columns;
+pub mod migrate;
 
 use columns::result_columns;
 pub use columns::{Cell, Column, Role, SqlType};
@@ -36,13 +37,16 @@ pub const DDF_SUFFIX: &str = "_ddf.nii.gz";
 /// See [`IMAGE_SUFFIX`]: the case picture (mid slices, differences, DDF magnitude).
 pub const PNG_SUFFIX: &str = "_overview.png";
 
-/// The stage folder of a model version's inference outputs, `results/<model>/<version>/`.
+/// The stage folder of a model version's inference outputs on a dataset,
+/// `results/<dataset>/<model>/<version>/`: two datasets with the same case ids (every
+/// synthetic set has `case_001`) keep apart. Outputs written before the dataset was part of
+/// the key are moved by [`migrate::key_outputs_by_dataset`].
 ///
 /// # Errors
 /// [`Error::InvalidArgument`] for an invalid version.
-pub fn results_prefix(model: &ModelName, version: &str) -> Result<String> {
+pub fn results_prefix(dataset: &DatasetName, model: &ModelName, version: &str) -> Result<String> {
     validate_version(version)?;
-    Ok(format!("results/{model}/{version}/"))
+    Ok(format!("results/{dataset}/{model}/{version}/"))
 }
 
 /// How a case ended.

@@ -146,7 +146,7 @@ pub fn plan_tasks(
             source,
         }
     })?;
-    let output_prefix = results_prefix(&plan.model, &plan.version)?;
+    let output_prefix = results_prefix(&plan.dataset, &plan.model, &plan.version)?;
     // The resolved options, every field set, so a worker runs exactly these.
     let refine_json =
         serde_json::to_string(&plan.refine).map_err(|source| medray_core::Error::Json {

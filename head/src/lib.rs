@@ -112,6 +112,31 @@ pub async fn run(
         metrics: metrics.clone(),
     };
 
+    // Outputs an older head wrote under `results/<model>/<version>/` move into their
+    // datasets' folders (once; nothing to do afterwards).
+    let moved = {
+        // On a blocking thread: the catalog's connection does not cross threads.
+        let (stage, catalog_path) = (ctx.stage.clone(), ctx.catalog_path.clone());
+        let handle = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || -> Result<usize> {
+            let mut catalog = medray_core::catalog::Catalog::open(&catalog_path)?;
+            Ok(
+                handle.block_on(medray_core::results::migrate::key_outputs_by_dataset(
+                    &stage,
+                    &mut catalog,
+                ))?,
+            )
+        })
+        .await
+        .map_err(|e| HeadError::Actor(format!("moving result outputs: {e}")))??
+    };
+    if moved > 0 {
+        tracing::info!(
+            moved,
+            "inference outputs of an older layout moved under results/<dataset>/"
+        );
+    }
+
     // The ractor_cluster node workers connect to (cookie = the cluster token).
     let node_port = match config.node_port {
         0 => free_port(&config.node_host)?,

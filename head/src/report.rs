@@ -106,8 +106,9 @@ pub async fn picture(ctx: &HeadContext, id: &JobId, name: &str) -> Result<Vec<u8
 
 /// The stage folder of the job's outputs, when its model and version are valid.
 fn outputs_prefix(job: &ReportJob) -> Option<String> {
+    let dataset = medray_core::catalog::DatasetName::new(job.dataset.clone()).ok()?;
     let model = medray_core::models::ModelName::new(job.model.clone()).ok()?;
-    results_prefix(&model, &job.version).ok()
+    results_prefix(&dataset, &model, &job.version).ok()
 }
 
 #[cfg(test)]

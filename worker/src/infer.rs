@@ -109,8 +109,10 @@ fn validate(spec: &InferTask) -> Result<(), TaskError> {
         .map_err(|e| bad("case_id", e.to_string()))?;
     medray_core::models::ModelName::new(spec.model.clone())
         .map_err(|e| bad("model", e.to_string()))?;
+    let dataset = medray_core::catalog::DatasetName::new(spec.dataset.clone())
+        .map_err(|e| bad("dataset", e.to_string()))?;
     let prefix = medray_core::models::ModelName::new(spec.model.clone())
-        .and_then(|m| medray_core::results::results_prefix(&m, &spec.version))
+        .and_then(|m| medray_core::results::results_prefix(&dataset, &m, &spec.version))
         .map_err(|e| bad("version", e.to_string()))?;
     if spec.output_prefix != prefix {
         return Err(bad(
