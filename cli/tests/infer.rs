@@ -27,12 +27,16 @@ fn cluster(workers: usize) -> TestCluster {
 }
 
 fn ingest(c: &TestCluster, name: &str, cases: usize, size: [usize; 3]) {
+    ingest_seeded(c, name, cases, size, "5");
+}
+
+fn ingest_seeded(c: &TestCluster, name: &str, cases: usize, size: [usize; 3], seed: &str) {
     let size: Vec<String> = size.iter().map(ToString::to_string).collect();
     let cases = cases.to_string();
     let mut args = vec!["ingest", "synthetic", "--name", name, "--cases", &cases];
     args.push("--size");
     args.extend(size.iter().map(String::as_str));
-    args.extend(["--seed", "5"]);
+    args.extend(["--seed", seed]);
     c.cli_ok(&args).expect("ingest");
 }
 
@@ -214,7 +218,10 @@ fn inference_registers_every_case_like_predict_and_a_corrupt_case_fails_alone() 
             r["output_label"],
             format!("results/lungs/m/v1/{case}_registered_label.nii.gz")
         );
-        assert_eq!(r["output_ddf"], format!("results/lungs/m/v1/{case}_ddf.nii.gz"));
+        assert_eq!(
+            r["output_ddf"],
+            format!("results/lungs/m/v1/{case}_ddf.nii.gz")
+        );
     }
 
     // The outputs of case_002 lie on the fixed image's grid with its affine.
@@ -660,21 +667,7 @@ fn two_datasets_with_the_same_case_ids_keep_separate_outputs_and_reports() {
     let c = cluster(1);
     ingest(&c, "lungs", 2, [16, 16, 16]);
     // Same case ids, other images.
-    c.cli_ok(&[
-        "ingest",
-        "synthetic",
-        "--name",
-        "other",
-        "--cases",
-        "2",
-        "--size",
-        "16",
-        "16",
-        "16",
-        "--seed",
-        "9",
-    ])
-    .expect("ingest");
+    ingest_seeded(&c, "other", 2, [16, 16, 16], "9");
     train(&c, "lungs", "m");
     let mut pictures = Vec::new();
     for dataset in ["lungs", "other"] {
