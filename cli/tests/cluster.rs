@@ -587,3 +587,42 @@ fn a_huge_sql_answer_is_refused_by_the_byte_cap_and_the_head_serves_on() {
         .expect("sql");
     assert_eq!(one, "one\n1\n");
 }
+
+/// A non-loopback IPv4 address of this machine (the one a route out would use; no packet
+/// is sent), if it has one.
+fn non_loopback_ip() -> Option<std::net::IpAddr> {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    socket.connect("10.255.255.255:9").ok()?;
+    let ip = socket.local_addr().ok()?.ip();
+    (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+}
+
+/// Issue 18 item 5: the cluster node listened on every interface whatever `--node-host`
+/// said. Told the loopback host (the default), it is reachable there and not on the
+/// machine's other address; the cluster works as before.
+#[test]
+fn the_cluster_node_listens_only_on_the_host_it_is_given() {
+    let node_port = medray_tests::free_port().expect("port");
+    let options = HeadOptions {
+        extra_args: vec!["--node-port".into(), node_port.to_string()],
+        ..HeadOptions::default()
+    };
+    let mut c = TestCluster::start(BIN, options).expect("head starts");
+    c.add_worker().expect("worker starts");
+    c.wait_for_workers(1, LONG)
+        .expect("the worker registers through the node");
+    let connect = |ip: std::net::IpAddr| {
+        std::net::TcpStream::connect_timeout(
+            &std::net::SocketAddr::new(ip, node_port),
+            Duration::from_secs(2),
+        )
+    };
+    assert!(connect([127, 0, 0, 1].into()).is_ok(), "not on loopback");
+    match non_loopback_ip() {
+        Some(ip) => assert!(
+            connect(ip).is_err(),
+            "the node port {node_port} answers on {ip}"
+        ),
+        None => eprintln!("this machine has no non-loopback address: only loopback checked"),
+    }
+}

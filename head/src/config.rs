@@ -29,6 +29,9 @@ pub struct HeadConfig {
     pub node_host: String,
     /// Port of the ractor_cluster node; 0 picks a free one.
     pub node_port: u16,
+    /// Address the ractor_cluster node listens on; `None`: `node_host` when it is an IP
+    /// address, else every interface (a name such as a Kubernetes Service cannot be bound).
+    pub node_bind: Option<std::net::IpAddr>,
     /// Optional HTTP listener for `/healthz`, `/readyz` and `/metrics`.
     pub http_listen: Option<SocketAddr>,
     /// Interval workers heartbeat at.
@@ -64,6 +67,7 @@ impl Default for HeadConfig {
             token: Secret::default(),
             node_host: "127.0.0.1".into(),
             node_port: 0,
+            node_bind: None,
             http_listen: None,
             heartbeat_interval: Duration::from_millis(1000),
             worker_timeout: Duration::from_secs(6),
@@ -121,6 +125,12 @@ impl HeadConfig {
     pub fn with_stage_url(mut self, url: Option<String>) -> Self {
         self.stage_url = url;
         self
+    }
+
+    /// Where the cluster node listens (`None`: every interface).
+    #[must_use]
+    pub fn node_listen_ip(&self) -> Option<std::net::IpAddr> {
+        self.node_bind.or_else(|| self.node_host.parse().ok())
     }
 
     /// Checks every field.

@@ -157,16 +157,26 @@ pub async fn run(
         )),
         None => None,
     };
+    let node = NodeServer::new(
+        node_port,
+        config.token.expose().clone(),
+        "medray-head".into(),
+        config.node_host.clone(),
+        node_encryption,
+        None,
+    );
     let (node, node_handle) = Actor::spawn(
         None,
-        NodeServer::new(
-            node_port,
-            config.token.expose().clone(),
-            "medray-head".into(),
-            config.node_host.clone(),
-            node_encryption,
-            None,
-        ),
+        match config.node_listen_ip() {
+            Some(ip) => node.with_listen_addr(ip),
+            None => {
+                tracing::warn!(
+                    node_host = %config.node_host,
+                    "the cluster node listens on every interface (--node-host is a name, not an address; --node-bind limits it)"
+                );
+                node
+            }
+        },
         (),
     )
     .await

@@ -96,6 +96,8 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()>) -> Re
 }
 
 async fn start_node(config: &WorkerConfig) -> Result<ActorRef<NodeServerMessage>> {
+    // The worker dials the head (TLS when configured); nobody dials the worker's own node
+    // (isolated mode), so its listener stays on the loopback interface.
     let server = NodeServer::new(
         0,
         config.token.expose().clone(),
@@ -103,7 +105,8 @@ async fn start_node(config: &WorkerConfig) -> Result<ActorRef<NodeServerMessage>
         config.node_host.clone(),
         None,
         None,
-    );
+    )
+    .with_listen_addr(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
     let (node, _) = Actor::spawn(None, server, ())
         .await
         .map_err(|e| WorkerError::Actor(format!("starting the cluster node: {e}")))?;

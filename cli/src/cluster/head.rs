@@ -28,6 +28,10 @@ pub struct Args {
     /// Port of the cluster node (0: a free one).
     #[arg(long, env = "MEDRAY_NODE_PORT", default_value_t = 0)]
     pub node_port: u16,
+    /// Address the cluster node listens on (default: --node-host when it is an IP address,
+    /// else every interface, since a name such as a Kubernetes Service cannot be bound).
+    #[arg(long, env = "MEDRAY_NODE_BIND")]
+    pub node_bind: Option<std::net::IpAddr>,
     /// HTTP address for /healthz, /readyz and /metrics (off when not given).
     #[arg(long, env = "MEDRAY_HTTP_LISTEN")]
     pub http_listen: Option<SocketAddr>,
@@ -84,6 +88,7 @@ impl TryFrom<Args> for HeadConfig {
             token: medray_proto::auth::Secret::new(a.token),
             node_host: a.node_host,
             node_port: a.node_port,
+            node_bind: a.node_bind,
             http_listen: a.http_listen,
             heartbeat_interval: Duration::from_millis(a.heartbeat_interval_ms),
             worker_timeout: Duration::from_millis(a.worker_timeout_ms),
