@@ -58,7 +58,8 @@ pub struct Args {
     #[arg(long, default_value_t = medray_proto::DEFAULT_CHUNK_BYTES)]
     pub chunk_bytes: usize,
     /// Largest answer of one `medray sql` query, bytes of values (a larger one is refused
-    /// with an error naming this flag; no single value may be larger either).
+    /// with an error naming this flag; no single value may be larger either). At most half
+    /// of --max-message-bytes is used: the answer travels in one message.
     #[arg(long, default_value_t = medray_core::catalog::query::DEFAULT_MAX_QUERY_BYTES)]
     pub max_query_bytes: usize,
     /// TLS certificate chain (PEM) for gRPC.

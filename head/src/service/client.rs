@@ -617,7 +617,7 @@ impl Client for ClientService {
         let path = self.ctx.catalog_path.clone();
         let limits = medray_core::catalog::query::QueryLimits {
             max_rows,
-            max_bytes: self.ctx.config.max_query_bytes,
+            max_bytes: self.ctx.config.query_byte_cap(),
             time_limit: QUERY_TIME_LIMIT,
         };
         let answer = tokio::task::spawn_blocking(move || {
