@@ -626,3 +626,28 @@ fn the_cluster_node_listens_only_on_the_host_it_is_given() {
         None => eprintln!("this machine has no non-loopback address: only loopback checked"),
     }
 }
+
+/// Issue 18 item 4: an upload past the head's `--max-upload-bytes` is refused as soon as it
+/// passes it, with an error naming the flag, and nothing is stored; one under it is.
+#[test]
+fn an_upload_past_the_cap_is_refused_naming_it_and_nothing_is_stored() {
+    let options = HeadOptions {
+        extra_args: vec!["--max-upload-bytes".into(), (2u64 << 20).to_string()],
+        ..HeadOptions::default()
+    };
+    let c = TestCluster::start(BIN, options).expect("head starts");
+    let big = c.dir().join("big.bin");
+    std::fs::write(&big, vec![7u8; 5 << 20]).expect("write");
+    let out = c
+        .cli(&["stage", "put", &big.display().to_string(), "misc/big.bin"])
+        .expect("run");
+    assert!(!out.status.success(), "a 5 MiB upload passed a 2 MiB cap");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--max-upload-bytes"), "{err}");
+    let small = c.dir().join("small.bin");
+    std::fs::write(&small, vec![7u8; 1 << 20]).expect("write");
+    c.cli_ok(&["stage", "put", &small.display().to_string(), "misc/small.bin"])
+        .expect("a 1 MiB upload");
+    let listing = c.cli_ok(&["stage", "ls", "misc"]).expect("ls");
+    assert!(listing.contains("misc/small.bin") && !listing.contains("misc/big.bin"), "{listing}");
+}

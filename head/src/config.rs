@@ -6,6 +6,10 @@ use std::time::Duration;
 
 use medray_proto::auth::Secret;
 
+/// Default of [`HeadConfig::max_put_bytes`]: 1 GiB (a 512x512x600 int16 CT is 300 MiB; a
+/// float DDF of it on the original grid 1.8 GiB would not pass: raise it for such data).
+pub const DEFAULT_MAX_UPLOAD_BYTES: u64 = 1 << 30;
+
 /// TLS identity of the head's gRPC server.
 #[derive(Debug, Clone)]
 pub struct ServerTls {
@@ -51,7 +55,10 @@ pub struct HeadConfig {
     pub max_message_bytes: usize,
     /// Object transfer chunk, bytes.
     pub chunk_bytes: usize,
-    /// Largest object accepted by `StagePut`, bytes.
+    /// Largest upload the head takes (`StagePut`, a worker's `PutObject`, `ImportModel`),
+    /// bytes: an upload is held in memory until it is checked and written, so this bounds
+    /// what one upload can make the head hold; a larger one is refused as soon as it passes
+    /// this (`--max-upload-bytes`).
     pub max_put_bytes: u64,
     /// Largest answer of one `QueryCatalog` (`medray sql`), bytes of values.
     pub max_query_bytes: usize,
@@ -77,7 +84,7 @@ impl Default for HeadConfig {
             min_workers: 1,
             max_message_bytes: medray_proto::DEFAULT_MAX_MESSAGE_BYTES,
             chunk_bytes: medray_proto::DEFAULT_CHUNK_BYTES,
-            max_put_bytes: 4 << 30,
+            max_put_bytes: DEFAULT_MAX_UPLOAD_BYTES,
             max_query_bytes: medray_core::catalog::query::DEFAULT_MAX_QUERY_BYTES,
             tls: None,
         }
@@ -178,6 +185,12 @@ impl HeadConfig {
             return Err(Config {
                 field: "--max-task-attempts",
                 reason: "at least 1".into(),
+            });
+        }
+        if self.max_put_bytes < 1 << 20 {
+            return Err(Config {
+                field: "--max-upload-bytes",
+                reason: "at least 1 MiB".into(),
             });
         }
         if self.max_query_bytes == 0 {

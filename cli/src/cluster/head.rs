@@ -57,6 +57,11 @@ pub struct Args {
     /// Object transfer and gradient chunk size, bytes (1-4 MiB).
     #[arg(long, default_value_t = medray_proto::DEFAULT_CHUNK_BYTES)]
     pub chunk_bytes: usize,
+    /// Largest upload the head takes (`medray stage put`, a worker's outputs, `medray models
+    /// import`), bytes; an upload is held in memory until it is written, and a larger one
+    /// is refused as soon as it passes this.
+    #[arg(long, env = "MEDRAY_MAX_UPLOAD_BYTES", default_value_t = medray_head::config::DEFAULT_MAX_UPLOAD_BYTES)]
+    pub max_upload_bytes: u64,
     /// Largest answer of one `medray sql` query, bytes of values (a larger one is refused
     /// with an error naming this flag; no single value may be larger either). At most half
     /// of --max-message-bytes is used: the answer travels in one message.
@@ -99,6 +104,7 @@ impl TryFrom<Args> for HeadConfig {
             max_message_bytes: a.max_message_bytes,
             chunk_bytes: a.chunk_bytes,
             max_query_bytes: a.max_query_bytes,
+            max_put_bytes: a.max_upload_bytes,
             tls,
             ..HeadConfig::default()
         })

@@ -422,7 +422,7 @@ impl Client for ClientService {
             }
             if (data.len() + msg.data.len()) as u64 > self.ctx.config.max_put_bytes {
                 return Err(Status::resource_exhausted(format!(
-                    "object larger than the head's limit of {} bytes",
+                    "object larger than the head's --max-upload-bytes of {} bytes",
                     self.ctx.config.max_put_bytes
                 )));
             }
@@ -499,7 +499,7 @@ impl Client for ClientService {
         let limit = self.ctx.config.max_put_bytes;
         if header.size > limit {
             return Err(Status::resource_exhausted(format!(
-                "weights of {} bytes are larger than the head's limit of {limit} bytes",
+                "weights of {} bytes are larger than the head's --max-upload-bytes of {limit} bytes",
                 header.size
             )));
         }

@@ -315,7 +315,7 @@ impl Worker for WorkerService {
         let limit = self.ctx.config.max_put_bytes;
         if header.size > limit {
             return Err(Status::resource_exhausted(format!(
-                "{key}: {} bytes is more than the head's limit of {limit} bytes",
+                "{key}: {} bytes is more than the head's --max-upload-bytes of {limit} bytes",
                 header.size
             )));
         }
