@@ -646,8 +646,16 @@ fn an_upload_past_the_cap_is_refused_naming_it_and_nothing_is_stored() {
     assert!(err.contains("--max-upload-bytes"), "{err}");
     let small = c.dir().join("small.bin");
     std::fs::write(&small, vec![7u8; 1 << 20]).expect("write");
-    c.cli_ok(&["stage", "put", &small.display().to_string(), "misc/small.bin"])
-        .expect("a 1 MiB upload");
+    c.cli_ok(&[
+        "stage",
+        "put",
+        &small.display().to_string(),
+        "misc/small.bin",
+    ])
+    .expect("a 1 MiB upload");
     let listing = c.cli_ok(&["stage", "ls", "misc"]).expect("ls");
-    assert!(listing.contains("misc/small.bin") && !listing.contains("misc/big.bin"), "{listing}");
+    assert!(
+        listing.contains("misc/small.bin") && !listing.contains("misc/big.bin"),
+        "{listing}"
+    );
 }
