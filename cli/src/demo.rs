@@ -435,11 +435,14 @@ fn print_where(dir: &Path, job: &str, http: Option<&str>, running: bool) {
     );
     match (http, running) {
         (Some(h), true) => {
-            println!("served:  http://{h}/jobs/{job}/report/ (the cluster keeps running)");
+            println!(
+                "served:  cd {} && medray report --job {job} --link (a signed link to the page on http://{h}; the cluster keeps running)",
+                dir.display()
+            );
             println!("stop it: cd {} && medray down", dir.display());
         }
         _ => println!(
-            "(with --keep-running the head also serves it at /jobs/{job}/report/ on its HTTP port)"
+            "(with --keep-running the head also serves it at /jobs/{job}/report/ on its HTTP port, opened by `medray report --job {job} --link`)"
         ),
     }
     println!(

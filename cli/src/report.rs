@@ -27,12 +27,49 @@ pub struct Args {
     #[command(flatten)]
     client: ClientArgs,
     /// The inference job (as `medray infer` and `medray job list` print it).
-    #[arg(long)]
-    job: String,
+    #[arg(long, required_unless_present = "index_link")]
+    job: Option<String>,
     /// Folder to write `index.html` and `cases/*.png` into (created; files of an earlier
     /// report of the same job are replaced).
-    #[arg(long)]
-    out: PathBuf,
+    #[arg(long, required_unless_present_any = ["link", "index_link"])]
+    out: Option<PathBuf>,
+    /// Print a signed link to the job's report page on the head's HTTP address instead (the
+    /// pages show patient data: they open only with such a link, made from the cluster
+    /// token, until it expires).
+    #[arg(long, conflicts_with = "out")]
+    link: bool,
+    /// Print a signed link to the head's list of inference jobs (`/jobs`).
+    #[arg(long, conflicts_with_all = ["out", "link", "job"])]
+    index_link: bool,
+    /// Hours a printed link stays valid (1 to 720).
+    #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u64).range(1..=720))]
+    link_hours: u64,
+}
+
+/// Prints a signed link (`--link`, `--index-link`): the path and query, behind the head's
+/// HTTP address when `medray up` recorded it here.
+fn print_link(args: &Args) -> anyhow::Result<()> {
+    let (_, token) = args.client.resolve()?;
+    let signer = medray_proto::auth::LinkSigner::new(&token);
+    let expires = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs()
+        + args.link_hours * 3600;
+    let path = match &args.job {
+        Some(job) if !args.index_link => {
+            check_job_id(job)?;
+            format!("/jobs/{job}/report/?{}", signer.query(job, expires))
+        }
+        _ => format!(
+            "/jobs?{}",
+            signer.query(medray_proto::auth::INDEX_SCOPE, expires)
+        ),
+    };
+    match crate::cluster::client::read_cluster_file()?.and_then(|f| f.http) {
+        Some(http) => println!("http://{http}{path}"),
+        None => println!("{path}"),
+    }
+    Ok(())
 }
 
 fn filter(job: &str) -> ResultFilter {
@@ -63,14 +100,20 @@ fn check_job_id(id: &str) -> anyhow::Result<()> {
 
 /// Runs `medray report`.
 pub fn run(args: Args) -> anyhow::Result<()> {
-    check_job_id(&args.job)?;
+    if args.link || args.index_link {
+        return print_link(&args);
+    }
+    let (Some(job_id), Some(out)) = (args.job.clone(), args.out.clone()) else {
+        anyhow::bail!("give --job and --out (or --link / --index-link)");
+    };
+    check_job_id(&job_id)?;
     let rt = crate::data_dir::runtime()?;
     let (rows, page, pictures) = match args.data.target(&args.client)? {
         Target::Head => rt.block_on(async {
             let mut c = args.client.connect().await?;
             let job = c
                 .get_job(GetJobRequest {
-                    job_id: args.job.clone(),
+                    job_id: job_id.clone(),
                 })
                 .await
                 .map_err(|e| status_error("report", e))?
@@ -78,7 +121,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 .job
                 .context("the head sent no job")?;
             let info = ReportJob::try_from(&job)?;
-            let rows = remote_results(&mut c, &filter(&args.job)).await?;
+            let rows = remote_results(&mut c, &filter(&job_id)).await?;
             let stored: HashSet<String> = c
                 .stage_list(StageListRequest {
                     prefix: outputs_prefix(&info)?,
@@ -100,10 +143,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Target::Local => {
             let dir = args.data.dir();
             let path = dir.join("catalog.db");
-            let info = stored_report_job(&dir, &JobId(args.job.clone()))
-                .with_context(|| format!("reading job `{}` from {}", args.job, path.display()))?
-                .with_context(|| format!("job `{}` not found in {}", args.job, path.display()))?;
-            let rows = list_results(&args.data.open_catalog()?, &filter(&args.job))?;
+            let info = stored_report_job(&dir, &JobId(job_id.clone()))
+                .with_context(|| format!("reading job `{job_id}` from {}", path.display()))?
+                .with_context(|| format!("job `{job_id}` not found in {}", path.display()))?;
+            let rows = list_results(&args.data.open_catalog()?, &filter(&job_id))?;
             let stage = args.data.open_stage()?;
             rt.block_on(async {
                 let stored: HashSet<String> = stage
@@ -125,8 +168,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             })?
         }
     };
-    write_report(&args.out, &page, &pictures)?;
-    print_summary(&args.job, &rows, &page, &args.out);
+    write_report(&out, &page, &pictures)?;
+    print_summary(&job_id, &rows, &page, &out);
     Ok(())
 }
 

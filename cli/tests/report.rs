@@ -148,48 +148,91 @@ fn the_report_is_written_served_and_renders_in_chromium() {
     }
     assert!(html.contains(&job));
 
-    // The head serves the same page and pictures.
-    let served = http_get(&c.http, &format!("/jobs/{job}/report/")).expect("GET report");
+    // The pages show patient images: without a signed link the head refuses them
+    // (issue 18 item 2; they used to answer anyone who reached the port).
+    for path in [
+        format!("/jobs/{job}/report/"),
+        format!("/jobs/{job}/report/cases/case_002.png"),
+        "/jobs".to_string(),
+    ] {
+        let answer = http_get(&c.http, &path).expect("GET");
+        assert_eq!(answer.status, 401, "{path}: {}", answer.text());
+        assert!(answer.text().contains("--link"), "{}", answer.text());
+    }
+    let link = |job: &str| {
+        c.cli_ok(&["report", "--job", job, "--link"])
+            .expect("link")
+            .trim()
+            .to_string()
+    };
+    let page_link = link(&job);
+    let query = page_link.split_once('?').expect("a query").1.to_string();
+    // A link for another job, or a forged one, opens nothing.
+    let other = link("job-999998");
+    let forged = format!(
+        "/jobs/{job}/report/?{}",
+        other.split_once('?').expect("query").1
+    );
+    assert_eq!(http_get(&c.http, &forged).expect("GET").status, 401);
+
+    // With the link the head serves the same page, and sets the cookie its pictures need.
+    let served = http_get(&c.http, &page_link).expect("GET report");
     assert_eq!(served.status, 200, "{}", served.text());
     assert_eq!(
         served.text(),
         html,
         "the served page differs from the written one"
     );
-    let picture =
-        http_get(&c.http, &format!("/jobs/{job}/report/cases/case_002.png")).expect("GET picture");
+    let cookie = served.header("set-cookie").expect("a cookie").to_string();
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+    assert!(
+        cookie.contains(&format!("Path=/jobs/{job}/report/")),
+        "{cookie}"
+    );
+    let picture = http_get(
+        &c.http,
+        &format!("/jobs/{job}/report/cases/case_002.png?{query}"),
+    )
+    .expect("GET picture");
     assert_eq!(picture.status, 200);
     assert_eq!(picture.header("content-type"), Some("image/png"));
     assert_eq!(
         picture.body,
         std::fs::read(out.join("cases/case_002.png")).expect("picture")
     );
-    let redirect = http_get(&c.http, &format!("/jobs/{job}/report")).expect("GET");
+    let redirect = http_get(&c.http, &format!("/jobs/{job}/report?{query}")).expect("GET");
     assert_eq!(redirect.status, 308);
     assert_eq!(
-        http_get(&c.http, "/jobs/job-999999/report/")
-            .expect("GET")
-            .status,
+        http_get(&c.http, &link("job-999999")).expect("GET").status,
         404
     );
     assert_eq!(
         http_get(
             &c.http,
-            &format!("/jobs/{job}/report/cases/..%2Fcatalog.db")
+            &format!("/jobs/{job}/report/cases/..%2Fcatalog.db?{query}")
         )
         .expect("GET")
         .status,
         404
     );
-    let answer = http_get(&c.http, &format!("/jobs/{train_job}/report/")).expect("GET");
+    let answer = http_get(&c.http, &link(&train_job)).expect("GET");
     assert_eq!(answer.status, 400, "{}", answer.text());
     assert!(
         answer.text().contains("inference jobs"),
         "{}",
         answer.text()
     );
-    let index = http_get(&c.http, "/jobs").expect("GET /jobs");
-    assert!(index.text().contains(&format!("/jobs/{job}/report/")));
+    let index_link = c
+        .cli_ok(&["report", "--index-link"])
+        .expect("index link")
+        .trim()
+        .to_string();
+    let index = http_get(&c.http, &index_link).expect("GET /jobs");
+    assert_eq!(index.status, 200, "{}", index.text());
+    assert!(index.text().contains(&format!("/jobs/{job}/report/?exp=")));
 
     // Both render in headless Chromium, with every picture, and no console message.
     render_clean(
@@ -197,9 +240,10 @@ fn the_report_is_written_served_and_renders_in_chromium() {
         &format!("file://{}", out.join("index.html").display()),
         &c.dir().join("report-file.png"),
     );
+    // Served: the signed link opens the page, and its cookie loads every picture.
     render_clean(
         &chromium,
-        &format!("http://{}/jobs/{job}/report/", c.http),
+        &format!("http://{}{page_link}", c.http),
         &c.dir().join("report-served.png"),
     );
 }

@@ -3,19 +3,25 @@
 //! for people, `/jobs` (the recent inference jobs) and `/jobs/<job>/report/` (the
 //! inference report of [`crate::report`], its pictures under `cases/`).
 //!
-//! Like the metrics, the pages are not behind the cluster token: bind `--http-listen` to
-//! loopback or a private network, or put an authenticating proxy in front.
+//! The health and metrics endpoints are open and carry no patient data. The pages show
+//! patients' images, so they need the client credential: a link signed with a key derived
+//! from the cluster token, with an expiry (`medray report --job ID --link`;
+//! [`medray_proto::auth::LinkSigner`]). A valid link sets a cookie (HttpOnly,
+//! SameSite=Strict, scoped to the page's path, expiring with the link) so that the page's
+//! pictures and links work; anything else is answered 401.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path, State};
-use axum::http::{header, StatusCode};
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::get;
 use axum::Router;
 use ractor::ActorRef;
+
+use medray_proto::auth::{LinkSigner, INDEX_SCOPE};
 
 use crate::context::HeadContext;
 use crate::ids::JobId;
@@ -31,6 +37,101 @@ struct Ops {
     metrics: Arc<Metrics>,
     min_workers: u32,
     ctx: HeadContext,
+    signer: LinkSigner,
+}
+
+/// The signature part of a link.
+#[derive(Debug, Default)]
+struct Link {
+    exp: Option<u64>,
+    sig: Option<String>,
+}
+
+impl Link {
+    /// `exp` and `sig` of a query string (anything else is ignored).
+    fn parse(query: Option<&str>) -> Self {
+        let mut link = Self::default();
+        for pair in query.unwrap_or_default().split('&') {
+            match pair.split_once('=') {
+                Some(("exp", v)) => link.exp = v.parse().ok(),
+                Some(("sig", v)) if v.bytes().all(|b| b.is_ascii_hexdigit()) => {
+                    link.sig = Some(v.to_string());
+                }
+                _ => {}
+            }
+        }
+        link
+    }
+}
+
+/// The name of the cookie a valid link sets.
+const COOKIE: &str = "medray_link";
+
+fn now_s() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The `(exp, sig)` of the request's cookie, if it carries one.
+fn cookie_link(headers: &HeaderMap) -> Option<(u64, String)> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().strip_prefix(COOKIE)?.strip_prefix('='))
+        .find_map(|v| {
+            let (exp, sig) = v.split_once('.')?;
+            Some((exp.parse().ok()?, sig.to_string()))
+        })
+}
+
+/// Whether the request may see `scope`: a valid signed link in its query (then the answer
+/// also sets the cookie for `path`, which is returned) or in its cookie.
+enum Access {
+    Denied,
+    Cookie,
+    Link(String),
+}
+
+fn access(ops: &Ops, scope: &str, path: &str, link: &Link, headers: &HeaderMap) -> Access {
+    let now = now_s();
+    if let (Some(exp), Some(sig)) = (link.exp, link.sig.as_deref()) {
+        if ops.signer.verify(scope, exp, sig, now) {
+            return Access::Link(format!(
+                "{COOKIE}={exp}.{sig}; Path={path}; Max-Age={}; HttpOnly; SameSite=Strict",
+                exp - now
+            ));
+        }
+    }
+    match cookie_link(headers) {
+        Some((exp, sig)) if ops.signer.verify(scope, exp, &sig, now) => Access::Cookie,
+        _ => Access::Denied,
+    }
+}
+
+fn denied() -> Response {
+    (
+        StatusCode::UNAUTHORIZED,
+        "this page shows patient data and needs a signed link: `medray report --job ID --link` \
+         (or `medray report --index-link` for the list of jobs) prints one\n",
+    )
+        .into_response()
+}
+
+/// `response`, with the cookie of a link when the request came with one.
+fn with_access(access: Access, response: Response) -> Response {
+    match access {
+        Access::Link(cookie) => {
+            let mut response = response;
+            if let Ok(v) = axum::http::HeaderValue::from_str(&cookie) {
+                response.headers_mut().append(header::SET_COOKIE, v);
+            }
+            response
+        }
+        _ => response,
+    }
 }
 
 async fn healthz() -> &'static str {
@@ -98,7 +199,21 @@ fn not_found(what: &str) -> Response {
 }
 
 /// The recent inference jobs, newest first, with links to their reports.
-async fn jobs_page(State(ops): State<Ops>) -> Response {
+async fn jobs_page(
+    State(ops): State<Ops>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    let link = Link::parse(query.as_deref());
+    let granted = access(&ops, INDEX_SCOPE, "/jobs", &link, &headers);
+    if matches!(granted, Access::Denied) {
+        return denied();
+    }
+    // Links to the reports, valid as long as the index's own.
+    let until = link
+        .exp
+        .or_else(|| cookie_link(&headers).map(|(e, _)| e))
+        .unwrap_or(0);
     let jobs = match ops.store.jobs(200) {
         Ok(jobs) => jobs,
         Err(e) => return error_response(&e),
@@ -109,7 +224,8 @@ async fn jobs_page(State(ops): State<Ops>) -> Response {
             continue;
         };
         rows.push_str(&format!(
-            "<tr><td><a href=\"/jobs/{id}/report/\">{id}</a></td><td>{state}</td><td>{dataset}</td><td>{model} {version}</td><td>{created}</td></tr>\n",
+            "<tr><td><a href=\"/jobs/{id}/report/?{query}\">{id}</a></td><td>{state}</td><td>{dataset}</td><td>{model} {version}</td><td>{created}</td></tr>\n",
+            query = ops.signer.query(&info.id, until),
             id = medray_core::report::escape(&info.id),
             state = medray_core::report::escape(&info.state),
             dataset = medray_core::report::escape(&info.dataset),
@@ -121,40 +237,77 @@ async fn jobs_page(State(ops): State<Ops>) -> Response {
     if rows.is_empty() {
         rows.push_str("<tr><td colspan=\"5\">No inference job yet.</td></tr>\n");
     }
-    Html(format!(
+    let page = Html(format!(
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head><meta charset=\"utf-8\"><title>medray: inference jobs</title>\
          <link rel=\"icon\" href=\"data:,\"></head>\n<body>\n<h1>Inference jobs</h1>\n<table>\n\
          <thead><tr><th>job</th><th>state</th><th>dataset</th><th>model</th><th>submitted</th></tr></thead>\n\
          <tbody>\n{rows}</tbody>\n</table>\n</body>\n</html>\n"
     ))
-    .into_response()
+    .into_response();
+    with_access(granted, page)
 }
 
-/// `/jobs/<job>/report` without the slash: the page's relative links need it.
-async fn report_redirect(Path(id): Path<String>) -> Response {
+/// `/jobs/<job>/report` without the slash: the page's relative links need it (the link's
+/// signature comes along).
+async fn report_redirect(Path(id): Path<String>, RawQuery(query): RawQuery) -> Response {
+    let link = Link::parse(query.as_deref());
+    let query = match (link.exp, link.sig) {
+        (Some(exp), Some(sig)) => format!("?exp={exp}&sig={sig}"),
+        _ => String::new(),
+    };
     match path_job_id(&id) {
-        Some(id) => Redirect::permanent(&format!("/jobs/{id}/report/")).into_response(),
+        Some(id) => Redirect::permanent(&format!("/jobs/{id}/report/{query}")).into_response(),
         None => not_found("job"),
     }
 }
 
-async fn report_page(State(ops): State<Ops>, Path(id): Path<String>) -> Response {
+async fn report_page(
+    State(ops): State<Ops>,
+    Path(id): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    let link = Link::parse(query.as_deref());
     let Some(id) = path_job_id(&id) else {
         return not_found("job");
     };
-    match crate::report::build(&ops.ctx, &id).await {
+    let granted = access(
+        &ops,
+        id.as_str(),
+        &format!("/jobs/{id}/report/"),
+        &link,
+        &headers,
+    );
+    if matches!(granted, Access::Denied) {
+        return denied();
+    }
+    let page = match crate::report::build(&ops.ctx, &id).await {
         Ok((_, page)) => Html(page.html).into_response(),
         Err(e) => error_response(&e),
-    }
+    };
+    with_access(granted, page)
 }
 
 async fn report_picture(
     State(ops): State<Ops>,
     Path((id, name)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
 ) -> Response {
+    let link = Link::parse(query.as_deref());
     let Some(id) = path_job_id(&id) else {
         return not_found("job");
     };
+    let granted = access(
+        &ops,
+        id.as_str(),
+        &format!("/jobs/{id}/report/"),
+        &link,
+        &headers,
+    );
+    if matches!(granted, Access::Denied) {
+        return denied();
+    }
     match crate::report::picture(&ops.ctx, &id, &name).await {
         Ok(png) => ([(header::CONTENT_TYPE, "image/png")], png).into_response(),
         Err(e) => error_response(&e),
@@ -195,6 +348,7 @@ pub async fn serve(
             store: ctx.store.clone(),
             metrics: ctx.metrics.clone(),
             min_workers,
+            signer: LinkSigner::new(ctx.config.token.expose()),
             ctx,
         });
     let handle = tokio::spawn(async move {

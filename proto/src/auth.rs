@@ -140,3 +140,100 @@ mod tests {
         assert!(BearerToken::new("has a space in it, long enough").is_err());
     }
 }
+
+/// Signed links to the head's report pages (`/jobs`, `/jobs/<job>/report/`): the pages show
+/// patients' images, so they need the client credential, carried as a signature with an
+/// expiry that `medray report --link` computes from the cluster token. The head checks it
+/// with the same key, then sets a cookie (HttpOnly, SameSite=Strict, scoped to the page's
+/// path) so that the page's pictures load.
+#[derive(Clone)]
+pub struct LinkSigner {
+    key: [u8; 32],
+}
+
+impl std::fmt::Debug for LinkSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LinkSigner(<redacted>)")
+    }
+}
+
+/// What the index page's link is signed for (report links are signed for their job id).
+pub const INDEX_SCOPE: &str = "index";
+
+type HmacSha256 = hmac::Hmac<sha2::Sha256>;
+
+impl LinkSigner {
+    /// The signer of `token`'s cluster (its key is derived from the token, so a new token
+    /// voids every link).
+    #[must_use]
+    pub fn new(token: &str) -> Self {
+        use hmac::{KeyInit, Mac};
+        let mut mac = HmacSha256::new_from_slice(token.as_bytes()).expect("any key length");
+        mac.update(b"medray report links v1");
+        Self {
+            key: mac.finalize().into_bytes().into(),
+        }
+    }
+
+    fn mac(&self, scope: &str, expires: u64) -> HmacSha256 {
+        use hmac::{KeyInit, Mac};
+        let mut mac = HmacSha256::new_from_slice(&self.key).expect("any key length");
+        mac.update(scope.as_bytes());
+        mac.update(b"\n");
+        mac.update(expires.to_string().as_bytes());
+        mac
+    }
+
+    /// The signature of `scope` (a job id or [`INDEX_SCOPE`]) until `expires` (Unix
+    /// seconds), hex.
+    #[must_use]
+    pub fn sign(&self, scope: &str, expires: u64) -> String {
+        use hmac::Mac;
+        hex::encode(self.mac(scope, expires).finalize().into_bytes())
+    }
+
+    /// The query string of a link: `exp=...&sig=...`.
+    #[must_use]
+    pub fn query(&self, scope: &str, expires: u64) -> String {
+        format!("exp={expires}&sig={}", self.sign(scope, expires))
+    }
+
+    /// Whether `sig` signs `scope` until `expires`, and `now` (Unix seconds) is before then;
+    /// compared in constant time.
+    #[must_use]
+    pub fn verify(&self, scope: &str, expires: u64, sig: &str, now: u64) -> bool {
+        use hmac::Mac;
+        let Ok(sig) = hex::decode(sig) else {
+            return false;
+        };
+        now < expires && self.mac(scope, expires).verify_slice(&sig).is_ok()
+    }
+}
+
+#[cfg(test)]
+mod link_tests {
+    use super::*;
+
+    #[test]
+    fn a_link_opens_its_own_scope_until_it_expires_and_nothing_else() {
+        let signer = LinkSigner::new("0123456789abcdef-token");
+        let sig = signer.sign("job-000001", 1_000);
+        assert!(signer.verify("job-000001", 1_000, &sig, 999));
+        assert!(!signer.verify("job-000001", 1_000, &sig, 1_000), "expired");
+        assert!(
+            !signer.verify("job-000002", 1_000, &sig, 999),
+            "another job"
+        );
+        assert!(
+            !signer.verify("job-000001", 2_000, &sig, 999),
+            "a later expiry"
+        );
+        assert!(!signer.verify("job-000001", 1_000, "zz", 999), "not hex");
+        let other = LinkSigner::new("another-cluster-token");
+        assert!(
+            !other.verify("job-000001", 1_000, &sig, 999),
+            "another token"
+        );
+        assert!(!format!("{signer:?}").contains(&hex::encode(signer.key)));
+    }
+}
