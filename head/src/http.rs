@@ -261,26 +261,32 @@ async fn report_redirect(Path(id): Path<String>, RawQuery(query): RawQuery) -> R
     }
 }
 
+/// The job of a report URL and the request's access to it; the answer to give instead when
+/// the id is not a job id (404) or the request has no valid link (401).
+fn report_access(
+    ops: &Ops,
+    id: &str,
+    query: Option<&str>,
+    headers: &HeaderMap,
+) -> std::result::Result<(JobId, Access), Box<Response>> {
+    let id = path_job_id(id).ok_or_else(|| Box::new(not_found("job")))?;
+    let path = format!("/jobs/{id}/report/");
+    match access(ops, id.as_str(), &path, &Link::parse(query), headers) {
+        Access::Denied => Err(Box::new(denied())),
+        granted => Ok((id, granted)),
+    }
+}
+
 async fn report_page(
     State(ops): State<Ops>,
     Path(id): Path<String>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Response {
-    let link = Link::parse(query.as_deref());
-    let Some(id) = path_job_id(&id) else {
-        return not_found("job");
+    let (id, granted) = match report_access(&ops, &id, query.as_deref(), &headers) {
+        Ok(ok) => ok,
+        Err(answer) => return *answer,
     };
-    let granted = access(
-        &ops,
-        id.as_str(),
-        &format!("/jobs/{id}/report/"),
-        &link,
-        &headers,
-    );
-    if matches!(granted, Access::Denied) {
-        return denied();
-    }
     let page = match crate::report::build(&ops.ctx, &id).await {
         Ok((_, page)) => Html(page.html).into_response(),
         Err(e) => error_response(&e),
@@ -294,20 +300,10 @@ async fn report_picture(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Response {
-    let link = Link::parse(query.as_deref());
-    let Some(id) = path_job_id(&id) else {
-        return not_found("job");
+    let id = match report_access(&ops, &id, query.as_deref(), &headers) {
+        Ok((id, _)) => id,
+        Err(answer) => return *answer,
     };
-    let granted = access(
-        &ops,
-        id.as_str(),
-        &format!("/jobs/{id}/report/"),
-        &link,
-        &headers,
-    );
-    if matches!(granted, Access::Denied) {
-        return denied();
-    }
     match crate::report::picture(&ops.ctx, &id, &name).await {
         Ok(png) => ([(header::CONTENT_TYPE, "image/png")], png).into_response(),
         Err(e) => error_response(&e),
