@@ -159,20 +159,14 @@ pub(crate) fn train_in_process(
             .with_context(|| format!("reading the dataset in {}", data.display()))?;
         let spec = spec_of(config);
         let job = trainer.new_job(spec.clone())?;
-        medray_core::atomic::write_with(&run_file, |tmp| {
-            std::fs::write(
-                tmp,
-                serde_json::to_vec(&RunFile {
-                    job_id: job.to_string(),
-                })
-                .map_err(|e| medray_core::Error::invalid("run.json", e.to_string()))?,
-            )
-            .map_err(|e| medray_core::Error::io(tmp, e))
+        let run = serde_json::to_vec(&RunFile {
+            job_id: job.to_string(),
         })?;
+        medray_core::atomic::write_bytes(&run_file, &run)?;
         (job, spec)
     };
-    let before = runtime.block_on(trainer.committed(&job))?;
-    if let Some((state, _, _)) = &before {
+    let before = runtime.block_on(trainer.committed_state(&job))?;
+    if let Some(state) = &before {
         show(&LogRow {
             seq: 0,
             time: String::new(),
@@ -241,9 +235,7 @@ pub(crate) fn train_in_process(
     let model = state.config.model_config();
     let write = |name: &str, bytes: &[u8]| -> anyhow::Result<PathBuf> {
         let path = out.join(name);
-        medray_core::atomic::write_with(&path, |tmp| {
-            std::fs::write(tmp, bytes).map_err(|e| medray_core::Error::io(tmp, e))
-        })?;
+        medray_core::atomic::write_bytes(&path, bytes)?;
         Ok(path)
     };
     let best_weights = write("best.safetensors", &best)?;

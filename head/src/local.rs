@@ -126,6 +126,17 @@ impl LocalTrainer {
         }
     }
 
+    /// The job's last committed state (`None` before the first epoch ends).
+    ///
+    /// # Errors
+    /// Stage errors naming the key.
+    pub async fn committed_state(
+        &self,
+        job: &JobId,
+    ) -> Result<Option<medray_core::train::dist::DistState>> {
+        crate::train::load_committed_state(&self.ctx, job).await
+    }
+
     /// The job's last committed checkpoint: its state, the checkpoint's weights, and the
     /// best weights so far (`None` before the first epoch ends).
     ///
@@ -135,9 +146,10 @@ impl LocalTrainer {
         &self,
         job: &JobId,
     ) -> Result<Option<(medray_core::train::dist::DistState, Vec<u8>, Vec<u8>)>> {
-        let Some((state, weights, _)) = crate::train::load_state(&self.ctx, job).await? else {
+        let Some(state) = self.committed_state(job).await? else {
             return Ok(None);
         };
+        let weights = crate::train::checkpoint_weights(&self.ctx, job, &state).await?;
         let best = match &state.best_weights {
             Some(key) => {
                 self.ctx

@@ -69,7 +69,7 @@ mod spec;
 mod step;
 
 pub use actor::{CoordActorArgs, CoordMsg, TrainCoordinator};
-pub(crate) use spec::load_state;
+pub(crate) use spec::{checkpoint_weights, load_committed_state, load_state};
 use spec::{fresh_state, job_key};
 pub use spec::{state_key, train_config};
 

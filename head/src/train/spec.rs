@@ -69,29 +69,49 @@ pub(super) fn fresh_state(ctx: &HeadContext, spec: &TrainSpec) -> Result<DistSta
     })
 }
 
-/// A job's last checkpoint: its state and the weights and optimizer state it points at.
-pub(crate) async fn load_state(
+/// A job's committed state (`state.json`) alone, if it has one.
+pub(crate) async fn load_committed_state(
     ctx: &HeadContext,
     job: &JobId,
-) -> Result<Option<(DistState, Vec<u8>, Vec<u8>)>> {
+) -> Result<Option<DistState>> {
     let key = state_key(job)?;
     if !ctx.stage.exists(&key).await? {
         return Ok(None);
     }
     let bytes = ctx.stage.get(&key).await?;
-    let state: DistState = serde_json::from_slice(&bytes).map_err(|e| {
+    let state = serde_json::from_slice(&bytes).map_err(|e| {
         HeadError::invalid(
             "checkpoint",
             format!("{} is not a training state: {e}", key.as_str()),
         )
     })?;
-    let weights = ctx
-        .stage
+    Ok(Some(state))
+}
+
+/// The weights of the checkpoint `state` names.
+pub(crate) async fn checkpoint_weights(
+    ctx: &HeadContext,
+    job: &JobId,
+    state: &DistState,
+) -> Result<Vec<u8>> {
+    ctx.stage
         .get(&job_key(
             job,
             &format!("{}/weights.safetensors", state.checkpoint),
         )?)
-        .await?;
+        .await
+        .map_err(Into::into)
+}
+
+/// A job's last checkpoint: its state and the weights and optimizer state it points at.
+pub(crate) async fn load_state(
+    ctx: &HeadContext,
+    job: &JobId,
+) -> Result<Option<(DistState, Vec<u8>, Vec<u8>)>> {
+    let Some(state) = load_committed_state(ctx, job).await? else {
+        return Ok(None);
+    };
+    let weights = checkpoint_weights(ctx, job, &state).await?;
     let optimizer = ctx
         .stage
         .get(&job_key(
