@@ -1,13 +1,13 @@
-//! `medray bench-transfer`: object transfer throughput head -> worker over gRPC on loopback
-//! (the `FetchObject` stream a worker uses, decryption included), against a raw TCP copy of
-//! the same bytes in the same run.
+//! `medray bench-transfer`: object transfer throughput out of the head over gRPC on loopback
+//! (the chunked object stream that a worker's `FetchObject` and a client's `StageGet` share,
+//! decryption included; timed through `StageGet`, since `FetchObject` serves only objects of
+//! a task the worker holds), against a raw TCP copy of the same bytes in the same run.
 
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use medray_proto::auth::BearerToken;
-use medray_proto::v1::worker_client::WorkerClient;
-use medray_proto::v1::{FetchObjectRequest, StagePutRequest};
+use medray_proto::v1::{StageGetRequest, StagePutRequest};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Arguments of `medray bench-transfer`.
@@ -76,14 +76,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .await
             .context("storing the object")?;
 
-        let mut worker = WorkerClient::with_interceptor(channel, bearer)
-            .max_decoding_message_size(medray_proto::DEFAULT_MAX_MESSAGE_BYTES);
+        let mut reader = medray_proto::v1::client_client::ClientClient::with_interceptor(
+            channel, bearer,
+        )
+        .max_decoding_message_size(medray_proto::DEFAULT_MAX_MESSAGE_BYTES);
         let mut grpc = Vec::new();
         for _ in 0..=args.repeats {
             let t = Instant::now();
-            let mut stream = worker
-                .fetch_object(FetchObjectRequest {
-                    worker_id: "bench".into(),
+            let mut stream = reader
+                .stage_get(StageGetRequest {
                     key: "bench/object.bin".into(),
                 })
                 .await?

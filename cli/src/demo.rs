@@ -163,6 +163,7 @@ fn newest_infer_job() -> anyhow::Result<String> {
     let client = ClientArgs {
         address: None,
         token: None,
+        token_file: None,
         tls_ca: None,
     };
     let rt = crate::data_dir::runtime()?;
@@ -186,6 +187,7 @@ fn job_rows(job: &str) -> anyhow::Result<Vec<ResultRow>> {
     let client = ClientArgs {
         address: None,
         token: None,
+        token_file: None,
         tls_ca: None,
     };
     let rt = crate::data_dir::runtime()?;

@@ -64,6 +64,9 @@ enum Command {
     Head(cluster::head::Args),
     /// Run a worker that joins the head at --address.
     Worker(cluster::worker::Args),
+    /// Print the worker token derived from the client token (MEDRAY_TOKEN): give workers
+    /// this, never the client token.
+    WorkerToken(cluster::worker::TokenArgs),
     /// Start a local cluster (head + N workers) on this machine.
     Up(cluster::up::UpArgs),
     /// Stop the cluster `medray up` started from this directory.
@@ -127,6 +130,7 @@ pub(crate) fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::BenchTransfer(args) => bench_transfer::run(args),
         Command::Head(args) => cluster::head::run(args),
         Command::Worker(args) => cluster::worker::run(args, &cli.device),
+        Command::WorkerToken(args) => cluster::worker::print_worker_token(&args),
         Command::Up(args) => cluster::up::up(args, &cli.device),
         Command::Down(args) => cluster::up::down(args),
         Command::Status(args) => cluster::status::run(args),

@@ -263,8 +263,15 @@ fn bad_tokens_and_protocol_versions_are_refused() {
             .await
             .unwrap_err();
         assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e}");
+        // The client token cannot register a worker, and says which token can.
+        let e = WorkerClient::with_interceptor(channel.clone(), BearerToken::new(&c.token).unwrap())
+            .register(register(medray_proto::PROTOCOL_VERSION))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+        assert!(e.message().contains("MEDRAY_WORKER_TOKEN"), "{e}");
         // Right token, wrong protocol version: both versions named.
-        let e = WorkerClient::with_interceptor(channel, BearerToken::new(&c.token).unwrap())
+        let e = WorkerClient::with_interceptor(channel, BearerToken::new(&c.worker_token()).unwrap())
             .register(register(999))
             .await
             .unwrap_err();
@@ -275,6 +282,81 @@ fn bad_tokens_and_protocol_versions_are_refused() {
                 .contains(&medray_proto::PROTOCOL_VERSION.to_string()),
             "{e}"
         );
+    });
+}
+
+/// Issue 18 item 1: workers and clients shared one token, so a worker could call every
+/// client API (read every decrypted object, delete models, overwrite any stage key). Now a
+/// worker holds the worker token and its session credential, and the client service
+/// refuses both on every call.
+#[test]
+fn a_worker_credential_is_refused_by_every_client_api() {
+    use medray_proto::v1::client_client::ClientClient;
+    use medray_proto::v1::*;
+    let c = cluster(0);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let worker_token = c.worker_token();
+        let session = medray_tests::rogue::register(&c.address, &worker_token, "probe")
+            .await
+            .expect("the worker token registers a worker")
+            .session_token;
+        assert_eq!(session.len(), 64);
+        let channel = tonic::transport::Endpoint::from_shared(c.address.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        for (what, credential) in [("worker token", &worker_token), ("session", &session)] {
+            let mut client =
+                ClientClient::with_interceptor(channel.clone(), BearerToken::new(credential).unwrap());
+            let mut refused = Vec::new();
+            macro_rules! check {
+                ($name:literal, $call:expr) => {{
+                    let e = $call.await.err().unwrap_or_else(|| {
+                        panic!("{} accepted the {what}", $name)
+                    });
+                    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{}: {e}", $name);
+                    refused.push($name);
+                }};
+            }
+            check!("SubmitJob", client.submit_job(SubmitJobRequest::default()));
+            check!("GetJob", client.get_job(GetJobRequest::default()));
+            check!("ListJobs", client.list_jobs(ListJobsRequest::default()));
+            check!("CancelJob", client.cancel_job(CancelJobRequest::default()));
+            check!("StreamJobLogs", client.stream_job_logs(StreamJobLogsRequest::default()));
+            check!("ClusterStatus", client.cluster_status(ClusterStatusRequest::default()));
+            check!("ListDatasets", client.list_datasets(ListDatasetsRequest::default()));
+            check!("GetDataset", client.get_dataset(GetDatasetRequest::default()));
+            check!("StageList", client.stage_list(StageListRequest::default()));
+            check!("StageGet", client.stage_get(StageGetRequest::default()));
+            check!(
+                "StagePut",
+                client.stage_put(futures::stream::iter(vec![StagePutRequest {
+                    key: "jobs/job-000001/state.json".into(),
+                    data: b"{}".to_vec(),
+                }]))
+            );
+            check!("ListModels", client.list_models(ListModelsRequest::default()));
+            check!("GetModel", client.get_model(GetModelRequest::default()));
+            check!("ExportModel", client.export_model(ExportModelRequest::default()));
+            check!(
+                "ImportModel",
+                client.import_model(futures::stream::iter(vec![ImportModelRequest::default()]))
+            );
+            check!("SetModelAlias", client.set_model_alias(SetModelAliasRequest::default()));
+            check!("DeleteModel", client.delete_model(DeleteModelRequest::default()));
+            check!("ListResults", client.list_results(ListResultsRequest::default()));
+            check!("QueryCatalog", client.query_catalog(QueryCatalogRequest::default()));
+            assert_eq!(refused.len(), 19, "every Client rpc of client.proto: {refused:?}");
+        }
+        // The client token still works, and the session is no client credential.
+        let mut client =
+            ClientClient::with_interceptor(channel, BearerToken::new(&c.token).unwrap());
+        client
+            .cluster_status(ClusterStatusRequest::default())
+            .await
+            .expect("the client token is accepted");
     });
 }
 

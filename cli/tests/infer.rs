@@ -705,3 +705,199 @@ fn two_datasets_with_the_same_case_ids_keep_separate_outputs_and_reports() {
         "both reports show the same picture"
     );
 }
+
+/// Issue 18 item 1: a worker's `worker_id` was whatever it claimed, `FetchObject` served any
+/// stage object and `PutObject` took any key under `results/`. Now every call must carry the
+/// named worker's own session, a worker reads only the objects of the attempt it holds and
+/// writes only that attempt's outputs. The worker here is a rogue one
+/// (`medray_tests::rogue`): it joins like `medray worker`, takes a real inference task and
+/// then tries what a compromised worker would.
+#[test]
+fn a_worker_reads_only_its_tasks_objects_writes_only_its_outputs_and_acts_only_as_itself() {
+    use medray_proto::v1::task_assignment::Kind;
+    use medray_proto::v1::*;
+    use medray_tests::rogue::{register, RogueWorker};
+    use sha2::Digest;
+
+    let c = cluster(1);
+    ingest(&c, "lungs", 2, [16, 16, 16]);
+    train(&c, "lungs", "m");
+    // The real worker leaves; the rogue one will be the only worker.
+    c.workers[0].signal(Signal::SIGTERM);
+    c.wait_until("the worker left", LONG, |c| Ok(c.alive_workers()? == 0))
+        .expect("drained");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut rogue = RogueWorker::join(&c.address, &c.worker_token(), "rogue")
+            .await
+            .expect("joins");
+        c.wait_for_workers(1, LONG).expect("the rogue worker is alive");
+        let job = c
+            .cli_ok(&["infer", "--no-wait", "--dataset", "lungs", "--model", "m", "--version", "v1"])
+            .expect("submit")
+            .trim()
+            .to_string();
+        let a = rogue.next_assignment(LONG).await.expect("an inference task");
+        assert_eq!(a.job_id, job);
+        let Some(Kind::Infer(t)) = &a.kind else {
+            panic!("not an inference task: {a:?}")
+        };
+        let other = if t.case_id == "case_001" { "case_002" } else { "case_001" };
+        let other_fixed = case_keys(&c, "lungs", other)["fixed_key"]
+            .as_str()
+            .expect("fixed_key")
+            .to_string();
+        let id = rogue.worker_id.clone();
+        let mut client = rogue.client.clone();
+
+        let fetch = |client: &mut medray_tests::rogue::Client, worker: &str, key: &str| {
+            let (mut client, worker, key) = (client.clone(), worker.to_string(), key.to_string());
+            async move {
+                let mut stream = client
+                    .fetch_object(FetchObjectRequest { worker_id: worker, key })
+                    .await?
+                    .into_inner();
+                let mut n = 0;
+                while let Some(chunk) = stream.message().await? {
+                    n += chunk.data.len();
+                }
+                Ok::<usize, tonic::Status>(n)
+            }
+        };
+        // Its own case and model: served.
+        for key in [&t.fixed.as_ref().unwrap().key, &t.weights.as_ref().unwrap().key] {
+            assert!(fetch(&mut client, &id, key).await.expect(key) > 0);
+        }
+        // Another case of the same dataset, and another job's objects: refused.
+        for key in [other_fixed.as_str(), "jobs/job-000001/state.json"] {
+            let e = fetch(&mut client, &id, key).await.unwrap_err();
+            assert_eq!(e.code(), tonic::Code::PermissionDenied, "{key}: {e}");
+        }
+
+        let put = |client: &mut medray_tests::rogue::Client, worker: &str, key: String| {
+            let data = b"not a volume".to_vec();
+            let header = PutObjectHeader {
+                worker_id: worker.to_string(),
+                job_id: a.job_id.clone(),
+                task_id: a.task_id.clone(),
+                attempt: a.attempt,
+                key,
+                size: data.len() as u64,
+                sha256: hex::encode(sha2::Sha256::digest(&data)),
+            };
+            let mut client = client.clone();
+            async move {
+                client
+                    .put_object(futures::stream::iter(vec![PutObjectRequest {
+                        header: Some(header),
+                        data,
+                    }]))
+                    .await
+                    .map(|r| r.into_inner().bytes)
+            }
+        };
+        let prefix = &t.output_prefix;
+        // Its own output: stored.
+        put(&mut client, &id, format!("{prefix}{}_ddf.nii.gz", t.case_id))
+            .await
+            .expect("its own output");
+        // Another case's output, another dataset's folder, a job's state: refused.
+        for key in [
+            format!("{prefix}{other}_ddf.nii.gz"),
+            format!("results/other/m/v1/{}_ddf.nii.gz", t.case_id),
+            "jobs/job-000001/state.json".to_string(),
+        ] {
+            let e = put(&mut client, &id, key.clone()).await.unwrap_err();
+            assert_eq!(e.code(), tonic::Code::PermissionDenied, "{key}: {e}");
+        }
+
+        // A second worker, and the worker token itself, cannot act as the first one.
+        let b = register(&c.address, &c.worker_token(), "other").await.expect("registers");
+        let as_b = medray_tests::rogue::client(&c.address, &b.session_token).await.unwrap();
+        let with_join = medray_tests::rogue::client(&c.address, &c.worker_token()).await.unwrap();
+        for (who, mut impostor) in [("another worker", as_b), ("the worker token", with_join)] {
+            let denied = |r: Result<(), tonic::Status>, call: &str| {
+                let e = r.expect_err(call);
+                assert_eq!(e.code(), tonic::Code::PermissionDenied, "{who}, {call}: {e}");
+            };
+            denied(
+                impostor
+                    .heartbeat(HeartbeatRequest { worker_id: id.clone(), current_task: String::new() })
+                    .await
+                    .map(drop),
+                "Heartbeat",
+            );
+            denied(
+                impostor
+                    .append_task_logs(AppendTaskLogsRequest {
+                        worker_id: id.clone(),
+                        job_id: a.job_id.clone(),
+                        task_id: a.task_id.clone(),
+                        attempt: a.attempt,
+                        lines: vec!["forged".into()],
+                    })
+                    .await
+                    .map(drop),
+                "AppendTaskLogs",
+            );
+            denied(
+                impostor
+                    .finish_task(FinishTaskRequest {
+                        worker_id: id.clone(),
+                        job_id: a.job_id.clone(),
+                        task_id: a.task_id.clone(),
+                        attempt: a.attempt,
+                        outcome: Some(finish_task_request::Outcome::Failure(TaskFailure {
+                            reason: "forged".into(),
+                            retryable: false,
+                        })),
+                    })
+                    .await
+                    .map(drop),
+                "FinishTask",
+            );
+            denied(fetch(&mut impostor, &id, &t.fixed.as_ref().unwrap().key).await.map(drop), "FetchObject");
+            denied(
+                put(&mut impostor, &id, format!("{prefix}{}_ddf.nii.gz", t.case_id)).await.map(drop),
+                "PutObject",
+            );
+            denied(
+                impostor
+                    .deregister(DeregisterRequest { worker_id: id.clone(), reason: "forged".into() })
+                    .await
+                    .map(drop),
+                "Deregister",
+            );
+        }
+        // The first worker is still there, and still holds its attempt.
+        let status = c.status().expect("status");
+        let listed = status["workers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|w| w["worker_id"] == id.as_str())
+            .cloned();
+        assert_eq!(
+            listed.as_ref().map(|w| w["state"].clone()),
+            Some(Value::from("ALIVE")),
+            "{status}"
+        );
+        assert!(!logs(&c, &job).contains("forged"), "{}", logs(&c, &job));
+        let accepted = client
+            .finish_task(FinishTaskRequest {
+                worker_id: id.clone(),
+                job_id: a.job_id.clone(),
+                task_id: a.task_id.clone(),
+                attempt: a.attempt,
+                outcome: Some(finish_task_request::Outcome::Failure(TaskFailure {
+                    reason: "the rogue worker gives up".into(),
+                    retryable: false,
+                })),
+            })
+            .await
+            .expect("its own finish")
+            .into_inner()
+            .accepted;
+        assert!(accepted, "the attempt was still its own");
+    });
+}

@@ -36,6 +36,9 @@ pub const LABEL_SUFFIX: &str = "_registered_label.nii.gz";
 pub const DDF_SUFFIX: &str = "_ddf.nii.gz";
 /// See [`IMAGE_SUFFIX`]: the case picture (mid slices, differences, DDF magnitude).
 pub const PNG_SUFFIX: &str = "_overview.png";
+/// Every output name ending: a worker may write `<prefix><case><suffix>` for these only
+/// (the head refuses other keys from an inference task).
+pub const OUTPUT_SUFFIXES: [&str; 4] = [IMAGE_SUFFIX, LABEL_SUFFIX, DDF_SUFFIX, PNG_SUFFIX];
 
 /// The stage folder of a model version's inference outputs on a dataset,
 /// `results/<dataset>/<model>/<version>/`: two datasets with the same case ids (every

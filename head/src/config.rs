@@ -26,9 +26,12 @@ pub struct HeadConfig {
     pub data_dir: PathBuf,
     /// Stage URL (`file://`, a path or `s3://`); default `<data_dir>/stage`.
     pub stage_url: Option<String>,
-    /// The cluster token every call must carry (also the ractor_cluster cookie; never
-    /// printed).
+    /// The client token every `Client` call must carry (never printed).
     pub token: Secret<String>,
+    /// The worker token (`Worker.Register` and the ractor_cluster cookie); `None`: derived
+    /// from the client token ([`medray_proto::auth::worker_token`]). See
+    /// [`HeadConfig::worker_token`].
+    pub worker_token: Option<Secret<String>>,
     /// Host the head's ractor_cluster node announces to workers.
     pub node_host: String,
     /// Port of the ractor_cluster node; 0 picks a free one.
@@ -72,6 +75,7 @@ impl Default for HeadConfig {
             data_dir: PathBuf::from("./medray-data"),
             stage_url: None,
             token: Secret::default(),
+            worker_token: None,
             node_host: "127.0.0.1".into(),
             node_port: 0,
             node_bind: None,
@@ -141,6 +145,14 @@ impl HeadConfig {
         self.max_query_bytes.min(self.max_message_bytes / 2)
     }
 
+    /// The worker token: the one given, else the one derived from the client token.
+    #[must_use]
+    pub fn worker_token(&self) -> Secret<String> {
+        self.worker_token.clone().unwrap_or_else(|| {
+            Secret::new(medray_proto::auth::worker_token(self.token.expose()))
+        })
+    }
+
     /// Where the cluster node listens (`None`: every interface).
     #[must_use]
     pub fn node_listen_ip(&self) -> Option<std::net::IpAddr> {
@@ -157,6 +169,18 @@ impl HeadConfig {
             field: "--token",
             reason: e.to_string(),
         })?;
+        if let Some(worker) = &self.worker_token {
+            medray_proto::auth::validate_token(worker.expose()).map_err(|e| Config {
+                field: "--worker-token",
+                reason: e.to_string(),
+            })?;
+            if worker.expose() == self.token.expose() {
+                return Err(Config {
+                    field: "--worker-token",
+                    reason: "must differ from the client token (--token): a worker must not be able to act as a client".into(),
+                });
+            }
+        }
         if self.heartbeat_interval < Duration::from_millis(50) {
             return Err(Config {
                 field: "--heartbeat-interval-ms",

@@ -9,6 +9,7 @@ use medray_core::stage::Stage;
 use crate::config::HeadConfig;
 use crate::logs::LogHub;
 use crate::metrics::Metrics;
+use crate::sessions::WorkerSessions;
 use crate::store::Store;
 use crate::Result;
 
@@ -27,6 +28,8 @@ pub struct HeadContext {
     pub catalog_path: PathBuf,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// The workers' session credentials.
+    pub sessions: Arc<WorkerSessions>,
 }
 
 impl HeadContext {

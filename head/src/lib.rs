@@ -15,6 +15,7 @@ pub mod registry;
 pub mod report;
 pub mod scheduler;
 pub mod service;
+pub mod sessions;
 pub mod store;
 pub mod train;
 
@@ -110,6 +111,7 @@ pub async fn run(
         stage: Arc::new(open_stage(&config)?),
         catalog_path,
         metrics: metrics.clone(),
+        sessions: Arc::new(sessions::WorkerSessions::default()),
     };
 
     // Outputs an older head wrote under `results/<model>/<version>/` move into their
@@ -137,7 +139,8 @@ pub async fn run(
         );
     }
 
-    // The ractor_cluster node workers connect to (cookie = the cluster token).
+    // The ractor_cluster node workers connect to (cookie = the worker token, which workers
+    // hold; never the client token).
     let node_port = match config.node_port {
         0 => free_port(&config.node_host)?,
         p => p,
@@ -159,7 +162,7 @@ pub async fn run(
     };
     let node = NodeServer::new(
         node_port,
-        config.token.expose().clone(),
+        config.worker_token().expose().clone(),
         "medray-head".into(),
         config.node_host.clone(),
         node_encryption,
@@ -189,6 +192,7 @@ pub async fn run(
             config: config.clone(),
             node_address: node_address.clone(),
             metrics: metrics.clone(),
+            sessions: ctx.sessions.clone(),
         },
         (),
     )
@@ -242,10 +246,35 @@ pub async fn run(
         None => None,
     };
 
+    // Client calls take the client token only. Worker calls take the worker token (for
+    // `Register`) or a live session; each method then checks the worker it names.
     let token = config.token.expose().clone();
     let check = move |req: tonic::Request<()>| {
         medray_proto::auth::check_bearer(req.metadata(), &token)?;
         Ok(req)
+    };
+    let check_worker = {
+        let (client_token, worker_token) = (
+            config.token.expose().clone(),
+            config.worker_token().expose().clone(),
+        );
+        let sessions = ctx.sessions.clone();
+        move |req: tonic::Request<()>| {
+            use medray_proto::auth::{presented_bearer, same_credential};
+            let presented = presented_bearer(req.metadata())?;
+            // The client token passes here only to be refused by `Register` with a message
+            // that says which token a worker needs.
+            if same_credential(presented, &worker_token)
+                || same_credential(presented, &client_token)
+                || sessions.is_live(presented)
+            {
+                Ok(req)
+            } else {
+                Err(tonic::Status::unauthenticated(
+                    "wrong worker credential: register with the worker token (MEDRAY_WORKER_TOKEN), then use the session it returns",
+                ))
+            }
+        }
     };
     let client = InterceptedService::new(
         ClientServer::new(ClientService {
@@ -255,7 +284,7 @@ pub async fn run(
         })
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes),
-        check.clone(),
+        check,
     );
     let worker = InterceptedService::new(
         WorkerServer::new(WorkerService {
@@ -266,7 +295,7 @@ pub async fn run(
         })
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes),
-        check,
+        check_worker,
     );
     let mut builder = Server::builder()
         .tcp_nodelay(true)

@@ -69,6 +69,7 @@ impl LocalTrainer {
                 stage: Arc::new(stage),
                 catalog_path,
                 metrics: Arc::new(Metrics::default()),
+                sessions: Arc::default(),
             },
         })
     }

@@ -18,6 +18,7 @@ use ractor_cluster::RactorMessage;
 use crate::config::HeadConfig;
 use crate::ids::WorkerId;
 use crate::metrics::Metrics;
+use crate::sessions::WorkerSessions;
 use crate::scheduler::SchedulerMsg;
 use crate::store::{Store, WorkerRow};
 use crate::Result;
@@ -33,6 +34,8 @@ pub struct Registry {
     pub node_address: String,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// The workers' session credentials: opened at registration, closed when lost.
+    pub sessions: Arc<WorkerSessions>,
 }
 
 /// Messages of the registry.
@@ -160,6 +163,7 @@ fn worker_status(e: &Entry, state: &str) -> WorkerStatus {
 
 impl Registry {
     fn lost(&self, state: &mut RegistryState, id: &WorkerId, reason: &str) {
+        self.sessions.close(id);
         if let Some(mut entry) = state.workers.remove(id) {
             tracing::warn!(worker_id = %id, reason, "worker lost");
             // Whatever it ran is re-queued by the scheduler: a lost worker runs nothing.
@@ -247,6 +251,7 @@ impl Actor for Registry {
                         head_node_address: self.node_address.clone(),
                         max_message_bytes: self.config.max_message_bytes as u64,
                         chunk_bytes: self.config.chunk_bytes as u64,
+                        session_token: self.sessions.open(&id).expose().clone(),
                     }
                 });
                 self.metrics.set_workers(state.workers.len());
@@ -430,6 +435,7 @@ mod tests {
                 config: Arc::new(config),
                 node_address: "127.0.0.1:1".into(),
                 metrics: Arc::new(Metrics::default()),
+                sessions: Arc::default(),
             },
             (),
         )

@@ -1,6 +1,7 @@
 //! The gRPC service adapters: decode, ask the actors or the store, encode. Every call is
 //! authenticated by the token interceptor installed in [`crate::run`].
 
+pub mod access;
 pub mod client;
 pub mod worker;
 

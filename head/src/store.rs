@@ -437,6 +437,43 @@ impl Store {
         Ok(n > 0)
     }
 
+    /// The task attempts `worker` runs now, as assigned (job, task and attempt filled in):
+    /// what decides which objects it may read and write.
+    ///
+    /// # Errors
+    /// [`HeadError::Store`]; [`HeadError::InvalidArgument`] for a spec that does not decode.
+    pub fn running_assignments(&self, worker: &WorkerId) -> Result<Vec<TaskAssignment>> {
+        let conn = self.lock();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT job_id, task_id, attempt, spec FROM tasks
+                 WHERE worker_id = ?1 AND state = 'RUNNING'",
+            )
+            .map_err(HeadError::store("running attempts"))?;
+        let rows = stmt
+            .query_map(params![worker.as_str()], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, u32>(2)?,
+                    r.get::<_, Vec<u8>>(3)?,
+                ))
+            })
+            .map_err(HeadError::store("running attempts"))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (job, task, attempt, spec) = row.map_err(HeadError::store("running attempts"))?;
+            let mut a = TaskAssignment::decode(spec.as_slice()).map_err(|e| {
+                HeadError::invalid(format!("tasks.spec of {job}/{task}"), e.to_string())
+            })?;
+            a.job_id = job;
+            a.task_id = task;
+            a.attempt = attempt;
+            out.push(a);
+        }
+        Ok(out)
+    }
+
     /// Ends the running attempt: SUCCEEDED with its result, or back to PENDING (a retry), or
     /// FAILED with the error. Returns false if `attempt` was not the running one.
     ///

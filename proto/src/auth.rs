@@ -1,5 +1,14 @@
-//! The cluster token on gRPC calls: clients attach it with [`BearerToken`]; the head checks
-//! it with [`check_bearer`]. The token's value is never printed (its `Debug` is redacted).
+//! Credentials on gRPC calls (see SECURITY.md, "Roles"):
+//! - the **client token** (`MEDRAY_TOKEN`): every `Client` call; it also signs report links;
+//! - the **worker token** (`MEDRAY_WORKER_TOKEN`): only `Worker.Register` and the cluster
+//!   node's cookie. By default it is derived from the client token with [`worker_token`]
+//!   (one-way: a worker cannot compute the client token from it);
+//! - a **worker session**: the random credential `Register` returns, valid for that
+//!   registration's calls only.
+//!
+//! Callers attach a credential with [`BearerToken`]; the head checks it with
+//! [`check_bearer`] or [`presented_bearer`]. No credential is ever printed (their `Debug` is
+//! redacted).
 
 use tonic::metadata::{AsciiMetadataValue, MetadataMap};
 use tonic::service::Interceptor;
@@ -94,28 +103,68 @@ impl Interceptor for BearerToken {
     }
 }
 
+/// The worker token of the cluster whose client token is `client_token`: the hex
+/// HMAC-SHA256 of a fixed label under the client token. Whoever holds the client token
+/// (the head, an administrator: `medray worker-token`) can compute it; a worker holding it
+/// cannot go back to the client token.
+#[must_use]
+pub fn worker_token(client_token: &str) -> String {
+    use hmac::{KeyInit, Mac};
+    let mut mac = HmacSha256::new_from_slice(client_token.as_bytes()).expect("any key length");
+    mac.update(b"medray worker token v1");
+    hex::encode(mac.finalize().into_bytes())
+}
+
+/// A new random credential (32 bytes from the operating system, hex): a worker session.
+#[must_use]
+pub fn random_token() -> String {
+    use rand::RngCore;
+    let mut bytes = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    hex::encode(bytes)
+}
+
+/// The bearer credential a call presents.
+///
+/// # Errors
+/// `Unauthenticated` when the `authorization` header is missing or malformed.
+pub fn presented_bearer(metadata: &MetadataMap) -> Result<&str, Status> {
+    let Some(value) = metadata.get(AUTHORIZATION_HEADER) else {
+        return Err(Status::unauthenticated(
+            "missing credential (set --token or MEDRAY_TOKEN; workers MEDRAY_WORKER_TOKEN)",
+        ));
+    };
+    value
+        .to_str()
+        .ok()
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| Status::unauthenticated("malformed authorization header"))
+}
+
+/// Whether two credentials are equal, in constant time.
+#[must_use]
+pub fn same_credential(presented: &str, expected: &str) -> bool {
+    subtle::ConstantTimeEq::ct_eq(presented.as_bytes(), expected.as_bytes()).into()
+}
+
+/// Whether two digests are equal, in constant time.
+#[must_use]
+pub fn same_digest(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    subtle::ConstantTimeEq::ct_eq(a.as_slice(), b.as_slice()).into()
+}
+
 /// Checks the bearer token of a call against `expected`, in constant time.
 ///
 /// # Errors
 /// `Unauthenticated` when the token is missing, malformed or wrong; the message never
 /// contains either token.
 pub fn check_bearer(metadata: &MetadataMap, expected: &str) -> Result<(), Status> {
-    let Some(value) = metadata.get(AUTHORIZATION_HEADER) else {
-        return Err(Status::unauthenticated(
-            "missing cluster token (set --token or MEDRAY_TOKEN)",
-        ));
-    };
-    let presented = value
-        .to_str()
-        .ok()
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(|| Status::unauthenticated("malformed authorization header"))?;
-    let equal: bool =
-        subtle::ConstantTimeEq::ct_eq(presented.as_bytes(), expected.as_bytes()).into();
-    if equal {
+    if same_credential(presented_bearer(metadata)?, expected) {
         Ok(())
     } else {
-        Err(Status::unauthenticated("wrong cluster token"))
+        Err(Status::unauthenticated(
+            "wrong token (client calls need the client token, MEDRAY_TOKEN)",
+        ))
     }
 }
 
@@ -138,6 +187,19 @@ mod tests {
         assert_eq!(missing.code(), tonic::Code::Unauthenticated);
         assert!(BearerToken::new("short").is_err());
         assert!(BearerToken::new("has a space in it, long enough").is_err());
+    }
+
+    #[test]
+    fn the_worker_token_is_derived_one_way_and_differs_per_cluster() {
+        let a = worker_token("0123456789abcdef-cluster-a");
+        assert_eq!(a, worker_token("0123456789abcdef-cluster-a"));
+        assert_ne!(a, worker_token("0123456789abcdef-cluster-b"));
+        assert_eq!(a.len(), 64);
+        validate_token(&a).unwrap();
+        assert!(!a.contains("cluster"));
+        let s1 = random_token();
+        assert_ne!(s1, random_token());
+        validate_token(&s1).unwrap();
     }
 }
 

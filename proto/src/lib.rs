@@ -20,7 +20,9 @@ pub mod v1 {
 /// 4: exactly-once training steps: `StepCommit`/`StepAbort` name their step, replicas report
 /// the step they hold, their whole-state checksum and their micro-batches' BatchNorm
 /// statistics (no more averaged `bn_stats`); fp32 gradient uploads are f64 sums.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// 5: worker roles: `Register` takes the worker token and returns a session credential that
+/// every later call carries (an older worker would keep sending the join token).
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Metadata key of the cluster token on every gRPC call (`authorization: Bearer <token>`).
 pub const AUTHORIZATION_HEADER: &str = "authorization";

@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 
+pub mod rogue;
 pub mod web;
 
 use std::net::TcpListener;
@@ -158,13 +159,27 @@ impl TestCluster {
         self.dir.path()
     }
 
+    /// The worker token workers get (derived from the client token, as the head does).
+    #[must_use]
+    pub fn worker_token(&self) -> String {
+        medray_proto::auth::worker_token(&self.token)
+    }
+
+    /// Starts `medray <args>`: the head gets the client token, a worker only the worker token.
     fn spawn(&self, name: &str, args: &[String], env: &[(String, String)]) -> anyhow::Result<Proc> {
         let log = self.dir.path().join(format!("{name}.log"));
         let file = std::fs::File::create(&log)?;
+        let credential = if args.first().is_some_and(|a| a == "worker") {
+            ("MEDRAY_WORKER_TOKEN", self.worker_token())
+        } else {
+            ("MEDRAY_TOKEN", self.token.clone())
+        };
         let child = Command::new(&self.bin)
             .args(args)
+            .env_remove("MEDRAY_TOKEN")
+            .env_remove("MEDRAY_WORKER_TOKEN")
             .envs(env.iter().map(|(k, v)| (k, v)))
-            .env("MEDRAY_TOKEN", &self.token)
+            .env(credential.0, credential.1)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(file.try_clone()?)

@@ -11,7 +11,8 @@ use medray_proto::transport::ClientTls;
 pub struct WorkerConfig {
     /// The head's gRPC address, `http://host:port` (or `https://` with TLS).
     pub head_address: String,
-    /// The cluster token (also the ractor_cluster cookie; never printed).
+    /// The worker token: it registers this worker and is the ractor_cluster cookie (never
+    /// printed). Not the client token, which the head refuses from a worker.
     pub token: Secret<String>,
     /// A human name shown in `medray status`.
     pub name: String,
@@ -62,7 +63,7 @@ impl WorkerConfig {
         self
     }
 
-    /// Sets the cluster token.
+    /// Sets the worker token.
     #[must_use]
     pub fn with_token(mut self, token: impl Into<String>) -> Self {
         self.token = Secret::new(token.into());

@@ -1,4 +1,5 @@
-//! The worker's gRPC client to the head (token attached to every call).
+//! The worker's gRPC client to the head: the worker token on `Register`, then the session
+//! credential it returned on every other call.
 
 use std::path::{Path, PathBuf};
 
@@ -13,20 +14,15 @@ use tonic::transport::Channel;
 use crate::config::WorkerConfig;
 use crate::{Result, WorkerError};
 
-/// The Worker service client with the cluster token.
+/// The Worker service client with a credential attached.
 pub type HeadClient = WorkerClient<InterceptedService<Channel, BearerToken>>;
 
 /// Connects to the head named in `config`.
 ///
 /// # Errors
-/// [`WorkerError::Connect`] when it cannot be reached; [`WorkerError::Config`] for a bad
-/// token.
-pub async fn connect(config: &WorkerConfig, max_message_bytes: usize) -> Result<HeadClient> {
-    let token = BearerToken::new(config.token.expose()).map_err(|e| WorkerError::Config {
-        field: "--token",
-        reason: e.to_string(),
-    })?;
-    let channel = medray_proto::transport::connect(
+/// [`WorkerError::Connect`] when it cannot be reached.
+pub async fn channel(config: &WorkerConfig) -> Result<Channel> {
+    medray_proto::transport::connect(
         &config.head_address,
         config.tls.as_ref(),
         config.connect_timeout,
@@ -35,6 +31,23 @@ pub async fn connect(config: &WorkerConfig, max_message_bytes: usize) -> Result<
     .map_err(|source| WorkerError::Connect {
         address: config.head_address.clone(),
         source,
+    })
+}
+
+/// The Worker service client over `channel` carrying `credential` (the worker token for
+/// `Register`, the session credential afterwards); `field` names where it came from.
+///
+/// # Errors
+/// [`WorkerError::Config`] for a malformed credential.
+pub fn client(
+    channel: Channel,
+    credential: &str,
+    field: &'static str,
+    max_message_bytes: usize,
+) -> Result<HeadClient> {
+    let token = BearerToken::new(credential).map_err(|e| WorkerError::Config {
+        field,
+        reason: e.to_string(),
     })?;
     Ok(WorkerClient::with_interceptor(channel, token)
         .max_decoding_message_size(max_message_bytes)

@@ -129,15 +129,16 @@ impl Session {
         compute: &ComputeThread,
         gpu: Option<&medray_core::gpu::GpuInfo>,
     ) -> Result<Self> {
-        let mut client =
-            head_client::connect(config, medray_proto::DEFAULT_MAX_MESSAGE_BYTES).await?;
+        let channel = head_client::channel(config).await?;
+        let max = medray_proto::DEFAULT_MAX_MESSAGE_BYTES;
+        let mut joining = head_client::client(channel.clone(), config.token.expose(), "--token", max)?;
         let memory_bytes = {
             let mut sys = sysinfo::System::new();
             sys.refresh_memory();
             sys.total_memory()
         };
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
-        let reply = client
+        let reply = joining
             .register(RegisterRequest {
                 protocol_version: medray_proto::PROTOCOL_VERSION,
                 name: config.name.clone(),
@@ -158,6 +159,12 @@ impl Session {
                 reason: "no worker id or node address".into(),
             });
         }
+        // Every later call carries this registration's own credential.
+        let client = head_client::client(channel, &reply.session_token, "session_token", max)
+            .map_err(|e| WorkerError::Protocol {
+                call: "Register",
+                reason: format!("the head's session credential: {e}"),
+            })?;
         let shared = Arc::new(Shared::default());
         let (actor, _) = Actor::spawn(
             Some(worker_actor_name(&reply.worker_id)),

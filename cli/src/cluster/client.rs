@@ -55,6 +55,22 @@ pub fn read_cluster_file() -> anyhow::Result<Option<ClusterFile>> {
     }
 }
 
+/// Reads a token from the first line of `path` (`flag` names it in errors).
+///
+/// # Errors
+/// The file does not read or holds no token.
+pub fn read_token_file(path: &std::path::Path, flag: &str) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{flag} {}", path.display()))?;
+    let token = text.lines().next().unwrap_or_default().trim().to_string();
+    anyhow::ensure!(
+        !token.is_empty(),
+        "{flag} {}: the first line is empty",
+        path.display()
+    );
+    Ok(token)
+}
+
 /// `--address`, `--token`, `--tls-ca`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ClientArgs {
@@ -62,9 +78,13 @@ pub struct ClientArgs {
     /// http://127.0.0.1:50051).
     #[arg(long, global = true, env = "MEDRAY_ADDRESS")]
     pub address: Option<String>,
-    /// Cluster token (default: the one `medray up` wrote here).
+    /// Client token (default: the one `medray up` wrote here). Prefer MEDRAY_TOKEN or
+    /// --token-file: an argument is visible to every user of the machine in `ps`.
     #[arg(long, global = true, env = "MEDRAY_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// File holding the client token (first line).
+    #[arg(long, global = true, env = "MEDRAY_TOKEN_FILE", conflicts_with = "token")]
+    pub token_file: Option<PathBuf>,
     /// CA certificate (PEM) of a head that serves TLS (https:// addresses).
     #[arg(long, global = true, env = "MEDRAY_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
@@ -79,9 +99,15 @@ impl ClientArgs {
             .clone()
             .or_else(|| file.as_ref().map(|f| f.address.clone()))
             .unwrap_or_else(|| DEFAULT_ADDRESS.to_string());
+        let from_file = self
+            .token_file
+            .as_deref()
+            .map(|p| read_token_file(p, "--token-file"))
+            .transpose()?;
         let token = self
             .token
             .clone()
+            .or(from_file)
             .or_else(|| file.as_ref().map(|f| f.token.clone()))
             .context("no cluster token: pass --token or set MEDRAY_TOKEN (medray up writes one to .medray/cluster.json)")?;
         Ok((address, token))

@@ -19,9 +19,21 @@ pub struct Args {
     /// Stage location (file:///dir, a path, or s3://bucket/prefix); default <data-dir>/stage.
     #[arg(long, env = "MEDRAY_STAGE")]
     pub stage: Option<String>,
-    /// Cluster token required on every call (also the cluster cookie).
-    #[arg(long, env = "MEDRAY_TOKEN", hide_env_values = true)]
-    pub token: String,
+    /// Client token: every client call must carry it (prefer MEDRAY_TOKEN or --token-file;
+    /// an argument is visible in `ps`).
+    #[arg(long, env = "MEDRAY_TOKEN", hide_env_values = true, required_unless_present = "token_file")]
+    pub token: Option<String>,
+    /// File holding the client token (first line).
+    #[arg(long, env = "MEDRAY_TOKEN_FILE", conflicts_with = "token")]
+    pub token_file: Option<PathBuf>,
+    /// Worker token: workers register with it (and it is the cluster node's cookie); default:
+    /// derived from the client token (`medray worker-token` prints it). It cannot act as a
+    /// client.
+    #[arg(long, env = "MEDRAY_WORKER_TOKEN", hide_env_values = true)]
+    pub worker_token: Option<String>,
+    /// File holding the worker token (first line).
+    #[arg(long, env = "MEDRAY_WORKER_TOKEN_FILE", conflicts_with = "worker_token")]
+    pub worker_token_file: Option<PathBuf>,
     /// Host the cluster node announces to workers.
     #[arg(long, env = "MEDRAY_NODE_HOST", default_value = "127.0.0.1")]
     pub node_host: String,
@@ -88,10 +100,24 @@ impl TryFrom<Args> for HeadConfig {
             }),
             _ => None,
         };
+        let token = match (a.token, &a.token_file) {
+            (Some(t), _) => t,
+            (None, Some(p)) => crate::cluster::client::read_token_file(p, "--token-file")?,
+            (None, None) => anyhow::bail!("no client token: set MEDRAY_TOKEN or --token-file"),
+        };
+        let worker_token = match (a.worker_token, &a.worker_token_file) {
+            (Some(t), _) => Some(t),
+            (None, Some(p)) => Some(crate::cluster::client::read_token_file(
+                p,
+                "--worker-token-file",
+            )?),
+            (None, None) => None,
+        };
         Ok(HeadConfig {
             data_dir: a.data_dir,
             stage_url: a.stage,
-            token: medray_proto::auth::Secret::new(a.token),
+            token: medray_proto::auth::Secret::new(token),
+            worker_token: worker_token.map(medray_proto::auth::Secret::new),
             node_host: a.node_host,
             node_port: a.node_port,
             node_bind: a.node_bind,

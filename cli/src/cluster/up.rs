@@ -104,6 +104,16 @@ fn spawn(
     if std::env::var_os("RUST_LOG").is_none() {
         cmd.env("RUST_LOG", "info");
     }
+    // Each process gets only the credential it is given here (a worker never inherits the
+    // client token from this shell).
+    for k in [
+        "MEDRAY_TOKEN",
+        "MEDRAY_TOKEN_FILE",
+        "MEDRAY_WORKER_TOKEN",
+        "MEDRAY_WORKER_TOKEN_FILE",
+    ] {
+        cmd.env_remove(k);
+    }
     for (k, v) in envs {
         cmd.env(k, v);
     }
@@ -212,6 +222,11 @@ pub fn up(args: UpArgs, device: &str) -> anyhow::Result<()> {
         l.local_addr()?
     };
     let token_env = ("MEDRAY_TOKEN", token.clone());
+    // Workers get only the worker token: with it they register, never act as a client.
+    let worker_token_env = (
+        "MEDRAY_WORKER_TOKEN",
+        medray_proto::auth::worker_token(&token),
+    );
     let mut head_args: Vec<String> = vec![
         "head".into(),
         "--listen".into(),
@@ -237,6 +252,7 @@ pub fn up(args: UpArgs, device: &str) -> anyhow::Result<()> {
     let client_args = ClientArgs {
         address: Some(address.clone()),
         token: Some(token.clone()),
+        token_file: None,
         tls_ca: None,
     };
     let threads = worker_threads(args.threads_per_worker, args.workers);
@@ -256,7 +272,7 @@ pub fn up(args: UpArgs, device: &str) -> anyhow::Result<()> {
                     cache.display().to_string(),
                 ],
                 &[
-                    token_env.clone(),
+                    worker_token_env.clone(),
                     ("MEDRAY_DEVICE", device.to_string()),
                     ("RAYON_NUM_THREADS", threads.to_string()),
                 ],

@@ -12,9 +12,14 @@ pub struct Args {
     /// Head address.
     #[arg(long, env = "MEDRAY_ADDRESS", default_value = "http://127.0.0.1:50051")]
     pub address: String,
-    /// Cluster token.
-    #[arg(long, env = "MEDRAY_TOKEN", hide_env_values = true)]
-    pub token: String,
+    /// Worker token (not the client token, which the head refuses from a worker; `medray
+    /// worker-token` prints it). Prefer MEDRAY_WORKER_TOKEN or --token-file: an argument is
+    /// visible in `ps`.
+    #[arg(long, env = "MEDRAY_WORKER_TOKEN", hide_env_values = true, required_unless_present = "token_file")]
+    pub token: Option<String>,
+    /// File holding the worker token (first line).
+    #[arg(long, env = "MEDRAY_WORKER_TOKEN_FILE", conflicts_with = "token")]
+    pub token_file: Option<PathBuf>,
     /// Name shown in `medray status` (default: host-pid).
     #[arg(long, env = "MEDRAY_WORKER_NAME")]
     pub name: Option<String>,
@@ -57,18 +62,40 @@ fn direct_stage(args: &Args) -> anyhow::Result<Option<std::sync::Arc<Stage>>> {
     Ok(Some(std::sync::Arc::new(stage)))
 }
 
+/// Arguments of `medray worker-token`.
+#[derive(Debug, clap::Args)]
+pub struct TokenArgs {
+    #[command(flatten)]
+    client: crate::cluster::client::ClientArgs,
+}
+
+/// Prints the worker token of the cluster whose client token is given (or of the cluster
+/// `medray up` started here): what to hand to workers instead of the client token.
+pub fn print_worker_token(args: &TokenArgs) -> anyhow::Result<()> {
+    let (_, token) = args.client.resolve()?;
+    medray_proto::auth::validate_token(&token).context("--token")?;
+    println!("{}", medray_proto::auth::worker_token(&token));
+    Ok(())
+}
+
 /// Runs the worker until Ctrl-C or SIGTERM (then drains and exits 0).
 pub fn run(args: Args, device: &str) -> anyhow::Result<()> {
     let stage = direct_stage(&args)?;
     let tls = crate::cluster::client::ClientArgs {
         address: None,
         token: None,
+        token_file: None,
         tls_ca: args.tls_ca.clone(),
     }
     .tls()?;
+    let token = match (args.token, &args.token_file) {
+        (Some(t), _) => t,
+        (None, Some(p)) => crate::cluster::client::read_token_file(p, "--token-file")?,
+        (None, None) => anyhow::bail!("no worker token: set MEDRAY_WORKER_TOKEN or --token-file"),
+    };
     let mut config = WorkerConfig::default()
         .with_head_address(args.address)
-        .with_token(args.token)
+        .with_token(token)
         .with_device(device)
         .with_tls(tls);
     if let Some(n) = args.name {

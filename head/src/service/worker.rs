@@ -1,4 +1,8 @@
 //! The Worker service: registration, heartbeats, task logs and results, object fetches.
+//!
+//! `Register` takes the worker token; every other call must carry the session credential of
+//! the worker it names ([`crate::sessions`]), and object reads and writes are limited to
+//! the attempts that worker holds ([`super::access`]).
 
 use std::time::Duration;
 
@@ -15,12 +19,13 @@ use ractor::ActorRef;
 use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{object_stream, BoxStream};
+use super::{access, object_stream, BoxStream};
 use crate::context::HeadContext;
 use crate::ids::{AttemptRef, JobId, TaskId, WorkerId};
 use crate::manager::ManagerMsg;
 use crate::registry::RegistryMsg;
 use crate::scheduler::{AttemptOutcome, SchedulerMsg};
+use crate::sessions::SessionCheck;
 use crate::train::{CoordEvent, CoordMsg, Member};
 
 /// Messages to a training replica buffered before the coordinator waits (chunks of a
@@ -30,7 +35,7 @@ const TRAIN_DOWN_BUFFER: usize = 1024;
 /// Streams ids, unique within a head process.
 static NEXT_MEMBER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
-/// The only stage folder workers may write to.
+/// The only stage folder workers may write to (and within it, their attempt's outputs).
 const WORKER_WRITABLE_PREFIX: &str = "results/";
 
 /// Timeout of a call from a service into an actor.
@@ -67,6 +72,20 @@ impl Worker for WorkerService {
         &self,
         request: Request<RegisterRequest>,
     ) -> Result<Response<RegisterResponse>, Status> {
+        let presented = medray_proto::auth::presented_bearer(request.metadata())?;
+        if medray_proto::auth::same_credential(presented, self.ctx.config.token.expose()) {
+            return Err(Status::permission_denied(
+                "workers register with the worker token (MEDRAY_WORKER_TOKEN), not the client token; `medray worker-token` prints it",
+            ));
+        }
+        if !medray_proto::auth::same_credential(
+            presented,
+            self.ctx.config.worker_token().expose(),
+        ) {
+            return Err(Status::unauthenticated(
+                "Register needs the worker token (MEDRAY_WORKER_TOKEN)",
+            ));
+        }
         let req = request.into_inner();
         if req.protocol_version != PROTOCOL_VERSION {
             return Err(Status::failed_precondition(format!(
@@ -96,8 +115,21 @@ impl Worker for WorkerService {
         &self,
         request: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
+        let metadata = request.metadata().clone();
         let req = request.into_inner();
         let worker_id = WorkerId(required(&req.worker_id, "worker_id")?.to_string());
+        // A worker the head does not know (restarted, evicted) learns it here and registers
+        // again; a known worker's heartbeat must carry its own session.
+        match self.ctx.sessions.check(
+            medray_proto::auth::presented_bearer(&metadata)?,
+            &worker_id,
+        ) {
+            SessionCheck::Valid => {}
+            SessionCheck::Unknown => return Ok(Response::new(HeartbeatResponse { known: false })),
+            SessionCheck::Wrong => {
+                return Err(self.ctx.sessions.authorize(&metadata, &worker_id).unwrap_err())
+            }
+        }
         let known = self
             .registry
             .call(
@@ -118,9 +150,11 @@ impl Worker for WorkerService {
         &self,
         request: Request<AppendTaskLogsRequest>,
     ) -> Result<Response<AppendTaskLogsResponse>, Status> {
+        let metadata = request.metadata().clone();
         let req = request.into_inner();
         let attempt = attempt_of(&req.job_id, &req.task_id, req.attempt)?;
         let worker = WorkerId(required(&req.worker_id, "worker_id")?.to_string());
+        self.ctx.sessions.authorize(&metadata, &worker)?;
         let current = self
             .ctx
             .store
@@ -139,9 +173,11 @@ impl Worker for WorkerService {
         &self,
         request: Request<FinishTaskRequest>,
     ) -> Result<Response<FinishTaskResponse>, Status> {
+        let metadata = request.metadata().clone();
         let req = request.into_inner();
         let attempt = attempt_of(&req.job_id, &req.task_id, req.attempt)?;
         let worker_id = WorkerId(required(&req.worker_id, "worker_id")?.to_string());
+        self.ctx.sessions.authorize(&metadata, &worker_id)?;
         let outcome = match req.outcome {
             Some(Outcome::ResultJson(json)) => {
                 serde_json::from_str::<serde_json::Value>(&json).map_err(|e| {
@@ -182,8 +218,23 @@ impl Worker for WorkerService {
         &self,
         request: Request<FetchObjectRequest>,
     ) -> Result<Response<Self::FetchObjectStream>, Status> {
+        let metadata = request.metadata().clone();
         let req = request.into_inner();
+        let worker_id = WorkerId(required(&req.worker_id, "worker_id")?.to_string());
+        self.ctx.sessions.authorize(&metadata, &worker_id)?;
         required(&req.key, "key")?;
+        let key = medray_core::stage::ObjectKey::new(req.key.clone())
+            .map_err(|e| Status::invalid_argument(format!("`key`: {e}")))?;
+        let held = self
+            .ctx
+            .store
+            .running_assignments(&worker_id)
+            .map_err(Status::from)?;
+        if !held.iter().any(|a| access::may_read(a, key.as_str())) {
+            return Err(Status::permission_denied(format!(
+                "{key}: not an object of a task attempt worker {worker_id} holds"
+            )));
+        }
         Ok(Response::new(
             object_stream(&self.ctx, &req.key, "to_worker").await?,
         ))
@@ -196,6 +247,7 @@ impl Worker for WorkerService {
         request: Request<Streaming<TrainUp>>,
     ) -> Result<Response<Self::TrainStream>, Status> {
         use medray_proto::v1::train_up::Msg;
+        let metadata = request.metadata().clone();
         let mut up = request.into_inner();
         let hello = match up.message().await? {
             Some(TrainUp {
@@ -209,6 +261,7 @@ impl Worker for WorkerService {
         };
         let attempt = attempt_of(&hello.job_id, &hello.task_id, hello.attempt)?;
         let worker_id = WorkerId(required(&hello.worker_id, "worker_id")?.to_string());
+        self.ctx.sessions.authorize(&metadata, &worker_id)?;
         if !self
             .ctx
             .store
@@ -274,8 +327,10 @@ impl Worker for WorkerService {
         &self,
         request: Request<DeregisterRequest>,
     ) -> Result<Response<DeregisterResponse>, Status> {
+        let metadata = request.metadata().clone();
         let req = request.into_inner();
         let worker_id = WorkerId(required(&req.worker_id, "worker_id")?.to_string());
+        self.ctx.sessions.authorize(&metadata, &worker_id)?;
         self.registry
             .cast(RegistryMsg::Deregister {
                 worker_id,
@@ -289,6 +344,7 @@ impl Worker for WorkerService {
         &self,
         request: Request<Streaming<PutObjectRequest>>,
     ) -> Result<Response<PutObjectResponse>, Status> {
+        let metadata = request.metadata().clone();
         let mut stream = request.into_inner();
         let first = stream
             .message()
@@ -299,6 +355,7 @@ impl Worker for WorkerService {
             .ok_or_else(|| Status::invalid_argument("the first message must carry the `header`"))?;
         let attempt = attempt_of(&header.job_id, &header.task_id, header.attempt)?;
         let worker_id = WorkerId(required(&header.worker_id, "header.worker_id")?.to_string());
+        self.ctx.sessions.authorize(&metadata, &worker_id)?;
         if !header.key.starts_with(WORKER_WRITABLE_PREFIX) {
             return Err(Status::permission_denied(format!(
                 "`header.key` `{}`: workers write only under `{WORKER_WRITABLE_PREFIX}`",
@@ -319,14 +376,23 @@ impl Worker for WorkerService {
                 header.size
             )));
         }
-        if !self
+        let held = self
             .ctx
             .store
-            .is_current(&attempt, &worker_id)
-            .map_err(Status::from)?
-        {
+            .running_assignments(&worker_id)
+            .map_err(Status::from)?;
+        let Some(assignment) = held.iter().find(|a| {
+            a.job_id == attempt.job_id.as_str()
+                && a.task_id == attempt.task_id.as_str()
+                && a.attempt == attempt.attempt
+        }) else {
             return Err(Status::failed_precondition(format!(
                 "attempt {attempt} is not current for worker {worker_id}: the upload is dropped"
+            )));
+        };
+        if !access::may_write(assignment, key.as_str()) {
+            return Err(Status::permission_denied(format!(
+                "`header.key` `{key}`: not an output of attempt {attempt}"
             )));
         }
         let mut data = first.data;
