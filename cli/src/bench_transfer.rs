@@ -76,10 +76,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .await
             .context("storing the object")?;
 
-        let mut reader = medray_proto::v1::client_client::ClientClient::with_interceptor(
-            channel, bearer,
-        )
-        .max_decoding_message_size(medray_proto::DEFAULT_MAX_MESSAGE_BYTES);
+        let mut reader =
+            medray_proto::v1::client_client::ClientClient::with_interceptor(channel, bearer)
+                .max_decoding_message_size(medray_proto::DEFAULT_MAX_MESSAGE_BYTES);
         let mut grpc = Vec::new();
         for _ in 0..=args.repeats {
             let t = Instant::now();

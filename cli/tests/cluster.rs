@@ -264,17 +264,19 @@ fn bad_tokens_and_protocol_versions_are_refused() {
             .unwrap_err();
         assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e}");
         // The client token cannot register a worker, and says which token can.
-        let e = WorkerClient::with_interceptor(channel.clone(), BearerToken::new(&c.token).unwrap())
-            .register(register(medray_proto::PROTOCOL_VERSION))
-            .await
-            .unwrap_err();
+        let e =
+            WorkerClient::with_interceptor(channel.clone(), BearerToken::new(&c.token).unwrap())
+                .register(register(medray_proto::PROTOCOL_VERSION))
+                .await
+                .unwrap_err();
         assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
         assert!(e.message().contains("MEDRAY_WORKER_TOKEN"), "{e}");
         // Right token, wrong protocol version: both versions named.
-        let e = WorkerClient::with_interceptor(channel, BearerToken::new(&c.worker_token()).unwrap())
-            .register(register(999))
-            .await
-            .unwrap_err();
+        let e =
+            WorkerClient::with_interceptor(channel, BearerToken::new(&c.worker_token()).unwrap())
+                .register(register(999))
+                .await
+                .unwrap_err();
         assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
         assert!(e.message().contains("999"), "{e}");
         assert!(
@@ -308,14 +310,17 @@ fn a_worker_credential_is_refused_by_every_client_api() {
             .await
             .unwrap();
         for (what, credential) in [("worker token", &worker_token), ("session", &session)] {
-            let mut client =
-                ClientClient::with_interceptor(channel.clone(), BearerToken::new(credential).unwrap());
+            let mut client = ClientClient::with_interceptor(
+                channel.clone(),
+                BearerToken::new(credential).unwrap(),
+            );
             let mut refused = Vec::new();
             macro_rules! check {
                 ($name:literal, $call:expr) => {{
-                    let e = $call.await.err().unwrap_or_else(|| {
-                        panic!("{} accepted the {what}", $name)
-                    });
+                    let e = $call
+                        .await
+                        .err()
+                        .unwrap_or_else(|| panic!("{} accepted the {what}", $name));
                     assert_eq!(e.code(), tonic::Code::Unauthenticated, "{}: {e}", $name);
                     refused.push($name);
                 }};
@@ -324,10 +329,22 @@ fn a_worker_credential_is_refused_by_every_client_api() {
             check!("GetJob", client.get_job(GetJobRequest::default()));
             check!("ListJobs", client.list_jobs(ListJobsRequest::default()));
             check!("CancelJob", client.cancel_job(CancelJobRequest::default()));
-            check!("StreamJobLogs", client.stream_job_logs(StreamJobLogsRequest::default()));
-            check!("ClusterStatus", client.cluster_status(ClusterStatusRequest::default()));
-            check!("ListDatasets", client.list_datasets(ListDatasetsRequest::default()));
-            check!("GetDataset", client.get_dataset(GetDatasetRequest::default()));
+            check!(
+                "StreamJobLogs",
+                client.stream_job_logs(StreamJobLogsRequest::default())
+            );
+            check!(
+                "ClusterStatus",
+                client.cluster_status(ClusterStatusRequest::default())
+            );
+            check!(
+                "ListDatasets",
+                client.list_datasets(ListDatasetsRequest::default())
+            );
+            check!(
+                "GetDataset",
+                client.get_dataset(GetDatasetRequest::default())
+            );
             check!("StageList", client.stage_list(StageListRequest::default()));
             check!("StageGet", client.stage_get(StageGetRequest::default()));
             check!(
@@ -337,18 +354,40 @@ fn a_worker_credential_is_refused_by_every_client_api() {
                     data: b"{}".to_vec(),
                 }]))
             );
-            check!("ListModels", client.list_models(ListModelsRequest::default()));
+            check!(
+                "ListModels",
+                client.list_models(ListModelsRequest::default())
+            );
             check!("GetModel", client.get_model(GetModelRequest::default()));
-            check!("ExportModel", client.export_model(ExportModelRequest::default()));
+            check!(
+                "ExportModel",
+                client.export_model(ExportModelRequest::default())
+            );
             check!(
                 "ImportModel",
                 client.import_model(futures::stream::iter(vec![ImportModelRequest::default()]))
             );
-            check!("SetModelAlias", client.set_model_alias(SetModelAliasRequest::default()));
-            check!("DeleteModel", client.delete_model(DeleteModelRequest::default()));
-            check!("ListResults", client.list_results(ListResultsRequest::default()));
-            check!("QueryCatalog", client.query_catalog(QueryCatalogRequest::default()));
-            assert_eq!(refused.len(), 19, "every Client rpc of client.proto: {refused:?}");
+            check!(
+                "SetModelAlias",
+                client.set_model_alias(SetModelAliasRequest::default())
+            );
+            check!(
+                "DeleteModel",
+                client.delete_model(DeleteModelRequest::default())
+            );
+            check!(
+                "ListResults",
+                client.list_results(ListResultsRequest::default())
+            );
+            check!(
+                "QueryCatalog",
+                client.query_catalog(QueryCatalogRequest::default())
+            );
+            assert_eq!(
+                refused.len(),
+                19,
+                "every Client rpc of client.proto: {refused:?}"
+            );
         }
         // The client token still works, and the session is no client credential.
         let mut client =

@@ -1288,8 +1288,12 @@ fn compose_runs_a_head_and_workers_with_a_data_volume() {
     for (name, svc, wp) in &workers {
         let env = &svc["environment"];
         assert!(
-            env.get("MEDRAY_TOKEN").is_some(),
-            "{file}: {name} has no MEDRAY_TOKEN"
+            env.get("MEDRAY_WORKER_TOKEN").is_some(),
+            "{file}: {name} has no MEDRAY_WORKER_TOKEN"
+        );
+        assert!(
+            env.get("MEDRAY_TOKEN").is_none(),
+            "{file}: {name} must not get the client token"
         );
         let address = wp
             .value("--address")
@@ -1547,8 +1551,12 @@ fn kubernetes_manifests_have_what_the_cluster_needs() {
         "workers: limits nvidia.com/gpu: 1"
     );
     assert!(
-        from_secret(&wc, "MEDRAY_TOKEN"),
-        "workers: MEDRAY_TOKEN from Secret {secret_name}"
+        from_secret(&wc, "MEDRAY_WORKER_TOKEN"),
+        "workers: MEDRAY_WORKER_TOKEN from Secret {secret_name}"
+    );
+    assert!(
+        !from_secret(&wc, "MEDRAY_TOKEN"),
+        "workers must not get the client token"
     );
     assert!(
         env_value(&wc, "MEDRAY_STAGE_KEY").is_none(),

@@ -731,18 +731,35 @@ fn a_worker_reads_only_its_tasks_objects_writes_only_its_outputs_and_acts_only_a
         let mut rogue = RogueWorker::join(&c.address, &c.worker_token(), "rogue")
             .await
             .expect("joins");
-        c.wait_for_workers(1, LONG).expect("the rogue worker is alive");
+        c.wait_for_workers(1, LONG)
+            .expect("the rogue worker is alive");
         let job = c
-            .cli_ok(&["infer", "--no-wait", "--dataset", "lungs", "--model", "m", "--version", "v1"])
+            .cli_ok(&[
+                "infer",
+                "--no-wait",
+                "--dataset",
+                "lungs",
+                "--model",
+                "m",
+                "--version",
+                "v1",
+            ])
             .expect("submit")
             .trim()
             .to_string();
-        let a = rogue.next_assignment(LONG).await.expect("an inference task");
+        let a = rogue
+            .next_assignment(LONG)
+            .await
+            .expect("an inference task");
         assert_eq!(a.job_id, job);
         let Some(Kind::Infer(t)) = &a.kind else {
             panic!("not an inference task: {a:?}")
         };
-        let other = if t.case_id == "case_001" { "case_002" } else { "case_001" };
+        let other = if t.case_id == "case_001" {
+            "case_002"
+        } else {
+            "case_001"
+        };
         let other_fixed = case_keys(&c, "lungs", other)["fixed_key"]
             .as_str()
             .expect("fixed_key")
@@ -754,7 +771,10 @@ fn a_worker_reads_only_its_tasks_objects_writes_only_its_outputs_and_acts_only_a
             let (mut client, worker, key) = (client.clone(), worker.to_string(), key.to_string());
             async move {
                 let mut stream = client
-                    .fetch_object(FetchObjectRequest { worker_id: worker, key })
+                    .fetch_object(FetchObjectRequest {
+                        worker_id: worker,
+                        key,
+                    })
                     .await?
                     .into_inner();
                 let mut n = 0;
@@ -765,7 +785,10 @@ fn a_worker_reads_only_its_tasks_objects_writes_only_its_outputs_and_acts_only_a
             }
         };
         // Its own case and model: served.
-        for key in [&t.fixed.as_ref().unwrap().key, &t.weights.as_ref().unwrap().key] {
+        for key in [
+            &t.fixed.as_ref().unwrap().key,
+            &t.weights.as_ref().unwrap().key,
+        ] {
             assert!(fetch(&mut client, &id, key).await.expect(key) > 0);
         }
         // Another case of the same dataset, and another job's objects: refused.
@@ -798,9 +821,13 @@ fn a_worker_reads_only_its_tasks_objects_writes_only_its_outputs_and_acts_only_a
         };
         let prefix = &t.output_prefix;
         // Its own output: stored.
-        put(&mut client, &id, format!("{prefix}{}_ddf.nii.gz", t.case_id))
-            .await
-            .expect("its own output");
+        put(
+            &mut client,
+            &id,
+            format!("{prefix}{}_ddf.nii.gz", t.case_id),
+        )
+        .await
+        .expect("its own output");
         // Another case's output, another dataset's folder, a job's state: refused.
         for key in [
             format!("{prefix}{other}_ddf.nii.gz"),
@@ -812,17 +839,30 @@ fn a_worker_reads_only_its_tasks_objects_writes_only_its_outputs_and_acts_only_a
         }
 
         // A second worker, and the worker token itself, cannot act as the first one.
-        let b = register(&c.address, &c.worker_token(), "other").await.expect("registers");
-        let as_b = medray_tests::rogue::client(&c.address, &b.session_token).await.unwrap();
-        let with_join = medray_tests::rogue::client(&c.address, &c.worker_token()).await.unwrap();
+        let b = register(&c.address, &c.worker_token(), "other")
+            .await
+            .expect("registers");
+        let as_b = medray_tests::rogue::client(&c.address, &b.session_token)
+            .await
+            .unwrap();
+        let with_join = medray_tests::rogue::client(&c.address, &c.worker_token())
+            .await
+            .unwrap();
         for (who, mut impostor) in [("another worker", as_b), ("the worker token", with_join)] {
             let denied = |r: Result<(), tonic::Status>, call: &str| {
                 let e = r.expect_err(call);
-                assert_eq!(e.code(), tonic::Code::PermissionDenied, "{who}, {call}: {e}");
+                assert_eq!(
+                    e.code(),
+                    tonic::Code::PermissionDenied,
+                    "{who}, {call}: {e}"
+                );
             };
             denied(
                 impostor
-                    .heartbeat(HeartbeatRequest { worker_id: id.clone(), current_task: String::new() })
+                    .heartbeat(HeartbeatRequest {
+                        worker_id: id.clone(),
+                        current_task: String::new(),
+                    })
                     .await
                     .map(drop),
                 "Heartbeat",
@@ -856,14 +896,28 @@ fn a_worker_reads_only_its_tasks_objects_writes_only_its_outputs_and_acts_only_a
                     .map(drop),
                 "FinishTask",
             );
-            denied(fetch(&mut impostor, &id, &t.fixed.as_ref().unwrap().key).await.map(drop), "FetchObject");
             denied(
-                put(&mut impostor, &id, format!("{prefix}{}_ddf.nii.gz", t.case_id)).await.map(drop),
+                fetch(&mut impostor, &id, &t.fixed.as_ref().unwrap().key)
+                    .await
+                    .map(drop),
+                "FetchObject",
+            );
+            denied(
+                put(
+                    &mut impostor,
+                    &id,
+                    format!("{prefix}{}_ddf.nii.gz", t.case_id),
+                )
+                .await
+                .map(drop),
                 "PutObject",
             );
             denied(
                 impostor
-                    .deregister(DeregisterRequest { worker_id: id.clone(), reason: "forged".into() })
+                    .deregister(DeregisterRequest {
+                        worker_id: id.clone(),
+                        reason: "forged".into(),
+                    })
                     .await
                     .map(drop),
                 "Deregister",

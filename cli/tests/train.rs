@@ -957,3 +957,28 @@ fn train_local_and_a_one_worker_job_end_with_the_same_weights() {
         "train-local vs the cluster: relative difference {d}"
     );
 }
+
+/// Issue 18 item 4: a replica's state upload (weights, optimizer moments) was accepted up to
+/// 4 GiB whatever the head's settings. Now it is capped by `--max-state-bytes`, and a
+/// replica that announces more is dropped with an error naming the flag.
+#[test]
+fn a_replica_state_larger_than_the_cap_is_refused_naming_the_flag() {
+    let c = cluster_with(
+        1,
+        HeadOptions {
+            extra_args: vec!["--max-state-bytes".into(), (1u64 << 20).to_string()],
+            ..HeadOptions::default()
+        },
+    );
+    ingest(&c, "two", 2, 16);
+    // 32 initial channels: several MiB of weights, past the 1 MiB cap.
+    let job = submit(
+        &c,
+        "two",
+        &["--channels", "32", "--epochs", "1", "--max-failures", "1"],
+    );
+    let j = c.wait_for_job_end(&job, LONG).expect("job ends");
+    let log = logs(&c, &job);
+    assert_eq!(j["state"], "FAILED", "{j}\n{log}");
+    assert!(log.contains("--max-state-bytes of 1048576"), "{log}");
+}

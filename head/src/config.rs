@@ -10,6 +10,13 @@ use medray_proto::auth::Secret;
 /// float DDF of it on the original grid 1.8 GiB would not pass: raise it for such data).
 pub const DEFAULT_MAX_UPLOAD_BYTES: u64 = 1 << 30;
 
+/// Default of [`HeadConfig::train_inbox_bytes`]: 256 MiB.
+pub const DEFAULT_TRAIN_INBOX_BYTES: usize = 256 << 20;
+
+/// Default of [`HeadConfig::max_state_bytes`]: 1 GiB (LocalNet's weights plus Adam's two
+/// moments are a few hundred MiB at the largest preset).
+pub const DEFAULT_MAX_STATE_BYTES: u64 = 1 << 30;
+
 /// TLS identity of the head's gRPC server.
 #[derive(Debug, Clone)]
 pub struct ServerTls {
@@ -65,6 +72,13 @@ pub struct HeadConfig {
     pub max_put_bytes: u64,
     /// Largest answer of one `QueryCatalog` (`medray sql`), bytes of values.
     pub max_query_bytes: usize,
+    /// Bytes of replica messages a training job's coordinator holds unprocessed
+    /// (`--train-inbox-bytes`): past it, the head stops reading the replicas' streams until
+    /// the coordinator catches up (back-pressure through HTTP/2 flow control).
+    pub train_inbox_bytes: usize,
+    /// Largest training state (weights, or optimizer moments) a replica may upload to the
+    /// head, bytes (`--max-state-bytes`).
+    pub max_state_bytes: u64,
     /// TLS for the gRPC server.
     pub tls: Option<ServerTls>,
 }
@@ -90,6 +104,8 @@ impl Default for HeadConfig {
             chunk_bytes: medray_proto::DEFAULT_CHUNK_BYTES,
             max_put_bytes: DEFAULT_MAX_UPLOAD_BYTES,
             max_query_bytes: medray_core::catalog::query::DEFAULT_MAX_QUERY_BYTES,
+            train_inbox_bytes: DEFAULT_TRAIN_INBOX_BYTES,
+            max_state_bytes: DEFAULT_MAX_STATE_BYTES,
             tls: None,
         }
     }
@@ -148,9 +164,9 @@ impl HeadConfig {
     /// The worker token: the one given, else the one derived from the client token.
     #[must_use]
     pub fn worker_token(&self) -> Secret<String> {
-        self.worker_token.clone().unwrap_or_else(|| {
-            Secret::new(medray_proto::auth::worker_token(self.token.expose()))
-        })
+        self.worker_token
+            .clone()
+            .unwrap_or_else(|| Secret::new(medray_proto::auth::worker_token(self.token.expose())))
     }
 
     /// Where the cluster node listens (`None`: every interface).
@@ -214,6 +230,18 @@ impl HeadConfig {
         if self.max_put_bytes < 1 << 20 {
             return Err(Config {
                 field: "--max-upload-bytes",
+                reason: "at least 1 MiB".into(),
+            });
+        }
+        if self.train_inbox_bytes < 1 << 20 {
+            return Err(Config {
+                field: "--train-inbox-bytes",
+                reason: "at least 1 MiB".into(),
+            });
+        }
+        if self.max_state_bytes < 1 << 20 {
+            return Err(Config {
+                field: "--max-state-bytes",
                 reason: "at least 1 MiB".into(),
             });
         }

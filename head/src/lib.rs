@@ -246,35 +246,19 @@ pub async fn run(
         None => None,
     };
 
-    // Client calls take the client token only. Worker calls take the worker token (for
-    // `Register`) or a live session; each method then checks the worker it names.
+    // Client calls take the client token only. Worker calls must present a credential, and
+    // each method checks it: `Register` the worker token, every other call the session of
+    // the worker it names. (A session the head no longer knows must still reach
+    // `Heartbeat`, which answers "unknown: register again" to an evicted worker or after
+    // a head restart.)
     let token = config.token.expose().clone();
     let check = move |req: tonic::Request<()>| {
         medray_proto::auth::check_bearer(req.metadata(), &token)?;
         Ok(req)
     };
-    let check_worker = {
-        let (client_token, worker_token) = (
-            config.token.expose().clone(),
-            config.worker_token().expose().clone(),
-        );
-        let sessions = ctx.sessions.clone();
-        move |req: tonic::Request<()>| {
-            use medray_proto::auth::{presented_bearer, same_credential};
-            let presented = presented_bearer(req.metadata())?;
-            // The client token passes here only to be refused by `Register` with a message
-            // that says which token a worker needs.
-            if same_credential(presented, &worker_token)
-                || same_credential(presented, &client_token)
-                || sessions.is_live(presented)
-            {
-                Ok(req)
-            } else {
-                Err(tonic::Status::unauthenticated(
-                    "wrong worker credential: register with the worker token (MEDRAY_WORKER_TOKEN), then use the session it returns",
-                ))
-            }
-        }
+    let check_worker = |req: tonic::Request<()>| {
+        medray_proto::auth::presented_bearer(req.metadata())?;
+        Ok(req)
     };
     let client = InterceptedService::new(
         ClientServer::new(ClientService {

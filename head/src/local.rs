@@ -202,6 +202,7 @@ impl LocalTrainer {
                     .send(CoordEvent::Up {
                         member: MEMBER,
                         msg,
+                        held: None,
                     })
                     .is_err()
                 {

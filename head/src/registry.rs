@@ -18,8 +18,8 @@ use ractor_cluster::RactorMessage;
 use crate::config::HeadConfig;
 use crate::ids::WorkerId;
 use crate::metrics::Metrics;
-use crate::sessions::WorkerSessions;
 use crate::scheduler::SchedulerMsg;
+use crate::sessions::WorkerSessions;
 use crate::store::{Store, WorkerRow};
 use crate::Result;
 

@@ -64,22 +64,25 @@ impl WorkerSessions {
         }
     }
 
-    /// Whether `presented` is any live session's credential.
-    #[must_use]
-    pub fn is_live(&self, presented: &str) -> bool {
-        let presented = digest(presented);
-        self.lock()
-            .values()
-            .any(|d| medray_proto::auth::same_digest(d, &presented))
-    }
-
     /// Checks that a call carries `worker`'s session credential.
     ///
     /// # Errors
     /// `Unauthenticated` when the worker has no session (it must register again) or no
     /// credential was sent; `PermissionDenied` when the credential is not this worker's.
     pub fn authorize(&self, metadata: &MetadataMap, worker: &WorkerId) -> Result<(), Status> {
-        match self.check(presented_bearer(metadata)?, worker) {
+        self.check(presented_bearer(metadata)?, worker)
+            .require(worker)
+    }
+}
+
+impl SessionCheck {
+    /// `Ok` for [`SessionCheck::Valid`], else the refusal of a call in `worker`'s name.
+    ///
+    /// # Errors
+    /// `Unauthenticated` when the worker has no session (it must register again);
+    /// `PermissionDenied` when the credential is not this worker's.
+    pub fn require(self, worker: &WorkerId) -> Result<(), Status> {
+        match self {
             SessionCheck::Valid => Ok(()),
             SessionCheck::Unknown => Err(Status::unauthenticated(format!(
                 "worker {worker} is not registered (it left, was lost, or the head restarted): register again"
@@ -107,12 +110,14 @@ mod tests {
             sessions.check(ta.expose(), &WorkerId("w-3".into())),
             SessionCheck::Unknown
         );
-        assert!(sessions.is_live(tb.expose()));
         let again = sessions.open(&a);
-        assert_eq!(sessions.check(ta.expose(), &a), SessionCheck::Wrong, "replaced");
+        assert_eq!(
+            sessions.check(ta.expose(), &a),
+            SessionCheck::Wrong,
+            "replaced"
+        );
         sessions.close(&a);
         assert_eq!(sessions.check(again.expose(), &a), SessionCheck::Unknown);
-        assert!(!sessions.is_live(again.expose()));
         assert!(!format!("{sessions:?}").contains(tb.expose().as_str()));
     }
 }

@@ -263,7 +263,9 @@ async fn report(
 }
 
 /// Retries a call for about a minute (the head may be restarting); `None` if it never
-/// answered.
+/// answered, or at once when the head no longer takes this registration's session (it
+/// restarted or evicted this worker: the attempt is not ours any more, and the head runs
+/// it again).
 async fn retry<T, F, Fut>(call: &str, mut f: F) -> Option<T>
 where
     F: FnMut() -> Fut,
@@ -273,6 +275,15 @@ where
     for attempt in 0..12 {
         match f().await {
             Ok(v) => return Some(v),
+            Err(status)
+                if matches!(
+                    status.code(),
+                    tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+                ) =>
+            {
+                tracing::warn!(call, error = %status.message(), "the head refused this worker's session; dropping the call");
+                return None;
+            }
             Err(status) => {
                 tracing::warn!(call, attempt, error = %status.message(), "call to the head failed; retrying");
                 tokio::time::sleep(delay).await;

@@ -131,7 +131,8 @@ impl Session {
     ) -> Result<Self> {
         let channel = head_client::channel(config).await?;
         let max = medray_proto::DEFAULT_MAX_MESSAGE_BYTES;
-        let mut joining = head_client::client(channel.clone(), config.token.expose(), "--token", max)?;
+        let mut joining =
+            head_client::client(channel.clone(), config.token.expose(), "--token", max)?;
         let memory_bytes = {
             let mut sys = sysinfo::System::new();
             sys.refresh_memory();

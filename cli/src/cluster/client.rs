@@ -60,8 +60,8 @@ pub fn read_cluster_file() -> anyhow::Result<Option<ClusterFile>> {
 /// # Errors
 /// The file does not read or holds no token.
 pub fn read_token_file(path: &std::path::Path, flag: &str) -> anyhow::Result<String> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("{flag} {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("{flag} {}", path.display()))?;
     let token = text.lines().next().unwrap_or_default().trim().to_string();
     anyhow::ensure!(
         !token.is_empty(),
@@ -83,7 +83,12 @@ pub struct ClientArgs {
     #[arg(long, global = true, env = "MEDRAY_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// File holding the client token (first line).
-    #[arg(long, global = true, env = "MEDRAY_TOKEN_FILE", conflicts_with = "token")]
+    #[arg(
+        long,
+        global = true,
+        env = "MEDRAY_TOKEN_FILE",
+        conflicts_with = "token"
+    )]
     pub token_file: Option<PathBuf>,
     /// CA certificate (PEM) of a head that serves TLS (https:// addresses).
     #[arg(long, global = true, env = "MEDRAY_TLS_CA")]

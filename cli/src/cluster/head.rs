@@ -21,7 +21,12 @@ pub struct Args {
     pub stage: Option<String>,
     /// Client token: every client call must carry it (prefer MEDRAY_TOKEN or --token-file;
     /// an argument is visible in `ps`).
-    #[arg(long, env = "MEDRAY_TOKEN", hide_env_values = true, required_unless_present = "token_file")]
+    #[arg(
+        long,
+        env = "MEDRAY_TOKEN",
+        hide_env_values = true,
+        required_unless_present = "token_file"
+    )]
     pub token: Option<String>,
     /// File holding the client token (first line).
     #[arg(long, env = "MEDRAY_TOKEN_FILE", conflicts_with = "token")]
@@ -32,7 +37,11 @@ pub struct Args {
     #[arg(long, env = "MEDRAY_WORKER_TOKEN", hide_env_values = true)]
     pub worker_token: Option<String>,
     /// File holding the worker token (first line).
-    #[arg(long, env = "MEDRAY_WORKER_TOKEN_FILE", conflicts_with = "worker_token")]
+    #[arg(
+        long,
+        env = "MEDRAY_WORKER_TOKEN_FILE",
+        conflicts_with = "worker_token"
+    )]
     pub worker_token_file: Option<PathBuf>,
     /// Host the cluster node announces to workers.
     #[arg(long, env = "MEDRAY_NODE_HOST", default_value = "127.0.0.1")]
@@ -79,6 +88,15 @@ pub struct Args {
     /// of --max-message-bytes is used: the answer travels in one message.
     #[arg(long, default_value_t = medray_core::catalog::query::DEFAULT_MAX_QUERY_BYTES)]
     pub max_query_bytes: usize,
+    /// Bytes of training replicas' messages one training job may hold unprocessed; past it
+    /// the head stops reading the replicas' streams until it catches up (back-pressure).
+    #[arg(long, default_value_t = medray_head::config::DEFAULT_TRAIN_INBOX_BYTES)]
+    pub train_inbox_bytes: usize,
+    /// Largest training state (the weights, or the optimizer's moments) a replica may send
+    /// the head for a checkpoint, bytes; a larger one fails the replica with an error naming
+    /// this flag.
+    #[arg(long, default_value_t = medray_head::config::DEFAULT_MAX_STATE_BYTES)]
+    pub max_state_bytes: u64,
     /// TLS certificate chain (PEM) for gRPC.
     #[arg(long, env = "MEDRAY_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -131,6 +149,8 @@ impl TryFrom<Args> for HeadConfig {
             chunk_bytes: a.chunk_bytes,
             max_query_bytes: a.max_query_bytes,
             max_put_bytes: a.max_upload_bytes,
+            train_inbox_bytes: a.train_inbox_bytes,
+            max_state_bytes: a.max_state_bytes,
             tls,
             ..HeadConfig::default()
         })

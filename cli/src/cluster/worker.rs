@@ -15,7 +15,12 @@ pub struct Args {
     /// Worker token (not the client token, which the head refuses from a worker; `medray
     /// worker-token` prints it). Prefer MEDRAY_WORKER_TOKEN or --token-file: an argument is
     /// visible in `ps`.
-    #[arg(long, env = "MEDRAY_WORKER_TOKEN", hide_env_values = true, required_unless_present = "token_file")]
+    #[arg(
+        long,
+        env = "MEDRAY_WORKER_TOKEN",
+        hide_env_values = true,
+        required_unless_present = "token_file"
+    )]
     pub token: Option<String>,
     /// File holding the worker token (first line).
     #[arg(long, env = "MEDRAY_WORKER_TOKEN_FILE", conflicts_with = "token")]

@@ -14,7 +14,10 @@ use medray_proto::v1::{StageRef, TaskAssignment};
 ///   case list; every version of the dataset lives under `datasets/<name>/`).
 #[must_use]
 pub fn may_read(a: &TaskAssignment, key: &str) -> bool {
-    let named = |r: &Option<StageRef>| r.as_ref().is_some_and(|r| !r.key.is_empty() && r.key == key);
+    let named = |r: &Option<StageRef>| {
+        r.as_ref()
+            .is_some_and(|r| !r.key.is_empty() && r.key == key)
+    };
     match &a.kind {
         Some(Kind::Selftest(t)) => key == t.fixed_key || key == t.moving_key,
         Some(Kind::Infer(t)) => [
@@ -108,7 +111,10 @@ mod tests {
             ..TaskAssignment::default()
         };
         assert!(may_read(&a, "datasets/lung/scansExp/case_001_exp.nii.gz"));
-        assert!(may_read(&a, "datasets/lung/v-0123456789ab/keypoints/case_001.csv"));
+        assert!(may_read(
+            &a,
+            "datasets/lung/v-0123456789ab/keypoints/case_001.csv"
+        ));
         assert!(!may_read(&a, "datasets/lung2/scansExp/case_001_exp.nii.gz"));
         assert!(!may_read(&a, "models/m/v1/weights.safetensors"));
         assert!(!may_write(&a, "datasets/lung/scansExp/case_001_exp.nii.gz"));

@@ -78,10 +78,8 @@ impl Worker for WorkerService {
                 "workers register with the worker token (MEDRAY_WORKER_TOKEN), not the client token; `medray worker-token` prints it",
             ));
         }
-        if !medray_proto::auth::same_credential(
-            presented,
-            self.ctx.config.worker_token().expose(),
-        ) {
+        if !medray_proto::auth::same_credential(presented, self.ctx.config.worker_token().expose())
+        {
             return Err(Status::unauthenticated(
                 "Register needs the worker token (MEDRAY_WORKER_TOKEN)",
             ));
@@ -120,15 +118,13 @@ impl Worker for WorkerService {
         let worker_id = WorkerId(required(&req.worker_id, "worker_id")?.to_string());
         // A worker the head does not know (restarted, evicted) learns it here and registers
         // again; a known worker's heartbeat must carry its own session.
-        match self.ctx.sessions.check(
-            medray_proto::auth::presented_bearer(&metadata)?,
-            &worker_id,
-        ) {
-            SessionCheck::Valid => {}
+        match self
+            .ctx
+            .sessions
+            .check(medray_proto::auth::presented_bearer(&metadata)?, &worker_id)
+        {
             SessionCheck::Unknown => return Ok(Response::new(HeartbeatResponse { known: false })),
-            SessionCheck::Wrong => {
-                return Err(self.ctx.sessions.authorize(&metadata, &worker_id).unwrap_err())
-            }
+            check => check.require(&worker_id)?,
         }
         let known = self
             .registry
@@ -287,6 +283,11 @@ impl Worker for WorkerService {
                     attempt.job_id
                 ))
             })?;
+        let budget = coordinator
+            .call(CoordMsg::Budget, Some(ACTOR_TIMEOUT))
+            .await
+            .map_err(|_| Status::unavailable("the training job ended"))?
+            .success_or_else(|| Status::unavailable("the training coordinator did not answer"))?;
         let id = NEXT_MEMBER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (down_tx, down_rx) = tokio::sync::mpsc::channel(TRAIN_DOWN_BUFFER);
         coordinator
@@ -297,27 +298,15 @@ impl Worker for WorkerService {
                 down: down_tx,
             })))
             .map_err(|_| Status::unavailable("the training job ended"))?;
-        // Forward the replica's messages until its stream ends.
-        tokio::spawn(async move {
-            let reason = loop {
-                match up.message().await {
-                    Ok(Some(TrainUp { msg: Some(msg) })) => {
-                        if coordinator
-                            .cast(CoordMsg::Event(CoordEvent::Up { member: id, msg }))
-                            .is_err()
-                        {
-                            return;
-                        }
-                    }
-                    Ok(Some(TrainUp { msg: None })) => {
-                        break "it sent an empty message".to_string();
-                    }
-                    Ok(None) => break "its stream ended".to_string(),
-                    Err(status) => break format!("its stream broke: {}", status.message()),
-                }
-            };
-            let _ = coordinator.cast(CoordMsg::Event(CoordEvent::Gone { member: id, reason }));
-        });
+        // Forward the replica's messages until its stream ends, within the job's inbox
+        // budget (back-pressure on the replica when the coordinator falls behind).
+        tokio::spawn(crate::train::inbox::forward(
+            up,
+            id,
+            coordinator,
+            budget,
+            self.ctx.config.train_inbox_bytes,
+        ));
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(down_rx),
         )))

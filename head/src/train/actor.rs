@@ -36,6 +36,9 @@ pub enum CoordMsg {
     Ended(std::result::Result<String, String>),
     /// The loop panicked (self-sent), with the panic's text.
     Panicked(String),
+    /// The inbox budget the `Train` service draws from before it hands on a replica's
+    /// message ([`super::inbox`]).
+    Budget(ractor::RpcReplyPort<std::sync::Arc<tokio::sync::Semaphore>>),
 }
 
 impl std::fmt::Debug for CoordMsg {
@@ -44,6 +47,7 @@ impl std::fmt::Debug for CoordMsg {
             Self::Event(e) => write!(f, "Event({e:?})"),
             Self::Ended(r) => write!(f, "Ended(ok: {})", r.is_ok()),
             Self::Panicked(p) => write!(f, "Panicked({p})"),
+            Self::Budget(_) => f.write_str("Budget"),
         }
     }
 }
@@ -60,7 +64,9 @@ pub struct CoordActorArgs {
 /// The actor's state: the loop's inbox and task.
 #[derive(Debug)]
 pub struct CoordState {
+    /// Unbounded as a channel, bounded by the budget its replica messages hold.
     inbox: mpsc::UnboundedSender<CoordEvent>,
+    budget: std::sync::Arc<tokio::sync::Semaphore>,
     task: tokio::task::JoinHandle<()>,
     job: ActorRef<JobMsg>,
 }
@@ -76,6 +82,9 @@ impl Actor for TrainCoordinator {
         a: CoordActorArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
         let (inbox, rx) = mpsc::unbounded_channel();
+        let budget = std::sync::Arc::new(tokio::sync::Semaphore::new(
+            a.args.ctx.config.train_inbox_bytes,
+        ));
         let args = a.args;
         let task = tokio::spawn(async move {
             match AssertUnwindSafe(run(args, rx)).catch_unwind().await {
@@ -94,6 +103,7 @@ impl Actor for TrainCoordinator {
         });
         Ok(CoordState {
             inbox,
+            budget,
             task,
             job: a.job,
         })
@@ -126,6 +136,9 @@ impl Actor for TrainCoordinator {
             }
             CoordMsg::Panicked(text) => {
                 return Err(format!("the training coordinator panicked: {text}").into());
+            }
+            CoordMsg::Budget(reply) => {
+                let _ = reply.send(s.budget.clone());
             }
         }
         Ok(())

@@ -250,8 +250,17 @@ impl Coordinator {
                         Ok(StateKind::Optimizer) => (&mut o_buf, &mut optimizer),
                         _ => return self.protocol_error(id, "sent a state chunk of no known kind"),
                     };
-                    if chunk.total > 4 << 30 || buf.len() + chunk.data.len() > chunk.total as usize
-                    {
+                    let cap = self.ctx.config.max_state_bytes;
+                    if chunk.total > cap {
+                        return self.protocol_error(
+                            id,
+                            &format!(
+                                "announced a state of {} bytes, more than the head's --max-state-bytes of {cap}",
+                                chunk.total
+                            ),
+                        );
+                    }
+                    if buf.len() + chunk.data.len() > chunk.total as usize {
                         return self.protocol_error(id, "sent more state than it announced");
                     }
                     buf.extend_from_slice(&chunk.data);

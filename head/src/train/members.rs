@@ -54,7 +54,7 @@ impl Coordinator {
                     ));
                     self.joining.push(m);
                 }
-                CoordEvent::Up { member, msg } => {
+                CoordEvent::Up { member, msg, .. } => {
                     if let Up::Error(reason) = &msg {
                         if self.is_member(member) || self.joining.iter().any(|m| m.id == member) {
                             let reason = format!("it reported: {reason}");

@@ -64,6 +64,7 @@ mod actor;
 mod checkpoint;
 mod epoch;
 mod finish;
+pub(crate) mod inbox;
 mod members;
 mod spec;
 mod step;
@@ -107,6 +108,9 @@ pub enum CoordEvent {
         member: u64,
         /// The message.
         msg: Up,
+        /// Its share of the coordinator's inbox budget ([`inbox`]), given back when the
+        /// event is dropped, i.e. processed; `None` in process (`medray train-local`).
+        held: Option<tokio::sync::OwnedSemaphorePermit>,
     },
     /// A replica's stream ended or broke.
     Gone {
