@@ -221,11 +221,11 @@ async fn dirlab_cases_are_stored_as_nifti_in_hu_with_landmarks_on_their_voxels()
             assert!(close(v.spacing), "{:?}", v.spacing);
             assert_eq!(v.header.datatype, 4, "int16");
             // RAS+ affine, voxel axes toward L, P, I, origin 0.
-            for r in 0..3 {
-                for c in 0..4 {
-                    let want = if r == c { -want_spacing[r] } else { 0.0 };
-                    assert!((v.affine[r][c] - want).abs() < 1e-6, "{:?}", v.affine);
-                }
+            let want = crate::ingest::dirlab::dirlab_affine(want_spacing);
+            assert_eq!(want[0][0], -spacing, "the x axis runs toward L");
+            assert_eq!(want[2][2], -2.5, "the slices run toward I");
+            for (got, want) in v.affine.iter().flatten().zip(want.iter().flatten()) {
+                assert!((got - want).abs() < 1e-6, "{:?}", v.affine);
             }
         }
         // Fixed is expiration, moving inspiration; keypoint pair 0 is the first line of each
