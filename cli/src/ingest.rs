@@ -7,15 +7,18 @@ use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use medray_core::catalog::{DatasetName, PublishOutcome};
 use medray_core::ingest::{
-    ingest_dir, ingest_learn2reg, ingest_manifest, ingest_synthetic, DownloadConfig, ExtractLimits,
-    IngestOptions, IngestPhase, IngestReport, Learn2RegConfig, LEARN2REG_URL,
+    ingest_dir, ingest_dirlab, ingest_learn2reg, ingest_manifest, ingest_nlst, ingest_synthetic,
+    DirLabConfig, DirLabTable, DownloadConfig, ExtractLimits, IngestOptions, IngestPhase,
+    IngestReport, Learn2RegConfig, NlstConfig, DIRLAB_HU_OFFSET, LEARN2REG_URL,
 };
 use medray_core::synth::SynthConfig;
 
 use crate::cluster::client::ClientArgs;
 use crate::data_dir::{runtime, DataArgs, Target};
 use medray_proto::v1::ingest_spec::Source as WireSource;
-use medray_proto::v1::{DirSource, IngestSpec, Learn2RegSource, SyntheticSource};
+use medray_proto::v1::{
+    DirLabSource, DirSource, IngestSpec, Learn2RegSource, NlstSource, SyntheticSource,
+};
 
 /// Arguments of `medray ingest`.
 #[derive(Debug, clap::Args)]
@@ -45,6 +48,8 @@ fn ingest_spec(source: &Source) -> anyhow::Result<IngestSpec> {
     let common = match source {
         Source::Learn2reg { common, .. }
         | Source::Dir { common, .. }
+        | Source::Dirlab { common, .. }
+        | Source::Nlst { common, .. }
         | Source::Synthetic { common, .. } => common,
     };
     let wire = match source {
@@ -58,6 +63,26 @@ fn ingest_spec(source: &Source) -> anyhow::Result<IngestSpec> {
         } => WireSource::Dir(DirSource { path: absolute(m)? }),
         Source::Dir { path: Some(p), .. } => WireSource::Dir(DirSource { path: absolute(p)? }),
         Source::Dir { .. } => anyhow::bail!("ingest dir: give a PATH or --manifest FILE"),
+        Source::Dirlab {
+            path,
+            cases,
+            table,
+            hu_offset,
+            ..
+        } => WireSource::Dirlab(DirLabSource {
+            path: absolute(path)?,
+            cases: cases.clone(),
+            table: table
+                .as_deref()
+                .map(absolute)
+                .transpose()?
+                .unwrap_or_default(),
+            hu_offset: Some(*hu_offset),
+        }),
+        Source::Nlst { path, pairs, .. } => WireSource::Nlst(NlstSource {
+            path: absolute(path)?,
+            pair_lists: pairs.clone(),
+        }),
         Source::Synthetic {
             cases, size, seed, ..
         } => WireSource::Synthetic(SyntheticSource {
@@ -178,6 +203,51 @@ enum Source {
         #[command(flatten)]
         common: Common,
     },
+    /// The DIR-Lab benchmarks: 4D CT cases 1-10 and COPDGene copd1-copd10 as distributed
+    /// (raw int16 .img volumes, 300 landmarks per phase).
+    ///
+    /// PATH is a folder holding the case folders (Case1Pack/Images/case1_T00_s.img,
+    /// Case1Pack/ExtremePhases/Case1_300_T00_xyz.txt, copd1/copd1_iBHCT.img,
+    /// copd1/copd1_300_iBH_xyz_r1.txt, ...; searched 4 levels deep) or one case's folder.
+    /// Each case's size and spacing come from the benchmark's table (Castillo et al. 2009,
+    /// 2010, 2013); a file of another size is refused. Expiration (T50, eBH) is stored as
+    /// the fixed scan, inspiration (T00, iBH) as the moving one, as int16 NIfTI in HU
+    /// (value - 1024), voxels as in the file, affine diag(-sx, -sy, -sz) (axes toward L, P,
+    /// I); the landmarks become keypoint pairs in 0-based voxels (each coordinate - 1).
+    Dirlab {
+        /// The folder holding the cases.
+        path: PathBuf,
+        /// Cases to ingest, comma separated, e.g. `1,4,copd2` (a bare number is a 4D CT case);
+        /// default: every case found.
+        #[arg(long, value_delimiter = ',', value_name = "CASE,...")]
+        cases: Vec<String>,
+        /// A table file overriding or adding sizes and spacings, CSV with the header
+        /// `case,size_x,size_y,size_z,spacing_x_mm,spacing_y_mm,spacing_z_mm`.
+        #[arg(long, value_name = "FILE")]
+        table: Option<PathBuf>,
+        /// HU = stored value - OFFSET (the benchmark stores HU + 1024).
+        #[arg(long, value_name = "OFFSET", default_value_t = DIRLAB_HU_OFFSET, allow_negative_numbers = true)]
+        hu_offset: i32,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// The Learn2Reg 2022 NLST layout: NLST_dataset.json, imagesTr/, masksTr/, keypointsTr/.
+    ///
+    /// The pairs are those the JSON lists (by default under `training_paired_images` and
+    /// `registration_val`), its `fixed` image (the baseline, _0000) stored as the fixed scan
+    /// and its `moving` one (the follow-up, _0001) as the moving scan, each with its lung
+    /// mask and keypoints when present; an image the JSON names but the folder lacks is
+    /// refused.
+    Nlst {
+        /// The folder holding NLST_dataset.json (or the JSON file itself).
+        path: PathBuf,
+        /// JSON pair lists to ingest, comma separated (e.g. `registration_test`); default:
+        /// `training_paired_images,registration_val`.
+        #[arg(long, value_delimiter = ',', value_name = "KEY,...")]
+        pairs: Vec<String>,
+        #[command(flatten)]
+        common: Common,
+    },
     /// Synthetic phantoms generated on the fly (as `medray synth`).
     Synthetic {
         /// Number of cases.
@@ -214,6 +284,10 @@ fn progress_bar() -> impl FnMut(IngestPhase, u64, u64) {
                 ),
                 IngestPhase::Generate => (
                     "generating",
+                    "{msg} [{bar:30}] {pos}/{len} cases ({elapsed}, ETA {eta})",
+                ),
+                IngestPhase::Convert => (
+                    "converting",
                     "{msg} [{bar:30}] {pos}/{len} cases ({elapsed}, ETA {eta})",
                 ),
                 IngestPhase::Validate => (
@@ -321,6 +395,47 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .with_context(|| format!("ingesting {}", path.display()))?
         }
         Source::Dir { .. } => anyhow::bail!("ingest dir: give a PATH or --manifest FILE"),
+        Source::Dirlab {
+            path,
+            cases,
+            table,
+            hu_offset,
+            common,
+        } => {
+            let options = IngestOptions::try_from(common)?;
+            let mut config = DirLabConfig::new(path)
+                .with_cases(cases.clone())
+                .with_hu_offset(*hu_offset);
+            if let Some(table) = table {
+                let extra = DirLabTable::read_csv(table)
+                    .with_context(|| format!("reading the table {}", table.display()))?;
+                config = config.with_table(DirLabTable::benchmark().with_overrides(&extra));
+            }
+            rt.block_on(ingest_dirlab(
+                &stage,
+                &mut catalog,
+                &config,
+                &options,
+                progress_bar(),
+            ))
+            .with_context(|| format!("ingesting {}", path.display()))?
+        }
+        Source::Nlst {
+            path,
+            pairs,
+            common,
+        } => {
+            let options = IngestOptions::try_from(common)?;
+            let config = NlstConfig::new(path).with_pair_lists(pairs.clone());
+            rt.block_on(ingest_nlst(
+                &stage,
+                &mut catalog,
+                &config,
+                &options,
+                progress_bar(),
+            ))
+            .with_context(|| format!("ingesting {}", path.display()))?
+        }
         Source::Synthetic {
             cases,
             size,

@@ -618,6 +618,59 @@ fn ingest_datasets_and_stage_go_through_the_head() {
     assert!(!list.contains("not-a-dataset"), "{list}");
 }
 
+/// The benchmark sources run as ingest jobs on the head: a tiny COPDGene case (with a table
+/// file for its grid) and an NLST folder whose JSON names an image the folder lacks.
+#[test]
+fn benchmark_ingests_go_through_the_head() {
+    let c = cluster(0);
+    let copd = c.dir().join("bench/copd2");
+    std::fs::create_dir_all(&copd).unwrap();
+    let raw: Vec<u8> = (0..60i16).flat_map(|v| v.to_le_bytes()).collect();
+    let landmarks: String = (0..300)
+        .map(|n| format!("{}\t{}\t{}\r\n", 1 + n % 5, 1 + n % 4, 1 + n % 3))
+        .collect();
+    for phase in ["i", "e"] {
+        std::fs::write(copd.join(format!("copd2_{phase}BHCT.img")), &raw).unwrap();
+        std::fs::write(
+            copd.join(format!("copd2_300_{phase}BH_xyz_r1.txt")),
+            &landmarks,
+        )
+        .unwrap();
+    }
+    let table = c.dir().join("bench/table.csv");
+    std::fs::write(
+        &table,
+        "case,size_x,size_y,size_z,spacing_x_mm,spacing_y_mm,spacing_z_mm\ncopd2,5,4,3,0.645,0.645,2.5\n",
+    )
+    .unwrap();
+    let root = c.dir().join("bench").display().to_string();
+    let table = table.display().to_string();
+    let out = c
+        .cli_ok(&[
+            "ingest", "dirlab", &root, "--table", &table, "--name", "copd",
+        ])
+        .unwrap();
+    assert!(out.contains("\"cases\":1"), "{out}");
+    let show = c.cli_ok(&["datasets", "show", "copd"]).unwrap();
+    assert!(show.contains("copd2"), "{show}");
+
+    let nlst = c.dir().join("nlst");
+    std::fs::create_dir_all(nlst.join("imagesTr")).unwrap();
+    std::fs::write(
+        nlst.join("NLST_dataset.json"),
+        r#"{"training_paired_images": [{"fixed": "./imagesTr/NLST_0001_0000.nii.gz", "moving": "./imagesTr/NLST_0001_0001.nii.gz"}]}"#,
+    )
+    .unwrap();
+    let bad = c
+        .cli(&["ingest", "nlst", &nlst.display().to_string()])
+        .unwrap();
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("imagesTr/NLST_0001_0000.nii.gz"), "{err}");
+    let list = c.cli_ok(&["datasets", "list"]).unwrap();
+    assert!(!list.contains("nlst"), "{list}");
+}
+
 #[test]
 fn a_worker_drains_on_sigterm_and_exits_zero() {
     let mut c = cluster(1);

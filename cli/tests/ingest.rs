@@ -373,3 +373,223 @@ fn ingest_dir_with_a_manifest_names_a_bad_line() {
         ls.stdout
     );
 }
+
+/// A DIR-Lab 4D CT case and a COPDGene case in the distributed layouts, on tiny grids
+/// (case1 6x5x4, copd2 5x4x3) given by a table file; returns the table file.
+fn dirlab_layout(root: &Path) -> PathBuf {
+    let raw = |path: &Path, size: [usize; 3]| {
+        let n = size.iter().product::<usize>();
+        let bytes: Vec<u8> = (0..n).flat_map(|i| (i as i16 + 24).to_le_bytes()).collect();
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, bytes).unwrap();
+    };
+    let landmarks = |path: &Path, size: [usize; 3]| {
+        let text: String = (0..300)
+            .map(|n| {
+                format!(
+                    "{}\t{}\t{}\r\n",
+                    1 + n % size[0],
+                    1 + n % size[1],
+                    1 + n % size[2]
+                )
+            })
+            .collect();
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    };
+    let pack = root.join("Case1Pack");
+    raw(&pack.join("Images/case1_T00_s.img"), [6, 5, 4]);
+    raw(&pack.join("Images/case1_T50_s.img"), [6, 5, 4]);
+    landmarks(&pack.join("ExtremePhases/Case1_300_T00_xyz.txt"), [6, 5, 4]);
+    landmarks(&pack.join("ExtremePhases/Case1_300_T50_xyz.txt"), [6, 5, 4]);
+    let copd = root.join("copd2");
+    raw(&copd.join("copd2_iBHCT.img"), [5, 4, 3]);
+    raw(&copd.join("copd2_eBHCT.img"), [5, 4, 3]);
+    landmarks(&copd.join("copd2_300_iBH_xyz_r1.txt"), [5, 4, 3]);
+    landmarks(&copd.join("copd2_300_eBH_xyz_r1.txt"), [5, 4, 3]);
+    let table = root.join("tiny-table.csv");
+    std::fs::write(
+        &table,
+        "case,size_x,size_y,size_z,spacing_x_mm,spacing_y_mm,spacing_z_mm\n\
+         case1,6,5,4,0.97,0.97,2.5\ncopd2,5,4,3,0.645,0.645,2.5\n",
+    )
+    .unwrap();
+    table
+}
+
+#[test]
+fn ingest_dirlab_with_a_table_file_and_a_wrong_size_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let root = tmp.path().join("DIRLAB");
+    let table = dirlab_layout(&root);
+    let r = ok(
+        &data,
+        &[
+            "ingest",
+            "dirlab",
+            s(&root),
+            "--table",
+            s(&table),
+            "--cases",
+            "1,copd2",
+        ],
+    );
+    assert!(
+        r.stdout.contains("published dataset dirlab: 2 cases, "),
+        "{}",
+        r.stdout
+    );
+    assert!(r.stdout.contains(", 6 objects"), "{}", r.stdout);
+    let ls = ok(&data, &["stage", "ls", "datasets/dirlab"]);
+    for want in [
+        "datasets/dirlab/scansExp/case1_exp.nii.gz",
+        "datasets/dirlab/scansInsp/copd2_insp.nii.gz",
+        "datasets/dirlab/keypoints/copd2.csv",
+    ] {
+        assert!(ls.stdout.contains(want), "{want} not in\n{}", ls.stdout);
+    }
+
+    // Without the table, the benchmark's 256x256x94 grid does not fit the tiny file.
+    let r = run(
+        &data,
+        &[
+            "ingest",
+            "dirlab",
+            s(&root),
+            "--name",
+            "real",
+            "--cases",
+            "case1",
+        ],
+    );
+    assert!(!r.ok, "{}", r.stdout);
+    assert!(r.stderr.contains("case1_T00_s.img"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("240 bytes, expected 12320768"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("nothing published"), "{}", r.stderr);
+    let list = ok(&data, &["datasets", "list"]);
+    assert!(!list.stdout.contains("real"), "{}", list.stdout);
+
+    let r = run(&data, &["ingest", "dirlab", s(&root), "--cases", "copd11"]);
+    assert!(!r.ok);
+    assert!(
+        r.stderr.contains("`copd11`: not in the DIR-Lab table"),
+        "{}",
+        r.stderr
+    );
+}
+
+/// Rearranges `medray synth` output into the Learn2Reg 2022 NLST layout (one pair).
+fn nlst_layout(tmp: &Path) -> PathBuf {
+    let l2r = tmp.join("l2r");
+    synth(&l2r, 1);
+    let root = tmp.join("NLST");
+    for dir in ["imagesTr", "masksTr", "keypointsTr"] {
+        std::fs::create_dir_all(root.join(dir)).unwrap();
+    }
+    for (phase, t) in [("exp", "0000"), ("insp", "0001")] {
+        let name = format!("NLST_0001_{t}.nii.gz");
+        std::fs::copy(
+            l2r.join(format!("scans/case_001_{phase}.nii.gz")),
+            root.join("imagesTr").join(&name),
+        )
+        .unwrap();
+        std::fs::copy(
+            l2r.join(format!("lungMasks/case_001_{phase}.nii.gz")),
+            root.join("masksTr").join(&name),
+        )
+        .unwrap();
+    }
+    let pairs = std::fs::read_to_string(l2r.join("keypoints/case_001.csv")).unwrap();
+    let (mut fixed, mut moving) = (String::new(), String::new());
+    for line in pairs.lines().skip(1) {
+        let v: Vec<&str> = line.split(',').collect();
+        fixed.push_str(&format!("{}\n", v[..3].join(",")));
+        moving.push_str(&format!("{}\n", v[3..].join(",")));
+    }
+    std::fs::write(root.join("keypointsTr/NLST_0001_0000.csv"), fixed).unwrap();
+    std::fs::write(root.join("keypointsTr/NLST_0001_0001.csv"), moving).unwrap();
+    let json = serde_json::json!({
+        "name": "NLST",
+        "training": [],
+        "training_paired_images": [
+            {"fixed": "./imagesTr/NLST_0001_0000.nii.gz",
+             "moving": "./imagesTr/NLST_0001_0001.nii.gz"}
+        ],
+        "registration_val": [
+            {"fixed": "./imagesTr/NLST_0002_0000.nii.gz",
+             "moving": "./imagesTr/NLST_0002_0001.nii.gz"}
+        ]
+    });
+    std::fs::write(root.join("NLST_dataset.json"), json.to_string()).unwrap();
+    root
+}
+
+#[test]
+fn ingest_nlst_takes_the_json_pairs_and_names_a_missing_image() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let root = nlst_layout(tmp.path());
+    // The validation pair is listed but its images are not in the folder.
+    let r = run(&data, &["ingest", "nlst", s(&root)]);
+    assert!(!r.ok, "{}", r.stdout);
+    assert!(
+        r.stderr.contains("imagesTr/NLST_0002_0000.nii.gz: listed in NLST_dataset.json (`registration_val`) but not in the folder"),
+        "{}",
+        r.stderr
+    );
+    assert!(walk(&data.join("stage")).is_empty());
+
+    let r = ok(
+        &data,
+        &[
+            "ingest",
+            "nlst",
+            s(&root),
+            "--pairs",
+            "training_paired_images",
+        ],
+    );
+    assert!(
+        r.stdout.contains("published dataset nlst: 1 cases, "),
+        "{}",
+        r.stdout
+    );
+    assert!(r.stdout.contains(", 5 objects"), "{}", r.stdout);
+    let ls = ok(&data, &["stage", "ls", "datasets/nlst"]);
+    for want in [
+        "datasets/nlst/scansExp/NLST_0001_exp.nii.gz",
+        "datasets/nlst/lungMasksInsp/NLST_0001_insp.nii.gz",
+        "datasets/nlst/keypoints/NLST_0001.csv",
+    ] {
+        assert!(ls.stdout.contains(want), "{want} not in\n{}", ls.stdout);
+    }
+}
+
+#[test]
+fn ingest_help_describes_the_benchmark_sources() {
+    let r = ok(Path::new("unused"), &["ingest", "--help"]);
+    for want in ["dirlab", "nlst", "DIR-Lab", "NLST"] {
+        assert!(r.stdout.contains(want), "{want} not in\n{}", r.stdout);
+    }
+    let r = ok(Path::new("unused"), &["ingest", "dirlab", "--help"]);
+    for want in [
+        "--cases <CASE,...>",
+        "--table <FILE>",
+        "case,size_x,size_y,size_z,spacing_x_mm,spacing_y_mm,spacing_z_mm",
+        "--hu-offset <OFFSET>",
+        "[default: 1024]",
+        "Case1Pack/ExtremePhases/Case1_300_T00_xyz.txt",
+        "copd1/copd1_iBHCT.img",
+    ] {
+        assert!(r.stdout.contains(want), "{want} not in\n{}", r.stdout);
+    }
+    let r = ok(Path::new("unused"), &["ingest", "nlst", "--help"]);
+    for want in ["NLST_dataset.json", "--pairs <KEY,...>", "registration_val"] {
+        assert!(r.stdout.contains(want), "{want} not in\n{}", r.stdout);
+    }
+}

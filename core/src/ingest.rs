@@ -1,8 +1,11 @@
 //! Dataset ingestion: validate a Learn2Reg-layout folder, a folder described by a manifest
 //! CSV ([`manifest`]), the Learn2Reg archive downloaded from a URL ([`download`],
-//! [`archive`]) or freshly generated phantoms, store its files in a [`Stage`] and publish it
-//! in the [`Catalog`]. Every source ends in the same folder ingestion, so validation,
-//! storage and publishing are shared.
+//! [`archive`]), the DIR-Lab 4D CT / COPDGene benchmarks ([`dirlab`]: raw volumes and
+//! landmark files converted to NIfTI and keypoint pairs first), the Learn2Reg 2022 NLST
+//! layout ([`nlst`]) or freshly generated phantoms, store its files in a [`Stage`] and
+//! publish it in the [`Catalog`]. Every source ends in the same folder ingestion, so
+//! validation, storage and publishing are shared; a case that cannot be converted is a bad
+//! case like one that fails validation.
 //!
 //! The order is what makes a failed ingest invisible:
 //! 1. every file of every case is validated ([`validate`]); a bad case stops the ingest
@@ -25,8 +28,10 @@
 
 pub mod archive;
 pub mod convert;
+pub mod dirlab;
 pub mod download;
 pub mod manifest;
+pub mod nlst;
 pub mod validate;
 
 use std::path::{Path, PathBuf};
@@ -40,8 +45,10 @@ use crate::synth::SynthConfig;
 use crate::{Error, Result};
 
 pub use archive::{extract_learn2reg, ExtractLimits, Extracted};
+pub use dirlab::{DirLabConfig, DirLabEntry, DirLabTable, DIRLAB_HU_OFFSET};
 pub use download::{download, DownloadConfig, Downloaded};
 pub use manifest::{read_manifest, MANIFEST_FILE};
+pub use nlst::{NlstConfig, DEFAULT_PAIR_LISTS, NLST_JSON};
 pub use validate::{validate_case, BadCase, FileKind, ValidCase};
 
 /// Where `medray ingest learn2reg` downloads from by default: the Learn2Reg 2020 task 2
@@ -97,6 +104,8 @@ pub enum IngestPhase {
     Extract,
     /// Generating synthetic cases (cases).
     Generate,
+    /// Converting benchmark files to NIfTI volumes and keypoint pairs (cases).
+    Convert,
     /// Validating cases (cases).
     Validate,
     /// Storing files (bytes).
@@ -369,6 +378,101 @@ pub async fn ingest_synthetic(
     ingest_cases(stage, catalog, cases, &name, &source, options, progress).await
 }
 
+/// Ingests the DIR-Lab 4D CT / COPDGene cases under `config.root` (see [`dirlab`]): each
+/// case's raw volumes are converted to int16 NIfTI in HU and its landmarks to keypoint pairs
+/// in a temporary folder, then validated, stored and published like a folder. The default
+/// name is `dirlab`.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] for an unknown or absent case asked for, or no case found;
+/// [`Error::BadCases`] naming each case and file that cannot be converted (a missing or
+/// ambiguous file, a volume of the wrong size for its table entry, a landmark file without
+/// exactly 300 valid lines) or fails validation, unless `skip_bad` is set; then as
+/// [`ingest_dir`]. Nothing is stored or published unless every step succeeds.
+pub async fn ingest_dirlab(
+    stage: &Stage,
+    catalog: &mut Catalog,
+    config: &DirLabConfig,
+    options: &IngestOptions,
+    mut progress: impl FnMut(IngestPhase, u64, u64),
+) -> Result<IngestReport> {
+    let name = match &options.name {
+        Some(n) => n.clone(),
+        None => DatasetName::new("dirlab")?,
+    };
+    let found = dirlab::find_cases(config)?;
+    let source = format!(
+        "dirlab:{} cases={} hu_offset={}",
+        config.root.display(),
+        found
+            .iter()
+            .map(|c| c.case.as_str())
+            .collect::<Vec<_>>()
+            .join(","),
+        config.hu_offset
+    );
+    let work = tempfile::tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?;
+    let total = found.len() as u64;
+    let mut prepared = Vec::with_capacity(found.len());
+    progress(IngestPhase::Convert, 0, total);
+    for (i, case) in found.into_iter().enumerate() {
+        let (dir, hu_offset) = (work.path().to_path_buf(), config.hu_offset);
+        let converted =
+            tokio::task::spawn_blocking(move || dirlab::convert_case(&case, hu_offset, &dir))
+                .await
+                .map_err(|e| join_error("convert", e))?;
+        prepared.push(converted);
+        progress(IngestPhase::Convert, i as u64 + 1, total);
+    }
+    let report = ingest_prepared(stage, catalog, prepared, &name, &source, options, progress).await;
+    drop(work);
+    report
+}
+
+/// Ingests the pairs of a Learn2Reg 2022 NLST folder (see [`nlst`]) as its
+/// `NLST_dataset.json` lists them; each pair's two keypoint files become one keypoint-pairs
+/// file in a temporary folder. The default name is `nlst`.
+///
+/// # Errors
+/// [`Error::Io`] / [`Error::Json`] / [`Error::InvalidArgument`] for the JSON;
+/// [`Error::BadCases`] naming each pair and file the folder lacks or that fails
+/// validation, unless `skip_bad` is set; then as [`ingest_dir`].
+pub async fn ingest_nlst(
+    stage: &Stage,
+    catalog: &mut Catalog,
+    config: &NlstConfig,
+    options: &IngestOptions,
+    mut progress: impl FnMut(IngestPhase, u64, u64),
+) -> Result<IngestReport> {
+    let name = match &options.name {
+        Some(n) => n.clone(),
+        None => DatasetName::new("nlst")?,
+    };
+    let pairs = nlst::read_pairs(config)?;
+    let (json, _) = config.json_and_folder();
+    let lists: Vec<&str> = {
+        let mut l: Vec<&str> = pairs.iter().map(|p| p.list.as_str()).collect();
+        l.dedup();
+        l
+    };
+    let source = format!("nlst:{} pairs={}", json.display(), lists.join(","));
+    let work = tempfile::tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?;
+    let total = pairs.len() as u64;
+    let mut prepared = Vec::with_capacity(pairs.len());
+    progress(IngestPhase::Convert, 0, total);
+    for (i, pair) in pairs.into_iter().enumerate() {
+        let dir = work.path().to_path_buf();
+        let converted = tokio::task::spawn_blocking(move || nlst::convert_pair(&pair, &dir))
+            .await
+            .map_err(|e| join_error("convert", e))?;
+        prepared.push(converted);
+        progress(IngestPhase::Convert, i as u64 + 1, total);
+    }
+    let report = ingest_prepared(stage, catalog, prepared, &name, &source, options, progress).await;
+    drop(work);
+    report
+}
+
 fn join_error(what: &str, e: tokio::task::JoinError) -> Error {
     Error::invalid(what, format!("worker task failed: {e}"))
 }
@@ -381,6 +485,21 @@ async fn ingest_cases(
     name: &DatasetName,
     source: &str,
     options: &IngestOptions,
+    progress: impl FnMut(IngestPhase, u64, u64),
+) -> Result<IngestReport> {
+    let prepared = cases.into_iter().map(Ok).collect();
+    ingest_prepared(stage, catalog, prepared, name, source, options, progress).await
+}
+
+/// As [`ingest_cases`] for cases that a source prepared (converted), where a case that
+/// could not be prepared is already a [`BadCase`]: it counts as one that failed validation.
+async fn ingest_prepared(
+    stage: &Stage,
+    catalog: &mut Catalog,
+    cases: Vec<std::result::Result<CaseFiles, BadCase>>,
+    name: &DatasetName,
+    source: &str,
+    options: &IngestOptions,
     mut progress: impl FnMut(IngestPhase, u64, u64),
 ) -> Result<IngestReport> {
     let total = cases.len() as u64;
@@ -390,6 +509,14 @@ async fn ingest_cases(
     let work = tempfile::tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?;
     progress(IngestPhase::Validate, 0, total);
     for (i, files) in cases.into_iter().enumerate() {
+        let files = match files {
+            Ok(f) => f,
+            Err(b) => {
+                bad.push(b);
+                progress(IngestPhase::Validate, i as u64 + 1, total);
+                continue;
+            }
+        };
         let dir = work.path().to_path_buf();
         let checked =
             tokio::task::spawn_blocking(move || convert::validate_converting(&files, &dir))

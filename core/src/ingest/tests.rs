@@ -448,3 +448,5 @@ async fn a_dicom_series_in_a_manifest_is_stored_as_nifti() {
     assert_eq!(cases[0].file.as_deref(), Some(empty.as_path()));
     assert!(cases[0].reason.contains("empty"), "{}", cases[0].reason);
 }
+
+mod benchmarks;

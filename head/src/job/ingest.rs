@@ -3,8 +3,9 @@
 
 use medray_core::catalog::{DatasetName, PublishOutcome};
 use medray_core::ingest::{
-    ingest_dir, ingest_learn2reg, ingest_manifest, ingest_synthetic, DownloadConfig, IngestOptions,
-    IngestReport, Learn2RegConfig, LEARN2REG_URL,
+    ingest_dir, ingest_dirlab, ingest_learn2reg, ingest_manifest, ingest_nlst, ingest_synthetic,
+    DirLabConfig, DirLabTable, DownloadConfig, IngestOptions, IngestReport, Learn2RegConfig,
+    NlstConfig, LEARN2REG_URL,
 };
 use medray_core::synth::SynthConfig;
 use medray_proto::v1::ingest_spec::Source;
@@ -141,6 +142,33 @@ fn start_ingest(job: &mut Job, spec: IngestSpec) -> Result<tokio::task::JoinHand
                     &options,
                     progress,
                 )),
+                Source::Dirlab(src) => {
+                    let mut config = DirLabConfig::new(&src.path).with_cases(src.cases);
+                    if !src.table.is_empty() {
+                        let table = DirLabTable::read_csv(std::path::Path::new(&src.table))?;
+                        config = config.with_table(DirLabTable::benchmark().with_overrides(&table));
+                    }
+                    if let Some(offset) = src.hu_offset {
+                        config = config.with_hu_offset(offset);
+                    }
+                    handle.block_on(ingest_dirlab(
+                        &ctx.stage,
+                        &mut catalog,
+                        &config,
+                        &options,
+                        progress,
+                    ))
+                }
+                Source::Nlst(src) => {
+                    let config = NlstConfig::new(&src.path).with_pair_lists(src.pair_lists);
+                    handle.block_on(ingest_nlst(
+                        &ctx.stage,
+                        &mut catalog,
+                        &config,
+                        &options,
+                        progress,
+                    ))
+                }
                 Source::Learn2reg(src) => {
                     let url = if src.url.is_empty() {
                         LEARN2REG_URL.to_string()

@@ -121,7 +121,10 @@ pub fn validate_spec(spec: &JobSpec) -> Result<(), Status> {
             Ok(())
         }
         Some(Kind::Ingest(i)) => match &i.source {
-            None => bad("ingest.source", "missing: set synthetic, dir or learn2reg"),
+            None => bad(
+                "ingest.source",
+                "missing: set synthetic, dir, learn2reg, dirlab or nlst",
+            ),
             Some(Source::Synthetic(s)) => {
                 if !(1..=1000).contains(&s.cases) {
                     return bad("ingest.synthetic.cases", "1..=1000");
@@ -137,6 +140,30 @@ pub fn validate_spec(spec: &JobSpec) -> Result<(), Status> {
                 if !std::path::Path::new(&d.path).is_absolute() {
                     return bad(
                         "ingest.dir.path",
+                        "must be an absolute path on the head's machine",
+                    );
+                }
+                Ok(())
+            }
+            Some(Source::Dirlab(d)) => {
+                if !std::path::Path::new(&d.path).is_absolute() {
+                    return bad(
+                        "ingest.dirlab.path",
+                        "must be an absolute path on the head's machine",
+                    );
+                }
+                if !d.table.is_empty() && !std::path::Path::new(&d.table).is_absolute() {
+                    return bad(
+                        "ingest.dirlab.table",
+                        "must be an absolute path on the head's machine",
+                    );
+                }
+                Ok(())
+            }
+            Some(Source::Nlst(n)) => {
+                if !std::path::Path::new(&n.path).is_absolute() {
+                    return bad(
+                        "ingest.nlst.path",
                         "must be an absolute path on the head's machine",
                     );
                 }
