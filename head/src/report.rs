@@ -66,12 +66,7 @@ pub async fn job_rows(ctx: &HeadContext, id: &JobId) -> Result<Vec<ResultRow>> {
 /// [`HeadError::NotFound`] for an unknown job, [`HeadError::InvalidArgument`] for a job
 /// that is not an inference job, a store, catalog or stage error.
 pub async fn build(ctx: &HeadContext, id: &JobId) -> Result<(Vec<ResultRow>, ReportPlan)> {
-    let job = ctx.store.job(id)?.ok_or_else(|| HeadError::NotFound {
-        what: "job",
-        id: id.to_string(),
-    })?;
-    let info = report_job(&job)?;
-    let rows = job_rows(ctx, id).await?;
+    let (info, rows) = load(ctx, id).await?;
     let stored: HashSet<String> = match outputs_prefix(&info) {
         Some(prefix) => ctx
             .stage
@@ -86,12 +81,25 @@ pub async fn build(ctx: &HeadContext, id: &JobId) -> Result<(Vec<ResultRow>, Rep
     Ok((rows, page))
 }
 
-/// The picture `name` (`<case>.png`) of a job's report.
+/// An inference job's report facts and its rows.
+async fn load(ctx: &HeadContext, id: &JobId) -> Result<(ReportJob, Vec<ResultRow>)> {
+    let job = ctx.store.job(id)?.ok_or_else(|| HeadError::NotFound {
+        what: "job",
+        id: id.to_string(),
+    })?;
+    let info = report_job(&job)?;
+    Ok((info, job_rows(ctx, id).await?))
+}
+
+/// The picture `name` (`<case>.png`) of a job's report. Unlike [`build`], it does not list
+/// the stage (a page of N pictures would list it N times): it finds the picture's key from
+/// the job's rows and reads it; an object that is not there answers `NotFound`.
 ///
 /// # Errors
 /// [`HeadError::NotFound`] when the job has no such picture; as [`build`].
 pub async fn picture(ctx: &HeadContext, id: &JobId, name: &str) -> Result<Vec<u8>> {
-    let (_, page) = build(ctx, id).await?;
+    let (info, rows) = load(ctx, id).await?;
+    let page = plan(&info, &rows, &|_| true);
     let not_found = || HeadError::NotFound {
         what: "report picture",
         id: format!("{id}/{name}"),
@@ -101,7 +109,15 @@ pub async fn picture(ctx: &HeadContext, id: &JobId, name: &str) -> Result<Vec<u8
         .iter()
         .find(|(n, _)| n == name)
         .ok_or_else(not_found)?;
-    Ok(ctx.stage.get(&ObjectKey::new(key.clone())?).await?)
+    match ctx.stage.get(&ObjectKey::new(key.clone())?).await {
+        Ok(png) => Ok(png),
+        Err(medray_core::Error::Stage { source, .. })
+            if matches!(*source, object_store::Error::NotFound { .. }) =>
+        {
+            Err(not_found())
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// The stage folder of the job's outputs, when its model and version are valid.

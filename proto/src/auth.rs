@@ -43,6 +43,16 @@ impl<T> Secret<T> {
     }
 }
 
+/// A secret read from a command-line argument or the environment (clap parses it through
+/// this, so that the parsed arguments print it redacted).
+impl std::str::FromStr for Secret<String> {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_string()))
+    }
+}
+
 impl<T> std::fmt::Debug for Secret<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("<redacted>")

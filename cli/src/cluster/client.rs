@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
-use medray_proto::auth::BearerToken;
+use medray_proto::auth::{BearerToken, Secret};
 use medray_proto::transport::ClientTls;
 use medray_proto::v1::client_client::ClientClient;
 use serde::{Deserialize, Serialize};
@@ -20,7 +20,7 @@ pub const DEFAULT_ADDRESS: &str = "http://127.0.0.1:50051";
 pub type HeadClient = ClientClient<InterceptedService<Channel, BearerToken>>;
 
 /// What `medray up` records for the other commands (and `medray down`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 pub struct ClusterFile {
     /// gRPC address of the head.
     pub address: String,
@@ -34,6 +34,19 @@ pub struct ClusterFile {
     pub pids: Vec<u32>,
     /// Folder of the log files.
     pub log_dir: PathBuf,
+}
+
+impl std::fmt::Debug for ClusterFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterFile")
+            .field("address", &self.address)
+            .field("token", &"<redacted>")
+            .field("http", &self.http)
+            .field("up_pid", &self.up_pid)
+            .field("pids", &self.pids)
+            .field("log_dir", &self.log_dir)
+            .finish()
+    }
 }
 
 /// The file `medray up` writes in `dir`.
@@ -81,7 +94,7 @@ pub struct ClientArgs {
     /// Client token (default: the one `medray up` wrote here). Prefer MEDRAY_TOKEN or
     /// --token-file: an argument is visible to every user of the machine in `ps`.
     #[arg(long, global = true, env = "MEDRAY_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
+    pub token: Option<Secret<String>>,
     /// File holding the client token (first line).
     #[arg(
         long,
@@ -111,7 +124,8 @@ impl ClientArgs {
             .transpose()?;
         let token = self
             .token
-            .clone()
+            .as_ref()
+            .map(|t| t.expose().clone())
             .or(from_file)
             .or_else(|| file.as_ref().map(|f| f.token.clone()))
             .context("no cluster token: pass --token or set MEDRAY_TOKEN (medray up writes one to .medray/cluster.json)")?;
@@ -160,4 +174,44 @@ impl ClientArgs {
 /// Turns a gRPC status into an error that says what the head said.
 pub fn status_error(call: &str, s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{call}: {} ({:?})", s.message(), s.code())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    /// Issue 18: the parsed arguments (clap structs derive `Debug`) and `.medray/cluster.json`'s
+    /// struct printed the tokens.
+    #[test]
+    fn parsed_arguments_and_the_cluster_file_print_no_token() {
+        let secret = "tok-0123456789abcdef-secret";
+        for args in [
+            vec!["medray", "status", "--token", secret],
+            vec![
+                "medray",
+                "head",
+                "--token",
+                secret,
+                "--worker-token",
+                "wtok-0123456789-secret",
+            ],
+            vec!["medray", "worker", "--token", secret],
+            vec!["medray", "worker-token", "--token", secret],
+        ] {
+            let cli = crate::Cli::try_parse_from(&args).expect("parses");
+            let text = format!("{cli:?}");
+            assert!(!text.contains("secret"), "{args:?}: {text}");
+        }
+        let file = ClusterFile {
+            address: "http://127.0.0.1:1".into(),
+            token: secret.into(),
+            http: None,
+            up_pid: 0,
+            pids: vec![],
+            log_dir: PathBuf::from(".medray/logs"),
+        };
+        assert!(!format!("{file:?}").contains("secret"));
+    }
 }

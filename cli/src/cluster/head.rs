@@ -27,7 +27,7 @@ pub struct Args {
         hide_env_values = true,
         required_unless_present = "token_file"
     )]
-    pub token: Option<String>,
+    pub token: Option<medray_proto::auth::Secret<String>>,
     /// File holding the client token (first line).
     #[arg(long, env = "MEDRAY_TOKEN_FILE", conflicts_with = "token")]
     pub token_file: Option<PathBuf>,
@@ -35,7 +35,7 @@ pub struct Args {
     /// derived from the client token (`medray worker-token` prints it). It cannot act as a
     /// client.
     #[arg(long, env = "MEDRAY_WORKER_TOKEN", hide_env_values = true)]
-    pub worker_token: Option<String>,
+    pub worker_token: Option<medray_proto::auth::Secret<String>>,
     /// File holding the worker token (first line).
     #[arg(
         long,
@@ -119,12 +119,12 @@ impl TryFrom<Args> for HeadConfig {
             _ => None,
         };
         let token = match (a.token, &a.token_file) {
-            (Some(t), _) => t,
+            (Some(t), _) => t.expose().clone(),
             (None, Some(p)) => crate::cluster::client::read_token_file(p, "--token-file")?,
             (None, None) => anyhow::bail!("no client token: set MEDRAY_TOKEN or --token-file"),
         };
         let worker_token = match (a.worker_token, &a.worker_token_file) {
-            (Some(t), _) => Some(t),
+            (Some(t), _) => Some(t.expose().clone()),
             (None, Some(p)) => Some(crate::cluster::client::read_token_file(
                 p,
                 "--worker-token-file",

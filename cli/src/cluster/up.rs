@@ -251,7 +251,7 @@ pub fn up(args: UpArgs, device: &str) -> anyhow::Result<()> {
     let rt = crate::data_dir::runtime()?;
     let client_args = ClientArgs {
         address: Some(address.clone()),
-        token: Some(token.clone()),
+        token: Some(medray_proto::auth::Secret::new(token.clone())),
         token_file: None,
         tls_ca: None,
     };

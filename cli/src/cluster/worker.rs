@@ -21,7 +21,7 @@ pub struct Args {
         hide_env_values = true,
         required_unless_present = "token_file"
     )]
-    pub token: Option<String>,
+    pub token: Option<medray_proto::auth::Secret<String>>,
     /// File holding the worker token (first line).
     #[arg(long, env = "MEDRAY_WORKER_TOKEN_FILE", conflicts_with = "token")]
     pub token_file: Option<PathBuf>,
@@ -94,7 +94,7 @@ pub fn run(args: Args, device: &str) -> anyhow::Result<()> {
     }
     .tls()?;
     let token = match (args.token, &args.token_file) {
-        (Some(t), _) => t,
+        (Some(t), _) => t.expose().clone(),
         (None, Some(p)) => crate::cluster::client::read_token_file(p, "--token-file")?,
         (None, None) => anyhow::bail!("no worker token: set MEDRAY_WORKER_TOKEN or --token-file"),
     };
