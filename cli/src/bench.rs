@@ -298,6 +298,7 @@ pub fn run(args: Args, device: &candle_core::Device) -> anyhow::Result<()> {
             crate::bench_quality::machine(),
             args.repeats
         );
+        println!("{}", medray_core::ops::simd::describe());
         if gpu.is_some() {
             println!(
                 "GPU MiB: peak device memory in use while the configuration ran (total minus \
@@ -448,6 +449,11 @@ fn run_ops(args: &Args, sizes: &[[usize; 3]], device: &candle_core::Device) -> a
     if args.json {
         println!("{}", serde_json::json!({ "gemm_ceiling": ceiling }));
     } else {
+        println!(
+            "machine: {}; {}",
+            crate::bench_quality::machine(),
+            medray_core::ops::simd::describe()
+        );
         println!(
             "GEMM ceiling: f32 {}x{}x{} (m x n x k) on {} threads: {:.4} s, {:.1} GFLOP/s",
             ceiling.shape[0],

@@ -14,6 +14,7 @@ mod grad_check;
 pub(crate) mod kernel;
 mod pool;
 mod resize;
+pub mod simd;
 pub(crate) mod stashed;
 mod upsample;
 mod warp;

@@ -22,39 +22,12 @@ pub(super) const PANEL: usize = 16;
 /// Output voxels per register tile.
 const TILE: usize = 6;
 
-/// Whether this CPU runs the kernel.
-pub(super) fn available() -> bool {
-    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-}
-
-/// The weights of every group, packed in panels: `panels[g][p][kk * 16 + r]` is row
-/// `p * 16 + r` (an output channel), column `kk` of group `g`'s `(Co, taps * Ci)` weights.
-/// `Co` must be a multiple of [`PANEL`].
-pub(super) fn pack(groups: &[TapGroup<f32>], co: usize, ci: usize) -> Vec<Vec<Vec<f32>>> {
-    groups
-        .iter()
-        .map(|g| {
-            let k = g.taps * ci;
-            (0..co / PANEL)
-                .map(|p| {
-                    let mut panel = Vec::with_capacity(k * PANEL);
-                    for kk in 0..k {
-                        for r in 0..PANEL {
-                            panel.push(g.weights[(p * PANEL + r) * k + kk]);
-                        }
-                    }
-                    panel
-                })
-                .collect()
-        })
-        .collect()
-}
-
 /// Computes one row of outputs, channels-last: `row[j * Co + o] = Σ_g W_g[o, :] ·
-/// input[(f0 + j + offset_g) * Ci ..]` for `j < n`, with `Co = panels[g].len() * 16`.
+/// input[(f0 + j + offset_g) * Ci ..]` for `j < n`, with `Co = panels[g].len() * 16`, from
+/// panels of [`PANEL`] channels ([`super::cpu::pack_panels`]).
 ///
 /// # Safety
-/// The CPU must have AVX2 and FMA ([`available`]); `row` must hold `n * Co` values; for
+/// The CPU must have AVX2 and FMA ([`crate::ops::simd`]); `row` must hold `n * Co` values; for
 /// every group, `input` must hold `(f0 + n - 1 + offset + taps) * Ci` values.
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn row(

@@ -225,8 +225,9 @@ pub(super) fn correlate<T: Float>(
 /// padded-stride positions that [`correlate`] computes and [`crop`] drops (about
 /// `Wp*Dp / (W*D) - 1` of the work: 20% for a 7-tap kernel at 64^3) are never computed,
 /// and each row's `Co x D` block stays in the L1 cache while all groups accumulate into it.
-/// f32 with `Co` a multiple of 16 on an AVX2/FMA CPU runs [`super::avx2`]; everything
-/// else one `gemm` call per group and row. With an `epilogue`, each value is mapped as it
+/// f32 with `Co` a multiple of 32 on an AVX-512 CPU runs [`super::avx512`], with `Co` a
+/// multiple of 16 on an AVX2/FMA CPU [`super::avx2`] (the level as [`crate::ops::simd`]
+/// allows); everything else one `gemm` call per group and row. With an `epilogue`, each value is mapped as it
 /// is written. Parallel over `h`.
 pub(super) fn correlate_rows<T: Float>(
     input: &PaddedVolume<T>,
@@ -256,27 +257,41 @@ pub(super) fn correlate_rows<T: Float>(
         );
     }
     #[cfg(target_arch = "x86_64")]
-    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
-        && co.is_multiple_of(super::avx2::PANEL)
-        && super::avx2::available()
-    {
-        // SAFETY: T is f32 (checked above), so these are the same slices retyped.
-        let (data, groups) = unsafe {
-            (
-                std::slice::from_raw_parts(input.data.as_ptr().cast::<f32>(), input.data.len()),
-                &*(groups as *const [TapGroup<T>] as *const [TapGroup<f32>]),
-            )
+    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
+        use crate::ops::simd::{simd_level, SimdLevel};
+        let level = simd_level();
+        let kernel = if level >= SimdLevel::Avx512 && co.is_multiple_of(super::avx512::PANEL) {
+            Some((super::avx512::PANEL, SimdLevel::Avx512))
+        } else if level >= SimdLevel::Avx2 && co.is_multiple_of(super::avx2::PANEL) {
+            Some((super::avx2::PANEL, SimdLevel::Avx2))
+        } else {
+            None
         };
-        let panels = super::avx2::pack(groups, co, ci);
-        for_each_row(size, strides, co, epilogue, dst, |f0, row: &mut [T]| {
-            // SAFETY: T is f32; the CPU has AVX2 and FMA (checked above); row holds d * co
-            // values and every group's reads end inside the input (asserted above).
-            unsafe {
-                let row = std::slice::from_raw_parts_mut(row.as_mut_ptr().cast::<f32>(), row.len());
-                super::avx2::row(data, ci, groups, &panels, f0, size[2], row);
-            }
-        });
-        return;
+        if let Some((panel, kernel)) = kernel {
+            // SAFETY: T is f32 (checked above), so these are the same slices retyped.
+            let (data, groups) = unsafe {
+                (
+                    std::slice::from_raw_parts(input.data.as_ptr().cast::<f32>(), input.data.len()),
+                    &*(groups as *const [TapGroup<T>] as *const [TapGroup<f32>]),
+                )
+            };
+            let panels = pack_panels(groups, co, ci, panel);
+            for_each_row(size, strides, co, epilogue, dst, |f0, row: &mut [T]| {
+                // SAFETY: T is f32; the CPU has the kernel's instructions (the level is at
+                // most the detected one); row holds d * co values and every group's reads
+                // end inside the input (asserted above).
+                unsafe {
+                    let row =
+                        std::slice::from_raw_parts_mut(row.as_mut_ptr().cast::<f32>(), row.len());
+                    if kernel == SimdLevel::Avx512 {
+                        super::avx512::row(data, ci, groups, &panels, f0, size[2], row);
+                    } else {
+                        super::avx2::row(data, ci, groups, &panels, f0, size[2], row);
+                    }
+                }
+            });
+            return;
+        }
     }
     for_each_row(size, strides, co, epilogue, dst, |f0, row: &mut [T]| {
         for (gi, group) in groups.iter().enumerate() {
@@ -291,6 +306,34 @@ pub(super) fn correlate_rows<T: Float>(
             );
         }
     });
+}
+
+/// The weights of every group, packed in panels of `panel` output channels:
+/// `panels[g][p][kk * panel + r]` is row `p * panel + r` (an output channel), column `kk` of
+/// group `g`'s `(Co, taps * Ci)` weights. `Co` must be a multiple of `panel`.
+pub(super) fn pack_panels(
+    groups: &[TapGroup<f32>],
+    co: usize,
+    ci: usize,
+    panel: usize,
+) -> Vec<Vec<Vec<f32>>> {
+    groups
+        .iter()
+        .map(|g| {
+            let k = g.taps * ci;
+            (0..co / panel)
+                .map(|p| {
+                    let mut packed = Vec::with_capacity(k * panel);
+                    for kk in 0..k {
+                        for r in 0..panel {
+                            packed.push(g.weights[(p * panel + r) * k + kk]);
+                        }
+                    }
+                    packed
+                })
+                .collect()
+        })
+        .collect()
 }
 
 /// One tap group's product for `n` consecutive positions, one single-threaded `gemm`:

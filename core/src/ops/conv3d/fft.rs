@@ -28,6 +28,8 @@
 use std::sync::Arc;
 
 use rayon::prelude::*;
+
+use crate::ops::simd::{simd_level, SimdLevel};
 use realfft::{ComplexToReal, RealFftPlanner, RealToComplex};
 use rustfft::num_complex::Complex32;
 use rustfft::{Fft, FftPlanner};
@@ -495,6 +497,7 @@ impl Plan {
                 conj: false,
             };
             self.block_spectra(input, blocks, first..first + count, &mut xs);
+            let simd = simd_level();
             ys[..count * rows * sf]
                 .par_chunks_mut(count * rows * CHUNK_FLOATS)
                 .enumerate()
@@ -505,7 +508,7 @@ impl Plan {
                         rows,
                         cols,
                     };
-                    chunk_products(Product::Sum, dst, spectra, &xs, c, sizes);
+                    chunk_products(Product::Sum, simd, dst, spectra, &xs, c, sizes);
                 });
             let ys = &ys;
             out.par_chunks_mut(vox).enumerate().for_each_init(
@@ -634,6 +637,7 @@ pub(super) fn weight_grad(
         };
         plan.block_spectra(dy, dy_blocks, first..first + count, &mut dys);
         plan.block_spectra(x, x_blocks, first..first + count, &mut xs);
+        let simd = simd_level();
         sums.par_chunks_mut(co * ci * CHUNK_FLOATS)
             .enumerate()
             .for_each(|(c, dst)| {
@@ -643,7 +647,7 @@ pub(super) fn weight_grad(
                     rows: co,
                     cols: ci,
                 };
-                chunk_products(Product::Outer, dst, &dys, &xs, c, sizes);
+                chunk_products(Product::Outer, simd, dst, &dys, &xs, c, sizes);
             });
     }
     Buffers::give(dys);
@@ -765,15 +769,47 @@ enum Product {
     Outer,
 }
 
-/// Runs `kind` on chunk `c`, compiled for AVX2 and FMA where the CPU has them.
-fn chunk_products(kind: Product, out: &mut [f32], a: &[f32], b: &[f32], c: usize, sizes: Sizes) {
+/// Runs `kind` on chunk `c`, compiled for the SIMD level `simd` (the caller's
+/// [`simd_level`], read once per call: worker threads do not see a thread's limit). A chunk
+/// is 16 complex values, one AVX-512 register per part or two AVX2 ones.
+fn chunk_products(
+    kind: Product,
+    simd: SimdLevel,
+    out: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    c: usize,
+    sizes: Sizes,
+) {
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has AVX2 and FMA, checked just above.
-        unsafe { chunk_products_avx2(kind, out, a, b, c, sizes) };
-        return;
+    match simd {
+        // SAFETY: the level is at most the detected one: the CPU has AVX-512F.
+        SimdLevel::Avx512 => return unsafe { chunk_products_avx512(kind, out, a, b, c, sizes) },
+        // SAFETY: as above, the CPU has AVX2 and FMA.
+        SimdLevel::Avx2 => return unsafe { chunk_products_avx2(kind, out, a, b, c, sizes) },
+        SimdLevel::Generic => {}
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = simd;
     chunk_products_with::<false>(kind, out, a, b, c, sizes);
+}
+
+/// [`chunk_products`] compiled for AVX-512 (the compiler vectorises each 16-value chunk
+/// loop into single 512-bit operations).
+///
+/// # Safety
+/// The CPU must have AVX-512F (and AVX2 and FMA, which every AVX-512 CPU has).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn chunk_products_avx512(
+    kind: Product,
+    out: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    c: usize,
+    sizes: Sizes,
+) {
+    chunk_products_with::<true>(kind, out, a, b, c, sizes);
 }
 
 /// [`chunk_products`] compiled for AVX2 and FMA.

@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 use super::*;
+use crate::ops::simd::{with_simd_limit, SimdLevel};
 use candle_core::{DType, Device, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -318,14 +319,29 @@ fn generic_path_equals_fast_path_with_gradients() {
 }
 
 /// f32 convolutions whose output channels (or, for the input gradient, input channels)
-/// are a multiple of 16 run the AVX2 register-tile kernel on CPUs that have it
-/// (`avx2.rs`); rows of 13 voxels need two full 6-voxel tiles and a 1-voxel one. Values
-/// and gradients against the generic path, with and without the few-channel fold.
+/// are a multiple of 32 run the AVX-512 register tiles (`avx512.rs`), a multiple of 16 the
+/// AVX2 ones (`avx2.rs`): each SIMD level this CPU has ([`SimdLevel::supported`], capped
+/// with `with_simd_limit`) against the generic path, values and gradients. Rows of 13
+/// voxels need full tiles and a partial one at both widths (6 and 12 voxels).
 #[test]
-fn avx2_tiles_equal_generic_with_gradients() {
+fn simd_tiles_equal_generic_with_gradients() {
+    let levels = SimdLevel::supported();
+    eprintln!("SIMD levels tested: {levels:?}");
+    for level in levels {
+        with_simd_limit(level, || simd_tiles_equal_generic(level));
+    }
+}
+
+fn simd_tiles_equal_generic(level: SimdLevel) {
     // Ci = 32 and 64 take the constant-stride tiles, Ci = 3 (odd inner dimension) and 16
     // the general one; the input gradient runs the tiles with Ci and Co swapped.
-    for (ci, co, k) in [(16, 32, 3), (3, 16, 5), (32, 16, 3), (64, 32, 3)] {
+    for (ci, co, k) in [
+        (16, 32, 3),
+        (3, 16, 5),
+        (32, 16, 3),
+        (64, 32, 3),
+        (3, 64, 3),
+    ] {
         let x = random(&[2, ci, 4, 3, 13], 90, DType::F32);
         let w = random(&[co, ci, k, k, k], 91, DType::F32);
         let r = random(&[2, co, 4, 3, 13], 92, DType::F32);
@@ -345,7 +361,7 @@ fn avx2_tiles_equal_generic_with_gradients() {
                 f,
                 g,
                 1e-5,
-                &format!("ci={ci} co={co} k={k} output/grad {n}"),
+                &format!("{level}: ci={ci} co={co} k={k} output/grad {n}"),
             );
         }
     }
@@ -647,6 +663,14 @@ fn cudnn_matches_cpu_with_gradients() {
 /// last tile (30 x 9 x 40 at k = 7 runs blocks of 24 x 16 x 32), few and many channels.
 #[test]
 fn fft_tiles_equal_direct_with_gradients() {
+    for level in SimdLevel::supported() {
+        with_simd_limit(level, || fft_tiles_equal_direct(level));
+    }
+}
+
+/// [`fft_tiles_equal_direct_with_gradients`] with the FFT products at `level` (the
+/// direct reference runs at the same level; the tiles test checks it against generic).
+fn fft_tiles_equal_direct(level: SimdLevel) {
     for (ci, co, k, size) in [
         (3, 5, 7, [30, 9, 40]),
         (16, 16, 5, [12, 29, 7]),
@@ -670,7 +694,7 @@ fn fft_tiles_equal_direct_with_gradients() {
         };
         let (fft, direct) = (run(conv3d_fft), run(conv3d_direct));
         for (n, (f, g)) in fft.iter().zip(&direct).enumerate() {
-            let what = format!("ci={ci} co={co} k={k} size={size:?} output/grad {n}");
+            let what = format!("{level}: ci={ci} co={co} k={k} size={size:?} output/grad {n}");
             assert_close(f, g, 2e-6, &what);
         }
     }
