@@ -1,4 +1,7 @@
 //! `medray`: the command-line tool. Thin: parse arguments, set up logging, call the library.
+// The doc comments of the argument structs are the `--help` texts, which name placeholders
+// the way command-line help does (`<data-dir>/stage`): not HTML.
+#![allow(rustdoc::invalid_html_tags)]
 
 mod bench;
 mod bench_allreduce;

@@ -98,7 +98,7 @@ enum Command {
         /// Safetensors file with MONAI LocalNet state_dict names.
         #[arg(long)]
         weights: PathBuf,
-        /// Network preset: `seed` (extract_levels [3]) or `full` ([0, 1, 2, 3]).
+        /// Network preset: `seed` (`extract_levels` `[3]`) or `full` (`[0, 1, 2, 3]`).
         #[arg(long)]
         preset: Preset,
         /// Channels of the first level.

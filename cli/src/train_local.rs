@@ -28,7 +28,7 @@ pub struct Args {
     /// Dataset folder in the Learn2Reg layout (scans/, lungMasks/, keypoints/).
     #[arg(long)]
     data: PathBuf,
-    /// Network preset: `seed` (extract_levels [3], the quickstart's) or `full` ([0,1,2,3]).
+    /// Network preset: `seed` (`extract_levels` `[3]`, the quickstart's) or `full` (`[0,1,2,3]`).
     #[arg(long, default_value = "seed")]
     preset: Preset,
     /// Objective: `mi-be` (MI + bending energy), `mse-dice-be` (needs masks),

@@ -1,5 +1,5 @@
 //! Dataset ingestion: validate a Learn2Reg-layout folder, a folder described by a manifest
-//! CSV ([`manifest`]), the Learn2Reg archive downloaded from a URL ([`download`],
+//! CSV ([`manifest`]), the Learn2Reg archive downloaded from a URL ([`download()`],
 //! [`archive`]), the DIR-Lab 4D CT / COPDGene benchmarks ([`dirlab`]: raw volumes and
 //! landmark files converted to NIfTI and keypoint pairs first), the Learn2Reg 2022 NLST
 //! layout ([`nlst`]) or freshly generated phantoms, store its files in a [`Stage`] and

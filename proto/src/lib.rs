@@ -8,6 +8,8 @@ pub mod tls;
 pub mod transport;
 
 /// Generated types and services of the `medray.v1` package.
+// The .proto comments name placeholders (`<case>`) the way protobuf documentation does.
+#[allow(rustdoc::invalid_html_tags, rustdoc::broken_intra_doc_links)]
 pub mod v1 {
     tonic::include_proto!("medray.v1");
 }

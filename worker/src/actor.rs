@@ -1,5 +1,5 @@
 //! The worker actor: the cluster-visible face of a worker. It joins the
-//! [`WORKERS_GROUP`](crate::control::WORKERS_GROUP) process group, answers the head's
+//! [`crate::control::WORKERS_GROUP`] process group, answers the head's
 //! control messages and hands accepted tasks to the compute thread. A reporter task per
 //! attempt streams the task's log lines and its outcome to the head over gRPC.
 

@@ -104,7 +104,7 @@ impl<'a> TaskContext<'a> {
     }
 
     /// A stage object in the local cache, read from the stage this context was made with
-    /// ([`TaskContext::standalone`]); checked against `sha256`.
+    /// (`TaskContext::standalone`); checked against `sha256`.
     ///
     /// # Errors
     /// A [`TaskError`] naming the key (permanent when there is no stage to read from).

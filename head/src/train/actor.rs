@@ -37,7 +37,7 @@ pub enum CoordMsg {
     /// The loop panicked (self-sent), with the panic's text.
     Panicked(String),
     /// The inbox budget the `Train` service draws from before it hands on a replica's
-    /// message ([`super::inbox`]).
+    /// message (`train::inbox`).
     Budget(ractor::RpcReplyPort<std::sync::Arc<tokio::sync::Semaphore>>),
 }
 

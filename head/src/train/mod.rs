@@ -108,7 +108,7 @@ pub enum CoordEvent {
         member: u64,
         /// The message.
         msg: Up,
-        /// Its share of the coordinator's inbox budget ([`inbox`]), given back when the
+        /// Its share of the coordinator's inbox budget (`train::inbox`), given back when the
         /// event is dropped, i.e. processed; `None` in process (`medray train-local`).
         held: Option<tokio::sync::OwnedSemaphorePermit>,
     },
