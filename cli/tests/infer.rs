@@ -331,7 +331,10 @@ fn inference_registers_every_case_like_predict_and_a_corrupt_case_fails_alone() 
     // Jacobian map is a volume on the same grid; both are in the stage under their keys.
     let (dims, srow, transform) = nifti(&get(&c, row["output_transform"].as_str().expect("key")));
     assert_eq!(dims, [24, 20, 16, 1, 3]);
-    assert_eq!(srow, [0, 1, 2].map(|r| fixed_vol.affine[r].map(|v| v as f32)));
+    assert_eq!(
+        srow,
+        [0, 1, 2].map(|r| fixed_vol.affine[r].map(|v| v as f32))
+    );
     let voxels = 24 * 20 * 16;
     let a = fixed_vol.affine;
     let mut worst = 0f64;
@@ -365,7 +368,10 @@ fn inference_registers_every_case_like_predict_and_a_corrupt_case_fails_alone() 
             &s(&l2r),
         ])
         .expect("export");
-    assert!(said.contains("exported 4 ") && said.contains("not Learn2Reg pair ids"), "{said}");
+    assert!(
+        said.contains("exported 4 ") && said.contains("not Learn2Reg pair ids"),
+        "{said}"
+    );
     let mut names: Vec<String> = std::fs::read_dir(&l2r)
         .expect("export folder")
         .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
@@ -382,7 +388,16 @@ fn inference_registers_every_case_like_predict_and_a_corrupt_case_fails_alone() 
     assert!(max_abs_diff(&disp, &ddf) == 0.0, "the voxel DDF, unchanged");
     // A job that is not an inference job is refused.
     let out = c
-        .cli(&["results", "export", "--format", "learn2reg", "--job", "job-000001", "--out", &s(&l2r)])
+        .cli(&[
+            "results",
+            "export",
+            "--format",
+            "learn2reg",
+            "--job",
+            "job-000001",
+            "--out",
+            &s(&l2r),
+        ])
         .expect("run");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);

@@ -628,8 +628,7 @@ pub fn read_ddf_bytes(bytes: &[u8], name: &Path) -> Result<(Array4<f32>, [[f64; 
     let header = NiftiHeader::from_reader(&data[..HEADER_BYTES])
         .map_err(|e| bad(format!("not a NIfTI-1 header: {e}")))?;
     let dim = header.dim;
-    if dim[0] != 5 || dim[4] != 1 || dim[5] != 3 || header.datatype != NiftiType::Float32 as i16
-    {
+    if dim[0] != 5 || dim[4] != 1 || dim[5] != 3 || header.datatype != NiftiType::Float32 as i16 {
         return Err(bad(format!(
             "not a medray DDF: dim {dim:?}, datatype {} (want [5, H, W, D, 1, 3], float32)",
             header.datatype
@@ -639,16 +638,20 @@ pub fn read_ddf_bytes(bytes: &[u8], name: &Path) -> Result<(Array4<f32>, [[f64; 
     let offset = header.vox_offset as usize;
     let voxels = h * w * d;
     let end = offset + 4 * 3 * voxels;
-    if h == 0 || w == 0 || d == 0 || !(HEADER_BYTES..=MAX_VOX_OFFSET as usize).contains(&offset) || data.len() < end {
+    if h == 0
+        || w == 0
+        || d == 0
+        || !(HEADER_BYTES..=MAX_VOX_OFFSET as usize).contains(&offset)
+        || data.len() < end
+    {
         return Err(bad(format!(
             "{} bytes of voxel data for {voxels} vectors at offset {offset}",
             data.len().saturating_sub(offset)
         )));
     }
     let values = &data[offset..end];
-    let value = |n: usize| {
-        f32::from_le_bytes(values[4 * n..4 * n + 4].try_into().expect("4 bytes"))
-    };
+    let value =
+        |n: usize| f32::from_le_bytes(values[4 * n..4 * n + 4].try_into().expect("4 bytes"));
     let field = Array4::from_shape_fn((3, h, w, d), |(c, i, j, k)| {
         value(i + h * (j + w * (k + d * c)))
     });

@@ -257,32 +257,30 @@ pub fn load_pair(
         preprocess_image(&fixed_volume, pre, device).map_err(|e| as_file_error(&files.fixed, e))?;
     let moving = preprocess_image(&moving_volume, pre, device)
         .map_err(|e| as_file_error(&files.moving, e))?;
-    let (fixed_mask, moving_mask, mask_volumes) =
-        match (&files.fixed_mask, &files.moving_mask) {
-            (Some(fm), Some(mm)) => {
-                let mut out = Vec::with_capacity(2);
-                for (path, image_path, image) in [
-                    (fm, &files.fixed, &fixed_volume),
-                    (mm, &files.moving, &moving_volume),
-                ] {
-                    let vol = files.read(path)?;
-                    check_same_shape(image, &name(image_path), &vol, &name(path))?;
-                    let t =
-                        preprocess_mask(&vol, pre, device).map_err(|e| as_file_error(path, e))?;
-                    out.push((t, vol));
-                }
-                let (moving_t, moving_v) = out.pop().expect("two masks were read");
-                let (fixed_t, fixed_v) = out.pop().expect("two masks were read");
-                (Some(fixed_t), Some(moving_t), Some((fixed_v, moving_v)))
+    let (fixed_mask, moving_mask, mask_volumes) = match (&files.fixed_mask, &files.moving_mask) {
+        (Some(fm), Some(mm)) => {
+            let mut out = Vec::with_capacity(2);
+            for (path, image_path, image) in [
+                (fm, &files.fixed, &fixed_volume),
+                (mm, &files.moving, &moving_volume),
+            ] {
+                let vol = files.read(path)?;
+                check_same_shape(image, &name(image_path), &vol, &name(path))?;
+                let t = preprocess_mask(&vol, pre, device).map_err(|e| as_file_error(path, e))?;
+                out.push((t, vol));
             }
-            (None, None) => (None, None, None),
-            _ => {
-                return Err(Error::invalid(
-                    "masks",
-                    "give both --fixed-mask and --moving-mask, or neither",
-                ))
-            }
-        };
+            let (moving_t, moving_v) = out.pop().expect("two masks were read");
+            let (fixed_t, fixed_v) = out.pop().expect("two masks were read");
+            (Some(fixed_t), Some(moving_t), Some((fixed_v, moving_v)))
+        }
+        (None, None) => (None, None, None),
+        _ => {
+            return Err(Error::invalid(
+                "masks",
+                "give both --fixed-mask and --moving-mask, or neither",
+            ))
+        }
+    };
     let keypoints = match &files.keypoints {
         None => None,
         Some(KeypointFiles::Pairs(p)) => {

@@ -34,13 +34,15 @@ pub enum ExportFormat {
 
 /// Arguments of `medray results export`.
 #[derive(Debug, clap::Args)]
-#[command(after_help = "Naming: a case id with one 4-digit number (NLST_0101, as the nlst \
+#[command(
+    after_help = "Naming: a case id with one 4-digit number (NLST_0101, as the nlst \
 ingest source names a subject's pair) is written as disp_0101_0101.nii.gz; one with four \
 (NLST_0101_0000_NLST_0102_0000, two image names) as disp_0101_0102.nii.gz, or \
 disp_0101_0000_0102_0001.nii.gz when the modalities differ, as the Learn2Reg evaluation looks \
 them up. Any other case id (case_001) is written as disp_<case>.nii.gz, which the Learn2Reg \
 evaluation will not find: rename those files to the task's pair names yourself (the command \
-lists them).")]
+lists them)."
+)]
 pub struct ExportArgs {
     #[command(flatten)]
     data: DataArgs,
@@ -153,7 +155,10 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
             stored_report_job(&dir, &JobId(job.clone()))
                 .with_context(|| format!("reading job `{job}` from {}", path.display()))?
                 .with_context(|| format!("job `{job}` not found in {}", path.display()))?;
-            let files = plan(&job, &list_results(&args.data.open_catalog()?, &filter(&job))?)?;
+            let files = plan(
+                &job,
+                &list_results(&args.data.open_catalog()?, &filter(&job))?,
+            )?;
             let stage = args.data.open_stage()?;
             let bar = progress(files.len());
             rt.block_on(async {

@@ -92,22 +92,22 @@ fn an_exported_shift_is_a_fixed_to_moving_transform_in_mm_lps_on_the_fixed_grid(
         for r in 0..3 {
             for c in 0..4 {
                 assert_eq!(srow[r][c], affine[r][c] as f32, "sform [{r}][{c}]");
-                assert!((qform[r][c] - affine[r][c]).abs() < 1e-5, "qform [{r}][{c}]");
+                assert!(
+                    (qform[r][c] - affine[r][c]).abs() < 1e-5,
+                    "qform [{r}][{c}]"
+                );
             }
         }
         // Units and signs: 2 voxels along i is 2 * column 0 of the affine in RAS mm, with
         // x and y negated for LPS. Affine 0: i runs towards -x (R->L flipped), 0.8 mm: LPS
         // +1.6 mm on x. Affine 1: i runs along +y, 0.8 mm: LPS -1.6 mm on y.
-        let want = [
-            [1.6f32, 0.0, 0.0],
-            [0.0, -1.6, 0.0],
-        ][n];
+        let want = [[1.6f32, 0.0, 0.0], [0.0, -1.6, 0.0]][n];
         let voxels = h * w * d;
         assert_eq!(bytes.len(), 352 + 4 * 3 * voxels);
-        for c in 0..3 {
+        for (c, want_c) in want.iter().enumerate() {
             for idx in 0..voxels {
                 let v = voxel(&bytes, idx + c * voxels);
-                assert!((v - want[c]).abs() < 1e-6, "affine {n} component {c}: {v}");
+                assert!((v - want_c).abs() < 1e-6, "affine {n} component {c}: {v}");
             }
         }
         // Direction: the fixed point p, moved by the stored vector in LPS and taken back to
@@ -116,7 +116,9 @@ fn an_exported_shift_is_a_fixed_to_moving_transform_in_mm_lps_on_the_fixed_grid(
         let a3 = [0, 1, 2].map(|r| [affine[r][0], affine[r][1], affine[r][2]]);
         let inv = inverse3(a3);
         let x = [5.0, 7.0, 9.0];
-        let ras = |x: [f64; 3]| [0, 1, 2].map(|r| (0..3).map(|c| a3[r][c] * x[c]).sum::<f64>() + affine[r][3]);
+        let ras = |x: [f64; 3]| {
+            [0, 1, 2].map(|r| (0..3).map(|c| a3[r][c] * x[c]).sum::<f64>() + affine[r][3])
+        };
         let p = ras(x);
         let p_lps = [-p[0], -p[1], p[2]];
         let q_lps = [0, 1, 2].map(|c| p_lps[c] + f64::from(want[c]));
@@ -140,23 +142,30 @@ fn an_exported_shift_is_a_fixed_to_moving_transform_in_mm_lps_on_the_fixed_grid(
         &Device::Cpu,
     )
     .unwrap();
-    let ddf_t = Tensor::from_vec(ddf.iter().copied().collect::<Vec<_>>(), (1, 3, h, w, d), &Device::Cpu)
-        .unwrap();
+    let ddf_t = Tensor::from_vec(
+        ddf.iter().copied().collect::<Vec<_>>(),
+        (1, 3, h, w, d),
+        &Device::Cpu,
+    )
+    .unwrap();
     let warped = ops::warp(&moving, &ddf_t, Padding::Border).unwrap();
-    let at = warped
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()[(5 * w + 7) * d + 9];
-    assert!((at - 7.0).abs() < 1e-4, "warped(5, 7, 9) = {at}, moving(7, 7, 9) = 7");
+    let at = warped.flatten_all().unwrap().to_vec1::<f32>().unwrap()[(5 * w + 7) * d + 9];
+    assert!(
+        (at - 7.0).abs() < 1e-4,
+        "warped(5, 7, 9) = {at}, moving(7, 7, 9) = 7"
+    );
 }
 
 /// A `(1, 3, H, W, D)` tensor of the DDF `u_c = f_c(i, j, k)`.
 fn field(f: impl Fn(usize, [usize; 3]) -> f32) -> Tensor {
     let (h, w, d) = SHAPE;
     let a = Array4::from_shape_fn((3, h, w, d), |(c, i, j, k)| f(c, [i, j, k]));
-    Tensor::from_vec(a.iter().copied().collect::<Vec<_>>(), (1, 3, h, w, d), &Device::Cpu)
-        .unwrap()
+    Tensor::from_vec(
+        a.iter().copied().collect::<Vec<_>>(),
+        (1, 3, h, w, d),
+        &Device::Cpu,
+    )
+    .unwrap()
 }
 
 #[test]
@@ -174,7 +183,8 @@ fn jacobian_map_is_one_for_a_shift_and_the_stretch_for_a_linear_stretch() {
     }
     assert!(log_jac_std(&dets, None).unwrap().unwrap() < 1e-6);
     // A shear adds nothing to the determinant: u_0 = 0.3 j.
-    let (map, _) = jacobian_map(&field(|c, x| if c == 0 { 0.3 * x[1] as f32 } else { 0.0 })).unwrap();
+    let (map, _) =
+        jacobian_map(&field(|c, x| if c == 0 { 0.3 * x[1] as f32 } else { 0.0 })).unwrap();
     assert!(map.iter().all(|&v| (v - 1.0).abs() < 1e-6));
 }
 
@@ -215,7 +225,10 @@ fn learn2reg_files_are_4d_voxel_fields_named_by_the_pair() {
         let n = i + h * (j + w * (k + d * c));
         assert_eq!(voxel(&bytes, n), ddf[[c, i, j, k]], "voxels, unchanged");
     }
-    assert_eq!(learn2reg_name("NLST_0101"), ("disp_0101_0101.nii.gz".into(), true));
+    assert_eq!(
+        learn2reg_name("NLST_0101"),
+        ("disp_0101_0101.nii.gz".into(), true)
+    );
     assert_eq!(
         learn2reg_name("NLST_0101_0000_NLST_0102_0000"),
         ("disp_0101_0102.nii.gz".into(), true)
@@ -224,5 +237,8 @@ fn learn2reg_files_are_4d_voxel_fields_named_by_the_pair() {
         learn2reg_name("LungCT_0003_0001_LungCT_0003_0000"),
         ("disp_0003_0001_0003_0000.nii.gz".into(), true)
     );
-    assert_eq!(learn2reg_name("case_001"), ("disp_case_001.nii.gz".into(), false));
+    assert_eq!(
+        learn2reg_name("case_001"),
+        ("disp_case_001.nii.gz".into(), false)
+    );
 }
