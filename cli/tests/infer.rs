@@ -386,6 +386,23 @@ fn inference_registers_every_case_like_predict_and_a_corrupt_case_fails_alone() 
     let (dims, _, disp) = nifti(&l2r.join("disp_case_002.nii.gz"));
     assert_eq!(dims, [24, 20, 16, 3]);
     assert!(max_abs_diff(&disp, &ddf) == 0.0, "the voxel DDF, unchanged");
+    // The same from the data directory, without the head.
+    let l2r_local = c.dir().join("l2r-local");
+    let head_dir = c.dir().join("data");
+    c.cli_ok(&[
+        "results",
+        "export",
+        "--format",
+        "learn2reg",
+        "--job",
+        &job,
+        "--out",
+        &s(&l2r_local),
+        "--data-dir",
+        &s(&head_dir),
+    ])
+    .expect("local export");
+    assert_eq!(nifti(&l2r_local.join("disp_case_002.nii.gz")).2, disp);
     // A job that is not an inference job is refused.
     let out = c
         .cli(&[
