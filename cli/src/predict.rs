@@ -42,6 +42,13 @@ pub struct Args {
     /// Where to write the warped moving image.
     #[arg(long)]
     out_warped: Option<PathBuf>,
+    /// Where to write the displacement as an ITK/ANTs/Slicer displacement field transform
+    /// (5-D NIfTI, intent 1007, mm, LPS; fixed -> moving points); needs --original-grid.
+    #[arg(long, requires = "original_grid")]
+    out_transform: Option<PathBuf>,
+    /// Where to write the Jacobian determinant map of x -> x + u(x) (float32 NIfTI).
+    #[arg(long)]
+    out_jacobian: Option<PathBuf>,
     /// Write the DDF and warped image on the original grid of the fixed image instead of the
     /// network grid.
     #[arg(long)]
@@ -74,6 +81,8 @@ pub fn run(args: Args, device: &candle_core::Device) -> anyhow::Result<()> {
         keypoints,
         out_ddf: args.out_ddf,
         out_warped: args.out_warped,
+        out_transform: args.out_transform,
+        out_jacobian: args.out_jacobian,
         output_grid: if args.original_grid {
             OutputGrid::Original
         } else {
@@ -115,6 +124,7 @@ pub fn run(args: Args, device: &candle_core::Device) -> anyhow::Result<()> {
         m.folding_pct, m.jacobian_min
     );
     println!("  mean |DDF|      {:.3} voxels", m.ddf_magnitude);
+    println!("  SD log det J    {}", fmt_opt(m.log_jac_std, 4));
     if let Some(r) = &report.refine {
         println!(
             "  refined         {} Adam steps (lr {}): {} loss {:.5} -> {:.5} in {:.0} ms",

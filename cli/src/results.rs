@@ -33,9 +33,20 @@ pub enum Format {
     Json,
 }
 
+pub mod export;
+
+/// What `medray results` does besides listing rows.
+#[derive(Debug, clap::Subcommand)]
+pub enum ResultsCommand {
+    /// Write a job's displacement fields in another tool's format (Learn2Reg submission).
+    Export(export::ExportArgs),
+}
+
 /// Arguments of `medray results`.
 #[derive(Debug, clap::Args)]
 pub struct ResultsArgs {
+    #[command(subcommand)]
+    command: Option<ResultsCommand>,
     #[command(flatten)]
     data: DataArgs,
     #[command(flatten)]
@@ -299,6 +310,9 @@ pub async fn remote_results(
 
 /// Runs `medray results`.
 pub fn run_results(args: ResultsArgs) -> anyhow::Result<()> {
+    if let Some(ResultsCommand::Export(export)) = args.command {
+        return export::run(export);
+    }
     let filter = ResultFilter {
         model: args.model,
         version: args.version,

@@ -222,6 +222,16 @@ fn inference_registers_every_case_like_predict_and_a_corrupt_case_fails_alone() 
             r["output_ddf"],
             format!("results/lungs/m/v1/{case}_ddf.nii.gz")
         );
+        // Issue 19: the ITK/ANTs transform, the Jacobian map and SD log J.
+        assert_eq!(
+            r["output_transform"],
+            format!("results/lungs/m/v1/{case}_transform_lps_mm.nii.gz")
+        );
+        assert_eq!(
+            r["output_jacobian"],
+            format!("results/lungs/m/v1/{case}_jacobian.nii.gz")
+        );
+        assert!(r["log_jac_std"].as_f64().is_some_and(|v| v >= 0.0), "{r}");
     }
 
     // The outputs of case_002 lie on the fixed image's grid with its affine.
@@ -313,8 +323,102 @@ fn inference_registers_every_case_like_predict_and_a_corrupt_case_fails_alone() 
     close(&row["tre_before_mm"], num("tre_before_mm"), "tre_before_mm");
     close(&row["folding_pct"], num("folding_pct"), "folding_pct");
     close(&row["ddf_magnitude"], num("ddf_magnitude"), "ddf_magnitude");
+    close(&row["log_jac_std"], num("log_jac_std"), "log_jac_std");
     let (_, _, predicted_ddf) = nifti(&out_ddf);
     assert!(max_abs_diff(&ddf, &predicted_ddf) <= 1e-5);
+
+    // The transform is the DDF in mm, LPS (x, y negated), on the fixed grid and affine; the
+    // Jacobian map is a volume on the same grid; both are in the stage under their keys.
+    let (dims, srow, transform) = nifti(&get(&c, row["output_transform"].as_str().expect("key")));
+    assert_eq!(dims, [24, 20, 16, 1, 3]);
+    assert_eq!(
+        srow,
+        [0, 1, 2].map(|r| fixed_vol.affine[r].map(|v| v as f32))
+    );
+    let voxels = 24 * 20 * 16;
+    let a = fixed_vol.affine;
+    let mut worst = 0f64;
+    for n in 0..voxels {
+        let u = [0, 1, 2].map(|c| f64::from(ddf[n + c * voxels]));
+        for r in 0..3 {
+            let ras: f64 = (0..3).map(|c| a[r][c] * u[c]).sum();
+            let want = if r < 2 { -ras } else { ras };
+            worst = worst.max((f64::from(transform[n + r * voxels]) - want).abs());
+        }
+    }
+    assert!(worst < 1e-4, "transform vs DDF: {worst} mm");
+    let jacobian = get(&c, row["output_jacobian"].as_str().expect("key"));
+    let jac_vol = medray_core::nifti_io::read_volume(&jacobian).expect("Jacobian map");
+    assert_eq!(jac_vol.shape(), [24, 20, 16]);
+    assert_eq!(jac_vol.affine, fixed_vol.affine);
+    assert!(jac_vol.data.iter().all(|v| v.is_finite()));
+
+    // The Learn2Reg export: one (X, Y, Z, 3) voxel file per case, named after the case
+    // (synthetic ids are no Learn2Reg pair ids, and the command says so).
+    let l2r = c.dir().join("l2r");
+    let said = c
+        .cli_ok(&[
+            "results",
+            "export",
+            "--format",
+            "learn2reg",
+            "--job",
+            &job,
+            "--out",
+            &s(&l2r),
+        ])
+        .expect("export");
+    assert!(
+        said.contains("exported 4 ") && said.contains("not Learn2Reg pair ids"),
+        "{said}"
+    );
+    let mut names: Vec<String> = std::fs::read_dir(&l2r)
+        .expect("export folder")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        (1..=4)
+            .map(|i| format!("disp_case_00{i}.nii.gz"))
+            .collect::<Vec<_>>()
+    );
+    let (dims, _, disp) = nifti(&l2r.join("disp_case_002.nii.gz"));
+    assert_eq!(dims, [24, 20, 16, 3]);
+    assert!(max_abs_diff(&disp, &ddf) == 0.0, "the voxel DDF, unchanged");
+    // The same from the data directory, without the head.
+    let l2r_local = c.dir().join("l2r-local");
+    let head_dir = c.dir().join("data");
+    c.cli_ok(&[
+        "results",
+        "export",
+        "--format",
+        "learn2reg",
+        "--job",
+        &job,
+        "--out",
+        &s(&l2r_local),
+        "--data-dir",
+        &s(&head_dir),
+    ])
+    .expect("local export");
+    assert_eq!(nifti(&l2r_local.join("disp_case_002.nii.gz")).2, disp);
+    // A job that is not an inference job is refused.
+    let out = c
+        .cli(&[
+            "results",
+            "export",
+            "--format",
+            "learn2reg",
+            "--job",
+            "job-000001",
+            "--out",
+            &s(&l2r),
+        ])
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("inference"), "{err}");
     let warped = medray_core::nifti_io::read_volume(&out_warped).expect("warped");
     let (a, b): (Vec<f32>, Vec<f32>) = (
         image_vol.data.iter().copied().collect(),

@@ -146,6 +146,12 @@ fn the_report_is_written_served_and_renders_in_chromium() {
     ] {
         assert!(html.contains(heading), "no `{heading}` in the page");
     }
+    // SD log J (issue 19) has a summary row over the 3 cases, and a per-case column.
+    assert!(
+        html.contains("<tr><td class=\"t\">SD log J</td><td>3</td>"),
+        "no SD log J summary row"
+    );
+    assert!(html.contains("<th>SD log J</th>"));
     assert!(html.contains(&job));
 
     // The pages show patient images: without a signed link the head refuses them

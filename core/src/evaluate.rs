@@ -11,6 +11,8 @@
 //! * `folding_pct`: percentage of voxels where the Jacobian determinant of `x -> x + u(x)`
 //!   is <= 0; `jacobian_min` its smallest value.
 //! * `ddf_magnitude`: mean `||u||` in voxels of the grid the DDF lives on.
+//! * `log_jac_std`: standard deviation of `log(max(det J, 1e-9))`, set by
+//!   [`crate::predict::register_pair_with`] on the output grid ([`crate::interop::log_jac_std`]).
 //! * `tre_mm` / `tre_before_mm`: mean target registration error of keypoint pairs in mm.
 
 use candle_core::Tensor;
@@ -43,6 +45,11 @@ pub struct CaseMetrics {
     pub jacobian_min: f64,
     /// Mean displacement magnitude in voxels.
     pub ddf_magnitude: f64,
+    /// Standard deviation of `log(max(det J, 1e-9))` on the output grid, over the fixed
+    /// mask when there is one (`None` until [`crate::predict::register_pair_with`] sets it,
+    /// and from older workers).
+    #[serde(default)]
+    pub log_jac_std: Option<f64>,
     /// Mean TRE after registration, mm.
     pub tre_mm: Option<f64>,
     /// Mean TRE before registration, mm.
@@ -127,6 +134,7 @@ pub fn evaluate_case(
         folding_pct: jac.folding_percent,
         jacobian_min: jac.min,
         ddf_magnitude,
+        log_jac_std: None,
         tre_mm,
         tre_before_mm,
     })

@@ -9,6 +9,7 @@ pub mod error;
 pub mod evaluate;
 pub mod gpu;
 pub mod ingest;
+pub mod interop;
 pub mod keypoints;
 pub mod localnet;
 pub mod losses;

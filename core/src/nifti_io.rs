@@ -377,7 +377,7 @@ fn affine_of(header: &NiftiHeader, spacing: [f64; 3]) -> [[f64; 4]; 4] {
 
 /// The qform affine: rotation from the quaternion `(b, c, d)`, `qfac = pixdim[0]`, offsets
 /// `qoffset_*` (`nifti1.h`, "method 2"). `None` if a field is not finite.
-fn qform_affine(header: &NiftiHeader, spacing: [f64; 3]) -> Option<[[f64; 4]; 4]> {
+pub(crate) fn qform_affine(header: &NiftiHeader, spacing: [f64; 3]) -> Option<[[f64; 4]; 4]> {
     let [b, c, d] = [header.quatern_b, header.quatern_c, header.quatern_d].map(f64::from);
     let offset = [header.quatern_x, header.quatern_y, header.quatern_z].map(f64::from);
     if ![b, c, d].iter().chain(offset.iter()).all(|v| v.is_finite()) {
@@ -552,24 +552,111 @@ pub fn write_volume_as(
 /// # Errors
 /// As [`write_volume_as`]; [`Error::ShapeMismatch`] if the first axis is not 3.
 pub fn write_ddf(path: impl AsRef<Path>, ddf: &Array4<f32>, affine: &[[f64; 4]; 4]) -> Result<()> {
+    write_vector_field(path, ddf, affine, VectorLayout::Nifti5d)
+}
+
+/// How [`write_vector_field`] lays out a `[3, H, W, D]` field.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VectorLayout {
+    /// 5-D `(H, W, D, 1, 3)`, intent `NIFTI_INTENT_VECTOR` (1007): the NIfTI standard's
+    /// vector image, read as a displacement field by ITK, ANTs and Slicer.
+    Nifti5d,
+    /// 4-D `(H, W, D, 3)`, no intent: what `nibabel.save(Nifti1Image(array_xyz3, affine))`
+    /// writes, the Learn2Reg submission layout.
+    Plain4d,
+}
+
+/// Writes a `[3, H, W, D]` float32 vector field in `layout`, with the given affine (sform
+/// and qform), atomically. The components are stored as given: the caller decides their
+/// units and frame ([`write_ddf`]: voxels; [`crate::interop`]: mm LPS).
+///
+/// # Errors
+/// As [`write_volume_as`]; [`Error::ShapeMismatch`] if the first axis is not 3.
+pub fn write_vector_field(
+    path: impl AsRef<Path>,
+    ddf: &Array4<f32>,
+    affine: &[[f64; 4]; 4],
+    layout: VectorLayout,
+) -> Result<()> {
     let (c, h, w, d) = ddf.dim();
     if c != 3 {
         return Err(Error::ShapeMismatch {
-            op: "write_ddf",
+            op: "write_vector_field",
             expected: "[3, H, W, D]".into(),
             got: format!("{:?}", ddf.shape()),
         });
     }
     let mut header = HeaderFields::new([h, w, d], affine, NiftiType::Float32 as i16, 4)?;
-    header.dim = [5, h, w, d, 1, 3, 1, 1];
-    header.intent_code = NIFTI_INTENT_VECTOR;
+    match layout {
+        VectorLayout::Nifti5d => {
+            header.dim = [5, h, w, d, 1, 3, 1, 1];
+            header.intent_code = NIFTI_INTENT_VECTOR;
+        }
+        VectorLayout::Plain4d => header.dim = [4, h, w, d, 3, 1, 1, 1],
+    }
     let mut payload = Vec::with_capacity(WRITE_VOX_OFFSET + ddf.len() * 4);
     header.encode(&mut payload);
-    // Fortran order over (x, y, z, t=1, c): component-major, x fastest.
+    // Fortran order over (x, y, z, [t=1,] c): component-major, x fastest (both layouts).
     for &v in ddf.view().permuted_axes([0, 3, 2, 1]).iter() {
         payload.extend_from_slice(&v.to_le_bytes());
     }
     write_atomically(path.as_ref(), &payload)
+}
+
+/// Reads a DDF as [`write_ddf`] writes it (5-D `(H, W, D, 1, 3)` float32, gzipped or not)
+/// from its bytes: the `[3, H, W, D]` field and its affine. `name` names the file in errors.
+///
+/// # Errors
+/// [`Error::Nifti`] naming `name` for anything else (another layout or type, short data).
+pub fn read_ddf_bytes(bytes: &[u8], name: &Path) -> Result<(Array4<f32>, [[f64; 4]; 4])> {
+    let bad = |reason: String| Error::Nifti {
+        path: name.to_path_buf(),
+        reason,
+    };
+    let mut raw = Vec::new();
+    let data: &[u8] = if bytes.starts_with(&[0x1f, 0x8b]) {
+        GzDecoder::new(bytes)
+            .read_to_end(&mut raw)
+            .map_err(|e| bad(format!("not gzip: {e}")))?;
+        &raw
+    } else {
+        bytes
+    };
+    if data.len() < HEADER_BYTES {
+        return Err(bad("shorter than a NIfTI-1 header".into()));
+    }
+    let header = NiftiHeader::from_reader(&data[..HEADER_BYTES])
+        .map_err(|e| bad(format!("not a NIfTI-1 header: {e}")))?;
+    let dim = header.dim;
+    if dim[0] != 5 || dim[4] != 1 || dim[5] != 3 || header.datatype != NiftiType::Float32 as i16 {
+        return Err(bad(format!(
+            "not a medray DDF: dim {dim:?}, datatype {} (want [5, H, W, D, 1, 3], float32)",
+            header.datatype
+        )));
+    }
+    let [h, w, d] = [1, 2, 3].map(|a| usize::from(dim[a]));
+    let offset = header.vox_offset as usize;
+    let voxels = h * w * d;
+    let end = offset + 4 * 3 * voxels;
+    if h == 0
+        || w == 0
+        || d == 0
+        || !(HEADER_BYTES..=MAX_VOX_OFFSET as usize).contains(&offset)
+        || data.len() < end
+    {
+        return Err(bad(format!(
+            "{} bytes of voxel data for {voxels} vectors at offset {offset}",
+            data.len().saturating_sub(offset)
+        )));
+    }
+    let values = &data[offset..end];
+    let value =
+        |n: usize| f32::from_le_bytes(values[4 * n..4 * n + 4].try_into().expect("4 bytes"));
+    let field = Array4::from_shape_fn((3, h, w, d), |(c, i, j, k)| {
+        value(i + h * (j + w * (k + d * c)))
+    });
+    let spacing = [1, 2, 3].map(|a| f64::from(header.pixdim[a]));
+    Ok((field, affine_of(&header, spacing)))
 }
 
 /// Writes `bytes` (a full uncompressed NIfTI file) to `path`, gzip-compressed if the name

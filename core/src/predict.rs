@@ -15,6 +15,7 @@ use ndarray::Array3;
 use serde::{Deserialize, Serialize};
 
 use crate::evaluate::{evaluate_case, CaseMetrics, CaseTensors, KeypointEval};
+use crate::interop::{jacobian_map, log_jac_std, write_itk_transform};
 use crate::keypoints::{read_keypoint_pairs, read_keypoints};
 use crate::model::{load_model, LoadedModel};
 use crate::nifti_io::{
@@ -74,6 +75,11 @@ pub struct PredictRequest {
     pub out_ddf: PathBuf,
     /// Where to write the warped moving image.
     pub out_warped: Option<PathBuf>,
+    /// Where to write the ITK/ANTs/Slicer displacement field transform (mm, LPS; original
+    /// grid only, [`crate::interop::write_itk_transform`]).
+    pub out_transform: Option<PathBuf>,
+    /// Where to write the Jacobian determinant map (on the grid of the DDF).
+    pub out_jacobian: Option<PathBuf>,
     /// Grid of the written outputs.
     pub output_grid: OutputGrid,
     /// Adam steps of instance optimisation on the DDF ([`crate::refine`]); 0: none.
@@ -198,6 +204,8 @@ pub struct LoadedPair {
     pub moving_volume: Volume,
     /// The moving mask as stored.
     pub moving_mask_volume: Option<Volume>,
+    /// The fixed mask as stored.
+    pub fixed_mask_volume: Option<Volume>,
     /// Preprocessed fixed image (1, 1, h, w, d).
     pub fixed: Tensor,
     /// Preprocessed moving image.
@@ -249,32 +257,30 @@ pub fn load_pair(
         preprocess_image(&fixed_volume, pre, device).map_err(|e| as_file_error(&files.fixed, e))?;
     let moving = preprocess_image(&moving_volume, pre, device)
         .map_err(|e| as_file_error(&files.moving, e))?;
-    let (fixed_mask, moving_mask, moving_mask_volume) =
-        match (&files.fixed_mask, &files.moving_mask) {
-            (Some(fm), Some(mm)) => {
-                let mut out = Vec::with_capacity(2);
-                for (path, image_path, image) in [
-                    (fm, &files.fixed, &fixed_volume),
-                    (mm, &files.moving, &moving_volume),
-                ] {
-                    let vol = files.read(path)?;
-                    check_same_shape(image, &name(image_path), &vol, &name(path))?;
-                    let t =
-                        preprocess_mask(&vol, pre, device).map_err(|e| as_file_error(path, e))?;
-                    out.push((t, vol));
-                }
-                let (moving_t, moving_v) = out.pop().expect("two masks were read");
-                let (fixed_t, _) = out.pop().expect("two masks were read");
-                (Some(fixed_t), Some(moving_t), Some(moving_v))
+    let (fixed_mask, moving_mask, mask_volumes) = match (&files.fixed_mask, &files.moving_mask) {
+        (Some(fm), Some(mm)) => {
+            let mut out = Vec::with_capacity(2);
+            for (path, image_path, image) in [
+                (fm, &files.fixed, &fixed_volume),
+                (mm, &files.moving, &moving_volume),
+            ] {
+                let vol = files.read(path)?;
+                check_same_shape(image, &name(image_path), &vol, &name(path))?;
+                let t = preprocess_mask(&vol, pre, device).map_err(|e| as_file_error(path, e))?;
+                out.push((t, vol));
             }
-            (None, None) => (None, None, None),
-            _ => {
-                return Err(Error::invalid(
-                    "masks",
-                    "give both --fixed-mask and --moving-mask, or neither",
-                ))
-            }
-        };
+            let (moving_t, moving_v) = out.pop().expect("two masks were read");
+            let (fixed_t, fixed_v) = out.pop().expect("two masks were read");
+            (Some(fixed_t), Some(moving_t), Some((fixed_v, moving_v)))
+        }
+        (None, None) => (None, None, None),
+        _ => {
+            return Err(Error::invalid(
+                "masks",
+                "give both --fixed-mask and --moving-mask, or neither",
+            ))
+        }
+    };
     let keypoints = match &files.keypoints {
         None => None,
         Some(KeypointFiles::Pairs(p)) => {
@@ -299,10 +305,12 @@ pub fn load_pair(
             Some((f.points, m.points))
         }
     };
+    let (fixed_mask_volume, moving_mask_volume) = mask_volumes.unzip();
     Ok(LoadedPair {
         fixed_volume,
         moving_volume,
         moving_mask_volume,
+        fixed_mask_volume,
         fixed,
         moving,
         fixed_mask,
@@ -331,6 +339,9 @@ pub struct Registration {
     /// The DDF on the original grid (1, 3, H, W, D), original voxels: the network's DDF
     /// resampled, or the pyramid refinement's result.
     pub ddf_original: Option<Tensor>,
+    /// `det J` of `x -> x + u(x)` on the grid of `ddf_original` when it is set, else of
+    /// `ddf` ([`crate::interop::jacobian_map`]).
+    pub jacobian: Array3<f32>,
     /// Wall time of the network forward pass alone, ms.
     pub inference_ms: f64,
     /// What the refinement did, if it ran.
@@ -470,7 +481,7 @@ pub fn register_pair_with(
         }),
         _ => None,
     };
-    let metrics = evaluate_case(
+    let mut metrics = evaluate_case(
         &CaseTensors {
             fixed: &pair.fixed,
             moving: &pair.moving,
@@ -480,10 +491,31 @@ pub fn register_pair_with(
         },
         kp_eval.as_ref(),
     )?;
+    // det J and the spread of log det J on the output grid, over the fixed mask if any.
+    let (jacobian, dets) = jacobian_map(ddf_original.as_ref().unwrap_or(&ddf))?;
+    let mask: Option<Vec<bool>> = match &ddf_original {
+        Some(_) => pair
+            .fixed_mask_volume
+            .as_ref()
+            .map(|v| v.data.iter().map(|&x| x >= 0.5).collect()),
+        None => match &pair.fixed_mask {
+            Some(m) => Some(
+                m.flatten_all()?
+                    .to_dtype(DType::F32)?
+                    .to_vec1::<f32>()?
+                    .into_iter()
+                    .map(|x| x >= 0.5)
+                    .collect(),
+            ),
+            None => None,
+        },
+    };
+    metrics.log_jac_std = log_jac_std(&dets, mask.as_deref())?;
     Ok(Registration {
         metrics,
         ddf,
         ddf_original,
+        jacobian,
         inference_ms,
         refine,
         network_size,
@@ -577,6 +609,12 @@ pub fn predict(request: &PredictRequest, device: &Device) -> Result<PredictRepor
         names: Vec::new(),
     };
     let pair = load_pair(&files, &model.config.preprocess, device)?;
+    if request.out_transform.is_some() && request.output_grid != OutputGrid::Original {
+        return Err(Error::invalid(
+            "out_transform",
+            "the transform is written on the fixed image's own grid: add --original-grid",
+        ));
+    }
     let reg = register_pair_with(
         &model,
         &pair,
@@ -589,12 +627,14 @@ pub fn predict(request: &PredictRequest, device: &Device) -> Result<PredictRepor
     let original = pair.original_size();
     match request.output_grid {
         OutputGrid::Original => {
-            let d = reg.original()?;
-            write_ddf(
-                &request.out_ddf,
-                &tensor_to_ddf_array(d)?,
-                &pair.fixed_volume.affine,
-            )?;
+            let d = tensor_to_ddf_array(reg.original()?)?;
+            write_ddf(&request.out_ddf, &d, &pair.fixed_volume.affine)?;
+            if let Some(out) = &request.out_transform {
+                write_itk_transform(out, &d, &pair.fixed_volume.affine)?;
+            }
+            if let Some(out) = &request.out_jacobian {
+                write_volume(out, &reg.jacobian, &pair.fixed_volume.affine)?;
+            }
             if let Some(out) = &request.out_warped {
                 write_volume(
                     out,
@@ -606,6 +646,9 @@ pub fn predict(request: &PredictRequest, device: &Device) -> Result<PredictRepor
         OutputGrid::Network => {
             let affine = resized_affine(&pair.fixed_volume.affine, original, reg.network_size);
             write_ddf(&request.out_ddf, &tensor_to_ddf_array(&reg.ddf)?, &affine)?;
+            if let Some(out) = &request.out_jacobian {
+                write_volume(out, &reg.jacobian, &affine)?;
+            }
             if let Some(out) = &request.out_warped {
                 let warped = ops::warp(&pair.moving, &reg.ddf, Padding::Border)?;
                 write_volume(out, &tensor_to_array3(&warped)?, &affine)?;

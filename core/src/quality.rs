@@ -12,7 +12,8 @@
 //!   after;
 //! * folding: percentage of voxels with `det(I + ∇u) <= 0` (central differences, see
 //!   [`crate::metrics::jacobian_determinant`]);
-//! * `log_jac_std`: the standard deviation over all voxels of `ln(max(det J, 1e-9))`, the
+//! * `log_jac_std`: the standard deviation over all voxels of `ln(max(det J, 1e-9))`
+//!   ([`crate::interop::log_jac_std`], as the inference results' column), the
 //!   smoothness figure of Learn2Reg (there called SDlogJ; it is computed here from the plain
 //!   determinant, so an identity field scores 0).
 
@@ -23,9 +24,6 @@ use crate::metrics;
 use crate::nifti_io::Volume;
 use crate::ops;
 use crate::{Error, Result};
-
-/// Smallest determinant kept before the logarithm of [`QualityScore::log_jac_std`].
-const LOG_JAC_FLOOR: f64 = 1e-9;
 
 /// The quality figures of one registered pair (see the module docs).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -136,9 +134,9 @@ pub fn score_ddf(ddf: &Tensor, inputs: &ScoringInputs<'_>) -> Result<QualityScor
     let dets = metrics::jacobian_determinant(ddf)?;
     let n = dets.len() as f64;
     score.folding_pct = 100.0 * dets.iter().filter(|&&d| d <= 0.0).count() as f64 / n;
-    let logs: Vec<f64> = dets.iter().map(|d| d.max(LOG_JAC_FLOOR).ln()).collect();
-    let m = mean(&logs);
-    score.log_jac_std = (logs.iter().map(|l| (l - m).powi(2)).sum::<f64>() / n).sqrt();
+    // Every voxel: the benchmark scores fields of several tools on the same footing.
+    score.log_jac_std = crate::interop::log_jac_std(&dets, None)?
+        .expect("a DDF has at least 8 voxels (jacobian_determinant checked)");
     Ok(score)
 }
 

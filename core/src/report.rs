@@ -379,7 +379,7 @@ fn cases_table(h: &mut String, rows: &[ResultRow], id: &str) {
         "<h3>Cases</h3>\n<p>Click a column heading to sort.</p>\n<table id=\"cases-{id}\" class=\"sortable\">\n<thead><tr>\
          <th class=\"t\">case</th><th class=\"t\">status</th><th>Dice before</th><th>Dice after</th>\
          <th>soft Dice</th><th>SSIM</th><th>MI</th><th>TRE before (mm)</th><th>TRE after (mm)</th>\
-         <th>folding (%)</th><th>|DDF|</th><th>runtime (ms)</th><th class=\"t\">device</th>\
+         <th>folding (%)</th><th>|DDF|</th><th>SD log J</th><th>runtime (ms)</th><th class=\"t\">device</th>\
          <th class=\"t\">worker</th><th class=\"t\">error</th></tr></thead>\n<tbody>\n",
     );
     for r in rows {
@@ -403,6 +403,7 @@ fn cases_table(h: &mut String, rows: &[ResultRow], id: &str) {
             (r.tre_mm, 3),
             (r.folding_pct, 3),
             (r.ddf_magnitude, 3),
+            (r.log_jac_std, 4),
             (r.runtime_ms, 0),
         ] {
             let _ = write!(h, "<td data-v=\"{}\">{}</td>", sort_key(v), num(v, digits));

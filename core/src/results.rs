@@ -36,9 +36,22 @@ pub const LABEL_SUFFIX: &str = "_registered_label.nii.gz";
 pub const DDF_SUFFIX: &str = "_ddf.nii.gz";
 /// See [`IMAGE_SUFFIX`]: the case picture (mid slices, differences, DDF magnitude).
 pub const PNG_SUFFIX: &str = "_overview.png";
+/// See [`IMAGE_SUFFIX`]: the displacement as an ITK/ANTs/Slicer displacement field
+/// transform (mm, LPS, fixed -> moving points; [`crate::interop`]).
+pub const TRANSFORM_SUFFIX: &str = "_transform_lps_mm.nii.gz";
+/// See [`IMAGE_SUFFIX`]: the Jacobian determinant map on the fixed grid
+/// (`transformix -jac` style; [`crate::interop`]).
+pub const JACOBIAN_SUFFIX: &str = "_jacobian.nii.gz";
 /// Every output name ending: a worker may write `<prefix><case><suffix>` for these only
 /// (the head refuses other keys from an inference task).
-pub const OUTPUT_SUFFIXES: [&str; 4] = [IMAGE_SUFFIX, LABEL_SUFFIX, DDF_SUFFIX, PNG_SUFFIX];
+pub const OUTPUT_SUFFIXES: [&str; 6] = [
+    IMAGE_SUFFIX,
+    LABEL_SUFFIX,
+    DDF_SUFFIX,
+    PNG_SUFFIX,
+    TRANSFORM_SUFFIX,
+    JACOBIAN_SUFFIX,
+];
 
 /// The stage folder of a model version's inference outputs on a dataset,
 /// `results/<dataset>/<model>/<version>/`: two datasets with the same case ids (every
@@ -124,6 +137,11 @@ result_columns! {
         folding_pct: Option<f64> => Role::Metric("folding (%)"),
         /// Mean displacement magnitude, network-grid voxels.
         ddf_magnitude: Option<f64> => Role::Metric("mean |DDF| (voxels)"),
+        /// Standard deviation of `log(max(det J, 1e-9))` over the fixed lung mask (all
+        /// voxels without masks), on the fixed image's grid (migration 7;
+        /// [`crate::interop::log_jac_std`]).
+        #[serde(default)]
+        log_jac_std: Option<f64> => Role::Metric("SD log J"),
         /// The worker's time for the case (fetch, register, write, upload), ms.
         runtime_ms: Option<f64> => Role::Metric("runtime (ms)"),
         /// The device it ran on (`cpu`, `cuda:N`); empty when unknown.
@@ -138,6 +156,12 @@ result_columns! {
         output_label: Option<String>,
         /// Stage key of the DDF.
         output_ddf: Option<String>,
+        /// Stage key of the ITK/ANTs displacement field transform (mm, LPS; migration 7).
+        #[serde(default)]
+        output_transform: Option<String>,
+        /// Stage key of the Jacobian determinant map (migration 7).
+        #[serde(default)]
+        output_jacobian: Option<String>,
         /// Adam steps of instance optimisation.
         refine_steps: u32,
         /// Whether the case was among the model's training data; `None`: unknown (the model
@@ -176,6 +200,7 @@ impl ResultRow {
             tre_mm: None,
             folding_pct: None,
             ddf_magnitude: None,
+            log_jac_std: None,
             runtime_ms: None,
             device: String::new(),
             worker: String::new(),
@@ -183,6 +208,8 @@ impl ResultRow {
             output_image: None,
             output_label: None,
             output_ddf: None,
+            output_transform: None,
+            output_jacobian: None,
             refine_steps: 0,
             split: None,
             created_at: String::new(),
@@ -239,6 +266,12 @@ pub struct CaseReport {
     pub output_label: Option<String>,
     /// Stage key of the DDF.
     pub output_ddf: String,
+    /// Stage key of the ITK/ANTs displacement field transform (absent from older workers).
+    #[serde(default)]
+    pub output_transform: Option<String>,
+    /// Stage key of the Jacobian determinant map (absent from older workers).
+    #[serde(default)]
+    pub output_jacobian: Option<String>,
     /// Size of the images as stored.
     pub original_size: [usize; 3],
     /// Size the network ran on.
@@ -280,6 +313,7 @@ impl CaseReport {
             tre_mm: m.tre_mm,
             folding_pct: Some(m.folding_pct),
             ddf_magnitude: Some(m.ddf_magnitude),
+            log_jac_std: m.log_jac_std,
             runtime_ms: Some(self.runtime_ms),
             device: self.device,
             worker,
@@ -287,6 +321,8 @@ impl CaseReport {
             output_image: Some(self.output_image),
             output_label: self.output_label,
             output_ddf: Some(self.output_ddf),
+            output_transform: self.output_transform,
+            output_jacobian: self.output_jacobian,
             refine_steps: self
                 .refine
                 .map_or(0, |r| r.steps.min(u32::MAX as usize) as u32),

@@ -5,7 +5,8 @@
 //! skip the fetch and the load. The case's files are fetched (verified by sha256, cached),
 //! registered by [`medray_core::predict::register_pair_with`], the same code as `medray
 //! predict`, and the outputs on the fixed image's original grid and affine (registered
-//! image, trilinear; registered label, nearest; DDF) are uploaded to the results stage
+//! image, trilinear; registered label, nearest; DDF; the DDF as an ITK/ANTs transform in mm
+//! LPS; the Jacobian determinant map, see [`medray_core::interop`]) are uploaded to the results stage
 //! through the head. The task's result is a [`CaseReport`].
 
 use std::collections::VecDeque;
@@ -14,6 +15,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use candle_core::DType;
+use medray_core::interop::write_itk_transform;
 use medray_core::localnet::LocalNet;
 use medray_core::model::{LoadedModel, ModelConfig};
 use medray_core::nifti_io::{
@@ -21,7 +23,10 @@ use medray_core::nifti_io::{
 };
 use medray_core::predict::{load_pair, register_pair_with, KeypointFiles, PairFiles};
 use medray_core::refine::RefineOptions;
-use medray_core::results::{CaseReport, DDF_SUFFIX, IMAGE_SUFFIX, LABEL_SUFFIX, PNG_SUFFIX};
+use medray_core::results::{
+    CaseReport, DDF_SUFFIX, IMAGE_SUFFIX, JACOBIAN_SUFFIX, LABEL_SUFFIX, PNG_SUFFIX,
+    TRANSFORM_SUFFIX,
+};
 use medray_proto::v1::{InferTask, StageRef, TaskAssignment};
 
 use crate::compute::TaskContext;
@@ -164,7 +169,7 @@ fn write_outputs(
     std::fs::create_dir_all(dir).map_err(|e| write_err(medray_core::Error::io(dir, e)))?;
     let affine = &pair.fixed_volume.affine;
     let key = |suffix: &str| format!("{}{}{suffix}", spec.output_prefix, spec.case_id);
-    let mut out = Vec::with_capacity(4);
+    let mut out = Vec::with_capacity(6);
 
     let image = dir.join(format!("{}{IMAGE_SUFFIX}", spec.case_id));
     let warped = reg.warped_image_original(pair).map_err(compute_err)?;
@@ -183,14 +188,17 @@ fn write_outputs(
         .ddf_original
         .as_ref()
         .ok_or_else(|| TaskError::permanent("the DDF was not resampled to the original grid"))?;
+    let ddf = tensor_to_ddf_array(ddf).map_err(compute_err)?;
     let path = dir.join(format!("{}{DDF_SUFFIX}", spec.case_id));
-    write_ddf(
-        &path,
-        &tensor_to_ddf_array(ddf).map_err(compute_err)?,
-        affine,
-    )
-    .map_err(write_err)?;
+    write_ddf(&path, &ddf, affine).map_err(write_err)?;
     out.push((path, key(DDF_SUFFIX)));
+    let path = dir.join(format!("{}{TRANSFORM_SUFFIX}", spec.case_id));
+    write_itk_transform(&path, &ddf, affine).map_err(write_err)?;
+    out.push((path, key(TRANSFORM_SUFFIX)));
+    // `reg.jacobian` is on the original grid: `ddf_original` is set (checked above).
+    let path = dir.join(format!("{}{JACOBIAN_SUFFIX}", spec.case_id));
+    write_volume(&path, &reg.jacobian, affine).map_err(write_err)?;
+    out.push((path, key(JACOBIAN_SUFFIX)));
     Ok(out)
 }
 
@@ -332,6 +340,8 @@ pub fn run(
         output_image: find(IMAGE_SUFFIX).unwrap_or_default(),
         output_label: find(LABEL_SUFFIX),
         output_ddf: find(DDF_SUFFIX).unwrap_or_default(),
+        output_transform: find(TRANSFORM_SUFFIX),
+        output_jacobian: find(JACOBIAN_SUFFIX),
         original_size: pair.original_size(),
         network_size: reg.network_size,
         refine: reg.refine.clone(),

@@ -169,4 +169,11 @@ pub const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE job_logs ADD COLUMN progress BLOB;
     "#,
+    // 7: outputs for other tools (issue 19): the spread of log det J, and the stage keys of
+    // the ITK/ANTs displacement field transform and of the Jacobian determinant map.
+    r#"
+    ALTER TABLE results ADD COLUMN log_jac_std REAL;       -- SD of log(max(det J, 1e-9))
+    ALTER TABLE results ADD COLUMN output_transform TEXT;  -- stage key, mm LPS transform
+    ALTER TABLE results ADD COLUMN output_jacobian TEXT;   -- stage key, det J map
+    "#,
 ];
