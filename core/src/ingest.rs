@@ -394,7 +394,7 @@ pub async fn ingest_dirlab(
     catalog: &mut Catalog,
     config: &DirLabConfig,
     options: &IngestOptions,
-    mut progress: impl FnMut(IngestPhase, u64, u64),
+    progress: impl FnMut(IngestPhase, u64, u64),
 ) -> Result<IngestReport> {
     let name = match &options.name {
         Some(n) => n.clone(),
@@ -411,20 +411,58 @@ pub async fn ingest_dirlab(
             .join(","),
         config.hu_offset
     );
+    let hu_offset = config.hu_offset;
+    let target = Target {
+        stage,
+        catalog,
+        name: &name,
+        source: &source,
+        options,
+    };
+    convert_then_ingest(target, found, progress, move |case, dir| {
+        dirlab::convert_case(&case, hu_offset, dir)
+    })
+    .await
+}
+
+/// Where a converted source goes: its stage, catalog, name, provenance and options.
+struct Target<'a> {
+    stage: &'a Stage,
+    catalog: &'a mut Catalog,
+    name: &'a DatasetName,
+    source: &'a str,
+    options: &'a IngestOptions,
+}
+
+/// Converts each item into a temporary folder (off the async runtime, with progress), then
+/// validates, stores and publishes the converted cases ([`ingest_prepared`]); the folder
+/// goes when the ingest ends.
+async fn convert_then_ingest<T: Send + 'static>(
+    target: Target<'_>,
+    items: Vec<T>,
+    mut progress: impl FnMut(IngestPhase, u64, u64),
+    convert: impl Fn(T, &Path) -> std::result::Result<CaseFiles, BadCase> + Clone + Send + 'static,
+) -> Result<IngestReport> {
     let work = tempfile::tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?;
-    let total = found.len() as u64;
-    let mut prepared = Vec::with_capacity(found.len());
+    let total = items.len() as u64;
+    let mut prepared = Vec::with_capacity(items.len());
     progress(IngestPhase::Convert, 0, total);
-    for (i, case) in found.into_iter().enumerate() {
-        let (dir, hu_offset) = (work.path().to_path_buf(), config.hu_offset);
-        let converted =
-            tokio::task::spawn_blocking(move || dirlab::convert_case(&case, hu_offset, &dir))
-                .await
-                .map_err(|e| join_error("convert", e))?;
+    for (i, item) in items.into_iter().enumerate() {
+        let (dir, convert) = (work.path().to_path_buf(), convert.clone());
+        let converted = tokio::task::spawn_blocking(move || convert(item, &dir))
+            .await
+            .map_err(|e| join_error("convert", e))?;
         prepared.push(converted);
         progress(IngestPhase::Convert, i as u64 + 1, total);
     }
-    let report = ingest_prepared(stage, catalog, prepared, &name, &source, options, progress).await;
+    let Target {
+        stage,
+        catalog,
+        name,
+        source,
+        options,
+    } = target;
+    let report = ingest_prepared(stage, catalog, prepared, name, source, options, progress).await;
     drop(work);
     report
 }
@@ -442,7 +480,7 @@ pub async fn ingest_nlst(
     catalog: &mut Catalog,
     config: &NlstConfig,
     options: &IngestOptions,
-    mut progress: impl FnMut(IngestPhase, u64, u64),
+    progress: impl FnMut(IngestPhase, u64, u64),
 ) -> Result<IngestReport> {
     let name = match &options.name {
         Some(n) => n.clone(),
@@ -456,21 +494,17 @@ pub async fn ingest_nlst(
         l
     };
     let source = format!("nlst:{} pairs={}", json.display(), lists.join(","));
-    let work = tempfile::tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?;
-    let total = pairs.len() as u64;
-    let mut prepared = Vec::with_capacity(pairs.len());
-    progress(IngestPhase::Convert, 0, total);
-    for (i, pair) in pairs.into_iter().enumerate() {
-        let dir = work.path().to_path_buf();
-        let converted = tokio::task::spawn_blocking(move || nlst::convert_pair(&pair, &dir))
-            .await
-            .map_err(|e| join_error("convert", e))?;
-        prepared.push(converted);
-        progress(IngestPhase::Convert, i as u64 + 1, total);
-    }
-    let report = ingest_prepared(stage, catalog, prepared, &name, &source, options, progress).await;
-    drop(work);
-    report
+    let target = Target {
+        stage,
+        catalog,
+        name: &name,
+        source: &source,
+        options,
+    };
+    convert_then_ingest(target, pairs, progress, |pair, dir| {
+        nlst::convert_pair(&pair, dir)
+    })
+    .await
 }
 
 fn join_error(what: &str, e: tokio::task::JoinError) -> Error {
