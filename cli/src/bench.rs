@@ -299,6 +299,7 @@ pub fn run(args: Args, device: &candle_core::Device) -> anyhow::Result<()> {
             args.repeats
         );
         println!("{}", medray_core::ops::simd::describe());
+        println!("{}", medray_core::memory::describe());
         if gpu.is_some() {
             println!(
                 "GPU MiB: peak device memory in use while the configuration ran (total minus \
@@ -450,9 +451,10 @@ fn run_ops(args: &Args, sizes: &[[usize; 3]], device: &candle_core::Device) -> a
         println!("{}", serde_json::json!({ "gemm_ceiling": ceiling }));
     } else {
         println!(
-            "machine: {}; {}",
+            "machine: {}; {}; {}",
             crate::bench_quality::machine(),
-            medray_core::ops::simd::describe()
+            medray_core::ops::simd::describe(),
+            medray_core::memory::describe()
         );
         println!(
             "GEMM ceiling: f32 {}x{}x{} (m x n x k) on {} threads: {:.4} s, {:.1} GFLOP/s",

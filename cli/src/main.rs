@@ -172,6 +172,7 @@ fn configure_failpoints() -> Result<(), String> {
 }
 
 fn main() -> std::process::ExitCode {
+    medray_core::memory::keep_freed_memory();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -13,6 +13,7 @@ pub mod interop;
 pub mod keypoints;
 pub mod localnet;
 pub mod losses;
+pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod models;

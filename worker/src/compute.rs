@@ -183,7 +183,15 @@ impl ComputeThread {
             .name("medray-compute".into())
             .spawn(move || {
                 let models = std::cell::RefCell::new(crate::infer::ModelCache::default());
-                for task in rx {
+                let mut queued: Option<ComputeTask> = None;
+                loop {
+                    let task = match queued.take() {
+                        Some(task) => task,
+                        None => match rx.recv() {
+                            Ok(task) => task,
+                            Err(_) => break,
+                        },
+                    };
                     let ctx = TaskContext {
                         device: &device,
                         device_spec: &device_spec,
@@ -196,6 +204,14 @@ impl ComputeThread {
                     };
                     let outcome = run_task(&ctx, &task);
                     let _ = task.events.blocking_send(TaskEvent::Finished(outcome));
+                    match rx.try_recv() {
+                        Ok(next) => queued = Some(next),
+                        // Idle now: hand the last task's freed buffers back to the kernel.
+                        Err(mpsc::TryRecvError::Empty) => {
+                            medray_core::memory::release_freed_memory()
+                        }
+                        Err(mpsc::TryRecvError::Disconnected) => break,
+                    }
                 }
             })?;
         Ok(Self { tx })
