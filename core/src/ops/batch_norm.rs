@@ -17,6 +17,7 @@ use candle_core::{bail, Result, Tensor};
 use crate::ops::kernel::has_fast_path;
 
 mod fused;
+mod lanes;
 
 /// What [`batch_norm3d_train`] returns.
 #[derive(Debug, Clone)]
@@ -421,7 +422,8 @@ mod tests {
     }
 
     /// The fused CPU op against the composition of candle ops, in f32 on a LocalNet-like
-    /// volume: outputs, statistics and all three gradients.
+    /// volume, at every SIMD level: outputs, statistics and all gradients, without a tail,
+    /// with a ReLU and with a residual plus ReLU.
     #[test]
     fn fused_matches_the_composed_ops_in_f32() {
         let shape = [1, 4, 12, 10, 8];
@@ -448,22 +450,49 @@ mod tests {
                 "{what}: max difference {diff} (scale {scale})"
             );
         };
-        for relu in [false, true] {
-            let fused = if relu {
-                batch_norm_relu3d_train(&x, &w, &b, 1e-5).unwrap()
-            } else {
-                batch_norm3d_train(&x, &w, &b, 1e-5).unwrap()
-            };
-            let composed = batch_norm3d_train_generic(&x, &w, &b, 1e-5, relu).unwrap();
-            close(&fused.output, &composed.output, "output");
-            close(&fused.mean, &composed.mean, "mean");
-            close(&fused.var_unbiased, &composed.var_unbiased, "var");
-            let loss = |y: &Tensor| (y * &probe).unwrap().sum_all().unwrap();
-            let gf = loss(&fused.output).backward().unwrap();
-            let gc = loss(&composed.output).backward().unwrap();
-            for (name, v) in [("dx", x.as_tensor()), ("dw", &w), ("db", &b)] {
-                close(gf.get(v).unwrap(), gc.get(v).unwrap(), name);
-            }
+        let r = candle_core::Var::from_tensor(
+            &smooth_tensor(&shape, 0.7).to_dtype(DType::F32).unwrap(),
+        )
+        .unwrap();
+        // Every SIMD level this machine has runs the fused op's f32 loops.
+        for level in crate::ops::simd::SimdLevel::supported() {
+            crate::ops::simd::with_simd_limit(level, || {
+                for tail in ["none", "relu", "add-relu"] {
+                    let (fused, composed) = match tail {
+                        "none" => (
+                            batch_norm3d_train(&x, &w, &b, 1e-5).unwrap(),
+                            batch_norm3d_train_generic(&x, &w, &b, 1e-5, false).unwrap(),
+                        ),
+                        "relu" => (
+                            batch_norm_relu3d_train(&x, &w, &b, 1e-5).unwrap(),
+                            batch_norm3d_train_generic(&x, &w, &b, 1e-5, true).unwrap(),
+                        ),
+                        _ => {
+                            let plain = batch_norm3d_train_generic(&x, &w, &b, 1e-5, false);
+                            let plain = plain.unwrap();
+                            let output = (&plain.output + r.as_tensor()).unwrap().relu().unwrap();
+                            (
+                                batch_norm_add_relu3d_train(&x, &w, &b, &r, 1e-5).unwrap(),
+                                BatchNormStats { output, ..plain },
+                            )
+                        }
+                    };
+                    let what = |name: &str| format!("{level} {tail} {name}");
+                    close(&fused.output, &composed.output, &what("output"));
+                    close(&fused.mean, &composed.mean, &what("mean"));
+                    close(&fused.var_unbiased, &composed.var_unbiased, &what("var"));
+                    let loss = |y: &Tensor| (y * &probe).unwrap().sum_all().unwrap();
+                    let gf = loss(&fused.output).backward().unwrap();
+                    let gc = loss(&composed.output).backward().unwrap();
+                    let mut wrt = vec![("dx", x.as_tensor()), ("dw", &w), ("db", &b)];
+                    if tail == "add-relu" {
+                        wrt.push(("dr", r.as_tensor()));
+                    }
+                    for (name, v) in wrt {
+                        close(gf.get(v).unwrap(), gc.get(v).unwrap(), &what(name));
+                    }
+                }
+            });
         }
     }
 

@@ -139,6 +139,45 @@ pub fn with_simd_limit<R>(limit: SimdLevel, f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// Defines `pub(crate) fn $name(level: SimdLevel, args...) -> R` that runs the
+/// `#[inline(always)]` function `$body` compiled three times: for AVX-512 (F, with
+/// AVX2 and FMA), for AVX2 with FMA, and for the baseline target, picked by `level`. The
+/// body is plain Rust written so that the compiler vectorises it (fixed-width lane arrays,
+/// no closures in the hot loop); each copy gets the vector width of its level.
+///
+/// `level` must not exceed [`detected`] (pass [`simd_level`]); a higher one is lowered.
+macro_rules! multiversion {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? = $body:path;) => {
+        $(#[$meta])*
+        #[allow(clippy::too_many_arguments)]
+        $vis fn $name(level: $crate::ops::simd::SimdLevel, $($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn v512($($arg: $ty),*) $(-> $ret)? {
+                    $body($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn v256($($arg: $ty),*) $(-> $ret)? {
+                    $body($($arg),*)
+                }
+                match level.min($crate::ops::simd::detected()) {
+                    // SAFETY: the CPU has the features of the level (capped by `detected`).
+                    $crate::ops::simd::SimdLevel::Avx512 => return unsafe { v512($($arg),*) },
+                    // SAFETY: as above.
+                    $crate::ops::simd::SimdLevel::Avx2 => return unsafe { v256($($arg),*) },
+                    $crate::ops::simd::SimdLevel::Generic => {}
+                }
+            }
+            let _ = level;
+            $body($($arg),*)
+        }
+    };
+}
+pub(crate) use multiversion;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -28,7 +28,9 @@
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
+use super::lanes;
 use crate::ops::kernel::{run_cpu, CpuKernel, Float};
+use crate::ops::simd::simd_level;
 
 /// Per-channel statistics of a `(B, C, ...)` volume.
 #[derive(Debug, Clone, PartialEq)]
@@ -55,7 +57,7 @@ pub(super) fn channel_stats(x: &Tensor) -> candle_core::Result<ChannelStats> {
         bail!("batch_norm3d: statistics need a contiguous tensor");
     };
     let (mean, var) = match &*storage {
-        Storage::Cpu(CpuStorage::F32(v)) => stats(&v[start..end], batch, channels, per_item),
+        Storage::Cpu(CpuStorage::F32(v)) => stats_f32(&v[start..end], batch, channels, per_item),
         Storage::Cpu(CpuStorage::F64(v)) => stats(&v[start..end], batch, channels, per_item),
         _ => bail!("batch_norm3d: statistics need an f32 or f64 CPU tensor"),
     };
@@ -78,6 +80,27 @@ fn stats<T: Float>(data: &[T], batch: usize, channels: usize, n: usize) -> (Vec<
                 .sum::<f64>()
                 / count;
             (mean, var)
+        })
+        .unzip()
+}
+
+/// [`stats`] for f32 volumes, with the vectorised sums of `lanes.rs`.
+fn stats_f32(data: &[f32], batch: usize, channels: usize, n: usize) -> (Vec<f64>, Vec<f64>) {
+    let level = simd_level();
+    let count = (batch * n) as f64;
+    let slices = |c: usize| (0..batch).map(move |b| &data[(b * channels + c) * n..][..n]);
+    (0..channels)
+        .into_par_iter()
+        .map(|c| {
+            let mean = slices(c).map(|s| lanes::sum(level, s)).sum::<f64>() / count;
+            let var = slices(c)
+                .map(|s| lanes::squared_deviations(level, s, mean as f32))
+                .sum::<f64>()
+                / count;
+            // The deviations were taken from the f32-rounded mean: remove that offset's
+            // square, (mean - m32)^2, which the sum of squares gained.
+            let offset = mean - f64::from(mean as f32);
+            (mean, (var - offset * offset).max(0.0))
         })
         .unzip()
 }
@@ -182,27 +205,18 @@ impl CpuKernel for BatchNormKernel {
             bail!("{}: expected 3 arguments", self.kernel_name());
         };
         let (_, channels, n) = self.sizes(lx)?;
+        if let (Some(x), Some(a), Some(b)) = (T::as_f32(x), T::as_f32(a), T::as_f32(b)) {
+            let (out, shape) = self.run_f32(x, a, b, channels, n, lx)?;
+            let out = T::from_f32(out).ok_or_else(|| {
+                candle_core::Error::Msg(format!("{}: f32 result for f32 input", self.kernel_name()))
+            })?;
+            return Ok((out, shape));
+        }
         let zero = T::default();
         match &self.pass {
             Pass::Forward => {
                 // a = weight (C) and b = bias (C); or a = [weight; bias] (2C), b = residual.
-                let (weight, bias, residual) = if self.residual {
-                    if a.len() != 2 * channels || b.len() != x.len() {
-                        bail!(
-                            "{}: expected [weight; bias] of 2 x {channels} and a residual shaped like x",
-                            self.kernel_name()
-                        );
-                    }
-                    (&a[..channels], &a[channels..], Some(*b))
-                } else {
-                    if a.len() != channels || b.len() != channels {
-                        bail!(
-                            "{}: weight and bias must have {channels} values",
-                            self.kernel_name()
-                        );
-                    }
-                    (*a, *b, None)
-                };
+                let (weight, bias, residual) = self.forward_params(x, a, b, channels)?;
                 let coef: Vec<(f64, f64)> = (0..channels)
                     .map(|c| {
                         let alpha = weight[c].to_f64() * self.inv_std[c];
@@ -294,6 +308,155 @@ impl CpuKernel for BatchNormKernel {
                 Ok((out, lx.shape().clone()))
             }
         }
+    }
+}
+
+/// The forward pass's weight, bias and optional residual.
+type ForwardParams<'a, T> = (&'a [T], &'a [T], Option<&'a [T]>);
+
+impl BatchNormKernel {
+    /// [`CpuKernel::run`] for f32 tensors, with the vectorised loops of `lanes.rs`.
+    fn run_f32(
+        &self,
+        x: &[f32],
+        a: &[f32],
+        b: &[f32],
+        channels: usize,
+        n: usize,
+        lx: &Layout,
+    ) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let level = simd_level();
+        let relu = self.relu;
+        let n = n.max(1);
+        match &self.pass {
+            Pass::Forward => {
+                let (weight, bias, residual) = self.forward_params(x, a, b, channels)?;
+                let coef: Vec<(f32, f32)> = (0..channels)
+                    .map(|c| {
+                        let alpha = f64::from(weight[c]) * self.inv_std[c];
+                        (
+                            alpha as f32,
+                            (f64::from(bias[c]) - self.mean[c] * alpha) as f32,
+                        )
+                    })
+                    .collect();
+                let mut out = vec![0f32; x.len()];
+                out.par_chunks_mut(n)
+                    .zip(x.par_chunks(n))
+                    .enumerate()
+                    .for_each(|(i, (dst, src))| {
+                        let (alpha, beta) = coef[i % channels];
+                        let r = residual.map(|r| &r[i * n..(i + 1) * n]);
+                        lanes::affine(level, src, r, dst, alpha, beta, relu);
+                    });
+                Ok((out, lx.shape().clone()))
+            }
+            Pass::MaskedGrad => {
+                let mut out = vec![0f32; x.len()];
+                out.par_chunks_mut(n)
+                    .zip(a.par_chunks(n).zip(b.par_chunks(n)))
+                    .for_each(|(dst, (g, y))| lanes::mask(level, g, y, dst, relu));
+                Ok((out, lx.shape().clone()))
+            }
+            Pass::GradSums => {
+                let batch = x.len() / (channels * n);
+                let rows: Vec<(f64, f64)> = (0..channels)
+                    .into_par_iter()
+                    .map(|c| {
+                        let (mut s0, mut s1) = (0.0, 0.0);
+                        for item in 0..batch {
+                            let at = (item * channels + c) * n;
+                            let r = at..at + n;
+                            let mean = self.mean[c] as f32;
+                            let (t0, t1) = lanes::grad_sums(
+                                level,
+                                &x[r.clone()],
+                                &a[r.clone()],
+                                &b[r],
+                                mean,
+                                relu,
+                            );
+                            // Deviations from the f32-rounded mean: Σ g' (x - m) = t1 - (m - m32) t0.
+                            let offset = self.mean[c] - f64::from(mean);
+                            s0 += t0;
+                            s1 += t1 - offset * t0;
+                        }
+                        (s0, s1 * self.inv_std[c])
+                    })
+                    .collect();
+                let mut out: Vec<f32> = rows.iter().map(|r| r.0 as f32).collect();
+                out.extend(rows.iter().map(|r| r.1 as f32));
+                Ok((out, Shape::from((2, channels))))
+            }
+            Pass::InputGrad { weight, sums } => {
+                let count = (x.len() / channels.max(1)) as f64;
+                let coef: Vec<lanes::InputGradCoef> = (0..channels)
+                    .map(|c| {
+                        let k = weight[c] * self.inv_std[c];
+                        let (c2, c0) = if self.batch_stats {
+                            (
+                                -k * self.inv_std[c] * sums[1][c] / count,
+                                -k * sums[0][c] / count,
+                            )
+                        } else {
+                            (0.0, 0.0)
+                        };
+                        // Deviations are taken from the f32-rounded mean m32:
+                        // c2 (x - m) + c0 = c2 (x - m32) + c0 - c2 (m - m32).
+                        let mean = self.mean[c] as f32;
+                        let offset = self.mean[c] - f64::from(mean);
+                        lanes::InputGradCoef {
+                            k: k as f32,
+                            c2: c2 as f32,
+                            c0: (c0 - c2 * offset) as f32,
+                            mean,
+                        }
+                    })
+                    .collect();
+                let mut out = vec![0f32; x.len()];
+                out.par_chunks_mut(n).enumerate().for_each(|(i, dst)| {
+                    let at = i * n;
+                    let r = at..at + n;
+                    lanes::input_grad(
+                        level,
+                        &x[r.clone()],
+                        &a[r.clone()],
+                        &b[r],
+                        dst,
+                        coef[i % channels],
+                        relu,
+                    );
+                });
+                Ok((out, lx.shape().clone()))
+            }
+        }
+    }
+
+    /// The forward pass's `(weight, bias, residual)` from its arguments: `(x, weight, bias)`,
+    /// or with a residual `(x, [weight; bias], residual)`.
+    fn forward_params<'a, T>(
+        &self,
+        x: &[T],
+        a: &'a [T],
+        b: &'a [T],
+        channels: usize,
+    ) -> candle_core::Result<ForwardParams<'a, T>> {
+        if self.residual {
+            if a.len() != 2 * channels || b.len() != x.len() {
+                bail!(
+                    "{}: expected [weight; bias] of 2 x {channels} and a residual shaped like x",
+                    self.kernel_name()
+                );
+            }
+            return Ok((&a[..channels], &a[channels..], Some(b)));
+        }
+        if a.len() != channels || b.len() != channels {
+            bail!(
+                "{}: weight and bias must have {channels} values",
+                self.kernel_name()
+            );
+        }
+        Ok((a, b, None))
     }
 }
 

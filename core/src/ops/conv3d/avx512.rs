@@ -143,3 +143,116 @@ unsafe fn tile<const N: usize, const XS: usize>(
         }
     }
 }
+
+/// Output positions per chunk of the weight gradient: a chunk's gradient rows (`256 Co`
+/// values) and input rows stay in L2 while every tap group and tile sweeps them.
+const WG_CHUNK: usize = 256;
+
+/// The weight gradient of `groups` over output positions `f0 .. f0 + n`, added to `acc`:
+/// `acc[g][kk * Co + o] += Σ_f grad[(f + shift) Co + o] · input[(f + offset_g) Ci + kk]`
+/// for `kk < taps_g Ci` (each group's `(offset, taps)`), i.e. the transpose of
+/// [`super::cpu::correlate_weight_grad`]'s per-group layout. The register tile is the
+/// forward tile's with the reduction over positions: 32 output channels (two registers of
+/// a gradient row) x 12 consecutive `kk`, each broadcast input value feeding two FMAs.
+///
+/// # Safety
+/// AVX-512F; `Co` a multiple of [`PANEL`]; `grad` holds `(f0 + n + shift) Co` values;
+/// for every group `input` holds `(f0 + n - 1 + offset + taps) Ci` values; `acc[g]` holds
+/// `taps_g Ci Co` values.
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn weight_grad(
+    input: &[f32],
+    ci: usize,
+    grad: &[f32],
+    co: usize,
+    shift: usize,
+    groups: &[(usize, usize)],
+    f0: usize,
+    n: usize,
+    acc: &mut [Vec<f32>],
+) {
+    debug_assert!(co.is_multiple_of(PANEL) && acc.len() == groups.len());
+    debug_assert!((f0 + n + shift) * co <= grad.len());
+    let mut c0 = f0;
+    while c0 < f0 + n {
+        let m = WG_CHUNK.min(f0 + n - c0);
+        for (&(offset, taps), dst) in groups.iter().zip(acc.iter_mut()) {
+            let k = taps * ci;
+            debug_assert!((c0 + m - 1 + offset + taps) * ci <= input.len());
+            debug_assert!(dst.len() >= k * co);
+            for p in 0..co / PANEL {
+                let mut kk = 0;
+                while kk < k {
+                    let width = TILE.min(k - kk);
+                    // SAFETY: the tile reads grad[(c0 + shift + f) co + p 32 + r] for f < m,
+                    // r < 32 and input[(c0 + offset + f) ci + kk + j] for j < width, inside
+                    // both slices (caller); it adds to dst[(kk + j) co + p 32 + r], inside
+                    // dst (k co values).
+                    unsafe {
+                        let g = grad.as_ptr().add((c0 + shift) * co + p * PANEL);
+                        let x = input.as_ptr().add((c0 + offset) * ci + kk);
+                        let c = dst.as_mut_ptr().add(kk * co + p * PANEL);
+                        match width {
+                            12 => wg_tile::<12>(g, co, x, ci, m, c, co),
+                            11 => wg_tile::<11>(g, co, x, ci, m, c, co),
+                            10 => wg_tile::<10>(g, co, x, ci, m, c, co),
+                            9 => wg_tile::<9>(g, co, x, ci, m, c, co),
+                            8 => wg_tile::<8>(g, co, x, ci, m, c, co),
+                            7 => wg_tile::<7>(g, co, x, ci, m, c, co),
+                            6 => wg_tile::<6>(g, co, x, ci, m, c, co),
+                            5 => wg_tile::<5>(g, co, x, ci, m, c, co),
+                            4 => wg_tile::<4>(g, co, x, ci, m, c, co),
+                            3 => wg_tile::<3>(g, co, x, ci, m, c, co),
+                            2 => wg_tile::<2>(g, co, x, ci, m, c, co),
+                            _ => wg_tile::<1>(g, co, x, ci, m, c, co),
+                        }
+                    }
+                    kk += width;
+                }
+            }
+        }
+        c0 += m;
+    }
+}
+
+/// `C[j] += Σ_{f < m} G[f] · X[f][j]` for `j < N`: `G[f]` is the 32 values at `g + f gs`,
+/// `X[f][j]` the value at `x + f xs + j`, `C[j]` the 32 values at `c + j cs`.
+///
+/// # Safety
+/// AVX-512F; every address named above is valid for `f < m`, `j < N`.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn wg_tile<const N: usize>(
+    g: *const f32,
+    gs: usize,
+    x: *const f32,
+    xs: usize,
+    m: usize,
+    c: *mut f32,
+    cs: usize,
+) {
+    // SAFETY: every pointer below stays inside the ranges the caller guarantees.
+    unsafe {
+        let mut acc: [[__m512; 2]; N] = [[_mm512_setzero_ps(); 2]; N];
+        for f in 0..m {
+            let row = g.add(f * gs);
+            let g0 = _mm512_loadu_ps(row);
+            let g1 = _mm512_loadu_ps(row.add(16));
+            let xf = x.add(f * xs);
+            for (j, a) in acc.iter_mut().enumerate() {
+                let v = _mm512_set1_ps(*xf.add(j));
+                a[0] = _mm512_fmadd_ps(g0, v, a[0]);
+                a[1] = _mm512_fmadd_ps(g1, v, a[1]);
+            }
+        }
+        for (j, a) in acc.iter().enumerate() {
+            let dst = c.add(j * cs);
+            _mm512_storeu_ps(dst, _mm512_add_ps(_mm512_loadu_ps(dst), a[0]));
+            _mm512_storeu_ps(
+                dst.add(16),
+                _mm512_add_ps(_mm512_loadu_ps(dst.add(16)), a[1]),
+            );
+        }
+    }
+}

@@ -501,6 +501,9 @@ pub(super) fn correlate_weight_grad<T: Float>(
     if span == 0 {
         return zero();
     }
+    if let Some(out) = weight_grad_avx512(input, grad, grad_shift, groups, span) {
+        return out;
+    }
     let blocks = (rayon::current_num_threads() * 2).clamp(1, span);
     let block_len = span.div_ceil(blocks);
     (0..span.div_ceil(block_len))
@@ -556,4 +559,71 @@ pub(super) fn correlate_weight_grad<T: Float>(
             }
             a
         })
+}
+
+/// [`correlate_weight_grad`] with the AVX-512 register tile (`avx512::weight_grad`), when
+/// the level allows it, the values are f32 and `Co` is a multiple of 32; `None` otherwise.
+fn weight_grad_avx512<T: Float>(
+    input: &PaddedVolume<T>,
+    grad: &PaddedVolume<T>,
+    grad_shift: usize,
+    groups: &[(usize, usize)],
+    span: usize,
+) -> Option<Vec<Vec<T>>> {
+    use crate::ops::simd::{simd_level, SimdLevel};
+    let (ci, co) = (input.channels, grad.channels);
+    if simd_level() < SimdLevel::Avx512 || !co.is_multiple_of(super::avx512::PANEL) {
+        return None;
+    }
+    let (x, g) = (T::as_f32(&input.data)?, T::as_f32(&grad.data)?);
+    for &(offset, taps) in groups {
+        assert!(
+            (span - 1 + offset + taps) * ci <= x.len() && (span + grad_shift) * co <= g.len(),
+            "conv3d weight gradient: tap group out of the padded volumes"
+        );
+    }
+    let zero = || {
+        groups
+            .iter()
+            .map(|&(_, taps)| vec![0f32; taps * ci * co])
+            .collect::<Vec<_>>()
+    };
+    let blocks = (rayon::current_num_threads() * 2).clamp(1, span);
+    let block_len = span.div_ceil(blocks);
+    let transposed = (0..span.div_ceil(block_len))
+        .into_par_iter()
+        .map(|block| {
+            let f0 = block * block_len;
+            let n = block_len.min(span - f0);
+            let mut acc = zero();
+            // SAFETY: the level is AVX-512 (checked above, capped by the CPU's), Co is a
+            // multiple of the panel, and the bounds the kernel needs are asserted above for
+            // every position below `span`.
+            unsafe {
+                super::avx512::weight_grad(x, ci, g, co, grad_shift, groups, f0, n, &mut acc);
+            }
+            acc
+        })
+        .reduce(zero, |mut a, b| {
+            for (x, y) in a.iter_mut().zip(b) {
+                for (p, q) in x.iter_mut().zip(y) {
+                    *p += q;
+                }
+            }
+            a
+        });
+    // (taps Ci x Co) per group, to the (Co x taps Ci) of the other paths.
+    transposed
+        .into_iter()
+        .map(|t| {
+            let k = t.len() / co;
+            let mut out = vec![0f32; t.len()];
+            for (kk, row) in t.chunks_exact(co).enumerate() {
+                for (o, v) in row.iter().enumerate() {
+                    out[o * k + kk] = *v;
+                }
+            }
+            T::from_f32(out)
+        })
+        .collect()
 }

@@ -335,16 +335,19 @@ fn simd_tiles_equal_generic_with_gradients() {
 fn simd_tiles_equal_generic(level: SimdLevel) {
     // Ci = 32 and 64 take the constant-stride tiles, Ci = 3 (odd inner dimension) and 16
     // the general one; the input gradient runs the tiles with Ci and Co swapped.
-    for (ci, co, k) in [
-        (16, 32, 3),
-        (3, 16, 5),
-        (32, 16, 3),
-        (64, 32, 3),
-        (3, 64, 3),
+    // The last case is large enough for the weight gradient's position chunks (256) to
+    // repeat within each parallel block.
+    for (ci, co, k, [h, wd, d]) in [
+        (16, 32, 3, [4, 3, 13]),
+        (3, 16, 5, [4, 3, 13]),
+        (32, 16, 3, [4, 3, 13]),
+        (64, 32, 3, [4, 3, 13]),
+        (3, 64, 3, [4, 3, 13]),
+        (8, 32, 3, [12, 11, 13]),
     ] {
-        let x = random(&[2, ci, 4, 3, 13], 90, DType::F32);
+        let x = random(&[2, ci, h, wd, d], 90, DType::F32);
         let w = random(&[co, ci, k, k, k], 91, DType::F32);
-        let r = random(&[2, co, 4, 3, 13], 92, DType::F32);
+        let r = random(&[2, co, h, wd, d], 92, DType::F32);
         let run = |conv: Conv| {
             let (xv, wv) = (Var::from_tensor(&x).unwrap(), Var::from_tensor(&w).unwrap());
             let y = conv(xv.as_tensor(), wv.as_tensor(), None).unwrap();
