@@ -121,8 +121,13 @@ pub fn describe() -> String {
     } else {
         String::new()
     };
+    let weight_grad = if level >= SimdLevel::Avx512 {
+        "avx512 tiles (Co a multiple of 32), else gemm"
+    } else {
+        "gemm"
+    };
     format!(
-        "SIMD {level}{capped}: {tiles}; FFT products {level}; warp, BatchNorm and elementwise kernels compiler-vectorised for the build target"
+        "SIMD {level}{capped}: {tiles}; conv weight gradients {weight_grad}; FFT products {level}; BatchNorm {level}; warp and other elementwise kernels compiler-vectorised for the build target"
     )
 }
 

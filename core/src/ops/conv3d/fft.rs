@@ -92,6 +92,10 @@ impl Buffers {
     /// Keeps `v` for a later [`Buffers::take`], dropping the smallest kept buffers while
     /// the pool would hold more than [`POOL_BYTES`].
     fn give(v: Vec<f32>) {
+        if crate::memory::keeps_freed_memory() {
+            // The allocator keeps freed memory mapped itself (`crate::memory`).
+            return;
+        }
         let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
         pool.push(v);
         pool.sort_by_key(|b| std::cmp::Reverse(b.capacity()));
