@@ -152,3 +152,76 @@ unsafe fn tile<const N: usize, const XS: usize>(
         }
     }
 }
+
+/// Positions per weight-gradient tile: [`TILE`].
+pub(super) const WG_TILE: usize = TILE;
+
+/// The weight gradient's register tile at AVX2: `C[j] += Σ_{f < m} G[f] · X[f][j]` for
+/// `j < n` (1 to [`WG_TILE`]), where `G[f]` is the 16 output channels at `g + f gs`,
+/// `X[f][j]` the value at `x + f xs + j` and `C[j]` the 16 values at `c + j cs`.
+///
+/// # Safety
+/// AVX2 and FMA; every address named above is valid for `f < m`, `j < n`.
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn wg_tile_any(
+    n: usize,
+    g: *const f32,
+    gs: usize,
+    x: *const f32,
+    xs: usize,
+    m: usize,
+    c: *mut f32,
+    cs: usize,
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        match n {
+            6 => wg_tile::<6>(g, gs, x, xs, m, c, cs),
+            5 => wg_tile::<5>(g, gs, x, xs, m, c, cs),
+            4 => wg_tile::<4>(g, gs, x, xs, m, c, cs),
+            3 => wg_tile::<3>(g, gs, x, xs, m, c, cs),
+            2 => wg_tile::<2>(g, gs, x, xs, m, c, cs),
+            _ => wg_tile::<1>(g, gs, x, xs, m, c, cs),
+        }
+    }
+}
+
+/// [`wg_tile_any`] for `n == N`.
+///
+/// # Safety
+/// As [`wg_tile_any`].
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn wg_tile<const N: usize>(
+    g: *const f32,
+    gs: usize,
+    x: *const f32,
+    xs: usize,
+    m: usize,
+    c: *mut f32,
+    cs: usize,
+) {
+    // SAFETY: every pointer below stays inside the ranges the caller guarantees.
+    unsafe {
+        let mut acc: [[__m256; 2]; N] = [[_mm256_setzero_ps(); 2]; N];
+        for f in 0..m {
+            let row = g.add(f * gs);
+            let g0 = _mm256_loadu_ps(row);
+            let g1 = _mm256_loadu_ps(row.add(8));
+            let xf = x.add(f * xs);
+            for (j, a) in acc.iter_mut().enumerate() {
+                let v = _mm256_broadcast_ss(&*xf.add(j));
+                a[0] = _mm256_fmadd_ps(g0, v, a[0]);
+                a[1] = _mm256_fmadd_ps(g1, v, a[1]);
+            }
+        }
+        for (j, a) in acc.iter().enumerate() {
+            let dst = c.add(j * cs);
+            let lo = std::arch::x86_64::_mm256_add_ps(_mm256_loadu_ps(dst), a[0]);
+            let hi = std::arch::x86_64::_mm256_add_ps(_mm256_loadu_ps(dst.add(8)), a[1]);
+            _mm256_storeu_ps(dst, lo);
+            _mm256_storeu_ps(dst.add(8), hi);
+        }
+    }
+}

@@ -144,75 +144,42 @@ unsafe fn tile<const N: usize, const XS: usize>(
     }
 }
 
-/// Output positions per chunk of the weight gradient: a chunk's gradient rows (`256 Co`
-/// values) and input rows stay in L2 while every tap group and tile sweeps them.
-const WG_CHUNK: usize = 256;
+/// Positions per weight-gradient tile: [`TILE`].
+pub(super) const WG_TILE: usize = TILE;
 
-/// The weight gradient of `groups` over output positions `f0 .. f0 + n`, added to `acc`:
-/// `acc[g][kk * Co + o] += Σ_f grad[(f + shift) Co + o] · input[(f + offset_g) Ci + kk]`
-/// for `kk < taps_g Ci` (each group's `(offset, taps)`), i.e. the transpose of
-/// [`super::cpu::correlate_weight_grad`]'s per-group layout. The register tile is the
-/// forward tile's with the reduction over positions: 32 output channels (two registers of
-/// a gradient row) x 12 consecutive `kk`, each broadcast input value feeding two FMAs.
+/// [`wg_tile`] for a width `n` of 1 to [`WG_TILE`] (`kk` values): `C[j] += Σ_{f < m}
+/// G[f] · X[f][j]` over 32 output channels.
 ///
 /// # Safety
-/// AVX-512F; `Co` a multiple of [`PANEL`]; `grad` holds `(f0 + n + shift) Co` values;
-/// for every group `input` holds `(f0 + n - 1 + offset + taps) Ci` values; `acc[g]` holds
-/// `taps_g Ci Co` values.
+/// As [`wg_tile`], with `N = n`.
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn weight_grad(
-    input: &[f32],
-    ci: usize,
-    grad: &[f32],
-    co: usize,
-    shift: usize,
-    groups: &[(usize, usize)],
-    f0: usize,
+pub(super) unsafe fn wg_tile_any(
     n: usize,
-    acc: &mut [Vec<f32>],
+    g: *const f32,
+    gs: usize,
+    x: *const f32,
+    xs: usize,
+    m: usize,
+    c: *mut f32,
+    cs: usize,
 ) {
-    debug_assert!(co.is_multiple_of(PANEL) && acc.len() == groups.len());
-    debug_assert!((f0 + n + shift) * co <= grad.len());
-    let mut c0 = f0;
-    while c0 < f0 + n {
-        let m = WG_CHUNK.min(f0 + n - c0);
-        for (&(offset, taps), dst) in groups.iter().zip(acc.iter_mut()) {
-            let k = taps * ci;
-            debug_assert!((c0 + m - 1 + offset + taps) * ci <= input.len());
-            debug_assert!(dst.len() >= k * co);
-            for p in 0..co / PANEL {
-                let mut kk = 0;
-                while kk < k {
-                    let width = TILE.min(k - kk);
-                    // SAFETY: the tile reads grad[(c0 + shift + f) co + p 32 + r] for f < m,
-                    // r < 32 and input[(c0 + offset + f) ci + kk + j] for j < width, inside
-                    // both slices (caller); it adds to dst[(kk + j) co + p 32 + r], inside
-                    // dst (k co values).
-                    unsafe {
-                        let g = grad.as_ptr().add((c0 + shift) * co + p * PANEL);
-                        let x = input.as_ptr().add((c0 + offset) * ci + kk);
-                        let c = dst.as_mut_ptr().add(kk * co + p * PANEL);
-                        match width {
-                            12 => wg_tile::<12>(g, co, x, ci, m, c, co),
-                            11 => wg_tile::<11>(g, co, x, ci, m, c, co),
-                            10 => wg_tile::<10>(g, co, x, ci, m, c, co),
-                            9 => wg_tile::<9>(g, co, x, ci, m, c, co),
-                            8 => wg_tile::<8>(g, co, x, ci, m, c, co),
-                            7 => wg_tile::<7>(g, co, x, ci, m, c, co),
-                            6 => wg_tile::<6>(g, co, x, ci, m, c, co),
-                            5 => wg_tile::<5>(g, co, x, ci, m, c, co),
-                            4 => wg_tile::<4>(g, co, x, ci, m, c, co),
-                            3 => wg_tile::<3>(g, co, x, ci, m, c, co),
-                            2 => wg_tile::<2>(g, co, x, ci, m, c, co),
-                            _ => wg_tile::<1>(g, co, x, ci, m, c, co),
-                        }
-                    }
-                    kk += width;
-                }
-            }
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        match n {
+            12 => wg_tile::<12>(g, gs, x, xs, m, c, cs),
+            11 => wg_tile::<11>(g, gs, x, xs, m, c, cs),
+            10 => wg_tile::<10>(g, gs, x, xs, m, c, cs),
+            9 => wg_tile::<9>(g, gs, x, xs, m, c, cs),
+            8 => wg_tile::<8>(g, gs, x, xs, m, c, cs),
+            7 => wg_tile::<7>(g, gs, x, xs, m, c, cs),
+            6 => wg_tile::<6>(g, gs, x, xs, m, c, cs),
+            5 => wg_tile::<5>(g, gs, x, xs, m, c, cs),
+            4 => wg_tile::<4>(g, gs, x, xs, m, c, cs),
+            3 => wg_tile::<3>(g, gs, x, xs, m, c, cs),
+            2 => wg_tile::<2>(g, gs, x, xs, m, c, cs),
+            _ => wg_tile::<1>(g, gs, x, xs, m, c, cs),
         }
-        c0 += m;
     }
 }
 

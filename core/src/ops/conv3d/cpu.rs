@@ -501,7 +501,8 @@ pub(super) fn correlate_weight_grad<T: Float>(
     if span == 0 {
         return zero();
     }
-    if let Some(out) = weight_grad_avx512(input, grad, grad_shift, groups, span) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(out) = weight_grad_tiles(input, grad, grad_shift, groups, span) {
         return out;
     }
     let blocks = (rayon::current_num_threads() * 2).clamp(1, span);
@@ -561,9 +562,18 @@ pub(super) fn correlate_weight_grad<T: Float>(
         })
 }
 
-/// [`correlate_weight_grad`] with the AVX-512 register tile (`avx512::weight_grad`), when
-/// the level allows it, the values are f32 and `Co` is a multiple of 32; `None` otherwise.
-fn weight_grad_avx512<T: Float>(
+/// Output positions per chunk of the weight-gradient tiles: a chunk's gradient rows
+/// (`256 Co` values) and input rows stay in L2 while every tap group and tile sweeps them.
+#[cfg(target_arch = "x86_64")]
+const WG_CHUNK: usize = 256;
+
+/// [`correlate_weight_grad`] with a SIMD register tile (`avx512.rs` or `avx2.rs`
+/// `wg_tile_any`), when the level allows one, the values are f32 and `Co` is a multiple of
+/// its panel (32 or 16 output channels); `None` otherwise. The tile is the forward tile's
+/// with the reduction over output positions: a panel of output channels (registers loaded
+/// from one gradient row) x consecutive `kk`, each broadcast input value feeding two FMAs.
+#[cfg(target_arch = "x86_64")]
+fn weight_grad_tiles<T: Float>(
     input: &PaddedVolume<T>,
     grad: &PaddedVolume<T>,
     grad_shift: usize,
@@ -572,9 +582,14 @@ fn weight_grad_avx512<T: Float>(
 ) -> Option<Vec<Vec<T>>> {
     use crate::ops::simd::{simd_level, SimdLevel};
     let (ci, co) = (input.channels, grad.channels);
-    if simd_level() < SimdLevel::Avx512 || !co.is_multiple_of(super::avx512::PANEL) {
+    let level = simd_level();
+    let (panel, width) = if level >= SimdLevel::Avx512 && co.is_multiple_of(super::avx512::PANEL) {
+        (super::avx512::PANEL, super::avx512::WG_TILE)
+    } else if level >= SimdLevel::Avx2 && co.is_multiple_of(super::avx2::PANEL) {
+        (super::avx2::PANEL, super::avx2::WG_TILE)
+    } else {
         return None;
-    }
+    };
     let (x, g) = (T::as_f32(&input.data)?, T::as_f32(&grad.data)?);
     for &(offset, taps) in groups {
         assert!(
@@ -582,11 +597,23 @@ fn weight_grad_avx512<T: Float>(
             "conv3d weight gradient: tap group out of the padded volumes"
         );
     }
+    // Per group, (taps Ci x Co): row kk holds the Co values of one weight-gradient column.
     let zero = || {
         groups
             .iter()
             .map(|&(_, taps)| vec![0f32; taps * ci * co])
             .collect::<Vec<_>>()
+    };
+    let tile = |n: usize, gp: *const f32, xp: *const f32, m: usize, cp: *mut f32| {
+        // SAFETY: the level has the tile's features (checked above, capped by the CPU's);
+        // the callers below keep every address inside the asserted bounds.
+        unsafe {
+            if panel == super::avx512::PANEL {
+                super::avx512::wg_tile_any(n, gp, co, xp, ci, m, cp, co);
+            } else {
+                super::avx2::wg_tile_any(n, gp, co, xp, ci, m, cp, co);
+            }
+        }
     };
     let blocks = (rayon::current_num_threads() * 2).clamp(1, span);
     let block_len = span.div_ceil(blocks);
@@ -594,13 +621,30 @@ fn weight_grad_avx512<T: Float>(
         .into_par_iter()
         .map(|block| {
             let f0 = block * block_len;
-            let n = block_len.min(span - f0);
+            let end = (f0 + block_len).min(span);
             let mut acc = zero();
-            // SAFETY: the level is AVX-512 (checked above, capped by the CPU's), Co is a
-            // multiple of the panel, and the bounds the kernel needs are asserted above for
-            // every position below `span`.
-            unsafe {
-                super::avx512::weight_grad(x, ci, g, co, grad_shift, groups, f0, n, &mut acc);
+            let mut c0 = f0;
+            while c0 < end {
+                let m = WG_CHUNK.min(end - c0);
+                for (&(offset, taps), dst) in groups.iter().zip(acc.iter_mut()) {
+                    let k = taps * ci;
+                    for p in 0..co / panel {
+                        let mut kk = 0;
+                        while kk < k {
+                            let n = width.min(k - kk);
+                            // The tile reads g[(c0 + shift + f) co + p panel + r] and
+                            // x[(c0 + offset + f) ci + kk + j] for f < m <= span - c0,
+                            // r < panel, j < n <= k - kk: inside both (asserted above); it
+                            // adds to dst[(kk + j) co + p panel + r] < k co = dst.len().
+                            let gp = g[(c0 + grad_shift) * co + p * panel..].as_ptr();
+                            let xp = x[(c0 + offset) * ci + kk..].as_ptr();
+                            let cp = dst[kk * co + p * panel..].as_mut_ptr();
+                            tile(n, gp, xp, m, cp);
+                            kk += n;
+                        }
+                    }
+                }
+                c0 += m;
             }
             acc
         })
