@@ -47,11 +47,14 @@ pub fn release_freed_memory() {
 }
 
 /// One line for benchmark headers.
-pub fn describe() -> &'static str {
+pub fn describe() -> String {
     if keeps_freed_memory() {
-        "allocator: glibc, large blocks from the heap, freed memory kept (up to 1 GiB) between steps"
+        format!(
+            "allocator: glibc, large blocks from the heap, freed memory kept (up to {} MiB) between steps",
+            TRIM_THRESHOLD >> 20
+        )
     } else {
-        "allocator: system defaults (large blocks mmap'd and unmapped on free)"
+        "allocator: system defaults (large blocks mmap'd and unmapped on free)".into()
     }
 }
 

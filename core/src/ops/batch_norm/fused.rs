@@ -364,10 +364,12 @@ impl BatchNormKernel {
                     .into_par_iter()
                     .map(|c| {
                         let (mut s0, mut s1) = (0.0, 0.0);
+                        // Deviations from the f32-rounded mean: Σ g' (x - m) = t1 - (m - m32) t0.
+                        let mean = self.mean[c] as f32;
+                        let offset = self.mean[c] - f64::from(mean);
                         for item in 0..batch {
                             let at = (item * channels + c) * n;
                             let r = at..at + n;
-                            let mean = self.mean[c] as f32;
                             let (t0, t1) = lanes::grad_sums(
                                 level,
                                 &x[r.clone()],
@@ -376,8 +378,6 @@ impl BatchNormKernel {
                                 mean,
                                 relu,
                             );
-                            // Deviations from the f32-rounded mean: Σ g' (x - m) = t1 - (m - m32) t0.
-                            let offset = self.mean[c] - f64::from(mean);
                             s0 += t0;
                             s1 += t1 - offset * t0;
                         }
