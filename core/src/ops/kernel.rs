@@ -8,7 +8,7 @@
 //! or f64) and are contiguous, and hands the kernel their data.
 
 use std::fmt::Debug;
-use std::ops::{Add, AddAssign, Mul};
+use std::ops::{Add, AddAssign, Div, Mul, Sub};
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, DType, Layout, Shape, Tensor};
@@ -24,6 +24,8 @@ pub(crate) trait Float:
     + Add<Output = Self>
     + AddAssign
     + Mul<Output = Self>
+    + Sub<Output = Self>
+    + Div<Output = Self>
     + Debug
     + PartialOrd
 {
@@ -33,6 +35,11 @@ pub(crate) trait Float:
     fn to_f64(self) -> f64;
     /// Rounds an f64 to this type.
     fn from_f64(v: f64) -> Self;
+    /// The largest integer not above the value.
+    fn floor(self) -> Self;
+    /// The value as u32, as Rust's `as` casts it (saturating, NaN to 0), which is how candle
+    /// converts a float tensor to u32.
+    fn to_u32(self) -> u32;
     /// The values of a CPU storage of this type, `None` for another dtype.
     fn data(storage: &CpuStorage) -> Option<&[Self]>;
     /// Wraps a result as a CPU storage.
@@ -50,6 +57,12 @@ impl Float for f32 {
     }
     fn from_f64(v: f64) -> Self {
         v as f32
+    }
+    fn floor(self) -> Self {
+        f32::floor(self)
+    }
+    fn to_u32(self) -> u32 {
+        self as u32
     }
     fn data(storage: &CpuStorage) -> Option<&[Self]> {
         match storage {
@@ -75,6 +88,12 @@ impl Float for f64 {
     }
     fn from_f64(v: f64) -> Self {
         v
+    }
+    fn floor(self) -> Self {
+        f64::floor(self)
+    }
+    fn to_u32(self) -> u32 {
+        self as u32
     }
     fn data(storage: &CpuStorage) -> Option<&[Self]> {
         match storage {

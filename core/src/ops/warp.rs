@@ -22,13 +22,18 @@
 //! `(w_D * w_W) * w_H` and the 8 corners are summed in PyTorch's order (tnw, tne, tsw, tse,
 //! bnw, bne, bsw, bse, i.e. H slowest, D fastest).
 //!
-//! Implementation: whole-tensor candle ops. The corner weights are differentiable functions
+//! Implementation: on the CPU, one custom op with a hand-written backward pass (`warp/fused.rs`).
+//! Elsewhere ([`warp_composed`]), whole-tensor candle ops. The corner weights are differentiable functions
 //! of the DDF (the floors and masks are detached), and the corner values come from
 //! `index_select` on the flattened image with u32 indices, per batch item, so gradients
 //! reach both the image (via `index_add`) and the DDF. Peak extra memory is a few (B, N)
 //! tensors plus, for the backward, the 8 gathered (C, N) corner values per batch item.
 
 use candle_core::{bail, DType, Device, Result, Tensor};
+
+use super::kernel::has_fast_path;
+
+mod fused;
 
 /// What happens at the volume border, as MONAI's `padding_mode`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,7 +47,20 @@ pub enum Padding {
 
 /// Warps `image` (B, C, H, W, D) by `ddf` (B, 3, H, W, D), trilinear interpolation,
 /// differentiable w.r.t. both.
+///
+/// On the CPU (f32, f64) one fused op computes it and keeps nothing for the backward pass
+/// (`warp/fused.rs`); elsewhere [`warp_composed`] builds it from candle ops.
 pub fn warp(image: &Tensor, ddf: &Tensor, padding: Padding) -> Result<Tensor> {
+    check_shapes(image, ddf)?;
+    if has_fast_path(&[image, ddf]) {
+        return fused::warp(image, ddf, padding);
+    }
+    warp_composed(image, ddf, padding)
+}
+
+/// [`warp`] from whole-tensor candle ops with candle's autograd (any device); the same values
+/// as the fused CPU op, bit for bit.
+pub fn warp_composed(image: &Tensor, ddf: &Tensor, padding: Padding) -> Result<Tensor> {
     let (b, c, spatial) = check_shapes(image, ddf)?;
     let n: usize = spatial.iter().product();
     let strides = [spatial[1] * spatial[2], spatial[2], 1];
