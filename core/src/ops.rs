@@ -30,4 +30,4 @@ pub use conv3d::{
 pub use pool::max_pool3d;
 pub use resize::resize_trilinear;
 pub use upsample::{add_upsampled2x, upsample_nearest3d, upsample_nearest3d_to};
-pub use warp::{warp, warp_composed, warp_nearest, Padding};
+pub use warp::{warp, warp_composed, warp_nearest, warp_nearest_composed, Padding};

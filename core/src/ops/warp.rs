@@ -112,7 +112,19 @@ pub fn warp_composed(image: &Tensor, ddf: &Tensor, padding: Padding) -> Result<T
 /// Warps `image` (B, C, H, W, D) by `ddf` (B, 3, H, W, D) with nearest-neighbour sampling
 /// and border padding, for label masks. Rounds half to even like PyTorch's `nearbyint`.
 /// Not differentiable (the result is detached).
+///
+/// On the CPU (f32, f64) one fused op (`warp/fused.rs`); elsewhere
+/// [`warp_nearest_composed`].
 pub fn warp_nearest(image: &Tensor, ddf: &Tensor) -> Result<Tensor> {
+    check_shapes(image, ddf)?;
+    if has_fast_path(&[image, ddf]) {
+        return fused::warp_nearest(image, ddf);
+    }
+    warp_nearest_composed(image, ddf)
+}
+
+/// [`warp_nearest`] from candle ops (any device); the same values as the fused CPU op.
+pub fn warp_nearest_composed(image: &Tensor, ddf: &Tensor) -> Result<Tensor> {
     let (b, c, spatial) = check_shapes(image, ddf)?;
     let n: usize = spatial.iter().product();
     let strides = [spatial[1] * spatial[2], spatial[2], 1];

@@ -30,6 +30,8 @@ const CHUNK: usize = 4096;
 enum Pass {
     /// Arguments `(image, ddf)`: the warped image.
     Forward,
+    /// Arguments `(image, ddf)`: the image sampled at the nearest voxel (no gradient).
+    Nearest,
     /// Arguments `(image, ddf, grad)`: the gradient w.r.t. the DDF.
     DdfGrad,
     /// Arguments `(image, ddf, grad)`: the gradient w.r.t. the image.
@@ -43,6 +45,18 @@ pub(super) fn warp(image: &Tensor, ddf: &Tensor, padding: Padding) -> candle_cor
         WarpKernel {
             padding,
             pass: Pass::Forward,
+        },
+    )
+}
+
+/// The nearest-voxel warp of `image` by `ddf` with border padding (shapes checked by the
+/// caller); not differentiable.
+pub(super) fn warp_nearest(image: &Tensor, ddf: &Tensor) -> candle_core::Result<Tensor> {
+    image.detach().contiguous()?.apply_op2_no_bwd(
+        &ddf.detach().contiguous()?,
+        &WarpKernel {
+            padding: Padding::Border,
+            pass: Pass::Nearest,
         },
     )
 }
@@ -75,51 +89,62 @@ struct Geometry {
 }
 
 impl Geometry {
+    /// The source coordinate along `axis` of voxel index `index` displaced by `u`, after
+    /// MONAI's normalisation round trip and the padding's clamp, and `d q' / d u` (0 where
+    /// the coordinate passes no gradient: border clamp, an axis of length 1).
+    fn coordinate<T: Float>(&self, axis: usize, index: usize, u: T) -> (T, T) {
+        let zero = T::default();
+        let one = T::ONE;
+        let n = self.spatial[axis];
+        if n == 1 {
+            return (zero, zero);
+        }
+        let last = T::from_f64((n - 1) as f64);
+        let two = T::from_f64(2.0);
+        let half = T::from_f64(0.5);
+        // MONAI: grid * 2 / (n - 1) - 1; PyTorch: ((g + 1) / 2) * (n - 1); as candle's
+        // affine ops compute them (`v * mul + add`).
+        let grid = T::from_f64(index as f64) + u;
+        let g = (grid * two + zero) / last;
+        let g = g * one + T::from_f64(-1.0);
+        let q = ((g * one + one) * half + zero) * last + zero;
+        // The composed backward: affine (x last, x 0.5, x 1, x 1), then / (n - 1), x 2.
+        let chain = ((one * last) * half) / last * two;
+        match self.padding {
+            Padding::Zeros => (q, chain),
+            Padding::Border if q > zero && q < last => (q, chain),
+            Padding::Border => (clamp(q, last), zero),
+        }
+    }
+
+    /// The flat offset along `axis` of the voxel nearest to the border-clamped source
+    /// coordinate, rounding halves to even (`warp_nearest`).
+    fn nearest<T: Float>(&self, axis: usize, index: usize, u: T) -> usize {
+        let (q, _) = self.coordinate(axis, index, u);
+        let last = T::from_f64((self.spatial[axis] - 1) as f64);
+        let zero = T::default();
+        let one = T::ONE;
+        let floor = q.floor();
+        let frac = q - floor;
+        let half = T::from_f64(0.5);
+        let unit = |on: bool| if on { one } else { zero };
+        let odd = floor - ((floor * half + zero).floor() * T::from_f64(2.0) + zero);
+        let rounded = floor + unit(frac > half) + unit(frac == half) * odd;
+        clamp(rounded, last).to_u32() as usize * self.strides[axis]
+    }
+
     /// The taps of `axis` at voxel index `index` displaced by `u`.
     fn taps<T: Float>(&self, axis: usize, index: usize, u: T) -> AxisTaps<T> {
         let zero = T::default();
         let one = T::ONE;
-        let n = self.spatial[axis];
         let stride = self.strides[axis];
-        let last = T::from_f64((n - 1) as f64);
-        let (q, chain) = if n == 1 {
-            (zero, zero)
-        } else {
-            let two = T::from_f64(2.0);
-            let half = T::from_f64(0.5);
-            // MONAI: grid * 2 / (n - 1) - 1; PyTorch: ((g + 1) / 2) * (n - 1); as candle's
-            // affine ops compute them (`v * mul + add`).
-            let grid = T::from_f64(index as f64) + u;
-            let g = (grid * two + zero) / last;
-            let g = g * one + T::from_f64(-1.0);
-            let q = ((g * one + one) * half + zero) * last + zero;
-            // The composed backward: affine (x last, x 0.5, x 1, x 1), then / (n - 1), x 2.
-            let chain = ((one * last) * half) / last * two;
-            match self.padding {
-                Padding::Zeros => (q, chain),
-                Padding::Border => {
-                    if q > zero && q < last {
-                        (q, chain)
-                    } else {
-                        let clamped = if q > zero { q } else { zero };
-                        (if clamped < last { clamped } else { last }, zero)
-                    }
-                }
-            }
-        };
+        let last = T::from_f64((self.spatial[axis] - 1) as f64);
+        let (q, chain) = self.coordinate(axis, index, u);
         let lo = q.floor();
         let hi = lo * one + one;
         let (w_lo, w_hi) = (hi - q, q - lo);
         let inside = |i: T| i >= zero && i <= last;
         let unit = |on: bool| if on { one } else { zero };
-        let clamp = |i: T| {
-            let i = if i > zero { i } else { zero };
-            if i < last {
-                i
-            } else {
-                last
-            }
-        };
         let (weight, slope, lo_in, hi_in) = match self.padding {
             Padding::Border => {
                 let m = unit(hi <= last);
@@ -131,8 +156,8 @@ impl Geometry {
                 (
                     [w_lo * m_lo, w_hi * m_hi],
                     [zero - m_lo, m_hi],
-                    clamp(lo),
-                    clamp(hi),
+                    clamp(lo, last),
+                    clamp(hi, last),
                 )
             }
         };
@@ -147,14 +172,30 @@ impl Geometry {
         }
     }
 
-    /// The taps of the three axes at flat position `p`, whose DDF values are `u`.
-    fn sample<T: Float>(&self, p: usize, u: [T; 3]) -> [AxisTaps<T>; 3] {
-        let index = [
+    /// The voxel index of flat position `p` along each axis.
+    fn index(&self, p: usize) -> [usize; 3] {
+        [
             p / self.strides[0],
             p / self.strides[1] % self.spatial[1],
             p % self.spatial[2],
-        ];
+        ]
+    }
+
+    /// The taps of the three axes at flat position `p`, whose DDF values are `u`.
+    fn sample<T: Float>(&self, p: usize, u: [T; 3]) -> [AxisTaps<T>; 3] {
+        let index = self.index(p);
         [0, 1, 2].map(|a| self.taps(a, index[a], u[a]))
+    }
+}
+
+/// `v` clamped to `[0, last]` (candle's `clamp`: a maximum, then a minimum).
+fn clamp<T: Float>(v: T, last: T) -> T {
+    let zero = T::default();
+    let v = if v > zero { v } else { zero };
+    if v < last {
+        v
+    } else {
+        last
     }
 }
 
@@ -234,7 +275,7 @@ impl CpuKernel for WarpKernel {
             std::array::from_fn(|a| ddf[(item * 3 + a) * n + p])
         };
         let grad = match self.pass {
-            Pass::Forward => None,
+            Pass::Forward | Pass::Nearest => None,
             Pass::DdfGrad | Pass::ImageGrad => {
                 let (g, layout) = args[2];
                 if layout.shape().dims() != [b, c, h, w, d] {
@@ -258,6 +299,22 @@ impl CpuKernel for WarpKernel {
                                 acc = if k == 0 { term } else { acc + term };
                             }
                             *slot = acc;
+                        }
+                    }));
+                }
+                Ok((out, image_layout.shape().clone()))
+            }
+            Pass::Nearest => {
+                for item in 0..b {
+                    let values = &image[item * c * n..][..c * n];
+                    out.extend(per_position(n, c, |p, row: &mut [T]| {
+                        let u = displacement(item, p);
+                        let index = geometry.index(p);
+                        let at = (geometry.nearest(0, index[0], u[0])
+                            + geometry.nearest(1, index[1], u[1]))
+                            + geometry.nearest(2, index[2], u[2]);
+                        for (ch, slot) in row.iter_mut().enumerate() {
+                            *slot = values[ch * n + at];
                         }
                     }));
                 }

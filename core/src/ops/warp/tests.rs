@@ -344,3 +344,33 @@ fn fused_op_matches_the_composed_ops() {
         }
     }
 }
+
+/// The fused nearest-voxel warp picks the composed ops' voxels, with displacements in halves
+/// (ties, rounded to even), far outside the volume, and an axis of length 1.
+#[test]
+fn fused_nearest_matches_the_composed_ops() {
+    for shape in [[2, 2, 5, 6, 7], [1, 3, 4, 1, 6]] {
+        let [b, _, h, w, d] = shape;
+        let image = smooth_tensor(&shape, 0.3);
+        let ddf = volume([b, 3, h, w, d], |[b, c, i, j, k]| {
+            let t = (i + 2 * j + 3 * k + 5 * c + 7 * b) as f64;
+            if (i + j + k) % 2 == 0 {
+                0.5 * ((t * 0.61).sin() * 12.0).round()
+            } else {
+                5.0 * (t * 0.43).sin()
+            }
+        });
+        for dtype in [DType::F32, DType::F64] {
+            let (image, ddf) = (image.to_dtype(dtype).unwrap(), ddf.to_dtype(dtype).unwrap());
+            let fused = warp_nearest(&image, &ddf).unwrap();
+            let composed = warp_nearest_composed(&image, &ddf).unwrap();
+            let diff = (fused - composed)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap();
+            assert_eq!(sum_f64(&diff), 0.0, "{shape:?} {dtype:?}");
+        }
+    }
+}
