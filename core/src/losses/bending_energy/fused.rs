@@ -181,24 +181,25 @@ impl FusedBendingEnergy {
         let len = d - 2 * r;
         let inv_count = 1.0 / grid.count() as f64;
 
-        // The energy: rows of the region, in parallel.
-        let region_rows: Vec<[usize; 3]> = (0..b * c)
-            .flat_map(|bc| (r..h - r).flat_map(move |i| (r..w - r).map(move |j| [bc, i, j])))
-            .collect();
-        let energy: f64 = region_rows
-            .par_chunks(64)
-            .map(|rows| {
-                let mut res = vec![0f64; len];
-                let mut sum = 0.0;
-                for &at in rows {
+        // The energy: rows of the region in parallel, by index (row `t` is `(bc, r + t / rw %
+        // rh, r + t % rw)`), one residual buffer per task.
+        let (rh, rw) = (h - 2 * r, w - 2 * r);
+        let energy: f64 = (0..b * c * rh * rw)
+            .into_par_iter()
+            .with_min_len(64)
+            .fold(
+                || (vec![0f64; len], 0.0),
+                |(mut res, mut sum), t| {
+                    let at = [t / (rh * rw), r + t / rw % rh, r + t % rw];
                     for term in &self.terms {
                         residual_row(x, &grid, term, at, &mut res);
                         let squares: f64 = res.iter().map(|v| v * v).sum();
                         sum += term.weight[at[0] % grid.channels] * squares;
                     }
-                }
-                sum
-            })
+                    (res, sum)
+                },
+            )
+            .map(|(_, sum)| sum)
             .sum();
 
         // The gradient: every output row gathers from the region rows its taps reach.
